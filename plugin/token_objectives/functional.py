@@ -1,0 +1,363 @@
+"""The fused vocab-parallel objective: per-token statistics over a logits shard.
+
+Tensor-parallel rank r holds logits z[t, j] for the global vocab ids j in [r*V/tp, (r+1)*V/tp)
+(Megatron's layout: logits [s, b, V/tp], flattened here to [T, V/tp]). Per token t with target y
+and, when y is a number token, target value u, `VocabParallelStatistics` returns
+
+    lse      log sum_j exp(z_j)                     over the real (unpadded) vocab
+    target   z_y                                    the target logit
+    mean     sum_j z_j / V_real                     only with label smoothing, else 0
+    yhat     sum_{j in N} pN_j v_j                  expected value under the number softmax pN
+    was      sum_{j in N} pN_j D(v_j, u)            Wasserstein-1 to the one-hot target
+    mass     sum_{j in N} softmax_j                 probability mass on number tokens
+
+Communication: forward makes exactly two all-reduces on the TP group, a MAX of [T, 2] and a SUM
+of [T, k] with k <= 7 columns; backward makes none. Gradients flow through every statistic, so
+the objectives are composed on top in plain torch (see objectives.py).
+
+The math lives in small stage functions (`local_maxima`, `local_sums`, `combine_sums`,
+`local_gradient`) that the autograd Function is a thin sequence of.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from token_objectives.vocab import NumberTable
+
+NUM_STATISTICS = 6
+
+
+@dataclass(frozen=True)
+class Distance:
+    """Ground distance D(v, u) of the Wasserstein term between number values v and the target u.
+
+    Plain |v - u| by default. With ntloss's `squash_factor` s, non-zero distances are mapped
+    affinely from [d_min, d_max] (the smallest non-zero and the largest distance between any two
+    number values) onto [1, s], so the farthest number costs s times the nearest wrong one.
+    """
+
+    squash_min: float | None = None
+    squash_scale: float = 1.0
+
+    @classmethod
+    def for_table(cls, numbers: NumberTable, squash_factor: float | None) -> Distance:
+        if squash_factor is None:
+            return cls()
+        values = numbers.values[numbers.is_number].double().unique()
+        if values.numel() < 2:
+            raise ValueError("squash_factor needs at least two distinct number values")
+        diffs = (values[:, None] - values[None, :]).abs()
+        d_min = diffs[diffs > 0].min().item()
+        d_max = diffs.max().item()
+        if d_max == d_min:
+            # Every pair is equally far apart: ntloss divides by zero here; all distances are 1.
+            return cls(squash_min=d_min, squash_scale=0.0)
+        return cls(squash_min=d_min, squash_scale=(squash_factor - 1.0) / (d_max - d_min))
+
+    def __call__(self, values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """values [..., n], targets [..., 1] -> distances [..., n]."""
+        diff = (values - targets).abs()
+        if self.squash_min is None:
+            return diff
+        squashed = 1.0 + (diff - self.squash_min) * self.squash_scale
+        return torch.where(diff == 0, torch.zeros_like(diff), squashed)
+
+    def max_distance(self, numbers: NumberTable) -> float:
+        values = numbers.values[numbers.is_number].double()
+        spread = (values.max() - values.min()).reshape(1)
+        return float(self(spread, torch.zeros(1, dtype=spread.dtype)).item())
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """What one TP rank needs to know about its slice of the vocabulary.
+
+    real_width: local columns that are real tokens; [real_width, V/tp) is vocab padding.
+    number_cols: long [n] local column ids of number tokens; number_values: float32 [n].
+    """
+
+    vocab_start: int
+    width: int
+    real_width: int
+    number_cols: torch.Tensor
+    number_values: torch.Tensor
+
+    @property
+    def vocab_end(self) -> int:
+        return self.vocab_start + self.width
+
+
+def vocab_shard(
+    numbers: NumberTable | None,
+    local_width: int,
+    tp_rank: int,
+    tp_size: int,
+    device: torch.device,
+) -> VocabShard:
+    """The slice of `numbers` held by rank `tp_rank` of `tp_size`, `local_width` columns each."""
+    vocab_start = tp_rank * local_width
+    if numbers is None:
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return VocabShard(vocab_start, local_width, local_width, empty, empty.float())
+    vocab_size = numbers.vocab_size
+    if vocab_size % tp_size != 0:
+        raise ValueError(
+            f"the vocab size {vocab_size} is not divisible by the tensor-parallel size {tp_size}; "
+            f"pad the vocab to a multiple of 128*TP (Megatron: --make-vocab-size-divisible-by) "
+            f"and build the NumberTable with vocab_size=<padded size>"
+        )
+    if local_width * tp_size != vocab_size:
+        raise ValueError(
+            f"logits hold {local_width} vocab columns per rank x TP={tp_size} = "
+            f"{local_width * tp_size}, but the NumberTable has {vocab_size} entries; build it with "
+            f"NumberTable.from_tokenizer(tokenizer, vocab_size={local_width * tp_size})"
+        )
+    real_width = min(max(numbers.valid_vocab_size - vocab_start, 0), local_width)
+    local_values = numbers.values[vocab_start : vocab_start + local_width]
+    cols = torch.nonzero(~torch.isnan(local_values)).flatten()
+    return VocabShard(
+        vocab_start=vocab_start,
+        width=local_width,
+        real_width=real_width,
+        number_cols=cols.to(device),
+        number_values=local_values[cols].to(device=device, dtype=torch.float32),
+    )
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which optional statistics to compute; the SUM all-reduce carries only these."""
+
+    numbers: bool = False  # yhat and mass (and the denominators they need)
+    wasserstein: bool = False
+    mean_logit: bool = False
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages. Each works on one rank's shard; logits [T, V/tp] in any float dtype, all else fp32 [T].
+# ----------------------------------------------------------------------------------------------
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 logits; fp64 stays fp64 (for gradcheck and references)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    # A row whose logits are all -inf has max -inf; shifting by it would give NaN.
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def local_maxima(logits: torch.Tensor, shard: VocabShard, columns: Columns) -> torch.Tensor:
+    """[T, 2]: max over this shard's real columns; max over its number columns (-inf if none)."""
+    tokens = logits.shape[0]
+    acc = accumulation_dtype(logits.dtype)
+    maxima = torch.full((tokens, 2), float("-inf"), dtype=acc, device=logits.device)
+    if shard.real_width > 0:
+        maxima[:, 0] = logits[:, : shard.real_width].amax(dim=-1)
+    if columns.numbers and shard.number_cols.numel() > 0:
+        maxima[:, 1] = logits.index_select(1, shard.number_cols).amax(dim=-1)
+    return maxima
+
+
+def local_sums(
+    logits: torch.Tensor,
+    maxima: torch.Tensor,
+    targets: torch.Tensor,
+    target_values: torch.Tensor,
+    shard: VocabShard,
+    columns: Columns,
+    distance: Distance,
+) -> torch.Tensor:
+    """[T, 7] fp32 partial sums over this shard, given the GLOBAL maxima [T, 2].
+
+    Columns: S = sum exp(z - m), z_y (0 off-shard), sum z, Q = sum_N exp(z - n),
+    E = sum_N exp(z - n) v, W = sum_N exp(z - n) D(v, u), M = sum_N exp(z - m).
+    targets: long [T] global ids (any value for ignored tokens); target_values: fp32 [T].
+    """
+    tokens = logits.shape[0]
+    acc = maxima.dtype
+    sums = torch.zeros((tokens, 7), dtype=acc, device=logits.device)
+    shift = _finite_or_zero(maxima[:, 0])
+    real = logits[:, : shard.real_width]
+    if shard.real_width > 0:
+        # One fp32 buffer: the subtraction promotes bf16/fp16 and never writes into the logits.
+        shifted = torch.sub(real, shift.unsqueeze(-1))
+        sums[:, 0] = shifted.exp_().sum(dim=-1)
+        if columns.mean_logit:
+            sums[:, 2] = real.sum(dim=-1, dtype=acc)
+
+    local_targets = targets - shard.vocab_start
+    on_shard = (local_targets >= 0) & (local_targets < shard.real_width)
+    gathered = logits.gather(1, local_targets.clamp(0, shard.width - 1).unsqueeze(-1)).squeeze(-1)
+    sums[:, 1] = torch.where(on_shard, gathered.to(acc), torch.zeros_like(sums[:, 1]))
+
+    if columns.numbers and shard.number_cols.numel() > 0:
+        number_logits = logits.index_select(1, shard.number_cols).to(acc)
+        values = shard.number_values.to(acc)
+        weights = (number_logits - _finite_or_zero(maxima[:, 1]).unsqueeze(-1)).exp()
+        sums[:, 3] = weights.sum(dim=-1)
+        sums[:, 4] = weights @ values
+        if columns.wasserstein:
+            dist_to_target = distance(values, target_values.to(acc).unsqueeze(-1))
+            sums[:, 5] = (weights * dist_to_target).sum(dim=-1)
+        sums[:, 6] = (number_logits - shift.unsqueeze(-1)).exp().sum(dim=-1)
+    return sums
+
+
+def combine_sums(sums: torch.Tensor, maxima: torch.Tensor, real_vocab: int) -> torch.Tensor:
+    """Global [T, 7] sums + [T, 2] maxima -> [T, 6] statistics (see the module docstring)."""
+    lse = sums[:, 0].log() + _finite_or_zero(maxima[:, 0])
+    has_numbers = sums[:, 3] > 0
+    denom = torch.where(has_numbers, sums[:, 3], torch.ones_like(sums[:, 3]))
+    yhat = torch.where(has_numbers, sums[:, 4] / denom, torch.zeros_like(denom))
+    was = torch.where(has_numbers, sums[:, 5] / denom, torch.zeros_like(denom))
+    mass = sums[:, 6] / sums[:, 0]
+    return torch.stack([lse, sums[:, 1], sums[:, 2] / real_vocab, yhat, was, mass], dim=-1)
+
+
+def number_log_normaliser(sums: torch.Tensor, maxima: torch.Tensor) -> torch.Tensor:
+    """[T] log sum_N exp(z); +inf where no number column has mass, so that pN = 0 there."""
+    q = sums[:, 3]
+    return torch.where(
+        q > 0, q.log() + _finite_or_zero(maxima[:, 1]), torch.full_like(q, torch.inf)
+    )
+
+
+def local_gradient(
+    logits: torch.Tensor,
+    stats: torch.Tensor,
+    log_q: torch.Tensor,
+    grads: torch.Tensor,
+    targets: torch.Tensor,
+    target_values: torch.Tensor,
+    shard: VocabShard,
+    columns: Columns,
+    distance: Distance,
+    real_vocab: int,
+) -> torch.Tensor:
+    """d(sum_t sum_k grads[t, k] * stats[t, k]) / d logits, [T, V/tp] in the logits' dtype.
+
+    softmax_j = exp(z_j - lse); pN_j = exp(z_j - log_q) on number columns:
+      d lse = softmax;  d z_y = onehot(y);  d mean = 1/V;  d mass = softmax ([j in N] - mass)
+      d yhat = pN (v - yhat);  d was = pN (D(v, u) - was).
+    """
+    lse, _, _, yhat, was, mass = stats.unbind(-1)
+    g_lse, g_target, g_mean, g_yhat, g_was, g_mass = grads.unbind(-1)
+    grad = torch.zeros(logits.shape, dtype=stats.dtype, device=logits.device)
+    real = grad[:, : shard.real_width]
+    torch.sub(logits[:, : shard.real_width], lse.unsqueeze(-1), out=real)
+    real.exp_().mul_((g_lse - g_mass * mass).unsqueeze(-1))
+    if columns.mean_logit:
+        real.add_((g_mean / real_vocab).unsqueeze(-1))
+
+    local_targets = targets - shard.vocab_start
+    on_shard = (local_targets >= 0) & (local_targets < shard.real_width)
+    grad.scatter_add_(
+        1,
+        local_targets.clamp(0, shard.width - 1).unsqueeze(-1),
+        torch.where(on_shard, g_target, torch.zeros_like(g_target)).unsqueeze(-1),
+    )
+
+    if columns.numbers and shard.number_cols.numel() > 0:
+        number_logits = logits.index_select(1, shard.number_cols).to(grad.dtype)
+        p_number = (number_logits - log_q.unsqueeze(-1)).exp()
+        values = shard.number_values.to(grad.dtype)
+        number_grad = p_number * (g_yhat.unsqueeze(-1) * (values - yhat.unsqueeze(-1)))
+        if columns.wasserstein:
+            dist_to_target = distance(values, target_values.to(grad.dtype).unsqueeze(-1))
+            number_grad += p_number * g_was.unsqueeze(-1) * (dist_to_target - was.unsqueeze(-1))
+        softmax_numbers = (number_logits - lse.unsqueeze(-1)).exp()
+        number_grad += softmax_numbers * g_mass.unsqueeze(-1)
+        grad.index_add_(1, shard.number_cols, number_grad)
+    return grad if grad.dtype == logits.dtype else grad.to(logits.dtype)
+
+
+class VocabParallelStatistics(torch.autograd.Function):
+    """logits [T, V/tp] -> statistics [T, 6] fp32 (lse, target, mean, yhat, was, mass).
+
+    Saves the logits in their own dtype plus O(T) statistics, never a [T, V] fp32 copy; the
+    backward recomputes the softmax from them with no communication.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        target_values: torch.Tensor,
+        shard: VocabShard,
+        columns: Columns,
+        distance: Distance,
+        real_vocab: int,
+        tp_group: dist.ProcessGroup | None,
+    ) -> torch.Tensor:
+        maxima = local_maxima(logits, shard, columns)
+        if tp_group is not None:
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=tp_group)
+        sums = local_sums(logits, maxima, targets, target_values, shard, columns, distance)
+        if tp_group is not None:
+            needed = _summed_columns(columns)
+            packed = sums[:, needed].contiguous()
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
+            sums[:, needed] = packed
+        stats = combine_sums(sums, maxima, real_vocab)
+        log_q = number_log_normaliser(sums, maxima)
+        ctx.save_for_backward(logits, targets, target_values, stats, log_q)
+        ctx.shard, ctx.columns, ctx.distance = shard, columns, distance
+        ctx.real_vocab = real_vocab
+        return stats
+
+    @staticmethod
+    def backward(ctx, grad_stats: torch.Tensor):
+        logits, targets, target_values, stats, log_q = ctx.saved_tensors
+        grad = local_gradient(
+            logits,
+            stats,
+            log_q,
+            grad_stats.to(stats.dtype),
+            targets,
+            target_values,
+            ctx.shard,
+            ctx.columns,
+            ctx.distance,
+            ctx.real_vocab,
+        )
+        return grad, None, None, None, None, None, None, None
+
+
+def _summed_columns(columns: Columns) -> list[int]:
+    needed = [0, 1]
+    if columns.mean_logit:
+        needed.append(2)
+    if columns.numbers:
+        needed += [3, 4, 6]
+        if columns.wasserstein:
+            needed.append(5)
+    return sorted(needed)
+
+
+def vocab_parallel_statistics(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    target_values: torch.Tensor,
+    shard: VocabShard,
+    columns: Columns,
+    distance: Distance,
+    real_vocab: int,
+    tp_group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """logits [T, V/tp] (local shard), targets long [T] (global ids, in range), target_values
+    fp32 [T] (0 where the target is not a number) -> statistics [T, 6] fp32, differentiable.
+
+    tp_group None (or of size 1) means the logits hold the whole vocab and nothing is sent.
+    """
+    if tp_group is not None and dist.get_world_size(tp_group) == 1:
+        tp_group = None
+    return VocabParallelStatistics.apply(
+        logits, targets, target_values, shard, columns, distance, real_vocab, tp_group
+    )

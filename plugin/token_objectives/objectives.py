@@ -1,0 +1,393 @@
+"""ObjectiveConfig and objective_loss: CE + NTL + PDL composed on the fused statistics.
+
+Per token t with target y (global id) and PDL weight w[y] (1 without PDL):
+
+    loss_t = w[y] * ((1 - eps) * ce + eps * smooth) + z * lse**2 + lambda * [y is a number] * ntl
+
+ce = lse - z_y; smooth = lse - mean_j z_j over the real vocab (PyTorch's label smoothing, taken
+over the GLOBAL vocab, so it is the same at every TP size); ntl is one of ntloss's flavours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from token_objectives.functional import (
+    Columns,
+    Distance,
+    VocabShard,
+    vocab_parallel_statistics,
+    vocab_shard,
+)
+from token_objectives.number_level import digit_runs
+from token_objectives.vocab import NumberTable
+
+NTL_FLAVOURS = ("was", "mse", "l1", "huber", "number")
+PDL_NORMALIZATIONS = ("token", "weighted_mean")
+# ntloss's symmetric-MAPE denominator guard: float32 machine epsilon, whatever the dtype.
+SMAPE_EPS = torch.finfo(torch.float32).eps
+REWEIGH_MARGIN = 1.01
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Which objectives are on, and their settings.
+
+    ntl: "was" (Wasserstein-1, ntloss.NTLoss), "mse" | "l1" | "huber" (on the expected value,
+        ntloss.NTLossDotProduct), "number" (whole numbers from digit runs,
+        ntloss.NumberLevelLoss), or None for no NTL.
+    ntl_weight: lambda, the NTL term's weight (0.3, as in the NTL paper's README).
+    squash_factor: "was" only: how much worse the farthest number is than the nearest wrong one.
+    reweigh: ntloss's reweighing by the probability mass on number tokens.
+    huber_delta: "huber" only. number_level_float / max_number_length: "number" only.
+    pdl_alpha: PDL exponent; > 0 needs a weight table (frequencies.pdl_weights).
+    pdl_normalization: "token" (sum / token count; the table is normalised to corpus mean 1) or
+        "weighted_mean" (sum / sum of weights, as the PDL reference code).
+    label_smoothing: over the global real vocab. z_loss: coefficient of lse**2.
+    """
+
+    ntl: str | None = "was"
+    ntl_weight: float = 0.3
+    squash_factor: float | None = None
+    reweigh: bool = True
+    huber_delta: float = 1.0
+    number_level_float: bool = False
+    max_number_length: int = 20
+    pdl_alpha: float = 0.0
+    pdl_normalization: str = "token"
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    ignore_index: int = -100
+
+    def __post_init__(self) -> None:
+        if self.ntl not in (*NTL_FLAVOURS, None):
+            raise ValueError(f"ntl must be one of {NTL_FLAVOURS} or None, got {self.ntl!r}")
+        if self.ntl_weight < 0:
+            raise ValueError(f"ntl_weight must be >= 0, got {self.ntl_weight}")
+        if self.squash_factor is not None:
+            if self.ntl != "was":
+                raise ValueError("squash_factor applies to ntl='was' only; remove it")
+            if self.squash_factor <= 1:
+                raise ValueError(f"squash_factor must be > 1, got {self.squash_factor}")
+        if self.huber_delta <= 0:
+            raise ValueError(f"huber_delta must be > 0, got {self.huber_delta}")
+        if self.max_number_length < 1:
+            raise ValueError(f"max_number_length must be >= 1, got {self.max_number_length}")
+        if self.pdl_alpha < 0:
+            raise ValueError(f"pdl_alpha must be >= 0, got {self.pdl_alpha}")
+        if self.pdl_normalization not in PDL_NORMALIZATIONS:
+            raise ValueError(
+                f"pdl_normalization must be one of {PDL_NORMALIZATIONS}, "
+                f"got {self.pdl_normalization!r}"
+            )
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.z_loss < 0:
+            raise ValueError(f"z_loss must be >= 0, got {self.z_loss}")
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> ObjectiveConfig:
+        """Build from a config section; an unknown key is an error that lists the valid ones."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown objective option(s) {unknown}; valid options are {sorted(known)}"
+            )
+        return cls(**options)
+
+    @property
+    def uses_numbers(self) -> bool:
+        return self.ntl is not None
+
+
+@dataclass(frozen=True)
+class ObjectiveOutput:
+    """Per-token results, each of labels' shape [...]; zero where the token is not counted.
+
+    loss: the combined per-token loss to sum. ce: plain cross-entropy (no smoothing, z-loss or
+    PDL weight), for perplexity. ntl: the NTL term before lambda, 0 where the target is not a
+    number. is_number: bool, where an NTL term is counted (for "number": the first digit of each
+    number). weight: the PDL weight w[y] (1 without PDL). counted: bool, the tokens counted.
+    """
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    ntl: torch.Tensor
+    is_number: torch.Tensor
+    weight: torch.Tensor
+    counted: torch.Tensor
+
+    TOTAL_NAMES = ("loss", "tokens", "ce", "ntl", "number_tokens", "weight")
+
+    def totals(self) -> torch.Tensor:
+        """fp32 [6]: sums of loss, counted tokens, ce, ntl, number tokens, weight.
+
+        One all-reduce of this vector over DP gives every global normaliser.
+        """
+        return torch.stack(
+            [
+                self.loss.sum(dtype=torch.float32),
+                self.counted.sum(dtype=torch.float32),
+                self.ce.sum(dtype=torch.float32),
+                self.ntl.sum(dtype=torch.float32),
+                self.is_number.sum(dtype=torch.float32),
+                self.weight.sum(dtype=torch.float32),
+            ]
+        )
+
+
+_SHARD_CACHE: dict[tuple, tuple[torch.Tensor, VocabShard]] = {}
+
+
+def _cached_shard(
+    numbers: NumberTable | None, width: int, rank: int, size: int, device: torch.device
+) -> VocabShard:
+    if numbers is None:
+        return vocab_shard(None, width, rank, size, device)
+    key = (id(numbers.values), numbers.valid_vocab_size, width, rank, size, str(device))
+    hit = _SHARD_CACHE.get(key)
+    # Holding the values tensor keeps its id from being reused by another table.
+    if hit is not None and hit[0] is numbers.values:
+        return hit[1]
+    shard = vocab_shard(numbers, width, rank, size, device)
+    if len(_SHARD_CACHE) > 64:
+        _SHARD_CACHE.clear()
+    _SHARD_CACHE[key] = (numbers.values, shard)
+    return shard
+
+
+def _check_labels(labels: torch.Tensor, ignored: torch.Tensor, real_vocab: int, padded: int):
+    bad = ~ignored & ((labels < 0) | (labels >= real_vocab))
+    if labels.is_cuda:
+        # No host sync on the GPU; the error surfaces at the next synchronisation.
+        torch._assert_async(~bad.any(), f"labels must be in [0, {real_vocab}) or ignore_index")
+        return
+    if bad.any():
+        value = int(labels[bad][0])
+        where = "in the vocab padding" if real_vocab <= value < padded else "out of range"
+        raise ValueError(
+            f"label {value} is {where}: labels must be token ids in [0, {real_vocab}) or "
+            f"ignore_index; check the tokenizer/vocab size the data was built with, and mark "
+            f"positions without a target with ignore_index"
+        )
+
+
+def _ntl_term(
+    config: ObjectiveConfig,
+    numbers: NumberTable,
+    distance: Distance,
+    yhat: torch.Tensor,
+    was: torch.Tensor,
+    mass: torch.Tensor,
+    target_values: torch.Tensor,
+    is_number: torch.Tensor,
+    labels: torch.Tensor,
+    seq_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ntl [...], positions bool [...]) before lambda; ntl is 0 outside positions."""
+    if config.ntl == "was":
+        raw, max_distance = was, distance.max_distance(numbers)
+    elif config.ntl == "number":
+        return _number_level_term(
+            config, numbers, yhat, mass, target_values, is_number, labels, seq_dim
+        )
+    else:
+        values = numbers.values[numbers.is_number].to(yhat.dtype)
+        low, high = values.min(), values.max()
+        raw = _pointwise(config, yhat, target_values)
+        max_distance = torch.maximum(
+            _pointwise(config, low, high).abs(), _pointwise(config, high, low).abs()
+        )
+    if config.reweigh:
+        raw = raw * mass + REWEIGH_MARGIN * max_distance * (1 - mass)
+    return torch.where(is_number, raw, torch.zeros_like(raw)), is_number
+
+
+def _pointwise(config: ObjectiveConfig, prediction: torch.Tensor, target: torch.Tensor):
+    if config.ntl == "mse":
+        return (prediction - target) ** 2
+    if config.ntl == "l1":
+        return (prediction - target).abs()
+    return F.huber_loss(prediction, target, reduction="none", delta=config.huber_delta)
+
+
+def _number_level_term(config, numbers, yhat, mass, target_values, is_number, labels, seq_dim):
+    if not numbers.digit_level:
+        raise ValueError(
+            "ntl='number' assembles numbers from single digits: build the NumberTable with "
+            "digit_level=True (--number-tokens digit)"
+        )
+    if config.number_level_float and numbers.dot_id is None:
+        raise ValueError(
+            "number_level_float needs a '.' token in the vocabulary; the tokenizer has none"
+        )
+    to_rows = lambda x: x.movedim(seq_dim, -1)  # noqa: E731
+    flat = lambda x: to_rows(x).reshape(-1, x.shape[seq_dim])  # noqa: E731
+    # labels, not targets: an ignored position is never a dot, whatever the dot's id.
+    is_dot = flat(labels == numbers.dot_id) if config.number_level_float else None
+    runs = digit_runs(flat(is_number), is_dot, config.max_number_length)
+    truth = runs.assemble(flat(target_values).to(yhat.dtype))
+    guess = runs.assemble(flat(yhat))
+    raw = (guess - truth).abs() / (guess.abs() + truth.abs() + SMAPE_EPS)
+    if config.reweigh:
+        raw = raw * flat(mass) + REWEIGH_MARGIN * (1 - flat(mass))
+    raw = torch.where(runs.starts, raw, torch.zeros_like(raw))
+    shape = to_rows(yhat).shape
+    back = lambda x: x.reshape(shape).movedim(-1, seq_dim)  # noqa: E731
+    return back(raw), back(runs.starts)
+
+
+def objective_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    config: ObjectiveConfig,
+    numbers: NumberTable | None,
+    pdl_weights: torch.Tensor | None = None,
+    tp_group: dist.ProcessGroup | None = None,
+    *,
+    loss_mask: torch.Tensor | None = None,
+    seq_dim: int = -1,
+) -> ObjectiveOutput:
+    """CE + NTL + PDL per token, vocab-parallel.
+
+    logits: this rank's shard [..., V/tp] (rank r holds ids [r*V/tp, (r+1)*V/tp)), any float
+        dtype; Megatron passes [s, b, V/tp].
+    labels: global target ids [...] (logits' leading shape), or config.ignore_index.
+    numbers: NumberTable over the padded vocab V (None only when ntl is None; then V = V/tp*tp).
+    pdl_weights: fp32 [V] per-token weights (frequencies.pdl_weights), needs pdl_alpha > 0.
+    tp_group: the tensor-parallel group; None means the logits hold the whole vocab.
+    loss_mask: float [...] multiplies every per-token output (Megatron's loss_mask).
+    seq_dim: the sequence axis of labels, for ntl="number" (which reads digit runs along it).
+
+    Two all-reduces on tp_group in forward, none in backward. Returns ObjectiveOutput, whose
+    tensors have labels' shape; reduce them with ObjectiveOutput.totals().
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: logits "
+            f"must be labels' shape plus the vocab shard (transpose Megatron's [b, s] labels to "
+            f"[s, b] for [s, b, V/tp] logits)"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    if config.uses_numbers and numbers is None:
+        raise ValueError(f"ntl={config.ntl!r} needs a NumberTable; pass numbers= or set ntl=None")
+    if config.pdl_alpha > 0 and pdl_weights is None:
+        raise ValueError(
+            "pdl_alpha > 0 needs pdl_weights: build them with "
+            "token_objectives.frequencies.pdl_weights(load_frequencies(path).counts, alpha)"
+        )
+    if pdl_weights is not None and config.pdl_alpha == 0:
+        raise ValueError(
+            "pdl_weights were given but pdl_alpha is 0: set pdl_alpha to the table's alpha, "
+            "or drop pdl_weights"
+        )
+
+    tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
+    tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
+    width = logits.shape[-1]
+    shard = _cached_shard(numbers, width, tp_rank, tp_size, logits.device)
+    padded_vocab = width * tp_size
+    real_vocab = numbers.valid_vocab_size if numbers is not None else padded_vocab
+    if pdl_weights is not None and pdl_weights.numel() != padded_vocab:
+        raise ValueError(
+            f"pdl_weights has {pdl_weights.numel()} entries but the vocab has {padded_vocab}; "
+            f"count frequencies with --vocab-size {padded_vocab}"
+        )
+
+    ignored = labels == config.ignore_index
+    _check_labels(labels, ignored, real_vocab, padded_vocab)
+    counted = ~ignored
+    if loss_mask is not None:
+        if loss_mask.shape != labels.shape:
+            raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have labels' shape")
+        counted = counted & (loss_mask != 0)
+    targets = torch.where(ignored, torch.zeros_like(labels), labels).long()
+
+    if config.uses_numbers:
+        values = numbers.values.to(logits.device)[targets]
+        is_number_target = ~torch.isnan(values) & ~ignored
+        target_values = torch.where(is_number_target, values, torch.zeros_like(values))
+    else:
+        is_number_target = torch.zeros_like(ignored)
+        target_values = torch.zeros(labels.shape, device=logits.device)
+    columns = Columns(
+        numbers=config.uses_numbers,
+        wasserstein=config.ntl == "was",
+        mean_logit=config.label_smoothing > 0,
+    )
+    distance = (
+        Distance.for_table(numbers, config.squash_factor) if config.uses_numbers else Distance()
+    )
+
+    stats = vocab_parallel_statistics(
+        logits.reshape(-1, width),
+        targets.flatten(),
+        target_values.flatten(),
+        shard,
+        columns,
+        distance,
+        real_vocab,
+        tp_group,
+    )
+    lse, target_logit, mean_logit, yhat, was, mass = (
+        s.reshape(labels.shape) for s in stats.unbind(-1)
+    )
+    zero = torch.zeros((), dtype=stats.dtype, device=stats.device)
+
+    ce = lse - target_logit
+    trained_ce = ce
+    if config.label_smoothing > 0:
+        eps = config.label_smoothing
+        trained_ce = (1 - eps) * ce + eps * (lse - mean_logit)
+    if pdl_weights is not None:
+        weight = pdl_weights.to(device=logits.device, dtype=stats.dtype)[targets]
+        loss = weight * trained_ce
+    else:
+        weight = torch.ones_like(ce)
+        loss = trained_ce
+    if config.z_loss > 0:
+        loss = loss + config.z_loss * lse.square()
+
+    if config.uses_numbers:
+        ntl, ntl_positions = _ntl_term(
+            config,
+            numbers,
+            distance,
+            yhat,
+            was,
+            mass,
+            target_values.to(stats.dtype),
+            is_number_target,
+            labels,
+            seq_dim,
+        )
+        loss = loss + config.ntl_weight * ntl
+    else:
+        ntl, ntl_positions = torch.zeros_like(ce), is_number_target
+
+    scale = loss_mask.to(stats.dtype) if loss_mask is not None else None
+
+    def keep(x: torch.Tensor) -> torch.Tensor:
+        # where(), not a product: an ignored token's statistics may be inf.
+        x = torch.where(counted, x, zero)
+        return x * scale if scale is not None else x
+
+    return ObjectiveOutput(
+        loss=keep(loss),
+        ce=keep(ce),
+        ntl=keep(ntl),
+        is_number=ntl_positions & counted,
+        weight=keep(weight),
+        counted=counted,
+    )

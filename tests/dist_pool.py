@@ -1,0 +1,122 @@
+"""A pool of real gloo worker processes, started once per test session.
+
+Starting torch.distributed (and importing megatron-core) costs seconds per process, so the workers
+stay up and run one task after another. A task is a picklable module-level function; it runs on
+every rank at once, with real collectives, and each rank's return value comes back in rank order.
+Inside a task, `tp_group(size)` gives this rank's tensor-parallel group of that size (contiguous
+ranks, as Megatron lays TP out).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+_GROUPS: dict[int, dist.ProcessGroup | None] = {}
+TASK_TIMEOUT_S = 300
+
+
+def tp_group(size: int) -> dist.ProcessGroup | None:
+    """This rank's TP group of `size` ranks (None for size 1: the whole vocab is local)."""
+    return _GROUPS[size]
+
+
+def _make_groups(world_size: int) -> None:
+    _GROUPS[1] = None
+    size = 2
+    while size <= world_size:
+        for start in range(0, world_size, size):
+            ranks = list(range(start, start + size))
+            group = dist.new_group(ranks) if size < world_size else dist.group.WORLD
+            if dist.get_rank() in ranks:
+                _GROUPS[size] = group
+        size *= 2
+
+
+def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=120),
+    )
+    _make_groups(world_size)
+    results.put((rank, "ready", None))
+    while True:
+        item = tasks.get()
+        if item is None:
+            break
+        fn, args = item
+        try:
+            results.put((rank, "ok", fn(*args)))
+        except BaseException:  # noqa: BLE001 - the traceback goes back to the test
+            results.put((rank, "error", traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class WorkerPool:
+    """`world_size` gloo processes on this machine; `run(fn, *args)` runs fn on all of them."""
+
+    def __init__(self, world_size: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.world_size = world_size
+        self._tasks = [ctx.Queue() for _ in range(world_size)]
+        self._results = ctx.Queue()
+        port = _free_port()
+        self._procs = [
+            ctx.Process(
+                target=_worker,
+                args=(rank, world_size, port, self._tasks[rank], self._results),
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+        for proc in self._procs:
+            proc.start()
+        self._collect("ready")
+
+    def _collect(self, expected: str) -> list:
+        out: dict[int, object] = {}
+        errors = []
+        while len(out) + len(errors) < self.world_size:
+            try:
+                rank, status, payload = self._results.get(timeout=TASK_TIMEOUT_S)
+            except queue.Empty:
+                dead = [p.pid for p in self._procs if not p.is_alive()]
+                raise RuntimeError(f"worker pool timed out (dead workers: {dead})") from None
+            if status == "error":
+                errors.append(f"rank {rank}:\n{payload}")
+            else:
+                out[rank] = payload
+        if errors:
+            raise RuntimeError("task failed on a worker:\n" + "\n".join(errors))
+        return [out[rank] for rank in range(self.world_size)]
+
+    def run(self, fn, *args) -> list:
+        for tasks in self._tasks:
+            tasks.put((fn, args))
+        return self._collect("ok")
+
+    def close(self) -> None:
+        for tasks in self._tasks:
+            tasks.put(None)
+        for proc in self._procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
