@@ -1,9 +1,8 @@
 """Shared fixtures: locally built tokenizers and one pool of gloo worker processes per session."""
 
-from tokenizer_fixtures import *  # noqa: F401,F403
-
 import pytest  # noqa: E402
 from dist_pool import WorkerPool  # noqa: E402
+from tokenizer_fixtures import *  # noqa: F401,F403
 
 
 @pytest.fixture(scope="session")

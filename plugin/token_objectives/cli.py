@@ -1,0 +1,113 @@
+"""`token-objectives` command line: count-frequencies, inspect-vocab, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+PROG = "token-objectives"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    count = commands.add_parser(
+        "count-frequencies",
+        help="count token ids over a corpus into a frequencies file (for PDL weights)",
+    )
+    count.add_argument("--output", required=True, help="frequencies file to write (safetensors)")
+    source = count.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--data-prefix", nargs="+", metavar="PREFIX", help="Megatron indexed datasets (.bin/.idx)"
+    )
+    source.add_argument("--text", nargs="+", metavar="FILE", help="UTF-8 text files, tokenized")
+    count.add_argument(
+        "--tokenizer",
+        help="local tokenizer path; required for --text, recorded as the identity otherwise",
+    )
+    count.add_argument(
+        "--vocab-size", type=int, help="the model's padded vocab size (default: tokenizer size)"
+    )
+    count.add_argument("--chunk-tokens", type=int, default=1 << 24, help=argparse.SUPPRESS)
+    count.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    inspect = commands.add_parser("inspect-vocab", help="list the number tokens of a tokenizer")
+    inspect.add_argument("tokenizer", help="local tokenizer path")
+    inspect.add_argument("--number-tokens", choices=("digit", "multi"), default="digit")
+    inspect.add_argument("--vocab-size", type=int, help="the model's padded vocab size")
+
+    commands.add_parser("bench", help="benchmark the objectives (`bench --help`)", add_help=False)
+    return parser
+
+
+def _count_frequencies(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from token_objectives.frequencies import (
+        count_indexed_dataset,
+        count_text_files,
+        save_frequencies,
+    )
+    from token_objectives.tokenizer_io import list_vocab, load_tokenizer, tokenizer_identity
+
+    if args.text and not args.tokenizer:
+        parser.error("count-frequencies --text needs --tokenizer")
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    vocab_size = args.vocab_size
+    if tokenizer is not None:
+        tokenizer_size = list_vocab(tokenizer).size
+        if vocab_size is None:
+            vocab_size = tokenizer_size
+        elif vocab_size < tokenizer_size:
+            raise ValueError(
+                f"--vocab-size {vocab_size} is smaller than the tokenizer's {tokenizer_size} ids"
+            )
+    if vocab_size is None:
+        parser.error("count-frequencies --data-prefix needs --vocab-size or --tokenizer")
+    progress = not args.no_progress
+    if args.text:
+        counts = count_text_files(args.text, tokenizer, vocab_size, progress=progress)
+        sources = f"{len(args.text)} text file(s)"
+    else:
+        counts = count_indexed_dataset(args.data_prefix, vocab_size, args.chunk_tokens, progress)
+        sources = f"{len(args.data_prefix)} indexed dataset(s)"
+    # Without a tokenizer the file cannot be checked against one later: record that plainly.
+    identity = tokenizer_identity(tokenizer) if tokenizer is not None else "unknown"
+    save_frequencies(args.output, counts, tokenizer_identity=identity, vocab_size=vocab_size)
+    print(
+        f"counted {int(counts.sum())} tokens, {int((counts > 0).sum())} distinct ids of "
+        f"{vocab_size}, from {sources} -> {args.output} (tokenizer {identity})"
+    )
+    return 0
+
+
+def _inspect_vocab(args: argparse.Namespace) -> int:
+    from token_objectives.vocab import NumberTable
+
+    table = NumberTable.from_tokenizer(
+        args.tokenizer, vocab_size=args.vocab_size, digit_level=args.number_tokens == "digit"
+    )
+    print(table.describe())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `token-objectives` console script; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from token_objectives.bench import main as bench_main
+
+        result = bench_main(argv[1:])
+        return 0 if result is None else int(result)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "count-frequencies":
+            return _count_frequencies(args, parser)
+        return _inspect_vocab(args)
+    except (OSError, ValueError, TypeError, ImportError) as error:
+        print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
