@@ -14,6 +14,8 @@ from token_objectives import objective_loss
 from token_objectives.reference import reference_objective_loss
 
 TP_SIZES = (1, 2, 4)
+# (TP size, tokens per chunk): default chunking, plus small chunks that do not divide T = 48.
+RUNS = ((1, None), (2, None), (4, None), (1, 5), (2, 7), (4, 1))
 
 
 def _shard(full: torch.Tensor, tp_size: int, rank: int) -> torch.Tensor:
@@ -21,7 +23,8 @@ def _shard(full: torch.Tensor, tp_size: int, rank: int) -> torch.Tensor:
     return full[..., rank * width : (rank + 1) * width]
 
 
-def run_cases(tp_size: int, cases: list[Case], dtype: torch.dtype = torch.float32) -> list[dict]:
+def run_cases(tp_size: int, cases: list[Case], dtype: torch.dtype = torch.float32,
+              rows_per_chunk: int | None = None) -> list[dict]:
     """Runs on every worker: forward + backward of each case on this rank's shard."""
     group = tp_group(tp_size)
     rank = 0 if group is None else dist.get_rank(group)
@@ -29,7 +32,7 @@ def run_cases(tp_size: int, cases: list[Case], dtype: torch.dtype = torch.float3
     for case in cases:
         local = _shard(case.logits, tp_size, rank).to(dtype).clone().requires_grad_()
         out = objective_loss(local, case.labels, case.config, case.numbers, case.pdl_weights,
-                             group, loss_mask=case.loss_mask)
+                             group, loss_mask=case.loss_mask, rows_per_chunk=rows_per_chunk)
         (out.loss * case.upstream).sum().backward()
         results.append({
             "rank": rank,
@@ -60,8 +63,8 @@ def _reference(case: Case) -> dict:
 @pytest.fixture(scope="module")
 def tp_results(pool4):
     cases = all_cases()
-    by_tp = {tp: pool4.run(run_cases, tp, cases) for tp in TP_SIZES}
-    return cases, by_tp
+    by_run = {run: pool4.run(run_cases, run[0], cases, torch.float32, run[1]) for run in RUNS}
+    return cases, by_run
 
 
 @pytest.mark.parametrize("index", range(len(all_cases())),
@@ -74,23 +77,23 @@ def test_tp_matches_float64_reference(tp_results, index):
     if case.config.ntl is not None:
         assert expected["is_number"].sum() >= 2, "the case must exercise NTL"
         assert expected["ntl"].abs().sum() > 0
-    for tp in TP_SIZES:
-        got = _gather(by_tp[tp], tp, index)
+    for (tp, rows), per_rank in by_tp.items():
+        got = _gather(per_rank, tp, index)
         for key in ("loss", "ce", "ntl", "weight"):
             torch.testing.assert_close(got[key].double(), expected[key], rtol=2e-5, atol=2e-5,
-                                       msg=lambda m, k=key, t=tp: f"TP={t} {k}: {m}")
+                                       msg=lambda m, k=key, t=tp, r=rows: f"TP={t}/{r} {k}: {m}")
         assert torch.equal(got["is_number"], expected["is_number"]), f"TP={tp} is_number"
         torch.testing.assert_close(got["grad"].double(), expected["grad"], rtol=1e-4,
-                                   atol=2e-6, msg=lambda m, t=tp: f"TP={t} grad: {m}")
+                                   atol=2e-6, msg=lambda m, t=tp, r=rows: f"TP={t}/{r} grad: {m}")
 
 
 @pytest.mark.parametrize("index", range(len(all_cases())),
                          ids=[c.name for c in all_cases()])
 def test_tp_sizes_agree_to_fp32_rounding(tp_results, index):
     _, by_tp = tp_results
-    base = _gather(by_tp[1], 1, index)
-    for tp in TP_SIZES[1:]:
-        got = _gather(by_tp[tp], tp, index)
+    base = _gather(by_tp[(1, None)], 1, index)
+    for (tp, _), per_rank in by_tp.items():
+        got = _gather(per_rank, tp, index)
         torch.testing.assert_close(got["loss"], base["loss"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got["grad"], base["grad"], rtol=1e-5, atol=1e-7)
 
@@ -98,9 +101,10 @@ def test_tp_sizes_agree_to_fp32_rounding(tp_results, index):
 def test_every_group_computes_the_same(tp_results):
     """At TP=2 the pool has two TP groups (DP=2); both must give identical results."""
     _, by_tp = tp_results
-    for index in range(len(by_tp[2][0])):
+    tp2 = by_tp[(2, None)]
+    for index in range(len(tp2[0])):
         for key in ("loss", "grad"):
-            torch.testing.assert_close(by_tp[2][0][index][key], by_tp[2][2][index][key],
+            torch.testing.assert_close(tp2[0][index][key], tp2[2][index][key],
                                        rtol=0, atol=0)
 
 

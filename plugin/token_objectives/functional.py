@@ -138,8 +138,14 @@ class Columns:
 
 
 # ----------------------------------------------------------------------------------------------
-# Stages. Each works on one rank's shard; logits [T, V/tp] in any float dtype, all else fp32 [T].
+# Stages. Each works on one rank's shard: logits [t, V/tp] in any float dtype (a chunk of rows),
+# everything else in the accumulation dtype (fp32; fp64 for fp64 logits).
 # ----------------------------------------------------------------------------------------------
+
+# Rows per chunk are chosen so that a chunk's fp32 working copy stays near this many elements
+# (4 MiB in fp32): large enough that per-chunk overhead is small, small enough to stay in cache.
+CHUNK_ELEMENTS = 1 << 20
+SUM_COLUMNS = 7
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -147,49 +153,53 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def chunk_rows(width: int, rows: int | None = None) -> int:
+    """Rows per chunk: `rows` if given, else as many as fit CHUNK_ELEMENTS (at least 1)."""
+    return max(1, rows if rows is not None else CHUNK_ELEMENTS // max(width, 1))
+
+
 def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
     # A row whose logits are all -inf has max -inf; shifting by it would give NaN.
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
-def local_maxima(logits: torch.Tensor, shard: VocabShard, columns: Columns) -> torch.Tensor:
-    """[T, 2]: max over this shard's real columns; max over its number columns (-inf if none)."""
-    tokens = logits.shape[0]
-    acc = accumulation_dtype(logits.dtype)
-    maxima = torch.full((tokens, 2), float("-inf"), dtype=acc, device=logits.device)
-    if shard.real_width > 0:
-        maxima[:, 0] = logits[:, : shard.real_width].amax(dim=-1)
-    if columns.numbers and shard.number_cols.numel() > 0:
-        maxima[:, 1] = logits.index_select(1, shard.number_cols).amax(dim=-1)
-    return maxima
-
-
-def local_sums(
+def shard_partials(
     logits: torch.Tensor,
-    maxima: torch.Tensor,
     targets: torch.Tensor,
     target_values: torch.Tensor,
     shard: VocabShard,
     columns: Columns,
     distance: Distance,
-) -> torch.Tensor:
-    """[T, 7] fp32 partial sums over this shard, given the GLOBAL maxima [T, 2].
+    scratch: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over a chunk of this shard: (maxima [t, 2], sums [t, 7]), relative to the
+    shard's OWN maxima (see `rescale_partials`).
 
-    Columns: S = sum exp(z - m), z_y (0 off-shard), sum z, Q = sum_N exp(z - n),
-    E = sum_N exp(z - n) v, W = sum_N exp(z - n) D(v, u), M = sum_N exp(z - m).
-    targets: long [T] global ids (any value for ignored tokens); target_values: fp32 [T].
+    maxima: m_r over the real columns, n_r over the number columns (-inf if none).
+    sums: S = sum exp(z - m_r), z_y (0 off-shard), sum z, Q = sum_N exp(z - n_r),
+    E = sum_N exp(z - n_r) v, W = sum_N exp(z - n_r) D(v, u), M = sum_N exp(z - m_r).
+    targets: long [t] global ids (in range); target_values [t] (0 where not a number).
+    scratch: a reusable [>= t, real_width] buffer in the accumulation dtype.
     """
-    tokens = logits.shape[0]
-    acc = maxima.dtype
-    sums = torch.zeros((tokens, 7), dtype=acc, device=logits.device)
-    shift = _finite_or_zero(maxima[:, 0])
-    real = logits[:, : shard.real_width]
+    rows = logits.shape[0]
+    acc = scratch.dtype
+    maxima = torch.full((rows, 2), float("-inf"), dtype=acc, device=logits.device)
+    sums = torch.zeros((rows, SUM_COLUMNS), dtype=acc, device=logits.device)
     if shard.real_width > 0:
-        # One fp32 buffer: the subtraction promotes bf16/fp16 and never writes into the logits.
-        shifted = torch.sub(real, shift.unsqueeze(-1))
-        sums[:, 0] = shifted.exp_().sum(dim=-1)
-        if columns.mean_logit:
-            sums[:, 2] = real.sum(dim=-1, dtype=acc)
+        real = logits[:, : shard.real_width]
+        work = scratch[:rows]
+        if real.dtype == acc:
+            maxima[:, 0] = real.amax(dim=-1)
+            if columns.mean_logit:
+                sums[:, 2] = real.sum(dim=-1)
+            torch.sub(real, _finite_or_zero(maxima[:, 0]).unsqueeze(-1), out=work)
+        else:
+            work.copy_(real)  # bf16/fp16 -> fp32 once; the passes below stay in cache
+            maxima[:, 0] = work.amax(dim=-1)
+            if columns.mean_logit:
+                sums[:, 2] = work.sum(dim=-1)
+            work.sub_(_finite_or_zero(maxima[:, 0]).unsqueeze(-1))
+        sums[:, 0] = work.exp_().sum(dim=-1)
 
     local_targets = targets - shard.vocab_start
     on_shard = (local_targets >= 0) & (local_targets < shard.real_width)
@@ -199,14 +209,28 @@ def local_sums(
     if columns.numbers and shard.number_cols.numel() > 0:
         number_logits = logits.index_select(1, shard.number_cols).to(acc)
         values = shard.number_values.to(acc)
+        maxima[:, 1] = number_logits.amax(dim=-1)
         weights = (number_logits - _finite_or_zero(maxima[:, 1]).unsqueeze(-1)).exp()
         sums[:, 3] = weights.sum(dim=-1)
         sums[:, 4] = weights @ values
         if columns.wasserstein:
             dist_to_target = distance(values, target_values.to(acc).unsqueeze(-1))
             sums[:, 5] = (weights * dist_to_target).sum(dim=-1)
-        sums[:, 6] = (number_logits - shift.unsqueeze(-1)).exp().sum(dim=-1)
-    return sums
+        shift = _finite_or_zero(maxima[:, 0]).unsqueeze(-1)
+        sums[:, 6] = (number_logits - shift).exp().sum(dim=-1)
+    return maxima, sums
+
+
+def rescale_partials(sums: torch.Tensor, local: torch.Tensor, best: torch.Tensor) -> None:
+    """Re-base this shard's sums [T, 7] from its own maxima `local` [T, 2] to the global maxima
+    `best` [T, 2] (after the MAX all-reduce), in place: exp(z - m) = exp(z - m_r) exp(m_r - m).
+    """
+    for max_col, sum_cols in ((0, [0, 6]), (1, [3, 4, 5])):
+        own, top = local[:, max_col], best[:, max_col]
+        factor = torch.where(
+            torch.isfinite(own), (own - _finite_or_zero(top)).exp(), torch.zeros_like(own)
+        )
+        sums[:, sum_cols] *= factor.unsqueeze(-1)
 
 
 def combine_sums(sums: torch.Tensor, maxima: torch.Tensor, real_vocab: int) -> torch.Tensor:
@@ -239,8 +263,10 @@ def local_gradient(
     columns: Columns,
     distance: Distance,
     real_vocab: int,
-) -> torch.Tensor:
-    """d(sum_t sum_k grads[t, k] * stats[t, k]) / d logits, [T, V/tp] in the logits' dtype.
+    out: torch.Tensor,
+) -> None:
+    """Writes d(sum_t sum_k grads[t, k] * stats[t, k]) / d logits into `out` [t, real_width]
+    (the accumulation dtype; the caller zeroes the padding columns).
 
     softmax_j = exp(z_j - lse); pN_j = exp(z_j - log_q) on number columns:
       d lse = softmax;  d z_y = onehot(y);  d mean = 1/V;  d mass = softmax ([j in N] - mass)
@@ -248,40 +274,45 @@ def local_gradient(
     """
     lse, _, _, yhat, was, mass = stats.unbind(-1)
     g_lse, g_target, g_mean, g_yhat, g_was, g_mass = grads.unbind(-1)
-    grad = torch.zeros(logits.shape, dtype=stats.dtype, device=logits.device)
-    real = grad[:, : shard.real_width]
-    torch.sub(logits[:, : shard.real_width], lse.unsqueeze(-1), out=real)
-    real.exp_().mul_((g_lse - g_mass * mass).unsqueeze(-1))
+    torch.sub(logits[:, : shard.real_width], lse.unsqueeze(-1), out=out)
+    out.exp_().mul_((g_lse - g_mass * mass).unsqueeze(-1))
     if columns.mean_logit:
-        real.add_((g_mean / real_vocab).unsqueeze(-1))
+        out.add_((g_mean / real_vocab).unsqueeze(-1))
 
+    if shard.real_width == 0:
+        return  # a shard of vocab padding only: no target and no number lives here
     local_targets = targets - shard.vocab_start
     on_shard = (local_targets >= 0) & (local_targets < shard.real_width)
-    grad.scatter_add_(
+    out.scatter_add_(
         1,
-        local_targets.clamp(0, shard.width - 1).unsqueeze(-1),
+        local_targets.clamp(0, shard.real_width - 1).unsqueeze(-1),
         torch.where(on_shard, g_target, torch.zeros_like(g_target)).unsqueeze(-1),
     )
 
     if columns.numbers and shard.number_cols.numel() > 0:
-        number_logits = logits.index_select(1, shard.number_cols).to(grad.dtype)
+        number_logits = logits.index_select(1, shard.number_cols).to(out.dtype)
         p_number = (number_logits - log_q.unsqueeze(-1)).exp()
-        values = shard.number_values.to(grad.dtype)
+        values = shard.number_values.to(out.dtype)
         number_grad = p_number * (g_yhat.unsqueeze(-1) * (values - yhat.unsqueeze(-1)))
         if columns.wasserstein:
-            dist_to_target = distance(values, target_values.to(grad.dtype).unsqueeze(-1))
+            dist_to_target = distance(values, target_values.to(out.dtype).unsqueeze(-1))
             number_grad += p_number * g_was.unsqueeze(-1) * (dist_to_target - was.unsqueeze(-1))
         softmax_numbers = (number_logits - lse.unsqueeze(-1)).exp()
         number_grad += softmax_numbers * g_mass.unsqueeze(-1)
-        grad.index_add_(1, shard.number_cols, number_grad)
-    return grad if grad.dtype == logits.dtype else grad.to(logits.dtype)
+        out.index_add_(1, shard.number_cols, number_grad)
+
+
+def _row_chunks(total: int, rows: int):
+    for start in range(0, total, rows):
+        yield slice(start, min(start + rows, total))
 
 
 class VocabParallelStatistics(torch.autograd.Function):
-    """logits [T, V/tp] -> statistics [T, 6] fp32 (lse, target, mean, yhat, was, mass).
+    """logits [T, V/tp] -> statistics [T, 6] (lse, target, mean, yhat, was, mass).
 
-    Saves the logits in their own dtype plus O(T) statistics, never a [T, V] fp32 copy; the
-    backward recomputes the softmax from them with no communication.
+    Works through the rows in chunks, one pass over the logits forward, one read and one write
+    backward. Saves the logits in their own dtype plus O(T) statistics, never a [T, V] fp32
+    copy; the backward recomputes the softmax from them with no communication.
     """
 
     @staticmethod
@@ -295,12 +326,30 @@ class VocabParallelStatistics(torch.autograd.Function):
         distance: Distance,
         real_vocab: int,
         tp_group: dist.ProcessGroup | None,
+        rows: int,
     ) -> torch.Tensor:
-        maxima = local_maxima(logits, shard, columns)
+        tokens = logits.shape[0]
+        acc = accumulation_dtype(logits.dtype)
+        scratch = torch.empty(
+            (min(rows, tokens), shard.real_width), dtype=acc, device=logits.device
+        )
+        maxima = torch.empty((tokens, 2), dtype=acc, device=logits.device)
+        sums = torch.empty((tokens, SUM_COLUMNS), dtype=acc, device=logits.device)
+        for chunk in _row_chunks(tokens, rows):
+            maxima[chunk], sums[chunk] = shard_partials(
+                logits[chunk],
+                targets[chunk],
+                target_values[chunk],
+                shard,
+                columns,
+                distance,
+                scratch,
+            )
         if tp_group is not None:
-            dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=tp_group)
-        sums = local_sums(logits, maxima, targets, target_values, shard, columns, distance)
-        if tp_group is not None:
+            best = maxima.clone()
+            dist.all_reduce(best, op=dist.ReduceOp.MAX, group=tp_group)
+            rescale_partials(sums, maxima, best)
+            maxima = best
             needed = _summed_columns(columns)
             packed = sums[:, needed].contiguous()
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
@@ -309,25 +358,44 @@ class VocabParallelStatistics(torch.autograd.Function):
         log_q = number_log_normaliser(sums, maxima)
         ctx.save_for_backward(logits, targets, target_values, stats, log_q)
         ctx.shard, ctx.columns, ctx.distance = shard, columns, distance
-        ctx.real_vocab = real_vocab
+        ctx.real_vocab, ctx.rows = real_vocab, rows
         return stats
 
     @staticmethod
     def backward(ctx, grad_stats: torch.Tensor):
         logits, targets, target_values, stats, log_q = ctx.saved_tensors
-        grad = local_gradient(
-            logits,
-            stats,
-            log_q,
-            grad_stats.to(stats.dtype),
-            targets,
-            target_values,
-            ctx.shard,
-            ctx.columns,
-            ctx.distance,
-            ctx.real_vocab,
+        shard = ctx.shard
+        grads = grad_stats.to(stats.dtype)
+        grad = torch.empty_like(logits)
+        grad[:, shard.real_width :] = 0
+        direct = grad.dtype == stats.dtype
+        scratch = (
+            None
+            if direct
+            else torch.empty(
+                (min(ctx.rows, logits.shape[0]), shard.real_width),
+                dtype=stats.dtype,
+                device=logits.device,
+            )
         )
-        return grad, None, None, None, None, None, None, None
+        for chunk in _row_chunks(logits.shape[0], ctx.rows):
+            out = grad[chunk, : shard.real_width] if direct else scratch[: chunk.stop - chunk.start]
+            local_gradient(
+                logits[chunk],
+                stats[chunk],
+                log_q[chunk],
+                grads[chunk],
+                targets[chunk],
+                target_values[chunk],
+                shard,
+                ctx.columns,
+                ctx.distance,
+                ctx.real_vocab,
+                out,
+            )
+            if not direct:
+                grad[chunk, : shard.real_width].copy_(out)
+        return grad, None, None, None, None, None, None, None, None
 
 
 def _summed_columns(columns: Columns) -> list[int]:
@@ -350,14 +418,17 @@ def vocab_parallel_statistics(
     distance: Distance,
     real_vocab: int,
     tp_group: dist.ProcessGroup | None = None,
+    rows_per_chunk: int | None = None,
 ) -> torch.Tensor:
     """logits [T, V/tp] (local shard), targets long [T] (global ids, in range), target_values
-    fp32 [T] (0 where the target is not a number) -> statistics [T, 6] fp32, differentiable.
+    [T] (0 where the target is not a number) -> statistics [T, 6], differentiable.
 
     tp_group None (or of size 1) means the logits hold the whole vocab and nothing is sent.
+    rows_per_chunk bounds the fp32 working set to [rows, V/tp] (default: CHUNK_ELEMENTS).
     """
     if tp_group is not None and dist.get_world_size(tp_group) == 1:
         tp_group = None
+    rows = chunk_rows(logits.shape[-1], rows_per_chunk)
     return VocabParallelStatistics.apply(
-        logits, targets, target_values, shard, columns, distance, real_vocab, tp_group
+        logits, targets, target_values, shard, columns, distance, real_vocab, tp_group, rows
     )

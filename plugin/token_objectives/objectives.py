@@ -255,6 +255,7 @@ def objective_loss(
     *,
     loss_mask: torch.Tensor | None = None,
     seq_dim: int = -1,
+    rows_per_chunk: int | None = None,
 ) -> ObjectiveOutput:
     """CE + NTL + PDL per token, vocab-parallel.
 
@@ -266,6 +267,7 @@ def objective_loss(
     tp_group: the tensor-parallel group; None means the logits hold the whole vocab.
     loss_mask: float [...] multiplies every per-token output (Megatron's loss_mask).
     seq_dim: the sequence axis of labels, for ntl="number" (which reads digit runs along it).
+    rows_per_chunk: tokens per chunk; the fp32 working set is [rows, V/tp] (default ~4 MiB).
 
     Two all-reduces on tp_group in forward, none in backward. Returns ObjectiveOutput, whose
     tensors have labels' shape; reduce them with ObjectiveOutput.totals().
@@ -339,6 +341,7 @@ def objective_loss(
         distance,
         real_vocab,
         tp_group,
+        rows_per_chunk,
     )
     lse, target_logit, mean_logit, yhat, was, mass = (
         s.reshape(labels.shape) for s in stats.unbind(-1)
