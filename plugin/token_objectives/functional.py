@@ -136,6 +136,27 @@ class Columns:
     wasserstein: bool = False
     mean_logit: bool = False
 
+    def summed(self) -> list[int]:
+        """Indices of the [T, 7] partial-sum columns that these statistics need."""
+        needed = [0, 1]
+        if self.mean_logit:
+            needed.append(2)
+        if self.numbers:
+            needed += [3, 4, 5, 6] if self.wasserstein else [3, 4, 6]
+        return sorted(needed)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything about one call but the tensors: this rank's shard, the statistics to compute,
+    the Wasserstein distance, the real (unpadded) vocab size and the rows per chunk."""
+
+    shard: VocabShard
+    columns: Columns
+    distance: Distance
+    real_vocab: int
+    rows: int
+
 
 # ----------------------------------------------------------------------------------------------
 # Stages. Each works on one rank's shard: logits [t, V/tp] in any float dtype (a chunk of rows),
@@ -167,9 +188,7 @@ def shard_partials(
     logits: torch.Tensor,
     targets: torch.Tensor,
     target_values: torch.Tensor,
-    shard: VocabShard,
-    columns: Columns,
-    distance: Distance,
+    plan: Plan,
     scratch: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass over a chunk of this shard: (maxima [t, 2], sums [t, 7]), relative to the
@@ -181,6 +200,7 @@ def shard_partials(
     targets: long [t] global ids (in range); target_values [t] (0 where not a number).
     scratch: a reusable [>= t, real_width] buffer in the accumulation dtype.
     """
+    shard, columns = plan.shard, plan.columns
     rows = logits.shape[0]
     acc = scratch.dtype
     maxima = torch.full((rows, 2), float("-inf"), dtype=acc, device=logits.device)
@@ -214,7 +234,7 @@ def shard_partials(
         sums[:, 3] = weights.sum(dim=-1)
         sums[:, 4] = weights @ values
         if columns.wasserstein:
-            dist_to_target = distance(values, target_values.to(acc).unsqueeze(-1))
+            dist_to_target = plan.distance(values, target_values.to(acc).unsqueeze(-1))
             sums[:, 5] = (weights * dist_to_target).sum(dim=-1)
         shift = _finite_or_zero(maxima[:, 0]).unsqueeze(-1)
         sums[:, 6] = (number_logits - shift).exp().sum(dim=-1)
@@ -259,10 +279,7 @@ def local_gradient(
     grads: torch.Tensor,
     targets: torch.Tensor,
     target_values: torch.Tensor,
-    shard: VocabShard,
-    columns: Columns,
-    distance: Distance,
-    real_vocab: int,
+    plan: Plan,
     out: torch.Tensor,
 ) -> None:
     """Writes d(sum_t sum_k grads[t, k] * stats[t, k]) / d logits into `out` [t, real_width]
@@ -272,12 +289,13 @@ def local_gradient(
       d lse = softmax;  d z_y = onehot(y);  d mean = 1/V;  d mass = softmax ([j in N] - mass)
       d yhat = pN (v - yhat);  d was = pN (D(v, u) - was).
     """
+    shard, columns = plan.shard, plan.columns
     lse, _, _, yhat, was, mass = stats.unbind(-1)
     g_lse, g_target, g_mean, g_yhat, g_was, g_mass = grads.unbind(-1)
     torch.sub(logits[:, : shard.real_width], lse.unsqueeze(-1), out=out)
     out.exp_().mul_((g_lse - g_mass * mass).unsqueeze(-1))
     if columns.mean_logit:
-        out.add_((g_mean / real_vocab).unsqueeze(-1))
+        out.add_((g_mean / plan.real_vocab).unsqueeze(-1))
 
     if shard.real_width == 0:
         return  # a shard of vocab padding only: no target and no number lives here
@@ -295,7 +313,7 @@ def local_gradient(
         values = shard.number_values.to(out.dtype)
         number_grad = p_number * (g_yhat.unsqueeze(-1) * (values - yhat.unsqueeze(-1)))
         if columns.wasserstein:
-            dist_to_target = distance(values, target_values.to(out.dtype).unsqueeze(-1))
+            dist_to_target = plan.distance(values, target_values.to(out.dtype).unsqueeze(-1))
             number_grad += p_number * g_was.unsqueeze(-1) * (dist_to_target - was.unsqueeze(-1))
         softmax_numbers = (number_logits - lse.unsqueeze(-1)).exp()
         number_grad += softmax_numbers * g_mass.unsqueeze(-1)
@@ -321,65 +339,48 @@ class VocabParallelStatistics(torch.autograd.Function):
         logits: torch.Tensor,
         targets: torch.Tensor,
         target_values: torch.Tensor,
-        shard: VocabShard,
-        columns: Columns,
-        distance: Distance,
-        real_vocab: int,
+        plan: Plan,
         tp_group: dist.ProcessGroup | None,
-        rows: int,
     ) -> torch.Tensor:
         tokens = logits.shape[0]
         acc = accumulation_dtype(logits.dtype)
-        scratch = torch.empty(
-            (min(rows, tokens), shard.real_width), dtype=acc, device=logits.device
-        )
-        maxima = torch.empty((tokens, 2), dtype=acc, device=logits.device)
-        sums = torch.empty((tokens, SUM_COLUMNS), dtype=acc, device=logits.device)
-        for chunk in _row_chunks(tokens, rows):
+        scratch = logits.new_empty((min(plan.rows, tokens), plan.shard.real_width), dtype=acc)
+        maxima = logits.new_empty((tokens, 2), dtype=acc)
+        sums = logits.new_empty((tokens, SUM_COLUMNS), dtype=acc)
+        for chunk in _row_chunks(tokens, plan.rows):
             maxima[chunk], sums[chunk] = shard_partials(
-                logits[chunk],
-                targets[chunk],
-                target_values[chunk],
-                shard,
-                columns,
-                distance,
-                scratch,
+                logits[chunk], targets[chunk], target_values[chunk], plan, scratch
             )
         if tp_group is not None:
             best = maxima.clone()
             dist.all_reduce(best, op=dist.ReduceOp.MAX, group=tp_group)
             rescale_partials(sums, maxima, best)
             maxima = best
-            needed = _summed_columns(columns)
+            needed = plan.columns.summed()
             packed = sums[:, needed].contiguous()
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
             sums[:, needed] = packed
-        stats = combine_sums(sums, maxima, real_vocab)
+        stats = combine_sums(sums, maxima, plan.real_vocab)
         log_q = number_log_normaliser(sums, maxima)
         ctx.save_for_backward(logits, targets, target_values, stats, log_q)
-        ctx.shard, ctx.columns, ctx.distance = shard, columns, distance
-        ctx.real_vocab, ctx.rows = real_vocab, rows
+        ctx.plan = plan
         return stats
 
     @staticmethod
     def backward(ctx, grad_stats: torch.Tensor):
         logits, targets, target_values, stats, log_q = ctx.saved_tensors
-        shard = ctx.shard
+        plan = ctx.plan
+        real_width = plan.shard.real_width
         grads = grad_stats.to(stats.dtype)
         grad = torch.empty_like(logits)
-        grad[:, shard.real_width :] = 0
+        grad[:, real_width:] = 0
         direct = grad.dtype == stats.dtype
-        scratch = (
-            None
-            if direct
-            else torch.empty(
-                (min(ctx.rows, logits.shape[0]), shard.real_width),
-                dtype=stats.dtype,
-                device=logits.device,
+        if not direct:  # bf16/fp16: compute a chunk in fp32, then round it once into grad
+            scratch = logits.new_empty(
+                (min(plan.rows, logits.shape[0]), real_width), dtype=stats.dtype
             )
-        )
-        for chunk in _row_chunks(logits.shape[0], ctx.rows):
-            out = grad[chunk, : shard.real_width] if direct else scratch[: chunk.stop - chunk.start]
+        for chunk in _row_chunks(logits.shape[0], plan.rows):
+            out = grad[chunk, :real_width] if direct else scratch[: chunk.stop - chunk.start]
             local_gradient(
                 logits[chunk],
                 stats[chunk],
@@ -387,26 +388,12 @@ class VocabParallelStatistics(torch.autograd.Function):
                 grads[chunk],
                 targets[chunk],
                 target_values[chunk],
-                shard,
-                ctx.columns,
-                ctx.distance,
-                ctx.real_vocab,
+                plan,
                 out,
             )
             if not direct:
-                grad[chunk, : shard.real_width].copy_(out)
-        return grad, None, None, None, None, None, None, None, None
-
-
-def _summed_columns(columns: Columns) -> list[int]:
-    needed = [0, 1]
-    if columns.mean_logit:
-        needed.append(2)
-    if columns.numbers:
-        needed += [3, 4, 6]
-        if columns.wasserstein:
-            needed.append(5)
-    return sorted(needed)
+                grad[chunk, :real_width].copy_(out)
+        return grad, None, None, None, None
 
 
 def vocab_parallel_statistics(
@@ -429,6 +416,5 @@ def vocab_parallel_statistics(
     if tp_group is not None and dist.get_world_size(tp_group) == 1:
         tp_group = None
     rows = chunk_rows(logits.shape[-1], rows_per_chunk)
-    return VocabParallelStatistics.apply(
-        logits, targets, target_values, shard, columns, distance, real_vocab, tp_group, rows
-    )
+    plan = Plan(shard, columns, distance, real_vocab, rows)
+    return VocabParallelStatistics.apply(logits, targets, target_values, plan, tp_group)
