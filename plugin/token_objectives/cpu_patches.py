@@ -1,0 +1,101 @@
+"""Small patches that let megatron-core train on a machine without a GPU (gloo, CPU tensors).
+
+Used only when CUDA is unavailable; `apply()` is idempotent and `revert()` undoes it. Every
+patched callable keeps the original as `__wrapped__` and carries a marker attribute.
+
+What megatron-core 0.16 needs on CPU:
+- `torch.cuda.current_device()` is asked for the device to allocate on: answer the CPU.
+- `torch.cuda.synchronize()` is called around timers and checkpoints: a no-op.
+- The CUDA RNG tracker's `fork()` (dropout in tensor-parallel regions) swaps CUDA RNG states:
+  a null context, so dropout draws from the CPU generator.
+- Factories called with `device="cuda"` (the pipeline schedules' token counters, the optimizer's
+  found-inf flags, grad-norm buffers): allocated on the CPU instead.
+- Gradient clipping asserts that gradients are `torch.cuda.FloatTensor`: the same scaling by
+  max_norm / (total_norm + 1e-6), on CPU tensors.
+Sequence parallelism and gradient-accumulation fusion stay off (they need CUDA kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+_MARKER = "_token_objectives_cpu_patch"
+_FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange")
+_patched: list[tuple[object, str, object]] = []
+
+
+def _is_cuda(device) -> bool:
+    if device is None:
+        return False
+    if isinstance(device, int):
+        return True
+    return torch.device(device).type == "cuda"
+
+
+def _cpu_factory(original):
+    @functools.wraps(original)
+    def factory(*args, **kwargs):
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return original(*args, **kwargs)
+
+    setattr(factory, _MARKER, True)
+    return factory
+
+
+def _set(owner: object, name: str, replacement) -> None:
+    original = getattr(owner, name)
+    if getattr(original, _MARKER, False):
+        return
+    setattr(replacement, _MARKER, True)
+    if not hasattr(replacement, "__wrapped__"):
+        replacement.__wrapped__ = original
+    _patched.append((owner, name, original))
+    setattr(owner, name, replacement)
+
+
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def needed() -> bool:
+    """True on a machine without a usable GPU."""
+    return not torch.cuda.is_available()
+
+
+def apply() -> None:
+    """Patch torch and megatron-core for CPU training. Safe to call more than once."""
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+    from megatron.core.tensor_parallel import random as tp_random
+
+    def current_device():
+        return torch.device("cpu")
+
+    def synchronize(device=None):
+        return None
+
+    def fork(self, name=None):
+        return contextlib.nullcontext()
+
+    _set(torch.cuda, "current_device", current_device)
+    _set(torch.cuda, "synchronize", synchronize)
+    _set(tp_random.CudaRNGStatesTracker, "fork", fork)
+    _set(megatron_optimizer, "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32)
+    for name in _FACTORIES:
+        _set(torch, name, _cpu_factory(getattr(torch, name)))
+
+
+def revert() -> None:
+    """Undo every patch `apply()` made."""
+    while _patched:
+        owner, name, original = _patched.pop()
+        setattr(owner, name, original)

@@ -1,0 +1,447 @@
+"""Pretraining a megatron-core GPTModel with the objectives: TP, PP and DP, checkpoints, logs.
+
+`run(config)` is the loop `launch/pretrain_megatron.py` starts under torchrun; tests call it in
+processes that already hold a gloo process group. Built from megatron-core pieces: parallel_state,
+GPTModel (local layer spec), GPTDataset, DistributedDataParallel, the Megatron optimizer and its
+LR scheduler, get_forward_backward_func, finalize_model_grads and dist_checkpointing.
+
+Normalisation: the config sets calculate_per_token_loss, so `loss_func` returns sums and token
+counts; the schedule adds up the counts over micro-batches and finalize_model_grads divides the
+gradients by the GLOBAL count (all-reduced over DP).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from token_objectives import checkpointing, cpu_patches
+from token_objectives.megatron import Objectives, attach_objectives, loss_func
+from token_objectives.tokenizer_io import list_vocab, load_tokenizer
+from token_objectives.train_config import RunConfig, padded_vocab_size
+
+
+@dataclass
+class StepLog:
+    step: int
+    values: dict[str, float]  # report name -> sum / count over the global batch
+    lr: float
+    grad_norm: float
+    tokens_per_s: float
+
+
+@dataclass
+class RunResult:
+    logs: list[StepLog] = field(default_factory=list)
+    last_step: int = 0
+    stopped_by_signal: bool = False
+    resumed_from: int | None = None
+
+
+def init_distributed() -> None:
+    """torchrun's environment -> a default process group (gloo without a GPU)."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+
+
+class MegatronTokenizer:
+    """What megatron-core's GPTDataset asks of a tokenizer: eod, pad and vocab_size."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._tokenizer = load_tokenizer(path)
+        listing = list_vocab(self._tokenizer)
+        self.vocab_size = listing.size
+        self.eod = _end_of_document_id(self._tokenizer)
+        self.pad = -1
+        # Part of the dataset cache key: a different tokenizer must not reuse the cached index.
+        self.unique_identifiers = {"class": type(self).__name__, "path": str(path),
+                                   "vocab_size": self.vocab_size}
+
+
+def _end_of_document_id(tokenizer) -> int:
+    eos = getattr(tokenizer, "eos_id", None)
+    if callable(eos) and eos() >= 0:
+        return int(eos())  # sentencepiece
+    for token in ("</s>", "<eos>", "<|endoftext|>", "<|end_of_text|>"):
+        token_id = tokenizer.token_to_id(token) if hasattr(tokenizer, "token_to_id") else None
+        if token_id is not None:
+            return int(token_id)
+    raise ValueError("the tokenizer has no end-of-document token (</s>, <eos>, <|endoftext|>)")
+
+
+def transformer_config(cfg: RunConfig):
+    from megatron.core.transformer import TransformerConfig
+
+    model, parallel = cfg.model, cfg.parallel
+    if model.num_attention_heads % parallel.tensor:
+        raise ValueError(
+            f"tensor-parallel size {parallel.tensor} does not divide the {model.num_attention_heads} "
+            f"attention heads; choose parallel.tensor among the divisors of num_attention_heads"
+        )
+    groups = model.num_query_groups or model.num_attention_heads
+    if groups % parallel.tensor:
+        raise ValueError(
+            f"tensor-parallel size {parallel.tensor} does not divide the {groups} query groups"
+        )
+    if model.num_layers % parallel.pipeline:
+        raise ValueError(
+            f"pipeline-parallel size {parallel.pipeline} does not divide {model.num_layers} layers"
+        )
+    dtype = torch.bfloat16 if model.dtype == "bf16" else torch.float32
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=model.swiglu,
+        activation_func=F.silu if model.swiglu else F.gelu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=model.dtype == "bf16",
+        sequence_parallel=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=True,
+        calculate_per_token_loss=True,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        cross_entropy_loss_fusion=False,
+        recompute_granularity="full" if model.recompute_activations else None,
+        recompute_method="uniform" if model.recompute_activations else None,
+        recompute_num_layers=1 if model.recompute_activations else None,
+    )
+
+
+def build_model(cfg: RunConfig, vocab_size: int, objectives: Objectives | None):
+    """One GPTModel chunk for this pipeline stage; the objectives attached on the last stage."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    config = transformer_config(cfg)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization=cfg.model.normalization),
+        vocab_size=vocab_size,
+        max_sequence_length=cfg.model.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.model.rotary_base),
+        parallel_output=True,
+    )
+    if model.post_process and objectives is not None:
+        attach_objectives(model, objectives)
+    return model
+
+
+def _dataset(cfg: RunConfig, tokenizer: MegatronTokenizer, num_samples: int, cache: Path):
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    if cfg.data.train_prefix is None:
+        raise ValueError("data.train_prefix is not set: point it at a Megatron .bin/.idx prefix")
+    config = GPTDatasetConfig(
+        random_seed=cfg.train.seed,
+        sequence_length=cfg.model.seq_length,
+        blend=([cfg.data.train_prefix], None),
+        split="100,0,0",
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        path_to_cache=str(cache),
+    )
+    built = None
+    # Rank 0 writes the index cache first; the others then read it.
+    for turn in (0, 1):
+        if (dist.get_rank() == 0) == (turn == 0):
+            built = BlendedMegatronDatasetBuilder(
+                GPTDataset, [num_samples, None, None], lambda: True, config
+            ).build()[0]
+        dist.barrier()
+    return built
+
+
+def micro_batches(dataset, step: int, cfg: RunConfig, dp_rank: int, dp_size: int,
+                  num_micro: int) -> Iterator[dict]:
+    """This DP rank's micro-batches of global step `step` (0-based).
+
+    Global sample order: step * global_batch + micro * (mbs * dp) + dp_rank * mbs + i, so DP=2 and
+    DP=1 with twice the micro-batches see the same samples.
+    """
+    mbs = cfg.parallel.micro_batch_size
+    base = step * mbs * dp_size * num_micro
+    for micro in range(num_micro):
+        first = base + micro * mbs * dp_size + dp_rank * mbs
+        samples = [dataset[first + i] for i in range(mbs)]
+        yield {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+               for key in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                   loss_mask=batch["loss_mask"])
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def _reduce_reports(reports: list[dict]) -> dict[str, float]:
+    """Sum the [sum, count] pairs over micro-batches and DP ranks; value = sum / count."""
+    from megatron.core import parallel_state
+
+    if not reports:
+        return {}
+    names = sorted(reports[0])
+    totals = torch.stack([torch.stack([r[name].float() for r in reports]).sum(0) for name in names])
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return {name: (t[0] / t[1]).item() if t[1] > 0 else 0.0 for name, t in zip(names, totals,
+                                                                              strict=True)}
+
+
+def _broadcast_from_last_stage(values: dict[str, float], names: list[str]) -> dict[str, float]:
+    """Every rank gets the last pipeline stage's logged values (for the logger and tests)."""
+    from megatron.core import parallel_state
+
+    last = parallel_state.is_pipeline_last_stage()
+    vector = torch.tensor([values.get(n, 0.0) if last else 0.0 for n in names],
+                          dtype=torch.float64)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(vector, group=parallel_state.get_pipeline_model_parallel_group())
+    return dict(zip(names, vector.tolist(), strict=True))
+
+
+REPORT_NAMES = ["lm loss", "ce part", "ntl part", "ce", "ntl per number token", "number tokens",
+                "pdl weight"]
+
+
+class Trainer:
+    """Holds the model chunks, optimizer, scheduler and data of one run."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from megatron.core import parallel_state, tensor_parallel
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.cfg = cfg
+        init_distributed()
+        if cpu_patches.needed():
+            cpu_patches.apply()
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.parallel.tensor,
+            pipeline_model_parallel_size=cfg.parallel.pipeline,
+        )
+        torch.manual_seed(cfg.train.seed)
+        if torch.cuda.is_available():
+            tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        mbs = cfg.parallel.micro_batch_size
+        global_batch = cfg.parallel.global_batch_size or mbs * self.dp_size
+        if global_batch % (mbs * self.dp_size):
+            raise ValueError(
+                f"global_batch_size {global_batch} is not a multiple of micro_batch_size {mbs} x "
+                f"data-parallel size {self.dp_size}"
+            )
+        self.global_batch = global_batch
+        self.num_micro = global_batch // (mbs * self.dp_size)
+
+        if cfg.data.tokenizer is None:
+            raise ValueError("data.tokenizer is not set: point it at a local tokenizer")
+        self.tokenizer = MegatronTokenizer(cfg.data.tokenizer)
+        vocab = cfg.model.vocab_size or self.tokenizer.vocab_size
+        self.vocab_size = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
+                                            cfg.parallel.tensor)
+        objectives = Objectives.build(
+            cfg.objectives,
+            padded_vocab_size=self.vocab_size,
+            tokenizer=self.tokenizer._tokenizer,
+            number_tokens=cfg.data.number_tokens,
+            frequencies_path=cfg.data.frequencies,
+        )
+        module = build_model(cfg, self.vocab_size, objectives)
+        config = module.config
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                   overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=False)
+        self.model = DistributedDataParallel(config, ddp_config, module)
+        config.finalize_model_grads_func = finalize_model_grads
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=cfg.train.lr, min_lr=cfg.train.min_lr,
+                            weight_decay=cfg.train.weight_decay, adam_beta1=cfg.train.adam_beta1,
+                            adam_beta2=cfg.train.adam_beta2, clip_grad=cfg.train.clip_grad,
+                            bf16=cfg.model.dtype == "bf16", params_dtype=config.params_dtype),
+            [self.model],
+        )
+        steps = cfg.train.steps
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=cfg.train.lr, min_lr=cfg.train.min_lr,
+            lr_warmup_steps=cfg.train.warmup_steps * global_batch,
+            lr_decay_steps=max(steps, 1) * global_batch, lr_decay_style=cfg.train.lr_decay_style,
+            start_wd=cfg.train.weight_decay, end_wd=cfg.train.weight_decay,
+            wd_incr_steps=max(steps, 1) * global_batch, wd_incr_style="constant",
+        )
+        out = Path(cfg.output.dir)
+        self.checkpoint_root = out / "checkpoints"
+        self.dataset = _dataset(cfg, self.tokenizer, steps * global_batch, out / "data_cache")
+        self.step = 0
+        self.writer = None
+        if cfg.output.tensorboard and self._is_logging_rank():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+
+    @staticmethod
+    def _is_logging_rank() -> bool:
+        from megatron.core import parallel_state
+
+        return (parallel_state.is_pipeline_last_stage()
+                and parallel_state.get_tensor_model_parallel_rank() == 0
+                and parallel_state.get_data_parallel_rank() == 0)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _sharded_state(self, is_loading: bool = False) -> dict:
+        model_state = self.model.module.sharded_state_dict()
+        return {
+            "model": model_state,
+            "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+        }
+
+    def save(self) -> Path:
+        return checkpointing.save(self._sharded_state(), self.checkpoint_root, self.step)
+
+    def resume(self) -> int | None:
+        """Load the latest complete checkpoint, if there is one; returns its step."""
+        latest = checkpointing.latest_complete_step(self.checkpoint_root)
+        found = torch.tensor([-1 if latest is None else latest])
+        dist.all_reduce(found, op=dist.ReduceOp.MIN)  # every rank must see the same one
+        if found.item() < 0:
+            return None
+        state = checkpointing.load(self._sharded_state(is_loading=True), self.checkpoint_root,
+                                   int(found.item()))
+        self.model.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        return self.step
+
+    # ------------------------------------------------------------------ training
+    def train_step(self) -> StepLog:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        cfg = self.cfg
+        start = time.perf_counter()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=micro_batches(self.dataset, self.step, cfg, self.dp_rank, self.dp_size,
+                                        self.num_micro),
+            model=[self.model],
+            num_microbatches=self.num_micro,
+            seq_length=cfg.model.seq_length,
+            micro_batch_size=cfg.parallel.micro_batch_size,
+            forward_only=False,
+        )
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=self.global_batch)
+        values = _broadcast_from_last_stage(
+            _reduce_reports(reports) if reports else {}, REPORT_NAMES)
+        elapsed = time.perf_counter() - start
+        self.step += 1
+        lr = self.optimizer.param_groups[0]["lr"]
+        tokens = self.global_batch * cfg.model.seq_length
+        log = StepLog(self.step, values, lr, float(grad_norm or 0.0), tokens / elapsed)
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"loss/{name}", value, self.step)
+            self.writer.add_scalar("train/lr", lr, self.step)
+            self.writer.add_scalar("train/grad_norm", log.grad_norm, self.step)
+            self.writer.add_scalar("train/tokens_per_s", log.tokens_per_s, self.step)
+        return log
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def run(cfg: RunConfig, stop_after: int | None = None, printer=print) -> RunResult:
+    """Train to cfg.train.steps (or `stop_after` more steps), resuming from the latest complete
+    checkpoint; saves every save_interval steps, at the end, and on SIGUSR1/SIGTERM."""
+    trainer = Trainer(cfg)
+    result = RunResult(resumed_from=trainer.resume())
+    flag = checkpointing.PreemptionFlag().install()
+    try:
+        done = 0
+        while trainer.step < cfg.train.steps and (stop_after is None or done < stop_after):
+            log = trainer.train_step()
+            done += 1
+            result.logs.append(log)
+            if printer and dist.get_rank() == dist.get_world_size() - 1 and (
+                    log.step % cfg.train.log_interval == 0):
+                printer(format_log(log, cfg.train.steps))
+            if flag.any_rank_received():
+                trainer.save()
+                result.stopped_by_signal = True
+                break
+            if cfg.train.save_interval and trainer.step % cfg.train.save_interval == 0:
+                trainer.save()
+        else:
+            if done and (not cfg.train.save_interval or trainer.step % cfg.train.save_interval):
+                trainer.save()
+        result.last_step = trainer.step
+        return result
+    finally:
+        flag.uninstall()
+        trainer.close()
+
+
+def format_log(log: StepLog, total: int) -> str:
+    parts = [f"step {log.step:>5}/{total}"]
+    for name in ("lm loss", "ce", "ntl per number token", "ce part", "ntl part"):
+        if name in log.values and not math.isnan(log.values[name]):
+            parts.append(f"{name} {log.values[name]:.4f}")
+    parts.append(f"lr {log.lr:.2e}")
+    parts.append(f"grad norm {log.grad_norm:.3f}")
+    parts.append(f"{log.tokens_per_s:,.0f} tok/s")
+    return " | ".join(parts)
+
+
+__all__ = ["RunResult", "StepLog", "Trainer", "run", "np"]
