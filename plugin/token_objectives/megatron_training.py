@@ -13,6 +13,7 @@ gradients by the GLOBAL count (all-reduced over DP).
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import time
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -85,14 +85,15 @@ def _end_of_document_id(tokenizer) -> int:
     raise ValueError("the tokenizer has no end-of-document token (</s>, <eos>, <|endoftext|>)")
 
 
-def transformer_config(cfg: RunConfig):
+def transformer_config(cfg: RunConfig, initialize: bool = True):
     from megatron.core.transformer import TransformerConfig
 
     model, parallel = cfg.model, cfg.parallel
     if model.num_attention_heads % parallel.tensor:
         raise ValueError(
-            f"tensor-parallel size {parallel.tensor} does not divide the {model.num_attention_heads} "
-            f"attention heads; choose parallel.tensor among the divisors of num_attention_heads"
+            f"tensor-parallel size {parallel.tensor} does not divide the "
+            f"{model.num_attention_heads} attention heads; choose parallel.tensor among the "
+            f"divisors of model.num_attention_heads"
         )
     groups = model.num_query_groups or model.num_attention_heads
     if groups % parallel.tensor:
@@ -126,7 +127,9 @@ def transformer_config(cfg: RunConfig):
         bf16=model.dtype == "bf16",
         sequence_parallel=False,
         gradient_accumulation_fusion=False,
+        # The full weight is drawn on the CPU and then split: the same weights at every TP size.
         use_cpu_initialization=True,
+        perform_initialization=initialize,
         calculate_per_token_loss=True,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
@@ -140,13 +143,14 @@ def transformer_config(cfg: RunConfig):
     )
 
 
-def build_model(cfg: RunConfig, vocab_size: int, objectives: Objectives | None):
+def build_model(cfg: RunConfig, vocab_size: int, objectives: Objectives | None,
+                initialize: bool = True):
     """One GPTModel chunk for this pipeline stage; the objectives attached on the last stage."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    config = transformer_config(cfg)
+    config = transformer_config(cfg, initialize)
     model = GPTModel(
         config=config,
         transformer_layer_spec=get_gpt_layer_local_spec(normalization=cfg.model.normalization),
@@ -321,9 +325,11 @@ class Trainer:
         self.dataset = _dataset(cfg, self.tokenizer, steps * global_batch, out / "data_cache")
         self.step = 0
         self.writer = None
+        self.metrics_path = out / "metrics.jsonl"
         if cfg.output.tensorboard and self._is_logging_rank():
             from torch.utils.tensorboard import SummaryWriter
 
+            # One run directory for the whole job: a resumed run appends to the same one.
             self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
 
     @staticmethod
@@ -360,7 +366,20 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+        self._forget_logs_after(self.step)
         return self.step
+
+    def _forget_logs_after(self, step: int) -> None:
+        """Steps after the checkpoint are done again: drop their old log lines (no repeats)."""
+        if self._is_logging_rank() and self.metrics_path.exists():
+            lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        if self.writer is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer.close()
+            self.writer = SummaryWriter(log_dir=self.writer.log_dir, purge_step=step + 1)
 
     # ------------------------------------------------------------------ training
     def train_step(self) -> StepLog:
@@ -389,6 +408,11 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         tokens = self.global_batch * cfg.model.seq_length
         log = StepLog(self.step, values, lr, float(grad_norm or 0.0), tokens / elapsed)
+        if self._is_logging_rank():
+            with open(self.metrics_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": log.step, **values, "lr": lr,
+                                         "grad_norm": log.grad_norm,
+                                         "tokens_per_s": log.tokens_per_s}) + "\n")
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(f"loss/{name}", value, self.step)
@@ -400,6 +424,25 @@ class Trainer:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def count_parameters(cfg: RunConfig) -> int:
+    """Parameters of the model `cfg` describes, built on the meta device (nothing allocated).
+
+    Needs an initialised default process group; sets up TP = PP = 1 model parallelism.
+    """
+    from megatron.core import parallel_state
+
+    if cpu_patches.needed():
+        cpu_patches.apply()
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(1, 1)
+    one_rank = RunConfig(model=cfg.model, parallel=type(cfg.parallel)(tensor=1, pipeline=1))
+    vocab = padded_vocab_size(cfg.model.vocab_size or 0, cfg.model.make_vocab_size_divisible_by, 1)
+    with torch.device("meta"):
+        model = build_model(one_rank, vocab, None, initialize=False)
+    parallel_state.destroy_model_parallel()
+    return sum(p.numel() for p in model.parameters())
 
 
 def run(cfg: RunConfig, stop_after: int | None = None, printer=print) -> RunResult:
@@ -421,6 +464,10 @@ def run(cfg: RunConfig, stop_after: int | None = None, printer=print) -> RunResu
                 trainer.save()
                 result.stopped_by_signal = True
                 break
+            if cfg.train.exit_interval and trainer.step % cfg.train.exit_interval == 0:
+                if trainer.step < cfg.train.steps:
+                    trainer.save()
+                    break
             if cfg.train.save_interval and trainer.step % cfg.train.save_interval == 0:
                 trainer.save()
         else:
@@ -444,4 +491,3 @@ def format_log(log: StepLog, total: int) -> str:
     return " | ".join(parts)
 
 
-__all__ = ["RunResult", "StepLog", "Trainer", "run", "np"]

@@ -71,6 +71,7 @@ class TrainConfig:
     seed: int = 1234
     log_interval: int = 1
     save_interval: int = 0  # 0: save only at the end and on a signal
+    exit_interval: int = 0  # >0: save and exit when step % exit_interval == 0 (time-sliced jobs)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
