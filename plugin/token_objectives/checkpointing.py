@@ -70,6 +70,7 @@ def save(sharded_state_dict: dict, root: str | Path, step: int) -> Path:
 def load(sharded_state_dict: dict, root: str | Path, step: int) -> dict:
     """Collective: load a complete checkpoint into the layout of `sharded_state_dict`."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     directory = step_dir(root, step)
     if not (directory / COMPLETE_MARKER).is_file():
@@ -79,7 +80,8 @@ def load(sharded_state_dict: dict, root: str | Path, step: int) -> dict:
         )
     try:
         return dist_checkpointing.load(sharded_state_dict, str(directory))
-    except Exception as error:  # torch.distributed.checkpoint raises several kinds
+    # CheckpointException derives from BaseException, not Exception.
+    except (Exception, CheckpointException) as error:
         raise ValueError(
             f"checkpoint {directory} could not be read ({type(error).__name__}: {error}); it may "
             f"be corrupt: delete it to resume from the previous complete checkpoint"

@@ -10,6 +10,7 @@ What megatron-core 0.16 needs on CPU:
   a null context, so dropout draws from the CPU generator.
 - Factories called with `device="cuda"` (the pipeline schedules' token counters, the optimizer's
   found-inf flags, grad-norm buffers): allocated on the CPU instead.
+- `Tensor.cuda()` (tied embeddings across pipeline stages move the shared weight): stays put.
 - Gradient clipping asserts that gradients are `torch.cuda.FloatTensor`: the same scaling by
   max_norm / (total_norm + 1e-6), on CPU tensors.
 Sequence parallelism and gradient-accumulation fusion stay off (they need CUDA kernels).
@@ -67,6 +68,10 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
         torch._foreach_mul_(grads, clip_coeff)
 
 
+def _stay_on_cpu(self, device=None, non_blocking=False, memory_format=None):
+    return self
+
+
 def needed() -> bool:
     """True on a machine without a usable GPU."""
     return not torch.cuda.is_available()
@@ -90,6 +95,7 @@ def apply() -> None:
     _set(torch.cuda, "synchronize", synchronize)
     _set(tp_random.CudaRNGStatesTracker, "fork", fork)
     _set(megatron_optimizer, "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32)
+    _set(torch.Tensor, "cuda", _stay_on_cpu)
     for name in _FACTORIES:
         _set(torch, name, _cpu_factory(getattr(torch, name)))
 

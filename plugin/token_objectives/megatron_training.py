@@ -13,9 +13,11 @@ gradients by the GLOBAL count (all-reduced over DP).
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -163,9 +165,53 @@ def build_model(cfg: RunConfig, vocab_size: int, objectives: Objectives | None,
         rotary_base=int(cfg.model.rotary_base),
         parallel_output=True,
     )
+    if initialize:
+        layout_independent_init(model, cfg)
     if model.post_process and objectives is not None:
         attach_objectives(model, objectives)
     return model
+
+
+_LAYER = re.compile(r"(decoder\.layers\.)(\d+)(\.)")
+
+
+def layout_independent_init(model, cfg: RunConfig) -> None:
+    """Redraw every weight matrix from a generator seeded by its GLOBAL name, so that a model
+    starts from the same weights at every TP and PP size (megatron-core's own CPU init is
+    TP-independent, but draws the layers of each pipeline stage from a different stream).
+
+    Same distributions as megatron-core: N(0, std), and std / sqrt(2 * layers) for the output
+    projections (linear_proj, linear_fc2). Norm weights (1-D) keep their ones.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    std = cfg.model.init_method_std
+    scaled = std / math.sqrt(2.0 * cfg.model.num_layers)
+    offset = get_transformer_layer_offset(model.config)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    for name, param in model.named_parameters():
+        if param.dim() != 2:
+            continue
+        global_name = _LAYER.sub(lambda m: f"{m[1]}{int(m[2]) + offset}{m[3]}", name)
+        if global_name == "output_layer.weight" and cfg.model.tie_embeddings:
+            global_name = "embedding.word_embeddings.weight"  # the last stage's tied copy
+        sigma = scaled if global_name.endswith(("linear_proj.weight", "linear_fc2.weight")) else std
+        shape = list(param.shape)
+        dim = getattr(param, "partition_dim", 0)
+        split = getattr(param, "tensor_model_parallel", False) and tp_size > 1
+        if split:
+            shape[dim] *= tp_size
+        seed = int.from_bytes(hashlib.sha256(f"{cfg.train.seed}:{global_name}".encode())
+                              .digest()[:8], "little") & (2**63 - 1)
+        full = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * sigma
+        if split:  # the layout of megatron-core's _initialize_affine_weight_cpu
+            stride = getattr(param, "partition_stride", 1)
+            pieces = torch.split(full, shape[dim] // (tp_size * stride), dim=dim)
+            full = torch.cat(pieces[tp_rank::tp_size], dim=dim)
+        with torch.no_grad():
+            param.copy_(full.to(param.dtype))
 
 
 def _dataset(cfg: RunConfig, tokenizer: MegatronTokenizer, num_samples: int, cache: Path):
