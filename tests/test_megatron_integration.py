@@ -47,7 +47,7 @@ def test_loss_func_returns_sums_and_counts():
     parts = components_of(loss)
     numbers = (parts.is_number.float() * mask).sum()
     torch.testing.assert_close(report["lm loss"], torch.stack([(loss * mask).sum(), mask.sum()]))
-    torch.testing.assert_close(report["ntl per number token"],
+    torch.testing.assert_close(report["ntl"],
                                torch.stack([(parts.ntl * mask).sum(), numbers]))
     torch.testing.assert_close(report["number tokens"], torch.stack([numbers, mask.sum()]))
     torch.testing.assert_close(report["pdl weight"], torch.stack([1.5 * mask.sum(), mask.sum()]))

@@ -121,7 +121,7 @@ def test_weights_move_and_components_add_up(baseline, data, tmp_path):
     rows = metrics(baseline)
     for row in rows:
         assert row["lm loss"] == pytest.approx(row["ce part"] + 0.3 * row["ntl part"], rel=1e-5)
-        assert 0 < row["number tokens"] < 1 and row["ntl per number token"] > 0
+        assert 0 < row["number tokens"] < 1 and row["ntl"] > 0
     # The second step sees the first update: a different loss on different data, finite.
     assert all(torch.isfinite(torch.tensor(r["lm loss"])) for r in rows)
 
@@ -166,3 +166,49 @@ def test_bad_config_key_fails_before_training(data, tmp_path):
     done = train(data, tmp_path, 1, "model.hiden_size=32", check=False)
     assert done.returncode != 0
     assert "unknown key(s) ['hiden_size'] in config section 'model'" in done.stderr
+
+
+def test_sigusr1_saves_and_exits_then_the_run_resumes(data, tmp_path):
+    """SLURM's warning signal reaches the workers mid-run: they save the step they finished,
+    exit cleanly, and the next launch continues from it."""
+    import signal
+    import time
+
+    import psutil
+
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+        f"--master-port={_port()}", str(REPO / "launch" / "pretrain_megatron.py"),
+        "--config", str(REPO / "configs" / "tiny.yaml"),
+        "--set", f"data.tokenizer={data.tokenizer_path}",
+        "--set", f"data.train_prefix={data.train_prefix}",
+        "--set", f"data.frequencies={data.frequencies_path}",
+        "--set", f"output.dir={tmp_path}",
+    ]
+    for item in (*TINY, "parallel.tensor=2", "train.steps=500"):
+        command += ["--set", item]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env)
+    try:
+        log = tmp_path / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and (not log.exists() or len(metrics(tmp_path)) < 3):
+            time.sleep(0.2)
+        assert log.exists(), launcher.stderr.read()[-3000:] if launcher.poll() else "no log"
+        for worker in psutil.Process(launcher.pid).children(recursive=True):
+            worker.send_signal(signal.SIGUSR1)
+        out, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, err[-3000:]
+    saved = latest_complete_step(tmp_path / "checkpoints")
+    steps = [m["step"] for m in metrics(tmp_path)]
+    assert saved is not None and 3 <= saved < 500 and steps == list(range(1, saved + 1))
+
+    train(data, tmp_path, 2, "parallel.tensor=2", "train.steps=500",
+          f"train.exit_interval={saved + 2}")
+    steps = [m["step"] for m in metrics(tmp_path)]
+    assert steps == list(range(1, saved + 3))
+    assert latest_complete_step(tmp_path / "checkpoints") == saved + 2

@@ -156,7 +156,8 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None):
     Returns (loss sum, token count (int), report); each report value is a [sum, count] pair that
     the training loop all-reduces over DP and logs as sum / count:
       "lm loss" = "ce part" + ntl_weight * "ntl part" (both per counted token), "ce" (plain
-      cross-entropy), "ntl per number token", "number tokens" (fraction), "pdl weight" (mean).
+      cross-entropy), "ntl" (per number token), "number tokens" (fraction), "pdl weight"
+      (mean); "ce part" is the PDL-weighted cross-entropy.
     """
     mask = loss_mask.reshape(-1).float()
     losses = output_tensor.reshape(-1).float()
@@ -170,7 +171,7 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None):
         report["ce part"] = torch.stack([(parts.ce_part.reshape(-1) * mask).sum(), tokens])
         report["ntl part"] = torch.stack([ntl_sum, tokens])
         report["ce"] = torch.stack([(parts.ce.reshape(-1) * mask).sum(), tokens])
-        report["ntl per number token"] = torch.stack([ntl_sum, numbers])
+        report["ntl"] = torch.stack([ntl_sum, numbers])
         report["number tokens"] = torch.stack([numbers, tokens])
         report["pdl weight"] = torch.stack([(parts.weight.reshape(-1) * mask).sum(), tokens])
     return loss_sum, tokens.to(torch.int), report

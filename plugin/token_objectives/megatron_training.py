@@ -293,7 +293,7 @@ def _broadcast_from_last_stage(values: dict[str, float], names: list[str]) -> di
     return dict(zip(names, vector.tolist(), strict=True))
 
 
-REPORT_NAMES = ["lm loss", "ce part", "ntl part", "ce", "ntl per number token", "number tokens",
+REPORT_NAMES = ["lm loss", "ce part", "ntl part", "ce", "ntl", "number tokens",
                 "pdl weight"]
 
 
@@ -528,7 +528,7 @@ def run(cfg: RunConfig, stop_after: int | None = None, printer=print) -> RunResu
 
 def format_log(log: StepLog, total: int) -> str:
     parts = [f"step {log.step:>5}/{total}"]
-    for name in ("lm loss", "ce", "ntl per number token", "ce part", "ntl part"):
+    for name in ("lm loss", "ce", "ntl", "ce part", "ntl part"):
         if name in log.values and not math.isnan(log.values[name]):
             parts.append(f"{name} {log.values[name]:.4f}")
     parts.append(f"lr {log.lr:.2e}")

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-COMPONENTS = ("lm loss", "ce", "ce part", "ntl part", "ntl per number token")
+COMPONENTS = ("lm loss", "ce", "ce part", "ntl part", "ntl")
 
 
 def summarize(path: str | Path, window: int = 10) -> str:
