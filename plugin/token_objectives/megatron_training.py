@@ -19,7 +19,6 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,8 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from token_objectives import checkpointing, cpu_patches
+from token_objectives.gpt_data import MegatronTokenizer, gpt_dataset, micro_batches
 from token_objectives.megatron import Objectives, attach_objectives, loss_func
-from token_objectives.tokenizer_io import list_vocab, load_tokenizer
 from token_objectives.train_config import RunConfig, padded_vocab_size
 
 
@@ -59,32 +58,6 @@ def init_distributed() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-
-
-class MegatronTokenizer:
-    """What megatron-core's GPTDataset asks of a tokenizer: eod, pad and vocab_size."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._tokenizer = load_tokenizer(path)
-        listing = list_vocab(self._tokenizer)
-        self.vocab_size = listing.size
-        self.eod = _end_of_document_id(self._tokenizer)
-        self.pad = -1
-        # Part of the dataset cache key: a different tokenizer must not reuse the cached index.
-        self.unique_identifiers = {"class": type(self).__name__, "path": str(path),
-                                   "vocab_size": self.vocab_size}
-
-
-def _end_of_document_id(tokenizer) -> int:
-    eos = getattr(tokenizer, "eos_id", None)
-    if callable(eos) and eos() >= 0:
-        return int(eos())  # sentencepiece
-    for token in ("</s>", "<eos>", "<|endoftext|>", "<|end_of_text|>"):
-        token_id = tokenizer.token_to_id(token) if hasattr(tokenizer, "token_to_id") else None
-        if token_id is not None:
-            return int(token_id)
-    raise ValueError("the tokenizer has no end-of-document token (</s>, <eos>, <|endoftext|>)")
 
 
 def transformer_config(cfg: RunConfig, initialize: bool = True):
@@ -214,53 +187,6 @@ def layout_independent_init(model, cfg: RunConfig) -> None:
             param.copy_(full.to(param.dtype))
 
 
-def _dataset(cfg: RunConfig, tokenizer: MegatronTokenizer, num_samples: int, cache: Path):
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
-    )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
-    if cfg.data.train_prefix is None:
-        raise ValueError("data.train_prefix is not set: point it at a Megatron .bin/.idx prefix")
-    config = GPTDatasetConfig(
-        random_seed=cfg.train.seed,
-        sequence_length=cfg.model.seq_length,
-        blend=([cfg.data.train_prefix], None),
-        split="100,0,0",
-        tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-        path_to_cache=str(cache),
-    )
-    built = None
-    # Rank 0 writes the index cache first; the others then read it.
-    for turn in (0, 1):
-        if (dist.get_rank() == 0) == (turn == 0):
-            built = BlendedMegatronDatasetBuilder(
-                GPTDataset, [num_samples, None, None], lambda: True, config
-            ).build()[0]
-        dist.barrier()
-    return built
-
-
-def micro_batches(dataset, step: int, cfg: RunConfig, dp_rank: int, dp_size: int,
-                  num_micro: int) -> Iterator[dict]:
-    """This DP rank's micro-batches of global step `step` (0-based).
-
-    Global sample order: step * global_batch + micro * (mbs * dp) + dp_rank * mbs + i, so DP=2 and
-    DP=1 with twice the micro-batches see the same samples.
-    """
-    mbs = cfg.parallel.micro_batch_size
-    base = step * mbs * dp_size * num_micro
-    for micro in range(num_micro):
-        first = base + micro * mbs * dp_size + dp_rank * mbs
-        samples = [dataset[first + i] for i in range(mbs)]
-        yield {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
-               for key in ("tokens", "labels", "loss_mask", "position_ids")}
-
-
 def forward_step(data_iterator, model):
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
@@ -368,7 +294,8 @@ class Trainer:
         )
         out = Path(cfg.output.dir)
         self.checkpoint_root = out / "checkpoints"
-        self.dataset = _dataset(cfg, self.tokenizer, steps * global_batch, out / "data_cache")
+        self.dataset = gpt_dataset(cfg.data.train_prefix, cfg.model.seq_length, cfg.train.seed,
+                                   self.tokenizer, steps * global_batch, out / "data_cache")
         self.step = 0
         self.writer = None
         self.metrics_path = out / "metrics.jsonl"
@@ -437,8 +364,8 @@ class Trainer:
         self.optimizer.zero_grad()
         reports = get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=micro_batches(self.dataset, self.step, cfg, self.dp_rank, self.dp_size,
-                                        self.num_micro),
+            data_iterator=micro_batches(self.dataset, self.step, cfg.parallel.micro_batch_size,
+                                        self.dp_rank, self.dp_size, self.num_micro),
             model=[self.model],
             num_microbatches=self.num_micro,
             seq_length=cfg.model.seq_length,

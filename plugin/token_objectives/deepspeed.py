@@ -1,0 +1,208 @@
+"""DeepSpeed integration: the objectives switched on by a "token_objectives" ds_config section.
+
+    {
+      "train_micro_batch_size_per_gpu": 8,
+      "zero_optimization": {"stage": 2},
+      "token_objectives": {"ntl": "was", "ntl_weight": 0.3, "pdl_alpha": 0.2,
+                           "tokenizer": "tokenizer.model", "frequencies": "freqs.safetensors"}
+    }
+
+DeepSpeed ignores unknown top-level sections, so ours is validated here with DeepSpeed's own
+pydantic base: an unknown key or a wrong type is an error that names it. `from_ds_config`
+returns `objectives(logits, labels)`; under AutoTP with a vocab-parallel lm_head the logits stay
+sharded [..., V/tp] and the vocab-parallel loss runs on the shard (two all-reduces, no gather).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import ValidationError, field_validator
+
+from token_objectives.frequencies import load_frequencies
+from token_objectives.frequencies import pdl_weights as make_pdl_weights
+from token_objectives.objectives import ObjectiveConfig, ObjectiveOutput, objective_loss
+from token_objectives.vocab import NumberTable
+
+SECTION = "token_objectives"
+
+
+def _base_model():
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    return DeepSpeedConfigModel
+
+
+class TokenObjectivesConfig(_base_model()):
+    """The "token_objectives" section. Keys are ObjectiveConfig's, plus where the tables come
+    from: `tokenizer` (local path, for the number tokens), `number_tokens` ("digit" | "multi")
+    and `frequencies` (a `token-objectives count-frequencies` file, for PDL)."""
+
+    ntl: Literal["was", "mse", "l1", "huber", "number"] | None = "was"
+    ntl_weight: float = 0.3
+    squash_factor: float | None = None
+    reweigh: bool = True
+    huber_delta: float = 1.0
+    number_level_float: bool = False
+    max_number_length: int = 20
+    pdl_alpha: float = 0.0
+    pdl_normalization: Literal["token", "weighted_mean"] = "token"
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    ignore_index: int = -100
+    tokenizer: str | None = None
+    number_tokens: Literal["digit", "multi"] = "digit"
+    frequencies: str | None = None
+
+    @field_validator("tokenizer", "frequencies")
+    @classmethod
+    def _file_exists(cls, path: str | None, info) -> str | None:
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"{info.field_name} file {path!r} does not exist")
+        return path
+
+    def objective_config(self) -> ObjectiveConfig:
+        names = {f.name for f in fields(ObjectiveConfig)}
+        return ObjectiveConfig(**{k: v for k, v in self.model_dump().items() if k in names})
+
+
+def _load_ds_config(ds_config: Mapping[str, Any] | str | Path) -> Mapping[str, Any]:
+    if isinstance(ds_config, Mapping):
+        return ds_config
+    with open(ds_config, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def read_section(ds_config: Mapping[str, Any] | str | Path) -> TokenObjectivesConfig | None:
+    """The validated "token_objectives" section of a ds_config (dict or JSON path), or None.
+
+    Raises ValueError naming the offending key (unknown key, wrong type, missing file).
+    """
+    raw = _load_ds_config(ds_config).get(SECTION)
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ValueError(f'ds_config["{SECTION}"] must be an object, got {raw!r}')
+    try:
+        section = TokenObjectivesConfig(strict=True, **raw)
+        section.objective_config()  # the cross-field checks (squash_factor, ranges, ...)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or SECTION}: {e['msg']}" for e in error.errors()
+        )
+        raise ValueError(f'invalid ds_config["{SECTION}"]: {problems}') from None
+    except (TypeError, ValueError) as error:
+        raise ValueError(f'invalid ds_config["{SECTION}"]: {error}') from None
+    return section
+
+
+def tensor_parallel_group() -> dist.ProcessGroup | None:
+    """DeepSpeed's AutoTP group when one is set up with more than one rank, else None."""
+    try:
+        from deepspeed.utils import groups
+
+        group = groups.get_tensor_model_parallel_group()
+    except (AssertionError, AttributeError, ImportError):
+        return None
+    if group is None or dist.get_world_size(group) == 1:
+        return None
+    return group
+
+
+class DeepSpeedObjectives:
+    """`objectives(logits, labels, loss_mask=None)` -> ObjectiveOutput, per token.
+
+    logits: [..., V] (full vocab) or [..., V/tp] (AutoTP vocab-parallel lm_head shard); which
+    one is read from the width against the table's vocab size. labels: [...] global ids.
+    """
+
+    def __init__(self, config: ObjectiveConfig, numbers: NumberTable | None,
+                 pdl_weights: torch.Tensor | None = None) -> None:
+        self.config = config
+        self.numbers = numbers
+        self.pdl_weights = pdl_weights
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor,
+                 loss_mask: torch.Tensor | None = None) -> ObjectiveOutput:
+        group = None
+        vocab = self.numbers.vocab_size if self.numbers is not None else None
+        if vocab is None or logits.shape[-1] != vocab:
+            group = tensor_parallel_group()
+            if group is None and vocab is not None:
+                raise ValueError(
+                    f"logits have {logits.shape[-1]} vocab columns but the tables have {vocab} "
+                    f"and no AutoTP group is set up; build the NumberTable with "
+                    f"vocab_size={logits.shape[-1]}"
+                )
+        return objective_loss(logits, labels, self.config, self.numbers, self.pdl_weights,
+                              group, loss_mask=loss_mask)
+
+
+def from_ds_config(
+    ds_config: Mapping[str, Any] | str | Path,
+    numbers: NumberTable | None,
+    pdl_weights: torch.Tensor | None = None,
+) -> DeepSpeedObjectives:
+    """Validate the "token_objectives" section and return the loss callable.
+
+    numbers: the number table over the model's (padded) vocab; None only with ntl null.
+    pdl_weights: [V] weights; when None and the section has pdl_alpha > 0, they are built from
+    the section's `frequencies` file (checked against numbers.vocab_size).
+    """
+    section = read_section(ds_config)
+    if section is None:
+        raise ValueError(f'the ds_config has no "{SECTION}" section')
+    config = section.objective_config()
+    if config.pdl_alpha > 0 and pdl_weights is None:
+        if section.frequencies is None:
+            raise ValueError(
+                f'ds_config["{SECTION}"].pdl_alpha > 0 needs "frequencies": the output of '
+                "`token-objectives count-frequencies`"
+            )
+        vocab = numbers.vocab_size if numbers is not None else None
+        table = load_frequencies(section.frequencies, vocab_size=vocab)
+        pdl_weights = make_pdl_weights(table.counts, alpha=config.pdl_alpha)
+    return DeepSpeedObjectives(config, numbers, pdl_weights)
+
+
+def numbers_from_section(section: TokenObjectivesConfig, vocab_size: int) -> NumberTable | None:
+    """The NumberTable the section asks for, over `vocab_size` ids (None without NTL)."""
+    if section.ntl is None:
+        return None
+    if section.tokenizer is None:
+        raise ValueError(f'ds_config["{SECTION}"].ntl = {section.ntl!r} needs "tokenizer"')
+    return NumberTable.from_tokenizer(section.tokenizer, vocab_size=vocab_size,
+                                      digit_level=section.number_tokens == "digit")
+
+
+def log_components(engine, output: ObjectiveOutput, step: int) -> dict[str, float]:
+    """Per-component means over the global batch (reduced over DP), written to DeepSpeed's
+    monitor (its "tensorboard" / "csv_monitor" sections). Returns them."""
+    totals = output.totals().detach().to(torch.float64)
+    group = None
+    try:
+        from deepspeed.utils import groups
+
+        group = groups._get_data_parallel_group()
+    except (AssertionError, AttributeError, ImportError):
+        group = None
+    if dist.is_initialized():
+        dist.all_reduce(totals, group=group)
+    loss, tokens, ce, ntl, numbers, weight = totals.tolist()
+    values = {
+        "lm loss": loss / max(tokens, 1),
+        "ce": ce / max(tokens, 1),
+        "ntl": ntl / max(numbers, 1),
+        "number tokens": numbers / max(tokens, 1),
+        "pdl weight": weight / max(tokens, 1),
+    }
+    monitor = getattr(engine, "monitor", None)
+    if monitor is not None and getattr(monitor, "enabled", False) and dist.get_rank() == 0:
+        monitor.write_events([(f"Train/{name}", value, step) for name, value in values.items()])
+    return values
