@@ -147,3 +147,18 @@ def test_3b_config_has_3_21b_parameters_counted_on_meta():
     expected = 128256 * 3072 + 28 * layer + 3072
     assert count == expected
     assert abs(count - 3.21e9) / 3.21e9 < 0.01
+
+
+def test_latest_complete_step_and_pruning(tmp_path):
+    from token_objectives import checkpointing
+
+    for step, complete in ((2, True), (4, True), (6, True), (8, False)):
+        directory = checkpointing.step_dir(tmp_path, step)
+        directory.mkdir()
+        if complete:
+            (directory / checkpointing.COMPLETE_MARKER).write_text("{}")
+    (tmp_path / "step_0000010.partial").mkdir()
+    assert checkpointing.latest_complete_step(tmp_path) == 6
+    checkpointing._remove_old(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step_0000004", "step_0000006", "step_0000008", "step_0000010.partial"]

@@ -211,3 +211,17 @@ def test_totals_sum_each_component():
     assert totals[1] == out.counted.sum() and totals[4] == out.is_number.sum()
     torch.testing.assert_close(totals[0], out.loss.sum())
     torch.testing.assert_close(totals[5], (out.weight).sum())
+
+
+@pytest.mark.parametrize("name", ["ce", "was", "z_loss", "all"])
+def test_ignored_row_of_minus_inf_gives_no_nan_gradient(name):
+    case = make_case("inf_row", CONFIGS[name], seed=23)
+    logits = case.logits.clone()
+    logits[0, 2, :] = -math.inf
+    labels = case.labels.clone()
+    labels[0, 2] = -100
+    leaf = logits.requires_grad_()
+    out = objective_loss(leaf, labels, case.config, case.numbers, case.pdl_weights)
+    out.loss.sum().backward()
+    assert torch.isfinite(out.loss).all() and torch.isfinite(leaf.grad).all()
+    assert torch.count_nonzero(leaf.grad[0, 2]) == 0

@@ -40,8 +40,11 @@ def latest_complete_step(root: str | Path) -> int | None:
     return max(steps, default=None)
 
 
-def save(sharded_state_dict: dict, root: str | Path, step: int) -> Path:
-    """Collective: every rank calls it. Returns the complete checkpoint's directory."""
+def save(sharded_state_dict: dict, root: str | Path, step: int, keep: int = 0) -> Path:
+    """Collective: every rank calls it. Returns the complete checkpoint's directory.
+
+    keep > 0 removes all but the newest `keep` complete checkpoints once this one is complete.
+    """
     from megatron.core import dist_checkpointing
 
     final = step_dir(root, step)
@@ -63,8 +66,19 @@ def save(sharded_state_dict: dict, root: str | Path, step: int) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(partial, final)
+        if keep > 0:
+            _remove_old(Path(root), keep)
     dist.barrier()
     return final
+
+
+def _remove_old(root: Path, keep: int) -> None:
+    complete = sorted(
+        int(m.group(1)) for e in root.iterdir()
+        if (m := _STEP_DIR.fullmatch(e.name)) and (e / COMPLETE_MARKER).is_file()
+    )
+    for old in complete[:-keep]:
+        shutil.rmtree(step_dir(root, old), ignore_errors=True)
 
 
 def load(sharded_state_dict: dict, root: str | Path, step: int) -> dict:
@@ -112,7 +126,7 @@ class PreemptionFlag:
 
     def any_rank_received(self) -> bool:
         """Collective: True on every rank when any rank got a signal."""
-        flag = torch.tensor([0 if self.received is None else 1])
+        flag = torch.tensor([0 if self.received is None else 1])  # gloo carries CPU tensors
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -260,7 +260,8 @@ def combine_sums(sums: torch.Tensor, maxima: torch.Tensor, real_vocab: int) -> t
     denom = torch.where(has_numbers, sums[:, 3], torch.ones_like(sums[:, 3]))
     yhat = torch.where(has_numbers, sums[:, 4] / denom, torch.zeros_like(denom))
     was = torch.where(has_numbers, sums[:, 5] / denom, torch.zeros_like(denom))
-    mass = sums[:, 6] / sums[:, 0]
+    has_mass = sums[:, 0] > 0
+    mass = torch.where(has_mass, sums[:, 6] / torch.where(has_mass, sums[:, 0], 1.0), 0.0)
     return torch.stack([lse, sums[:, 1], sums[:, 2] / real_vocab, yhat, was, mass], dim=-1)
 
 
@@ -291,6 +292,8 @@ def local_gradient(
     """
     shard, columns = plan.shard, plan.columns
     lse, _, _, yhat, was, mass = stats.unbind(-1)
+    # A row of -inf logits has lse = -inf: exp(-inf - (+inf)) = 0 instead of exp(NaN).
+    lse = torch.where(torch.isfinite(lse), lse, torch.inf)
     g_lse, g_target, g_mean, g_yhat, g_was, g_mass = grads.unbind(-1)
     torch.sub(logits[:, : shard.real_width], lse.unsqueeze(-1), out=out)
     out.exp_().mul_((g_lse - g_mass * mass).unsqueeze(-1))

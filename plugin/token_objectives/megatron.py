@@ -171,7 +171,8 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None):
         report["ce part"] = torch.stack([(parts.ce_part.reshape(-1) * mask).sum(), tokens])
         report["ntl part"] = torch.stack([ntl_sum, tokens])
         report["ce"] = torch.stack([(parts.ce.reshape(-1) * mask).sum(), tokens])
-        report["ntl"] = torch.stack([ntl_sum, numbers])
+        # Megatron-LM divides without a guard: a batch without numbers logs 0, not NaN.
+        report["ntl"] = torch.stack([ntl_sum, numbers.clamp_min(1)])
         report["number tokens"] = torch.stack([numbers, tokens])
         report["pdl weight"] = torch.stack([(parts.weight.reshape(-1) * mask).sum(), tokens])
     return loss_sum, tokens.to(torch.int), report

@@ -54,9 +54,11 @@ def init_distributed() -> None:
     """torchrun's environment -> a default process group (gloo without a GPU)."""
     if dist.is_initialized():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # CUDA tensors over NCCL; the few CPU flags and counters over gloo.
+        backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
 
 
@@ -80,7 +82,6 @@ def transformer_config(cfg: RunConfig, initialize: bool = True):
             f"pipeline-parallel size {parallel.pipeline} does not divide {model.num_layers} layers"
         )
     dtype = torch.bfloat16 if model.dtype == "bf16" else torch.float32
-    on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -108,7 +109,7 @@ def transformer_config(cfg: RunConfig, initialize: bool = True):
         calculate_per_token_loss=True,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=False,  # its CUDA kernel comes with Apex, not with megatron-core
         persist_layer_norm=False,
         apply_rope_fusion=False,
         cross_entropy_loss_fusion=False,
@@ -189,6 +190,8 @@ def layout_independent_init(model, cfg: RunConfig) -> None:
 
 def forward_step(data_iterator, model):
     batch = next(data_iterator)
+    if torch.cuda.is_available():
+        batch = {key: value.cuda(non_blocking=True) for key, value in batch.items()}
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                    loss_mask=batch["loss_mask"])
     return output, partial(loss_func, batch["loss_mask"])
@@ -271,10 +274,13 @@ class Trainer:
             frequencies_path=cfg.data.frequencies,
         )
         module = build_model(cfg, self.vocab_size, objectives)
+        if torch.cuda.is_available():
+            module.cuda(torch.cuda.current_device())  # built on the CPU (use_cpu_initialization)
         config = module.config
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                    overlap_grad_reduce=False,
-                                                   use_distributed_optimizer=False)
+                                                   use_distributed_optimizer=False,
+                                                   check_for_nan_in_grad=True)
         self.model = DistributedDataParallel(config, ddp_config, module)
         config.finalize_model_grads_func = finalize_model_grads
         self.optimizer = get_megatron_optimizer(
@@ -324,7 +330,8 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        return checkpointing.save(self._sharded_state(), self.checkpoint_root, self.step)
+        return checkpointing.save(self._sharded_state(), self.checkpoint_root, self.step,
+                                  keep=self.cfg.train.keep_checkpoints)
 
     def resume(self) -> int | None:
         """Load the latest complete checkpoint, if there is one; returns its step."""
@@ -332,6 +339,7 @@ class Trainer:
         found = torch.tensor([-1 if latest is None else latest])
         dist.all_reduce(found, op=dist.ReduceOp.MIN)  # every rank must see the same one
         if found.item() < 0:
+            self._forget_logs_after(0)  # a run that never saved starts its logs afresh
             return None
         state = checkpointing.load(self._sharded_state(is_loading=True), self.checkpoint_root,
                                    int(found.item()))
@@ -345,8 +353,13 @@ class Trainer:
     def _forget_logs_after(self, step: int) -> None:
         """Steps after the checkpoint are done again: drop their old log lines (no repeats)."""
         if self._is_logging_rank() and self.metrics_path.exists():
-            lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-            kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+            kept = []
+            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line)
+                except (ValueError, KeyError):
+                    continue  # a line cut short by a kill
             self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         if self.writer is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -372,13 +385,18 @@ class Trainer:
             micro_batch_size=cfg.parallel.micro_batch_size,
             forward_only=False,
         )
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         _, grad_norm, _ = self.optimizer.step()
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            raise FloatingPointError(
+                f"step {self.step + 1}: the gradient norm is {grad_norm}; the update was not "
+                f"applied. Resume from the last checkpoint with a lower train.lr or clip_grad"
+            )
         self.scheduler.step(increment=self.global_batch)
         values = _broadcast_from_last_stage(
             _reduce_reports(reports) if reports else {}, REPORT_NAMES)
         elapsed = time.perf_counter() - start
         self.step += 1
-        lr = self.optimizer.param_groups[0]["lr"]
         tokens = self.global_batch * cfg.model.seq_length
         log = StepLog(self.step, values, lr, float(grad_norm or 0.0), tokens / elapsed)
         if self._is_logging_rank():
@@ -421,9 +439,9 @@ def count_parameters(cfg: RunConfig) -> int:
 def run(cfg: RunConfig, stop_after: int | None = None, printer=print) -> RunResult:
     """Train to cfg.train.steps (or `stop_after` more steps), resuming from the latest complete
     checkpoint; saves every save_interval steps, at the end, and on SIGUSR1/SIGTERM."""
+    flag = checkpointing.PreemptionFlag().install()  # before the slow start-up
     trainer = Trainer(cfg)
     result = RunResult(resumed_from=trainer.resume())
-    flag = checkpointing.PreemptionFlag().install()
     try:
         done = 0
         while trainer.step < cfg.train.steps and (stop_after is None or done < stop_after):

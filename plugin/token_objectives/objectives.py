@@ -130,6 +130,9 @@ class ObjectiveOutput:
     def totals(self) -> torch.Tensor:
         """fp32 [6]: sums of loss, counted tokens, ce, ntl, number tokens, weight.
 
+        Counted tokens are positions with a target and a non-zero loss_mask; with a fractional
+        loss_mask, normalise by loss_mask.sum() instead.
+
         One all-reduce of this vector over DP gives every global normaliser.
         """
         return torch.stack(
@@ -229,6 +232,8 @@ def _number_level_term(config, numbers, yhat, mass, target_values, is_number, la
         raise ValueError(
             "number_level_float needs a '.' token in the vocabulary; the tokenizer has none"
         )
+    if yhat.numel() == 0:
+        return torch.zeros_like(yhat), torch.zeros_like(is_number)
     to_rows = lambda x: x.movedim(seq_dim, -1)  # noqa: E731
     flat = lambda x: to_rows(x).reshape(-1, x.shape[seq_dim])  # noqa: E731
     # labels, not targets: an ignored position is never a dot, whatever the dot's id.
@@ -360,7 +365,7 @@ def objective_loss(
         weight = torch.ones_like(ce)
         loss = trained_ce
     if config.z_loss > 0:
-        loss = loss + config.z_loss * lse.square()
+        loss = loss + config.z_loss * torch.where(counted, lse, 0.0).square()
 
     if config.uses_numbers:
         ntl, ntl_positions = _ntl_term(

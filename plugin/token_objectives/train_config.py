@@ -73,6 +73,7 @@ class TrainConfig:
     log_interval: int = 1
     save_interval: int = 0  # 0: save only at the end and on a signal
     exit_interval: int = 0  # >0: save and exit when step % exit_interval == 0 (time-sliced jobs)
+    keep_checkpoints: int = 0  # >0: keep only the newest N complete checkpoints
 
     def __post_init__(self) -> None:
         if self.steps < 1:
