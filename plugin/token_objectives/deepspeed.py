@@ -177,8 +177,14 @@ def numbers_from_section(section: TokenObjectivesConfig, vocab_size: int) -> Num
         return None
     if section.tokenizer is None:
         raise ValueError(f'ds_config["{SECTION}"].ntl = {section.ntl!r} needs "tokenizer"')
-    return NumberTable.from_tokenizer(section.tokenizer, vocab_size=vocab_size,
-                                      digit_level=section.number_tokens == "digit")
+    try:
+        return NumberTable.from_tokenizer(section.tokenizer, vocab_size=vocab_size,
+                                          digit_level=section.number_tokens == "digit")
+    except ValueError as error:
+        raise ValueError(
+            f'ds_config["{SECTION}"].ntl = {section.ntl!r} with tokenizer '
+            f"{section.tokenizer!r} (number_tokens {section.number_tokens!r}): {error}"
+        ) from None
 
 
 def log_components(engine, output: ObjectiveOutput, step: int) -> dict[str, float]:

@@ -1,0 +1,371 @@
+"""The DeepSpeed path, launched for real with torchrun over gloo on the CPU.
+
+One step on a fixed global batch of 8 samples gives the same loss and gradients in a plain torch
+model (no DeepSpeed, one process, full logits), under ZeRO-1/2/3 with 2 DP ranks and under AutoTP=2
+with a vocab-parallel lm_head. Under AutoTP the objectives see logits [b, s, V/2] and make exactly
+2 all-reduces and no all-gather. A run stopped by SIGUSR1 saves, exits cleanly and resumes to the
+same losses as a straight run. Bad "token_objectives" sections are errors that name the key.
+
+Run as a script (`torchrun ... tests/test_deepspeed.py probe OUT CONFIG...`), this file is the
+probe the tests launch: one step per ds_config, gradients saved before `engine.step`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "deepspeed"
+TINY = CONFIGS / "tiny_llama.json"
+SEQ_LENGTH = 32
+GLOBAL_BATCH = 8  # samples per step in every layout: mbs 2 x gas x dp
+SEED = 1234
+# Every torch.distributed collective has one of these in its name (all_gather_into_tensor, ...).
+COLLECTIVE_WORDS = ("gather", "reduce", "scatter", "broadcast", "all_to_all")
+
+
+# ----------------------------------------------------------------------------- the probe
+
+
+class CollectiveCounter:
+    """Counts torch.distributed collectives while active; the real functions still run."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self._originals = {}
+
+    def __enter__(self) -> CollectiveCounter:
+        import torch.distributed as dist
+
+        for name in dir(dist):
+            original = getattr(dist, name)
+            if (isinstance(original, type) or not callable(original)
+                    or not any(word in name for word in COLLECTIVE_WORDS)):
+                continue
+            self._originals[name] = original
+
+            def counted(*args, _name=name, _original=original, **kwargs):
+                self.counts[_name] = self.counts.get(_name, 0) + 1
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch.distributed as dist
+
+        for name, original in self._originals.items():
+            setattr(dist, name, original)
+
+
+def _reference(trainer, path: Path) -> None:
+    """No DeepSpeed: the plain model on the whole global batch, full logits, one process."""
+    from token_objectives.deepspeed_training import build_model
+    from token_objectives.gpt_data import micro_batches
+    from token_objectives.objectives import objective_loss
+
+    model = build_model(trainer.engine.module.config, SEED)
+    (batch,) = micro_batches(trainer.dataset, 0, GLOBAL_BATCH, 0, 1, 1)
+    objectives = trainer.objectives
+    out = objective_loss(model(input_ids=batch["tokens"]).logits, batch["labels"],
+                         objectives.config, objectives.numbers, objectives.pdl_weights, None,
+                         loss_mask=batch["loss_mask"])
+    loss = out.loss.sum() / out.counted.sum()
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    torch.save({"loss": loss.item(), "grads": grads}, path)
+
+
+def _one_step(config_path: Path, out: Path, name: str, reference: bool) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    from token_objectives.deepspeed_training import TrainArgs, Trainer
+
+    ds_config = json.loads(config_path.read_text())
+    trainer = Trainer(TrainArgs(model_config=str(TINY), data_prefix=os.environ["PROBE_DATA"],
+                                ds_config=ds_config, output_dir=str(out / name), steps=1,
+                                seed=SEED, seq_length=SEQ_LENGTH))
+    assert trainer.global_batch == GLOBAL_BATCH, trainer.global_batch
+    if reference and dist.get_rank() == 0:
+        _reference(trainer, out / "reference.pt")
+    batches = trainer.step_batches(0)
+    extra = {}
+    if trainer.engine.autotp_size() > 1:
+        # The objectives on the first micro-batch's sharded logits, collectives counted; the
+        # gradient w.r.t. the logits must need no collective either.
+        batch = batches[0]
+        logits = trainer.engine(input_ids=batch["tokens"]).logits
+        with CollectiveCounter() as forward:
+            loss = trainer.objectives(logits, batch["labels"], batch["loss_mask"]).loss.sum()
+        with CollectiveCounter() as backward:
+            torch.autograd.grad(loss, logits)
+        extra = {"logits_shape": list(logits.shape), "vocab_size": trainer.vocab_size,
+                 "forward_collectives": forward.counts, "backward_collectives": backward.counts}
+    output = trainer.forward_backward(batches)
+    totals = output.totals().to(torch.float64)
+    dist.all_reduce(totals, group=deepspeed.utils.groups._get_data_parallel_group())
+    # Every rank takes part: the full gradient is assembled with collectives.
+    grads = {n: deepspeed.utils.safe_get_full_grad(p).detach().clone()
+             for n, p in trainer.engine.module.named_parameters()}
+    torch.save({"loss": (totals[0] / totals[1]).item(), "grads": grads, **extra},
+               out / f"{name}_rank{dist.get_rank()}.pt")
+    dist.barrier()
+    trainer.engine.destroy()
+
+
+def probe(argv: list[str]) -> None:
+    """`probe OUT NAME=CONFIG...`: one step per config; the first run also writes the reference."""
+    out = Path(argv[0])
+    for index, item in enumerate(argv[1:]):
+        name, _, config = item.partition("=")
+        _one_step(Path(config), out, name, reference=index == 0)
+
+
+# ----------------------------------------------------------------------------------- the tests
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def _torchrun(script: Path, *args: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+            f"--master-port={_port()}", str(script), *args]
+
+
+def _check(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    if done.returncode != 0:
+        raise AssertionError(f"run failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    return done
+
+
+def ds_config(data, directory: Path, name: str, **overrides) -> Path:
+    """configs/deepspeed/<name>.json in fp32, pointed at the test data, with overrides."""
+    config = json.loads((CONFIGS / f"{name}.json").read_text())
+    config["bf16"] = {"enabled": False}
+    config["tensorboard"]["enabled"] = False
+    config["token_objectives"]["tokenizer"] = str(data.tokenizer_path)
+    config["token_objectives"]["frequencies"] = str(data.frequencies_path)
+    config.update(overrides)
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from token_objectives.quickstart_data import build_quickstart_data
+
+    return build_quickstart_data(tmp_path_factory.mktemp("data"), num_documents=300)
+
+
+def _probe(data, out: Path, runs: dict[str, Path]) -> None:
+    command = _torchrun(Path(__file__), "probe", str(out),
+                        *(f"{name}={path}" for name, path in runs.items()))
+    env = dict(_env(), PROBE_DATA=str(data.train_prefix))
+    _check(subprocess.run(command, capture_output=True, text=True, env=env, timeout=600))
+
+
+@pytest.fixture(scope="module")
+def one_step(data, tmp_path_factory):
+    """The probe's files: reference.pt and <layout>_rank<r>.pt."""
+    out = tmp_path_factory.mktemp("one_step")
+    _probe(data, out, {f"zero{stage}": ds_config(data, out, f"zero{stage}",
+                                                 gradient_accumulation_steps=2)
+                       for stage in (1, 2, 3)})
+    _probe(data, out, {"autotp2": ds_config(data, out, "autotp2", gradient_accumulation_steps=4)})
+    return out
+
+
+def _full_gradient(shards: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """A TP-sharded gradient put back together (shards are contiguous slices, in rank order)."""
+    if shards[0].shape == shape:
+        torch.testing.assert_close(shards[1], shards[0], rtol=0, atol=0)  # replicated
+        return shards[0]
+    (dim,) = [d for d in range(len(shape)) if shards[0].shape[d] != shape[d]]
+    return torch.cat(shards, dim=dim)
+
+
+@pytest.mark.parametrize("layout", ["zero1", "zero2", "zero3", "autotp2"])
+def test_one_step_matches_plain_torch(one_step, layout):
+    reference = torch.load(one_step / "reference.pt")
+    ranks = [torch.load(one_step / f"{layout}_rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["loss"] == ranks[1]["loss"]
+    assert ranks[0]["loss"] == pytest.approx(reference["loss"], rel=1e-6)
+    expected = reference["grads"]
+    assert set(ranks[0]["grads"]) == set(expected), sorted(ranks[0]["grads"])
+    scale = max(g.abs().max().item() for g in expected.values())
+    for name, want in expected.items():
+        got = _full_gradient([r["grads"][name] for r in ranks], want.shape)
+        assert got.shape == want.shape, name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6 * scale, msg=name)
+
+
+def test_autotp_logits_stay_sharded_and_two_all_reduces(one_step):
+    for rank in (0, 1):
+        probe_out = torch.load(one_step / f"autotp2_rank{rank}.pt")
+        assert probe_out["logits_shape"][-1] == probe_out["vocab_size"] // 2
+        assert probe_out["forward_collectives"] == {"all_reduce": 2}
+        assert probe_out["backward_collectives"] == {}
+
+
+# ------------------------------------------------------------------------- training and resume
+
+
+def _train(data, config: Path, out: Path, *args: str) -> list[str]:
+    return _torchrun(REPO / "launch" / "pretrain_deepspeed.py", "--deepspeed_config", str(config),
+                     "--model-config", str(TINY), "--data-prefix", str(data.train_prefix),
+                     "--output-dir", str(out), "--seq-length", str(SEQ_LENGTH),
+                     "--seed", str(SEED), *args)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def _latest(out: Path) -> str:
+    return (out / "checkpoints" / "latest").read_text().strip()
+
+
+def test_sigusr1_saves_exits_and_resume_equals_a_straight_run(data, tmp_path):
+    """SLURM's warning signal reaches the workers mid-run: they save the step they finished and
+    exit 0; the next launch resumes from `latest` and matches an uninterrupted run."""
+    import psutil
+
+    config = ds_config(data, tmp_path, "zero2")
+    sliced, straight = tmp_path / "sliced", tmp_path / "straight"
+    launcher = subprocess.Popen(_train(data, config, sliced, "--steps", "500"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=_env())
+    try:
+        log = sliced / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and launcher.poll() is None and (
+                not log.exists() or len(_metrics(sliced)) < 2):
+            time.sleep(0.1)
+        assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+        for worker in psutil.Process(launcher.pid).children(recursive=True):
+            worker.send_signal(signal.SIGUSR1)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, err[-3000:]
+    stopped = len(_metrics(sliced))
+    assert 2 <= stopped < 500
+    assert _latest(sliced) == f"global_step{stopped}"
+
+    total = stopped + 2
+    _check(subprocess.run(_train(data, config, straight, "--steps", str(total),
+                                 "--save-interval", "2"),
+                          capture_output=True, text=True, env=_env(), timeout=600))
+    _check(subprocess.run(_train(data, config, sliced, "--steps", str(total)),
+                          capture_output=True, text=True, env=_env(), timeout=600))
+    a, b = _metrics(straight), _metrics(sliced)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, total + 1))
+    for x, y in zip(a, b, strict=True):
+        for key in ("lm loss", "ce", "ntl"):
+            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), (key, x, y)
+    assert _latest(sliced) == _latest(straight) == f"global_step{total}"
+    saved = sorted(p.name for p in (straight / "checkpoints").glob("global_step*"))
+    assert saved == sorted(f"global_step{s}" for s in {*range(2, total + 1, 2), total})
+
+
+# ----------------------------------------------------------------------------- config errors
+
+
+def _section(**values) -> dict:
+    return {"train_micro_batch_size_per_gpu": 1, "token_objectives": values}
+
+
+def test_unknown_key_is_named():
+    from token_objectives.deepspeed import read_section
+
+    with pytest.raises(ValueError, match=r'token_objectives"\]: ntl_wieght: Extra inputs'):
+        read_section(_section(ntl="was", ntl_wieght=0.3))
+
+
+def test_wrong_type_is_named():
+    from token_objectives.deepspeed import read_section
+
+    with pytest.raises(ValueError, match=r"ntl_weight: Input should be a valid number"):
+        read_section(_section(ntl_weight="high"))
+    with pytest.raises(ValueError, match=r"pdl_alpha: Input should be a valid number"):
+        read_section(_section(pdl_alpha=[0.2]))
+
+
+def test_missing_frequency_file_is_named(tmp_path):
+    from token_objectives.deepspeed import read_section
+
+    missing = tmp_path / "nowhere.safetensors"
+    with pytest.raises(ValueError, match=rf"frequencies: .*{missing.name}' does not exist"):
+        read_section(_section(pdl_alpha=0.2, frequencies=str(missing)))
+
+
+def test_ntl_with_a_tokenizer_without_numbers_is_named(tmp_path):
+    from tokenizer_fixtures import word_level_tokenizer
+
+    from token_objectives.deepspeed import numbers_from_section, read_section
+
+    path = tmp_path / "tokenizer.json"
+    word_level_tokenizer(["the", "cat", "sat", "</s>"]).save(str(path))
+    section = read_section(_section(ntl="was", tokenizer=str(path)))
+    with pytest.raises(ValueError, match=r'token_objectives"\]\.ntl = .was. .*no number tokens'):
+        numbers_from_section(section, vocab_size=8)
+    off = read_section(_section(ntl=None, tokenizer=str(path)))
+    assert numbers_from_section(off, vocab_size=8) is None
+
+
+def test_shipped_configs_are_valid():
+    """Every configs/deepspeed ds_config has a valid section (paths aside) and the AutoTP keys
+    DeepSpeed reads."""
+    from deepspeed.runtime.tensor_parallel.config import get_tensor_parallel_config
+
+    from token_objectives.deepspeed import read_section
+
+    for name in ("zero1", "zero2", "zero3", "autotp2"):
+        config = json.loads((CONFIGS / f"{name}.json").read_text())
+        section = dict(config["token_objectives"], tokenizer=None, frequencies=None)
+        assert read_section({"token_objectives": section}).ntl == "was"
+        assert config["bf16"]["enabled"] is True
+    autotp = get_tensor_parallel_config(json.loads((CONFIGS / "autotp2.json").read_text()))
+    assert autotp.autotp_size == 2 and autotp.vocab_parallel_lm_head is True
+
+
+def test_llama32_3b_config_is_the_3b_shape():
+    """3,212,749,824 parameters with tied embeddings (Llama-3.2-3B), on the meta device."""
+    from transformers import LlamaForCausalLM
+
+    from token_objectives.deepspeed_training import llama_config
+
+    config = llama_config(CONFIGS / "llama3.2-3b.json", tokenizer_vocab=128256)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == 3_212_749_824
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    tiny = llama_config(TINY, tokenizer_vocab=500)
+    assert tiny.vocab_size == 512 and tiny.tie_word_embeddings
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["probe"]:
+    probe(sys.argv[2:])
