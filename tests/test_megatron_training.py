@@ -42,8 +42,7 @@ def _port() -> int:
         return sock.getsockname()[1]
 
 
-def train(data, out: Path, nproc: int, *overrides: str, check: bool = True):
-    """torchrun the training script; returns the completed process."""
+def _command(data, out: Path, nproc: int, overrides) -> list[str]:
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
         f"--master-port={_port()}", str(REPO / "launch" / "pretrain_megatron.py"),
@@ -55,8 +54,16 @@ def train(data, out: Path, nproc: int, *overrides: str, check: bool = True):
     ]
     for item in (*TINY, *overrides):
         command += ["--set", item]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    return command
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def train(data, out: Path, nproc: int, *overrides: str, check: bool = True):
+    """torchrun the training script; returns the completed process."""
+    done = subprocess.run(_command(data, out, nproc, overrides), capture_output=True, text=True,
+                          env=ENV, timeout=600)
     if check and done.returncode != 0:
         raise AssertionError(f"training failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     return done
@@ -176,20 +183,9 @@ def test_sigusr1_saves_and_exits_then_the_run_resumes(data, tmp_path):
 
     import psutil
 
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-        f"--master-port={_port()}", str(REPO / "launch" / "pretrain_megatron.py"),
-        "--config", str(REPO / "configs" / "tiny.yaml"),
-        "--set", f"data.tokenizer={data.tokenizer_path}",
-        "--set", f"data.train_prefix={data.train_prefix}",
-        "--set", f"data.frequencies={data.frequencies_path}",
-        "--set", f"output.dir={tmp_path}",
-    ]
-    for item in (*TINY, "parallel.tensor=2", "train.steps=500"):
-        command += ["--set", item]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    command = _command(data, tmp_path, 2, ("parallel.tensor=2", "train.steps=500"))
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=env)
+                                text=True, env=ENV)
     try:
         log = tmp_path / "metrics.jsonl"
         deadline = time.time() + 120
