@@ -39,7 +39,7 @@ from token_objectives.deepspeed import (
     numbers_from_section,
     read_section,
 )
-from token_objectives.gpt_data import MegatronTokenizer, gpt_dataset, micro_batches
+from token_objectives.gpt_data import MegatronTokenizer, Repeated, gpt_dataset, micro_batches
 from token_objectives.objectives import ObjectiveOutput
 
 CHECKPOINTS = "checkpoints"
@@ -203,25 +203,6 @@ def concat_outputs(outputs: list[ObjectiveOutput]) -> ObjectiveOutput:
     names = ("loss", "ce", "ntl", "is_number", "weight", "counted")
     return ObjectiveOutput(**{name: torch.cat([getattr(o, name).detach().reshape(-1)
                                                for o in outputs]) for name in names})
-
-
-class Repeated:
-    """One seeded epoch of a dataset, repeated: sample k is epoch[k % len].
-
-    The order does not depend on --steps, so a run can be resumed with more steps and still see
-    the samples a straight run would.
-    """
-
-    def __init__(self, epoch) -> None:
-        if len(epoch) == 0:
-            raise ValueError("the dataset has no sample of --seq-length tokens")
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.epoch)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.epoch[index % len(self.epoch)]
 
 
 # -------------------------------------------------------------------------------------- trainer

@@ -39,8 +39,9 @@ def _end_of_document_id(tokenizer) -> int:
 
 
 def gpt_dataset(prefix: str | None, seq_length: int, seed: int, tokenizer: MegatronTokenizer,
-                num_samples: int, cache: Path):
-    """megatron-core's GPTDataset over one .bin/.idx prefix, `num_samples` sequences long."""
+                num_samples: int | None, cache: Path):
+    """megatron-core's GPTDataset over one .bin/.idx prefix: `num_samples` sequences, or one
+    epoch for None."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
@@ -69,6 +70,25 @@ def gpt_dataset(prefix: str | None, seq_length: int, seed: int, tokenizer: Megat
             ).build()[0]
         dist.barrier()
     return built
+
+
+class Repeated:
+    """One seeded epoch of a dataset, repeated: sample k is epoch[k % len].
+
+    The order does not depend on the number of steps, so a run can be resumed with more steps
+    and still see the samples a straight run would.
+    """
+
+    def __init__(self, epoch) -> None:
+        if len(epoch) == 0:
+            raise ValueError("the dataset has no sample of the sequence length")
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.epoch[index % len(self.epoch)]
 
 
 def micro_batches(dataset, step: int, micro_batch_size: int, dp_rank: int, dp_size: int,

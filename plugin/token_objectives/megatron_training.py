@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from token_objectives import checkpointing, cpu_patches
-from token_objectives.gpt_data import MegatronTokenizer, gpt_dataset, micro_batches
+from token_objectives.gpt_data import MegatronTokenizer, Repeated, gpt_dataset, micro_batches
 from token_objectives.megatron import Objectives, attach_objectives, loss_func
 from token_objectives.train_config import RunConfig, padded_vocab_size
 
@@ -300,8 +300,10 @@ class Trainer:
         )
         out = Path(cfg.output.dir)
         self.checkpoint_root = out / "checkpoints"
-        self.dataset = gpt_dataset(cfg.data.train_prefix, cfg.model.seq_length, cfg.train.seed,
-                                   self.tokenizer, steps * global_batch, out / "data_cache")
+        # One seeded epoch, repeated: the samples of a step do not depend on train.steps.
+        self.dataset = Repeated(gpt_dataset(cfg.data.train_prefix, cfg.model.seq_length,
+                                            cfg.train.seed, self.tokenizer, None,
+                                            out / "data_cache"))
         self.step = 0
         self.writer = None
         self.metrics_path = out / "metrics.jsonl"
