@@ -283,10 +283,52 @@ def objective_loss(
             f"must be labels' shape plus the vocab shard (transpose Megatron's [b, s] labels to "
             f"[s, b] for [s, b, V/tp] logits)"
         )
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if not logits.dtype.is_floating_point:
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    width = logits.shape[-1]
+    prep = prepare_targets(labels, config, numbers, pdl_weights, tp_group, width, logits.device,
+                           loss_mask)
+    stats = vocab_parallel_statistics(
+        logits.reshape(-1, width),
+        prep.targets.flatten(),
+        prep.target_values.flatten(),
+        prep.shard,
+        prep.columns,
+        prep.distance,
+        prep.real_vocab,
+        tp_group,
+        rows_per_chunk,
+    )
+    return compose(stats, prep, labels, config, numbers, pdl_weights, loss_mask, seq_dim)
+
+
+@dataclass(frozen=True)
+class PreparedTargets:
+    """Targets checked and looked up once, for the fused statistics and the composition."""
+
+    shard: VocabShard
+    real_vocab: int
+    columns: Columns
+    distance: Distance
+    targets: torch.Tensor  # long [...], ignored positions -> 0
+    target_values: torch.Tensor  # [...] value of the target, 0 where not a number
+    is_number_target: torch.Tensor  # bool [...]
+    counted: torch.Tensor  # bool [...]
+
+
+def prepare_targets(
+    labels: torch.Tensor,
+    config: ObjectiveConfig,
+    numbers: NumberTable | None,
+    pdl_weights: torch.Tensor | None,
+    tp_group: dist.ProcessGroup | None,
+    width: int,
+    device: torch.device,
+    loss_mask: torch.Tensor | None,
+) -> PreparedTargets:
+    """Validate the inputs against a vocab shard `width` columns wide; look the targets up."""
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if config.uses_numbers and numbers is None:
         raise ValueError(f"ntl={config.ntl!r} needs a NumberTable; pass numbers= or set ntl=None")
     if config.pdl_alpha > 0 and pdl_weights is None:
@@ -299,11 +341,9 @@ def objective_loss(
             "pdl_weights were given but pdl_alpha is 0: set pdl_alpha to the table's alpha, "
             "or drop pdl_weights"
         )
-
     tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
     tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
-    width = logits.shape[-1]
-    shard = _cached_shard(numbers, width, tp_rank, tp_size, logits.device)
+    shard = _cached_shard(numbers, width, tp_rank, tp_size, device)
     padded_vocab = width * tp_size
     real_vocab = numbers.valid_vocab_size if numbers is not None else padded_vocab
     if pdl_weights is not None and pdl_weights.numel() != padded_vocab:
@@ -322,12 +362,12 @@ def objective_loss(
     targets = torch.where(ignored, torch.zeros_like(labels), labels).long()
 
     if config.uses_numbers:
-        values = numbers.values.to(logits.device)[targets]
+        values = numbers.values.to(device)[targets]
         is_number_target = ~torch.isnan(values) & ~ignored
         target_values = torch.where(is_number_target, values, torch.zeros_like(values))
     else:
         is_number_target = torch.zeros_like(ignored)
-        target_values = torch.zeros(labels.shape, device=logits.device)
+        target_values = torch.zeros(labels.shape, device=device)
     columns = Columns(
         numbers=config.uses_numbers,
         wasserstein=config.ntl == "was",
@@ -336,22 +376,26 @@ def objective_loss(
     distance = (
         Distance.for_table(numbers, config.squash_factor) if config.uses_numbers else Distance()
     )
+    return PreparedTargets(shard, real_vocab, columns, distance, targets, target_values,
+                           is_number_target, counted)
 
-    stats = vocab_parallel_statistics(
-        logits.reshape(-1, width),
-        targets.flatten(),
-        target_values.flatten(),
-        shard,
-        columns,
-        distance,
-        real_vocab,
-        tp_group,
-        rows_per_chunk,
-    )
+
+def compose(
+    stats: torch.Tensor,
+    prep: PreparedTargets,
+    labels: torch.Tensor,
+    config: ObjectiveConfig,
+    numbers: NumberTable | None,
+    pdl_weights: torch.Tensor | None,
+    loss_mask: torch.Tensor | None,
+    seq_dim: int,
+) -> ObjectiveOutput:
+    """Statistics [T, 6] -> the per-token objectives of labels' shape (plain torch, autograd)."""
     lse, target_logit, mean_logit, yhat, was, mass = (
         s.reshape(labels.shape) for s in stats.unbind(-1)
     )
     zero = torch.zeros((), dtype=stats.dtype, device=stats.device)
+    counted, targets = prep.counted, prep.targets
 
     ce = lse - target_logit
     trained_ce = ce
@@ -359,7 +403,7 @@ def objective_loss(
         eps = config.label_smoothing
         trained_ce = (1 - eps) * ce + eps * (lse - mean_logit)
     if pdl_weights is not None:
-        weight = pdl_weights.to(device=logits.device, dtype=stats.dtype)[targets]
+        weight = pdl_weights.to(device=stats.device, dtype=stats.dtype)[targets]
         loss = weight * trained_ce
     else:
         weight = torch.ones_like(ce)
@@ -371,18 +415,18 @@ def objective_loss(
         ntl, ntl_positions = _ntl_term(
             config,
             numbers,
-            distance,
+            prep.distance,
             yhat,
             was,
             mass,
-            target_values.to(stats.dtype),
-            is_number_target,
+            prep.target_values.to(stats.dtype),
+            prep.is_number_target,
             labels,
             seq_dim,
         )
         loss = loss + config.ntl_weight * ntl
     else:
-        ntl, ntl_positions = torch.zeros_like(ce), is_number_target
+        ntl, ntl_positions = torch.zeros_like(ce), prep.is_number_target
 
     scale = loss_mask.to(stats.dtype) if loss_mask is not None else None
 
