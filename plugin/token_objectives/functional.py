@@ -323,7 +323,27 @@ def local_gradient(
         out.index_add_(1, shard.number_cols, number_grad)
 
 
-def _row_chunks(total: int, rows: int):
+def finish_statistics(
+    maxima: torch.Tensor, sums: torch.Tensor, plan: Plan, tp_group: dist.ProcessGroup | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's partials [T, 2] / [T, 7] -> (statistics [T, 6], log_q [T]).
+
+    The only communication of the objective: a MAX all-reduce of the maxima, then one SUM
+    all-reduce of the summed columns the plan needs, whatever the number of chunks.
+    """
+    if tp_group is not None:
+        best = maxima.clone()
+        dist.all_reduce(best, op=dist.ReduceOp.MAX, group=tp_group)
+        rescale_partials(sums, maxima, best)
+        maxima = best
+        needed = plan.columns.summed()
+        packed = sums[:, needed].contiguous()
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
+        sums[:, needed] = packed
+    return combine_sums(sums, maxima, plan.real_vocab), number_log_normaliser(sums, maxima)
+
+
+def row_chunks(total: int, rows: int):
     for start in range(0, total, rows):
         yield slice(start, min(start + rows, total))
 
@@ -350,21 +370,11 @@ class VocabParallelStatistics(torch.autograd.Function):
         scratch = logits.new_empty((min(plan.rows, tokens), plan.shard.real_width), dtype=acc)
         maxima = logits.new_empty((tokens, 2), dtype=acc)
         sums = logits.new_empty((tokens, SUM_COLUMNS), dtype=acc)
-        for chunk in _row_chunks(tokens, plan.rows):
+        for chunk in row_chunks(tokens, plan.rows):
             maxima[chunk], sums[chunk] = shard_partials(
                 logits[chunk], targets[chunk], target_values[chunk], plan, scratch
             )
-        if tp_group is not None:
-            best = maxima.clone()
-            dist.all_reduce(best, op=dist.ReduceOp.MAX, group=tp_group)
-            rescale_partials(sums, maxima, best)
-            maxima = best
-            needed = plan.columns.summed()
-            packed = sums[:, needed].contiguous()
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
-            sums[:, needed] = packed
-        stats = combine_sums(sums, maxima, plan.real_vocab)
-        log_q = number_log_normaliser(sums, maxima)
+        stats, log_q = finish_statistics(maxima, sums, plan, tp_group)
         ctx.save_for_backward(logits, targets, target_values, stats, log_q)
         ctx.plan = plan
         return stats
@@ -382,7 +392,7 @@ class VocabParallelStatistics(torch.autograd.Function):
             scratch = logits.new_empty(
                 (min(plan.rows, logits.shape[0]), real_width), dtype=stats.dtype
             )
-        for chunk in _row_chunks(logits.shape[0], plan.rows):
+        for chunk in row_chunks(logits.shape[0], plan.rows):
             out = grad[chunk, :real_width] if direct else scratch[: chunk.stop - chunk.start]
             local_gradient(
                 logits[chunk],

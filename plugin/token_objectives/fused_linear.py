@@ -1,0 +1,125 @@
+"""The LM head and the objectives fused: hidden states and this rank's output-weight shard in,
+per-token objectives out, without ever holding the [T, V/tp] logits.
+
+Per chunk of tokens the logits chunk is computed (hidden[c] @ weight.T), its statistics taken,
+and it is dropped; backward recomputes each chunk's logits, turns them into the chunk's logit
+gradient and folds that into the gradients of hidden and weight. This is the vocab-parallel
+version of a fused linear cross-entropy, with NTL and PDL included; the statistics and their
+gradients are the same stage functions as `objective_loss` uses.
+
+Communication: forward, the objective's two all-reduces (all chunks' statistics together);
+backward, one all-reduce of grad_hidden [T, h] over TP, the one the LM head's column-parallel
+linear makes anyway (each rank's vocab shard contributes part of it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from token_objectives.functional import (
+    SUM_COLUMNS,
+    Plan,
+    accumulation_dtype,
+    chunk_rows,
+    finish_statistics,
+    local_gradient,
+    row_chunks,
+    shard_partials,
+)
+from token_objectives.objectives import (
+    ObjectiveConfig,
+    ObjectiveOutput,
+    compose,
+    prepare_targets,
+)
+from token_objectives.vocab import NumberTable
+
+
+class FusedLinearStatistics(torch.autograd.Function):
+    """hidden [T, h], weight [V/tp, h] -> statistics [T, 6], as VocabParallelStatistics on
+    hidden @ weight.T, holding at most one [rows, V/tp] chunk of logits at a time."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, target_values, plan: Plan, tp_group):
+        tokens = hidden.shape[0]
+        acc = accumulation_dtype(hidden.dtype)
+        scratch = hidden.new_empty((min(plan.rows, tokens), plan.shard.real_width), dtype=acc)
+        maxima = hidden.new_empty((tokens, 2), dtype=acc)
+        sums = hidden.new_empty((tokens, SUM_COLUMNS), dtype=acc)
+        for chunk in row_chunks(tokens, plan.rows):
+            logits = hidden[chunk] @ weight.t()
+            maxima[chunk], sums[chunk] = shard_partials(
+                logits, targets[chunk], target_values[chunk], plan, scratch
+            )
+        stats, log_q = finish_statistics(maxima, sums, plan, tp_group)
+        ctx.save_for_backward(hidden, weight, targets, target_values, stats, log_q)
+        ctx.plan, ctx.tp_group = plan, tp_group
+        return stats
+
+    @staticmethod
+    def backward(ctx, grad_stats):
+        hidden, weight, targets, target_values, stats, log_q = ctx.saved_tensors
+        plan = ctx.plan
+        real = plan.shard.real_width
+        grads = grad_stats.to(stats.dtype)
+        scratch = hidden.new_empty((min(plan.rows, hidden.shape[0]), real), dtype=stats.dtype)
+        grad_hidden = torch.zeros(hidden.shape, dtype=stats.dtype, device=hidden.device)
+        grad_weight = torch.zeros(weight.shape, dtype=stats.dtype, device=weight.device)
+        real_weight = weight[:real]
+        for chunk in row_chunks(hidden.shape[0], plan.rows):
+            logits = hidden[chunk] @ weight.t()
+            out = scratch[: chunk.stop - chunk.start]
+            local_gradient(logits, stats[chunk], log_q[chunk], grads[chunk], targets[chunk],
+                           target_values[chunk], plan, out)
+            grad_logits = out.to(hidden.dtype)  # the matmuls run in the model's dtype
+            grad_hidden[chunk] = (grad_logits @ real_weight).to(stats.dtype)
+            grad_weight[:real] += (grad_logits.t() @ hidden[chunk]).to(stats.dtype)
+        if ctx.tp_group is not None:
+            dist.all_reduce(grad_hidden, group=ctx.tp_group)
+        return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None,
+                None)
+
+
+def fused_linear_objective_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    config: ObjectiveConfig,
+    numbers: NumberTable | None,
+    pdl_weights: torch.Tensor | None = None,
+    tp_group: dist.ProcessGroup | None = None,
+    *,
+    loss_mask: torch.Tensor | None = None,
+    seq_dim: int = -1,
+    rows_per_chunk: int | None = None,
+) -> ObjectiveOutput:
+    """objective_loss(hidden @ weight.T, ...) without materialising the logits.
+
+    hidden: [..., h] (labels' shape plus h; the same on every TP rank, as Megatron's output
+        layer sees it without sequence parallelism). weight: this rank's output-layer shard
+        [V/tp, h] (with tied embeddings, the word-embedding shard). Other arguments and the
+        result: as `objective_loss`. Gradients flow to hidden and weight.
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} must be labels' shape {tuple(labels.shape)} plus the "
+            f"hidden size"
+        )
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight {tuple(weight.shape)} must be this rank's output-layer shard "
+            f"[V/tp, {hidden.shape[-1]}]"
+        )
+    if tp_group is not None and dist.get_world_size(tp_group) == 1:
+        tp_group = None
+    width = weight.shape[0]
+    prep = prepare_targets(labels, config, numbers, pdl_weights, tp_group, width, hidden.device,
+                           loss_mask)
+    plan = Plan(prep.shard, prep.columns, prep.distance, prep.real_vocab,
+                chunk_rows(width, rows_per_chunk))
+    stats = FusedLinearStatistics.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, prep.targets.flatten(),
+        prep.target_values.flatten(), plan, tp_group,
+    )
+    return compose(stats, prep, labels, config, numbers, pdl_weights, loss_mask, seq_dim)
