@@ -113,6 +113,12 @@ def test_tp2_matches_tp1(data, baseline, tmp_path):
     _assert_same_run(tmp_path, baseline)
 
 
+def test_fused_lm_head_matches_the_output_layer(data, baseline, tmp_path):
+    # TP=2 with the output layer skipped and tied embeddings: same losses and weights.
+    train(data, tmp_path, 2, "parallel.tensor=2", "train.steps=2", "model.fused_lm_head=true")
+    _assert_same_run(tmp_path, baseline)
+
+
 def test_pp2_matches_pp1(data, baseline, tmp_path):
     train(data, tmp_path, 2, "parallel.tensor=1", "parallel.pipeline=2", "train.steps=2")
     _assert_same_run(tmp_path, baseline)

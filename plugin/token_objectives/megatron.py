@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from token_objectives.frequencies import load_frequencies, pdl_weights
-from token_objectives.objectives import ObjectiveConfig, objective_loss
+from token_objectives.fused_linear import fused_linear_objective_loss
+from token_objectives.objectives import ObjectiveConfig, ObjectiveOutput, objective_loss
 from token_objectives.vocab import NumberTable
 
 _COMPONENTS_ATTR = "token_objectives_components"
@@ -99,12 +100,24 @@ class Objectives:
         return cls(config, numbers, weights)
 
     def per_token_loss(
-        self, labels: torch.Tensor, logits: torch.Tensor, tp_group
+        self, labels: torch.Tensor, logits: torch.Tensor, tp_group, weight=None
     ) -> torch.Tensor:
-        """labels [b, s], logits [s, b, V/tp] -> loss [b, s] fp32 carrying its LossComponents."""
+        """labels [b, s], logits [s, b, V/tp] -> loss [b, s] fp32 carrying its LossComponents.
+
+        With `weight` (the output layer's shard [V/tp, h]), `logits` are the hidden states
+        [s, b, h] and the fused LM head + loss runs instead.
+        """
         labels_sb = labels.transpose(0, 1)
-        out = objective_loss(logits, labels_sb, self.config, self.numbers, self.pdl_weights,
-                             tp_group, seq_dim=0)
+        if weight is None:
+            out = objective_loss(logits, labels_sb, self.config, self.numbers,
+                                 self.pdl_weights, tp_group, seq_dim=0)
+        else:
+            out = fused_linear_objective_loss(logits, weight, labels_sb, self.config,
+                                              self.numbers, self.pdl_weights, tp_group,
+                                              seq_dim=0)
+        return self._with_components(out)
+
+    def _with_components(self, out: ObjectiveOutput) -> torch.Tensor:
         def to_bs(x: torch.Tensor) -> torch.Tensor:
             return x.transpose(0, 1).contiguous()
 
@@ -126,26 +139,71 @@ def components_of(output_tensor: torch.Tensor) -> LossComponents | None:
     return getattr(output_tensor, _COMPONENTS_ATTR, None)
 
 
-def attach_objectives(model, objectives: Objectives):
+class _FusedHead:
+    """Stands in for a GPTModel's output layer while labels are given: hands the hidden states
+    through and remembers the weight, so the loss can run the fused LM head + objectives.
+    Without labels (generation) the real output layer runs."""
+
+    def __init__(self, output_layer) -> None:
+        self.output_layer = output_layer
+        self.original_forward = output_layer.forward  # bound before it is replaced
+        self.active = False
+        self.weight = None
+
+    def __call__(self, hidden, weight=None, runtime_gather_output=None):
+        if not self.active:
+            return self.original_forward(hidden, weight=weight,
+                                         runtime_gather_output=runtime_gather_output)
+        self.weight = self.output_layer.weight if weight is None else weight
+        return hidden, None
+
+
+def attach_objectives(model, objectives: Objectives, fused_head: bool = False):
     """Make a megatron-core GPTModel (or any LanguageModule) compute `objectives` as its loss.
 
+    fused_head: skip the output layer's forward when labels are given and compute the loss
+    from the hidden states and the output weight (with tied embeddings, the word-embedding
+    shard, which gets the gradient), never materialising the [s, b, V/tp] logits.
     Idempotent: attaching again replaces the objectives. `detach_objectives` undoes it.
     Returns the model.
     """
+    detach_objectives(model)
+    head = _FusedHead(model.output_layer) if fused_head else None
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor):
-        return getattr(self, _ATTACHED_ATTR).per_token_loss(labels, logits, self.pg_collection.tp)
+        weight = None
+        if head is not None and head.active:
+            weight, head.weight = head.weight, None
+        return getattr(self, _ATTACHED_ATTR).per_token_loss(labels, logits,
+                                                            self.pg_collection.tp, weight)
 
     setattr(model, _ATTACHED_ATTR, objectives)
     model.compute_language_model_loss = types.MethodType(compute_language_model_loss, model)
+    if head is not None:
+        original_forward = model.forward
+
+        def forward(*args, **kwargs):
+            head.active = kwargs.get("labels") is not None
+            try:
+                return original_forward(*args, **kwargs)
+            finally:
+                head.active = False
+
+        model.output_layer.forward = head.__call__
+        model.forward = forward
+        model._token_objectives_head = (head, original_forward)
     return model
 
 
 def detach_objectives(model):
-    """Restore the model's own cross-entropy loss."""
+    """Restore the model's own output layer and cross-entropy loss."""
     if hasattr(model, _ATTACHED_ATTR):
         delattr(model, _ATTACHED_ATTR)
         del model.compute_language_model_loss
+    if hasattr(model, "_token_objectives_head"):
+        del model.output_layer.forward
+        del model.forward
+        del model._token_objectives_head
     return model
 
 

@@ -142,7 +142,7 @@ def build_model(cfg: RunConfig, vocab_size: int, objectives: Objectives | None,
     if initialize:
         layout_independent_init(model, cfg)
     if model.post_process and objectives is not None:
-        attach_objectives(model, objectives)
+        attach_objectives(model, objectives, fused_head=cfg.model.fused_lm_head)
     return model
 
 

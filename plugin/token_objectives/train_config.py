@@ -39,6 +39,7 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     dtype: str = "fp32"  # "fp32" | "bf16"
     recompute_activations: bool = False
+    fused_lm_head: bool = False  # the loss straight from hidden states: no [s, b, V/tp] logits
 
     def __post_init__(self) -> None:
         if self.dtype not in ("fp32", "bf16"):
