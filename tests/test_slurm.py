@@ -1,0 +1,296 @@
+"""The sbatch scripts in slurm/, submitted to a real one-node SLURM (see tests/slurm_cluster.py).
+
+- every script parses (`bash -n`);
+- slurm/tiny_cpu.sbatch trains to the end: 2 workers, every step logged once, a checkpoint;
+- preemption: `scancel --signal=USR1 --batch` mid-run (what `--signal=B:USR1@N` does before the
+  time limit) makes the workers save and exit 0, the job requeues itself, and the resumed run
+  continues from the saved step: steps 1..N exactly once in metrics.jsonl, job.log and
+  TensorBoard, all in the job's one directory. Shown for the Megatron loop (tiny_cpu.sbatch) and
+  for the DeepSpeed loop (deepspeed_3b.sbatch with the tiny model on CPU, signalled while its
+  workers are still starting up);
+- the GPU scripts: `sbatch --test-only` with their resource lines as written except the node
+  count, CPUs per task and partition, which the test cluster (one node, 2 CPUs, 8 GPUs declared by
+  count) cannot match; and a DRY_RUN job of each that prints the torchrun command it would run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from slurm_cluster import FAKE_GPUS, Cluster, Unavailable, ensure_cluster
+
+from token_objectives.quickstart_data import build_quickstart_data
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM = REPO / "slurm"
+GPU_SCRIPTS = ("megatron_3b", "deepspeed_3b")
+TINY = [
+    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
+    "model.seq_length=64", "parallel.micro_batch_size=2", "parallel.global_batch_size=8",
+    "train.warmup_steps=0", "train.log_interval=1",
+]
+STEP_LINE = re.compile(r"^step\s+(\d+)/(\d+) \|", re.MULTILINE)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    try:
+        started = ensure_cluster(tmp_path_factory.mktemp("slurm"))
+    except Unavailable as why:
+        pytest.skip(str(why))
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_quickstart_data(tmp_path_factory.mktemp("data"), num_documents=300)
+
+
+def tiny_env(data) -> dict[str, str]:
+    """tiny_cpu.sbatch's environment: the test's data, and a smaller model for speed."""
+    return {"DATA_DIR": str(data.tokenizer_path.parent),
+            "TRAIN_ARGS": " ".join(f"--set {item}" for item in TINY)}
+
+
+def _node(cluster: Cluster) -> dict[str, str]:
+    line = cluster.run("scontrol", "show", "node", "-o").stdout.splitlines()[0]
+    return dict(re.findall(r"(\w+)=(\S*)", line))
+
+
+def job_info(cluster: Cluster, job: str) -> dict[str, str]:
+    return dict(re.findall(r"(\w+)=(\S*)", cluster.run("scontrol", "show", "job", "-o",
+                                                        job).stdout))
+
+
+def wait_for(cluster: Cluster, job: str, done, timeout: float, what: str,
+             directory: Path | None = None) -> dict[str, str]:
+    """Poll `scontrol show job` (no accounting here, so no sacct) until done(info); a failure
+    shows the end of the job's log when `directory` is given."""
+    deadline = time.time() + timeout
+    info = job_info(cluster, job)
+    while not done(info):
+        if info.get("JobState") in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            break
+        if time.time() > deadline:
+            break
+        time.sleep(1)
+        info = job_info(cluster, job)
+    if not done(info):
+        log = read_log(directory)[-4000:] if directory and (directory / "job.log").exists() \
+            else ""
+        raise AssertionError(f"job {job}: waited for {what}, state {info.get('JobState')} "
+                             f"({info.get('Reason')}, exit {info.get('ExitCode')})\n{log}")
+    return info
+
+
+def finished(info: dict[str, str]) -> bool:
+    return info.get("JobState") == "COMPLETED"
+
+
+def submit(cluster: Cluster, script: str, out: Path, *args: str, sbatch=(), **env: str) -> str:
+    """sbatch from the repository root, as a user would; the run directories go under `out`."""
+    done = cluster.run("sbatch", "--parsable", f"--output={out}/slurm-%x-%j.out", *sbatch,
+                       str(SLURM / f"{script}.sbatch"), *args, cwd=REPO,
+                       env={"RUN_ROOT": str(out), **env})
+    return done.stdout.strip().split(";")[0]
+
+
+def run_dir(out: Path, name: str, job: str) -> Path:
+    return out / f"{name}-{job}"
+
+
+def read_log(directory: Path) -> str:
+    return (directory / "job.log").read_text(errors="replace")
+
+
+def metric_steps(directory: Path) -> list[int]:
+    lines = (directory / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines if line]
+
+
+def tensorboard_steps(directory: Path, tag: str) -> list[int]:
+    """The steps of one scalar as TensorBoard shows it: every event file of the run directory,
+    with the steps a resumed writer purged left out."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(directory), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return [event.step for event in accumulator.Scalars(tag)]
+
+
+def wait_for_steps(directory: Path, count: int, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = directory / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count("\n") >= count:  # complete lines
+            return
+        time.sleep(0.2)
+    log = read_log(directory)[-3000:] if (directory / "job.log").exists() else "no job.log"
+    raise AssertionError(f"fewer than {count} steps after {timeout} s:\n{log}")
+
+
+def preempt_and_resume(cluster: Cluster, job: str, directory: Path, total: int,
+                       at_start: bool = False) -> int:
+    """USR1 to the batch shell mid-run (after 10 steps), or as soon as the job runs, before the
+    workers listen (the batch shell repeats it until they do); returns the step saved."""
+    if at_start:
+        wait_for(cluster, job, lambda i: i.get("JobState") == "RUNNING", 120, "the start")
+    else:
+        wait_for_steps(directory, 10, timeout=120)
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    info = wait_for(cluster, job, lambda i: int(i.get("Restarts", 0)) >= 1, 90, "the requeue",
+                    directory)
+    assert info["Requeue"] == "1"
+    wait_for(cluster, job, finished, 180, "the resumed run to finish", directory)
+    log = read_log(directory)
+    assert "SIGUSR1: asking the workers to save" in log
+    assert f"requeueing job {job}" in log
+    first, _, second = log.partition("restart count 1,")
+    assert second, f"the log shows no restart:\n{log[-3000:]}"
+    saved = [int(m.group(1)) for m in STEP_LINE.finditer(first)][-1]
+    resumed = [int(m.group(1)) for m in STEP_LINE.finditer(second)]
+    assert (1 if at_start else 10) <= saved < total, saved
+    assert resumed[0] == saved + 1, (saved, resumed[:3])
+    assert "resuming from checkpoint: none" in first
+    # No gap, no repeat: in the loss log, in the job log, and in TensorBoard.
+    assert metric_steps(directory) == list(range(1, total + 1))
+    assert [int(m.group(1)) for m in STEP_LINE.finditer(log)] == list(range(1, total + 1))
+    return saved
+
+
+# ---------------------------------------------------------------------------------- the scripts
+@pytest.mark.parametrize("script", sorted(p.name for p in SLURM.glob("*.sbatch")) + ["env.sh"])
+def test_scripts_parse(script):
+    done = subprocess.run(["bash", "-n", str(SLURM / script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = (SLURM / script).read_text()
+    if script.endswith(".sbatch"):
+        for directive in ("--signal=B:USR1@", "--requeue", "--open-mode=append"):
+            assert f"#SBATCH {directive}" in text, directive
+        assert 'source "${REPO_DIR:-${SLURM_SUBMIT_DIR:-.}}/slurm/env.sh"' in text
+        assert "srun_with_requeue" in text and "--rdzv-backend=c10d" in text
+
+
+# ---------------------------------------------------------------------------------- tiny on CPU
+def test_tiny_cpu_runs_to_completion(cluster, data, tmp_path):
+    job = submit(cluster, "tiny_cpu", tmp_path, "--set", "train.steps=40", **tiny_env(data))
+    directory = run_dir(tmp_path, "tiny-cpu", job)
+    info = wait_for(cluster, job, finished, 180, "the run to finish", directory)
+    assert info["ExitCode"] == "0:0" and info["Restarts"] == "0"
+    assert info["NumCPUs"] == "2" and info["NumNodes"] == "1"
+    log = read_log(directory)
+    assert f"rendezvous {_node(cluster)['NodeHostName']}:{20000 + int(job) % 40000}" in log
+    assert [int(m.group(1)) for m in STEP_LINE.finditer(log)] == list(range(1, 41))
+    assert metric_steps(directory) == list(range(1, 41))
+    rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["lm loss"] > 0 and row["tokens_per_s"] > 0 for row in rows)
+    assert rows[-1]["lm loss"] < rows[0]["lm loss"]  # it learns
+    checkpoint = directory / "checkpoints" / "step_0000040"
+    assert (checkpoint / "COMPLETE").is_file()
+    # Two workers (TP=2), each wrote its shard of the checkpoint.
+    assert len(list(checkpoint.glob("__*_0.distcp"))) == 2
+    assert tensorboard_steps(directory / "tensorboard", "loss/lm loss") == list(range(1, 41))
+
+
+def test_tiny_cpu_preempted_requeues_and_resumes(cluster, data, tmp_path):
+    total = 300
+    job = submit(cluster, "tiny_cpu", tmp_path, "--set", f"train.steps={total}",
+                 "--set", "train.save_interval=0", **tiny_env(data))
+    directory = run_dir(tmp_path, "tiny-cpu", job)
+    saved = preempt_and_resume(cluster, job, directory, total)
+    assert f"resuming from checkpoint: step_{saved:07d}" in read_log(directory)
+    checkpoints = sorted(p.name for p in (directory / "checkpoints").iterdir())
+    assert checkpoints == [f"step_{saved:07d}", f"step_{total:07d}"]
+    # One TensorBoard run for the job, continued after the requeue.
+    assert tensorboard_steps(directory / "tensorboard", "loss/lm loss") == \
+        list(range(1, total + 1))
+
+
+def test_deepspeed_script_signalled_at_start_requeues_and_resumes(cluster, data, tmp_path):
+    """deepspeed_3b.sbatch as written, with the tiny model on CPU: ZeRO-2 over 2 workers. The
+    signal comes while the workers are still starting up."""
+    total = 600
+    job = submit(
+        cluster, "deepspeed_3b", tmp_path, "--ds-set", "bf16.enabled=false",
+        sbatch=("--partition=" + _partition(cluster), "--nodes=1", "--cpus-per-task=2"),
+        GPUS_PER_NODE="2", TP="1", ZERO_STAGE="2", MICRO_BATCH="2", GLOBAL_BATCH="8",
+        SEQ_LENGTH="64", STEPS=str(total), SAVE_INTERVAL="0",
+        MODEL_CONFIG="configs/deepspeed/tiny_llama.json",
+        TOKENIZER=str(data.tokenizer_path), DATA_PREFIX=str(data.train_prefix),
+        FREQUENCIES=str(data.frequencies_path),
+    )
+    directory = run_dir(tmp_path, "deepspeed-3b", job)
+    saved = preempt_and_resume(cluster, job, directory, total, at_start=True)
+    assert f"resuming from checkpoint: global_step{saved}" in read_log(directory)
+    assert (directory / "checkpoints" / "latest").read_text() == f"global_step{total}"
+
+
+# ---------------------------------------------------------------------------------- GPU scripts
+def _partition(cluster: Cluster) -> str:
+    line = cluster.run("sinfo", "-h", "-o", "%P").stdout.split()[0]
+    return line.rstrip("*")
+
+
+@pytest.mark.parametrize("script", GPU_SCRIPTS)
+def test_gpu_scripts_pass_test_only(cluster, script):
+    node = _node(cluster)
+    gpus = re.search(r"gpu:(\d+)", node.get("Gres", ""))
+    if gpus is None:
+        pytest.skip("this cluster declares no gpu gres; the one tests/slurm_cluster.py starts does")
+    assert int(gpus.group(1)) >= FAKE_GPUS
+    # Everything as written but what one 2-CPU node cannot hold: 2 nodes, 64 CPUs per task, and
+    # the `gpu` partition. --gpus-per-node=8, --exclusive, --mem=0, --time, --signal, --requeue
+    # are checked by slurmctld as they are.
+    fits = ("--partition=" + _partition(cluster), "--nodes=1",
+            f"--cpus-per-task={node['CPUTot']}")
+    done = cluster.run("sbatch", "--test-only", *fits, str(SLURM / f"{script}.sbatch"),
+                       check=False, cwd=REPO)
+    assert done.returncode == 0 and "to start at" in done.stderr, done.stderr
+    # The GPU request is really checked: one GPU more than the node has is refused.
+    more = cluster.run("sbatch", "--test-only", *fits, f"--gpus-per-node={int(gpus.group(1)) + 1}",
+                       str(SLURM / f"{script}.sbatch"), check=False, cwd=REPO)
+    assert more.returncode != 0 and "not available" in more.stderr, more.stderr
+    # And as written (2 nodes x 8 GPUs) it does not fit this one-node cluster.
+    whole = cluster.run("sbatch", "--test-only", f"--partition={_partition(cluster)}",
+                        str(SLURM / f"{script}.sbatch"), check=False, cwd=REPO)
+    assert whole.returncode != 0 and "not available" in whole.stderr, whole.stderr
+
+
+@pytest.mark.parametrize("script, program", [("megatron_3b", "launch/pretrain_megatron.py"),
+                                             ("deepspeed_3b", "launch/pretrain_deepspeed.py")])
+def test_gpu_scripts_dry_run_under_slurm(cluster, script, program, tmp_path):
+    """The scripts run for real on the one node, printing the launch instead of training."""
+    if not re.search(r"gpu:\d+", _node(cluster).get("Gres", "")):
+        pytest.skip("this cluster declares no gpu gres")
+    fits = ("--partition=" + _partition(cluster), "--nodes=1", "--cpus-per-task=2")
+    job = submit(cluster, script, tmp_path, "--extra", "1", sbatch=fits, DRY_RUN="1",
+                 TOKENIZER="/data/tokenizer.json", DATA_PREFIX="/data/corpus_text_document",
+                 FREQUENCIES="/data/frequencies.safetensors")
+    wait_for(cluster, job, finished, 60, "the dry run")
+    directory = run_dir(tmp_path, script.replace("_", "-"), job)
+    log = read_log(directory)
+    host = _node(cluster)["NodeHostName"]
+    launch = next(line for line in log.splitlines() if line.startswith("DRY_RUN torchrun"))
+    assert f"--nnodes=1 --nproc-per-node={FAKE_GPUS} --rdzv-id={job} --rdzv-backend=c10d " \
+           f"--rdzv-endpoint={host}:{20000 + int(job) % 40000} {program}" in launch
+    assert "TP=2 " in log and f"DP={FAKE_GPUS // 2}," in log
+    assert str(directory) in launch and launch.endswith("--extra 1")
+    if script == "megatron_3b":
+        assert "--config configs/llama3.2-3b.yaml --set parallel.tensor=2" in launch
+    else:
+        assert "--model-config configs/deepspeed/llama3.2-3b.json" in launch
+        assert "zero1.json" in launch and "tensor_parallel.autotp_size=2" in launch
+        # 256 sequences = micro-batch 1 x DP 4 x accumulation 64
+        assert "gradient_accumulation_steps=64" in launch
+
+    # Without its data paths the job stops at once and says what to set.
+    job = submit(cluster, script, tmp_path, sbatch=fits, DRY_RUN="1")
+    wait_for(cluster, job, lambda i: i.get("JobState") == "FAILED", 60, "the failure")
+    assert "set TOKENIZER to the tokenizer" in read_log(run_dir(tmp_path, script.replace("_", "-"),
+                                                                job))
