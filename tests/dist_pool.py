@@ -13,6 +13,9 @@ import os
 import queue
 import socket
 import traceback
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -26,6 +29,34 @@ TASK_TIMEOUT_S = 300
 def tp_group(size: int) -> dist.ProcessGroup | None:
     """This rank's TP group of `size` ranks (None for size 1: the whole vocab is local)."""
     return _GROUPS[size]
+
+
+COLLECTIVES = (
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
+    "reduce_scatter_tensor", "broadcast", "reduce", "gather", "scatter", "all_to_all",
+    "all_to_all_single", "send", "recv", "isend", "irecv", "barrier",
+)
+
+
+@contextmanager
+def counted_collectives() -> Iterator[Counter]:
+    """Counts calls of every torch.distributed collective; the real functions still run."""
+    counter: Counter = Counter()
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            counter[name] += 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    try:
+        for name in COLLECTIVES:
+            setattr(dist, name, counting(name))
+        yield counter
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
 
 
 def _make_groups(world_size: int) -> None:

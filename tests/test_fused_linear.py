@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from cases import CONFIGS, Case, make_case
-from dist_pool import tp_group
-from test_objective_tp import COLLECTIVES
+from dist_pool import counted_collectives, tp_group
 
 from token_objectives.fused_linear import fused_linear_objective_loss
 from token_objectives.reference import reference_objective_loss
@@ -77,35 +76,19 @@ def test_fused_linear_matches_reference_at_every_tp(fused_runs, index):
 
 
 def count_fused_collectives(tp_size: int, case: Case) -> tuple[dict, dict]:
-    from collections import Counter
-
-    counter: Counter = Counter()
-    originals = {name: getattr(dist, name) for name in COLLECTIVES}
-
-    def counting(name):
-        def call(*args, **kwargs):
-            counter[name] += 1
-            return originals[name](*args, **kwargs)
-        return call
-
     group = tp_group(tp_size)
     rank = dist.get_rank(group)
     hidden, weight = _inputs(case)
     width = weight.shape[0] // tp_size
     w = weight[rank * width : (rank + 1) * width].clone().requires_grad_()
     h = hidden.requires_grad_()
-    try:
-        for name in COLLECTIVES:
-            setattr(dist, name, counting(name))
+    with counted_collectives() as counter:
         result = fused_linear_objective_loss(h, w, case.labels, case.config, case.numbers,
                                              case.pdl_weights, group, rows_per_chunk=3)
         forward = dict(counter)
         counter.clear()
         result.loss.sum().backward()
         return forward, dict(counter)
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
 
 
 def test_collectives_are_two_forward_and_the_head_s_one_backward(pool4):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
 import torch.distributed as dist
 from cases import CONFIGS, Case, all_cases, make_case
-from dist_pool import tp_group
+from dist_pool import counted_collectives, tp_group
 
 from token_objectives import objective_loss
 from token_objectives.reference import reference_objective_loss
@@ -126,30 +124,12 @@ def test_bf16_logits_under_tp(pool4):
                                    atol=1e-4)
 
 
-COLLECTIVES = (
-    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
-    "reduce_scatter_tensor", "broadcast", "reduce", "gather", "scatter", "all_to_all",
-    "all_to_all_single", "send", "recv", "isend", "irecv", "barrier",
-)
-
-
 def count_collectives(tp_size: int, cases: list[Case]) -> list[tuple[int, int, dict]]:
-    """Wraps the real torch.distributed functions with counters (they still communicate)."""
-    counter: Counter = Counter()
-    originals = {name: getattr(dist, name) for name in COLLECTIVES}
-
-    def counting(name):
-        def call(*args, **kwargs):
-            counter[name] += 1
-            return originals[name](*args, **kwargs)
-        return call
-
+    """Forward and backward collective counts of each case on this rank."""
     out = []
     group = tp_group(tp_size)
     rank = dist.get_rank(group)
-    try:
-        for name in COLLECTIVES:
-            setattr(dist, name, counting(name))
+    with counted_collectives() as counter:
         for case in cases:
             counter.clear()
             local = _shard(case.logits, tp_size, rank).clone().requires_grad_()
@@ -160,9 +140,6 @@ def count_collectives(tp_size: int, cases: list[Case]) -> list[tuple[int, int, d
             counter.clear()
             result.loss.sum().backward()
             out.append((forward, sum(counter.values()), kinds))
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
     return out
 
 
