@@ -343,10 +343,10 @@ def run(args: TrainArgs, printer=print) -> RunResult:
     """Train to args.steps, resuming from `latest`; saves every save_interval steps, at the end,
     and on SIGUSR1 / SIGTERM (then returns with stopped_by_signal)."""
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(args)
-    result = RunResult(resumed_from=trainer.resume())
-    flag = checkpointing.PreemptionFlag().install()
+    flag = checkpointing.PreemptionFlag().install()  # before the slow start-up
     try:
+        trainer = Trainer(args)
+        result = RunResult(resumed_from=trainer.resume())
         saved = trainer.step
         while trainer.step < args.steps:
             row = trainer.train_step()
