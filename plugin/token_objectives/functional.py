@@ -343,6 +343,26 @@ def finish_statistics(
     return combine_sums(sums, maxima, plan.real_vocab), number_log_normaliser(sums, maxima)
 
 
+def chunked_partials(
+    logits_of, like: torch.Tensor, targets: torch.Tensor, target_values: torch.Tensor, plan: Plan
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's partials (maxima [T, 2], sums [T, 7]), chunk by chunk of rows.
+
+    logits_of(chunk) gives the chunk's logits [rows, V/tp] (a slice of stored logits, or a
+    matmul for the fused LM head); `like` [T, ...] sets the token count, device and dtype.
+    """
+    tokens = like.shape[0]
+    acc = accumulation_dtype(like.dtype)
+    scratch = like.new_empty((min(plan.rows, tokens), plan.shard.real_width), dtype=acc)
+    maxima = like.new_empty((tokens, 2), dtype=acc)
+    sums = like.new_empty((tokens, SUM_COLUMNS), dtype=acc)
+    for chunk in row_chunks(tokens, plan.rows):
+        maxima[chunk], sums[chunk] = shard_partials(
+            logits_of(chunk), targets[chunk], target_values[chunk], plan, scratch
+        )
+    return maxima, sums
+
+
 def row_chunks(total: int, rows: int):
     for start in range(0, total, rows):
         yield slice(start, min(start + rows, total))
@@ -365,15 +385,9 @@ class VocabParallelStatistics(torch.autograd.Function):
         plan: Plan,
         tp_group: dist.ProcessGroup | None,
     ) -> torch.Tensor:
-        tokens = logits.shape[0]
-        acc = accumulation_dtype(logits.dtype)
-        scratch = logits.new_empty((min(plan.rows, tokens), plan.shard.real_width), dtype=acc)
-        maxima = logits.new_empty((tokens, 2), dtype=acc)
-        sums = logits.new_empty((tokens, SUM_COLUMNS), dtype=acc)
-        for chunk in row_chunks(tokens, plan.rows):
-            maxima[chunk], sums[chunk] = shard_partials(
-                logits[chunk], targets[chunk], target_values[chunk], plan, scratch
-            )
+        maxima, sums = chunked_partials(
+            lambda chunk: logits[chunk], logits, targets, target_values, plan
+        )
         stats, log_q = finish_statistics(maxima, sums, plan, tp_group)
         ctx.save_for_backward(logits, targets, target_values, stats, log_q)
         ctx.plan = plan

@@ -18,14 +18,12 @@ import torch
 import torch.distributed as dist
 
 from token_objectives.functional import (
-    SUM_COLUMNS,
     Plan,
-    accumulation_dtype,
     chunk_rows,
+    chunked_partials,
     finish_statistics,
     local_gradient,
     row_chunks,
-    shard_partials,
 )
 from token_objectives.objectives import (
     ObjectiveConfig,
@@ -42,16 +40,9 @@ class FusedLinearStatistics(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, target_values, plan: Plan, tp_group):
-        tokens = hidden.shape[0]
-        acc = accumulation_dtype(hidden.dtype)
-        scratch = hidden.new_empty((min(plan.rows, tokens), plan.shard.real_width), dtype=acc)
-        maxima = hidden.new_empty((tokens, 2), dtype=acc)
-        sums = hidden.new_empty((tokens, SUM_COLUMNS), dtype=acc)
-        for chunk in row_chunks(tokens, plan.rows):
-            logits = hidden[chunk] @ weight.t()
-            maxima[chunk], sums[chunk] = shard_partials(
-                logits, targets[chunk], target_values[chunk], plan, scratch
-            )
+        maxima, sums = chunked_partials(
+            lambda chunk: hidden[chunk] @ weight.t(), hidden, targets, target_values, plan
+        )
         stats, log_q = finish_statistics(maxima, sums, plan, tp_group)
         ctx.save_for_backward(hidden, weight, targets, target_values, stats, log_q)
         ctx.plan, ctx.tp_group = plan, tp_group
