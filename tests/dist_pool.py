@@ -73,6 +73,9 @@ def _make_groups(world_size: int) -> None:
 
 def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Workers have no GPU: the Triton kernels run under the interpreter, which must be on
+    # before triton is first imported.
+    os.environ["TRITON_INTERPRET"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",

@@ -24,7 +24,8 @@ def _inputs(case: Case, seed: int = 0):
     return hidden, weight
 
 
-def run_fused(tp_size: int, cases: list[Case], rows: int | None, dtype=torch.float32):
+def run_fused(tp_size: int, cases: list[Case], rows: int | None, dtype=torch.float32,
+              kernel: str = "torch"):
     group = tp_group(tp_size)
     rank = 0 if group is None else dist.get_rank(group)
     out = []
@@ -35,7 +36,7 @@ def run_fused(tp_size: int, cases: list[Case], rows: int | None, dtype=torch.flo
         w = weight[rank * width : (rank + 1) * width].to(dtype).clone().requires_grad_()
         result = fused_linear_objective_loss(h, w, case.labels, case.config, case.numbers,
                                              case.pdl_weights, group, loss_mask=case.loss_mask,
-                                             rows_per_chunk=rows)
+                                             rows_per_chunk=rows, kernel=kernel)
         (result.loss * case.upstream).sum().backward()
         out.append({"loss": result.loss.detach(), "grad_hidden": h.grad,
                     "grad_weight": w.grad})

@@ -22,7 +22,7 @@ def _shard(full: torch.Tensor, tp_size: int, rank: int) -> torch.Tensor:
 
 
 def run_cases(tp_size: int, cases: list[Case], dtype: torch.dtype = torch.float32,
-              rows_per_chunk: int | None = None) -> list[dict]:
+              rows_per_chunk: int | None = None, kernel: str = "torch") -> list[dict]:
     """Runs on every worker: forward + backward of each case on this rank's shard."""
     group = tp_group(tp_size)
     rank = 0 if group is None else dist.get_rank(group)
@@ -30,7 +30,8 @@ def run_cases(tp_size: int, cases: list[Case], dtype: torch.dtype = torch.float3
     for case in cases:
         local = _shard(case.logits, tp_size, rank).to(dtype).clone().requires_grad_()
         out = objective_loss(local, case.labels, case.config, case.numbers, case.pdl_weights,
-                             group, loss_mask=case.loss_mask, rows_per_chunk=rows_per_chunk)
+                             group, loss_mask=case.loss_mask, rows_per_chunk=rows_per_chunk,
+                             kernel=kernel)
         (out.loss * case.upstream).sum().backward()
         results.append({
             "rank": rank,

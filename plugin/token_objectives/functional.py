@@ -21,7 +21,9 @@ The math lives in small stage functions (`local_maxima`, `local_sums`, `combine_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+import os
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -156,6 +158,44 @@ class Plan:
     distance: Distance
     real_vocab: int
     rows: int
+    kernel: str = "torch"  # "torch" stages or the "triton" kernels (see resolve_kernel)
+
+
+KERNELS = ("auto", "torch", "triton")
+KERNEL_ENV = "TOKEN_OBJECTIVES_KERNEL"
+
+
+def resolve_kernel(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """"torch" or "triton" for logits on `device` in `dtype`.
+
+    requested None reads $TOKEN_OBJECTIVES_KERNEL (default "auto"). "auto" takes the Triton
+    kernels on CUDA when triton is importable and the logits are not fp64, else the torch
+    stages. "triton" insists, and also runs on CPU under Triton's interpreter
+    (TRITON_INTERPRET=1, for tests).
+    """
+    requested = requested or os.environ.get(KERNEL_ENV) or "auto"
+    if requested not in KERNELS:
+        raise ValueError(
+            f"unknown kernel {requested!r}: pass kernel= (or set ${KERNEL_ENV}) to one of "
+            f"{', '.join(KERNELS)}"
+        )
+    if requested == "torch":
+        return "torch"
+    has_triton = importlib.util.find_spec("triton") is not None
+    runs_here = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if requested == "auto":
+        usable = has_triton and device.type == "cuda" and dtype != torch.float64
+        return "triton" if usable else "torch"
+    if dtype == torch.float64:
+        raise ValueError("the Triton kernels accumulate in fp32: use kernel='torch' for fp64")
+    if not has_triton:
+        raise ValueError("kernel='triton' needs the triton package: pip install triton")
+    if not runs_here:
+        raise ValueError(
+            f"kernel='triton' with logits on {device.type}: Triton runs on CUDA, or on CPU "
+            f"under its interpreter (set TRITON_INTERPRET=1); else use kernel='torch'"
+        )
+    return "triton"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,14 +393,60 @@ def chunked_partials(
     """
     tokens = like.shape[0]
     acc = accumulation_dtype(like.dtype)
-    scratch = like.new_empty((min(plan.rows, tokens), plan.shard.real_width), dtype=acc)
     maxima = like.new_empty((tokens, 2), dtype=acc)
     sums = like.new_empty((tokens, SUM_COLUMNS), dtype=acc)
+    if plan.kernel == "triton":
+        from token_objectives import triton_kernels
+
+        values = triton_kernels.dense_number_values(plan, like.device)
+        for chunk in row_chunks(tokens, plan.rows):
+            maxima[chunk], sums[chunk] = triton_kernels.shard_partials(
+                logits_of(chunk), targets[chunk], target_values[chunk], plan, values
+            )
+        return maxima, sums
+    scratch = like.new_empty((min(plan.rows, tokens), plan.shard.real_width), dtype=acc)
     for chunk in row_chunks(tokens, plan.rows):
         maxima[chunk], sums[chunk] = shard_partials(
             logits_of(chunk), targets[chunk], target_values[chunk], plan, scratch
         )
     return maxima, sums
+
+
+def chunk_gradient(
+    logits: torch.Tensor,
+    stats: torch.Tensor,
+    log_q: torch.Tensor,
+    grads: torch.Tensor,
+    targets: torch.Tensor,
+    target_values: torch.Tensor,
+    plan: Plan,
+    dtype: torch.dtype,
+    workspace: torch.Tensor,
+) -> torch.Tensor:
+    """The logit gradient of one chunk of rows, [t, real_width] in `dtype`, by plan.kernel.
+
+    workspace: from `gradient_workspace` (torch: a [>= t, real_width] buffer in the
+    accumulation dtype; triton: the dense number values).
+    """
+    if plan.kernel == "triton":
+        from token_objectives import triton_kernels
+
+        grad = triton_kernels.logit_gradient(logits, stats, log_q, grads, targets,
+                                             target_values, plan, workspace, dtype)
+        return grad[:, : plan.shard.real_width]
+    out = workspace[: logits.shape[0]]
+    local_gradient(logits, stats, log_q, grads, targets, target_values, plan, out)
+    return out.to(dtype)
+
+
+def gradient_workspace(plan: Plan, tokens: int, like: torch.Tensor) -> torch.Tensor:
+    """What `chunk_gradient` reuses across the chunks of one backward."""
+    if plan.kernel == "triton":
+        from token_objectives import triton_kernels
+
+        return triton_kernels.dense_number_values(plan, like.device)
+    acc = accumulation_dtype(like.dtype)
+    return like.new_empty((min(plan.rows, tokens), plan.shard.real_width), dtype=acc)
 
 
 def row_chunks(total: int, rows: int):
@@ -385,6 +471,8 @@ class VocabParallelStatistics(torch.autograd.Function):
         plan: Plan,
         tp_group: dist.ProcessGroup | None,
     ) -> torch.Tensor:
+        if plan.kernel == "triton":  # no fp32 working set to bound: one launch for all rows
+            plan = replace(plan, rows=max(logits.shape[0], 1))
         maxima, sums = chunked_partials(
             lambda chunk: logits[chunk], logits, targets, target_values, plan
         )
@@ -399,6 +487,13 @@ class VocabParallelStatistics(torch.autograd.Function):
         plan = ctx.plan
         real_width = plan.shard.real_width
         grads = grad_stats.to(stats.dtype)
+        if plan.kernel == "triton":  # one read of the logits, one write of the gradient
+            from token_objectives import triton_kernels
+
+            values = triton_kernels.dense_number_values(plan, logits.device)
+            grad = triton_kernels.logit_gradient(logits, stats, log_q, grads, targets,
+                                                 target_values, plan, values, logits.dtype)
+            return grad, None, None, None, None
         grad = torch.empty_like(logits)
         grad[:, real_width:] = 0
         direct = grad.dtype == stats.dtype
@@ -433,15 +528,18 @@ def vocab_parallel_statistics(
     real_vocab: int,
     tp_group: dist.ProcessGroup | None = None,
     rows_per_chunk: int | None = None,
+    kernel: str | None = None,
 ) -> torch.Tensor:
     """logits [T, V/tp] (local shard), targets long [T] (global ids, in range), target_values
     [T] (0 where the target is not a number) -> statistics [T, 6], differentiable.
 
     tp_group None (or of size 1) means the logits hold the whole vocab and nothing is sent.
     rows_per_chunk bounds the fp32 working set to [rows, V/tp] (default: CHUNK_ELEMENTS).
+    kernel: "auto" | "torch" | "triton" (see resolve_kernel).
     """
     if tp_group is not None and dist.get_world_size(tp_group) == 1:
         tp_group = None
     rows = chunk_rows(logits.shape[-1], rows_per_chunk)
-    plan = Plan(shard, columns, distance, real_vocab, rows)
+    plan = Plan(shard, columns, distance, real_vocab, rows,
+                resolve_kernel(kernel, logits.device, logits.dtype))
     return VocabParallelStatistics.apply(logits, targets, target_values, plan, tp_group)

@@ -19,10 +19,12 @@ import torch.distributed as dist
 
 from token_objectives.functional import (
     Plan,
+    chunk_gradient,
     chunk_rows,
     chunked_partials,
     finish_statistics,
-    local_gradient,
+    gradient_workspace,
+    resolve_kernel,
     row_chunks,
 )
 from token_objectives.objectives import (
@@ -54,16 +56,16 @@ class FusedLinearStatistics(torch.autograd.Function):
         plan = ctx.plan
         real = plan.shard.real_width
         grads = grad_stats.to(stats.dtype)
-        scratch = hidden.new_empty((min(plan.rows, hidden.shape[0]), real), dtype=stats.dtype)
+        workspace = gradient_workspace(plan, hidden.shape[0], hidden)
         grad_hidden = torch.zeros(hidden.shape, dtype=stats.dtype, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=stats.dtype, device=weight.device)
         real_weight = weight[:real]
         for chunk in row_chunks(hidden.shape[0], plan.rows):
             logits = hidden[chunk] @ weight.t()
-            out = scratch[: chunk.stop - chunk.start]
-            local_gradient(logits, stats[chunk], log_q[chunk], grads[chunk], targets[chunk],
-                           target_values[chunk], plan, out)
-            grad_logits = out.to(hidden.dtype)  # the matmuls run in the model's dtype
+            # The matmuls run in the model's dtype.
+            grad_logits = chunk_gradient(logits, stats[chunk], log_q[chunk], grads[chunk],
+                                         targets[chunk], target_values[chunk], plan,
+                                         hidden.dtype, workspace)
             grad_hidden[chunk] = (grad_logits @ real_weight).to(stats.dtype)
             grad_weight[:real] += (grad_logits.t() @ hidden[chunk]).to(stats.dtype)
         if ctx.tp_group is not None:
@@ -84,6 +86,7 @@ def fused_linear_objective_loss(
     loss_mask: torch.Tensor | None = None,
     seq_dim: int = -1,
     rows_per_chunk: int | None = None,
+    kernel: str | None = None,
 ) -> ObjectiveOutput:
     """objective_loss(hidden @ weight.T, ...) without materialising the logits.
 
@@ -91,6 +94,8 @@ def fused_linear_objective_loss(
         layer sees it without sequence parallelism). weight: this rank's output-layer shard
         [V/tp, h] (with tied embeddings, the word-embedding shard). Other arguments and the
         result: as `objective_loss`. Gradients flow to hidden and weight.
+    kernel: "auto" | "torch" | "triton" for the per-chunk statistics and logit gradients
+        (functional.resolve_kernel).
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(
@@ -108,7 +113,8 @@ def fused_linear_objective_loss(
     prep = prepare_targets(labels, config, numbers, pdl_weights, tp_group, width, hidden.device,
                            loss_mask)
     plan = Plan(prep.shard, prep.columns, prep.distance, prep.real_vocab,
-                chunk_rows(width, rows_per_chunk))
+                chunk_rows(width, rows_per_chunk),
+                resolve_kernel(kernel, hidden.device, hidden.dtype))
     stats = FusedLinearStatistics.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, prep.targets.flatten(),
         prep.target_values.flatten(), plan, tp_group,

@@ -261,6 +261,7 @@ def objective_loss(
     loss_mask: torch.Tensor | None = None,
     seq_dim: int = -1,
     rows_per_chunk: int | None = None,
+    kernel: str | None = None,
 ) -> ObjectiveOutput:
     """CE + NTL + PDL per token, vocab-parallel.
 
@@ -273,6 +274,8 @@ def objective_loss(
     loss_mask: float [...] multiplies every per-token output (Megatron's loss_mask).
     seq_dim: the sequence axis of labels, for ntl="number" (which reads digit runs along it).
     rows_per_chunk: tokens per chunk; the fp32 working set is [rows, V/tp] (default ~4 MiB).
+    kernel: "auto" (Triton on CUDA, else torch), "torch" or "triton"; None reads
+        $TOKEN_OBJECTIVES_KERNEL (functional.resolve_kernel).
 
     Two all-reduces on tp_group in forward, none in backward. Returns ObjectiveOutput, whose
     tensors have labels' shape; reduce them with ObjectiveOutput.totals().
@@ -298,6 +301,7 @@ def objective_loss(
         prep.real_vocab,
         tp_group,
         rows_per_chunk,
+        kernel,
     )
     return compose(stats, prep, labels, config, numbers, pdl_weights, loss_mask, seq_dim)
 
