@@ -1,0 +1,187 @@
+"""The methods `token-objectives bench` compares, and how each is measured on one rank.
+
+Logits in ([T, V/tp] shard per rank):
+  megatron        megatron-core's tensor_parallel.vocab_parallel_cross_entropy (CE alone)
+  megatron_fused  megatron-core's fused_vocab_parallel_cross_entropy (CE alone), where it runs
+  naive           all-gather the logits, F.cross_entropy * PDL weight + 0.3 * ntloss.NTLoss
+  unchunked       ours (CE + NTL-WAS + PDL), torch stages, one chunk of all T rows
+  ours            ours, default chunks; the Triton kernels on CUDA
+Hidden states in ([T, h] and the output-layer shard [V/tp, h]):
+  head_unfused    hidden @ weight.T, then `ours`
+  head_fused      fused_linear_objective_loss: no [T, V/tp] tensor is kept
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from token_objectives import (
+    NumberTable,
+    ObjectiveConfig,
+    fused_linear_objective_loss,
+    objective_loss,
+)
+
+LOGIT_METHODS = ("megatron", "megatron_fused", "naive", "unchunked", "ours")
+HEAD_METHODS = ("head_unfused", "head_fused")
+CONFIG = ObjectiveConfig(ntl="was", ntl_weight=0.3, pdl_alpha=0.5)
+
+
+@dataclass
+class Problem:
+    """One rank's inputs. logits: [T, V/tp]; hidden [T, h]; weight [V/tp, h]; labels [T]."""
+
+    logits: torch.Tensor | None
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None
+    labels: torch.Tensor
+    pdl_weights: torch.Tensor
+    numbers: NumberTable
+    group: dist.ProcessGroup | None
+    naive_ntl: Callable | None
+
+
+@dataclass
+class Measurement:
+    seconds: float
+    saved_bytes: int  # distinct storages autograd keeps for backward (see saved_for_backward)
+    big_saved: int  # of those, storages of at least half a [T, V/tp] tensor
+    peak_bytes: int | None  # CUDA only: peak allocated above the inputs, fwd + bwd
+
+
+def saved_for_backward(
+    step: Callable[[], torch.Tensor], exclude: list[torch.Tensor], big: int
+) -> tuple[int, int]:
+    """(bytes of the distinct storages autograd saves while `step()` builds its graph, number
+    of those with >= `big` bytes), not counting the storages of `exclude`.
+
+    Saved logits count: a model frees its logits after the loss unless the loss keeps them
+    (Megatron's CE keeps its softmax in their buffer). Hidden states and the output weight do
+    not: the LM head's matmul keeps them anyway.
+    """
+    own = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in own:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step()
+    del loss
+    return sum(storages.values()), sum(1 for n in storages.values() if n >= big)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step: Callable[[], None], setup: Callable[[], None], repeats: int, group,
+          device: torch.device) -> float:
+    """Median seconds of `step()` over `repeats` runs after one warm-up, `setup()` before each
+    run, off the clock; the slowest rank counts."""
+    setup()
+    step()
+    times = []
+    for _ in range(repeats):
+        setup()
+        _synchronize(device)
+        if group is not None:
+            dist.barrier(group)
+        start = time.perf_counter()
+        step()
+        _synchronize(device)
+        elapsed = torch.tensor([time.perf_counter() - start])
+        if group is not None:
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
+        times.append(elapsed.item())
+    return statistics.median(times)
+
+
+def _loss_of(method: str, p: Problem, x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """The summed loss of `method` on input x (logits, or hidden with weight w)."""
+    if method == "megatron":
+        from megatron.core import tensor_parallel
+
+        return tensor_parallel.vocab_parallel_cross_entropy(x, p.labels).sum()
+    if method == "megatron_fused":
+        from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+
+        group = p.group if p.group is not None else dist.group.WORLD
+        return fused_vocab_parallel_cross_entropy(x, p.labels, group).sum()
+    if method == "naive":
+        return _naive_loss(p, x)
+    if method in ("unchunked", "ours"):
+        rows = x.shape[0] if method == "unchunked" else None
+        kernel = "torch" if method == "unchunked" else None
+        return objective_loss(x, p.labels, CONFIG, p.numbers, p.pdl_weights, p.group,
+                              rows_per_chunk=rows, kernel=kernel).loss.sum()
+    if method == "head_unfused":
+        return objective_loss(x @ w.t(), p.labels, CONFIG, p.numbers, p.pdl_weights,
+                              p.group).loss.sum()
+    if method == "head_fused":
+        return fused_linear_objective_loss(x, w, p.labels, CONFIG, p.numbers, p.pdl_weights,
+                                           p.group).loss.sum()
+    raise ValueError(f"unknown method {method!r}")
+
+
+def _naive_loss(p: Problem, shard: torch.Tensor) -> torch.Tensor:
+    """Gather the vocab on every rank, then ntloss: what the objectives avoid. The gather is
+    outside autograd, so each rank back-propagates its replicated loss into its own slice."""
+    world = 1 if p.group is None else dist.get_world_size(p.group)
+    rank = 0 if p.group is None else dist.get_rank(p.group)
+    parts = [torch.empty_like(shard) for _ in range(world)]
+    if p.group is None:
+        parts = [shard.detach()]
+    else:
+        dist.all_gather(parts, shard.detach().contiguous(), group=p.group)
+    parts[rank] = shard
+    logits = torch.cat(parts, dim=-1)
+    ce = F.cross_entropy(logits.float(), p.labels, reduction="none")
+    ntl = p.naive_ntl(logits.unsqueeze(0), p.labels.unsqueeze(0), reduction="sum")
+    return (p.pdl_weights[p.labels] * ce).sum() + CONFIG.ntl_weight * ntl
+
+
+def measure(method: str, p: Problem, repeats: int, device: torch.device) -> Measurement:
+    """Time, saved bytes and (CUDA) peak memory of `method`, forward + backward."""
+    head = method in HEAD_METHODS
+    source = p.hidden if head else p.logits
+    weight = p.weight.detach().requires_grad_() if head else None
+    # Megatron's CE writes into its input, as into a real model's fresh logits: a fresh copy
+    # per call, made off the clock. The others get the same treatment.
+    box: list[torch.Tensor] = []
+
+    def setup() -> None:
+        box.clear()
+        box.append(source.detach().clone().requires_grad_())
+
+    def step() -> None:
+        _loss_of(method, p, box[0], weight).backward()
+
+    seconds = timed(step, setup, repeats, p.group, device)
+    setup()
+    exclude = [box[0], weight] if head else []
+    width = p.weight.shape[0] if head else p.logits.shape[-1]
+    # In bytes: half a [T, V/tp] tensor in the inputs' dtype.
+    big = p.labels.numel() * width * source.element_size() // 2
+    saved, large = saved_for_backward(lambda: _loss_of(method, p, box[0], weight), exclude, big)
+    peak = None
+    if device.type == "cuda":
+        setup()
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    return Measurement(seconds, saved, large, peak)
