@@ -1,0 +1,56 @@
+"""The bench's measuring tools, and the memory claim of the fused LM head they support."""
+
+from __future__ import annotations
+
+import torch
+from cases import CONFIGS, make_case
+
+from token_objectives import fused_linear_objective_loss, objective_loss
+from token_objectives.bench import main as bench_main
+from token_objectives.bench_methods import saved_for_backward
+
+
+def _head_inputs(tokens: int, width: int, hidden: int):
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(tokens, hidden, generator=gen).requires_grad_()
+    w = (torch.randn(width, hidden, generator=gen) * 0.3).requires_grad_()
+    return h, w
+
+
+def test_fused_head_keeps_no_logits_sized_tensor_for_backward():
+    case = make_case("head", CONFIGS["all"], seed=3, vocab=256, real=250, seq=200)
+    labels = case.labels.flatten()
+    hidden, weight = _head_inputs(labels.numel(), 256, 8)
+    logits_bytes = labels.numel() * 256 * 4
+
+    def unfused():
+        return objective_loss(hidden @ weight.t(), labels, case.config, case.numbers,
+                              case.pdl_weights).loss.sum()
+
+    def fused():
+        return fused_linear_objective_loss(hidden, weight, labels, case.config, case.numbers,
+                                           case.pdl_weights, rows_per_chunk=16).loss.sum()
+
+    unfused_bytes, unfused_big = saved_for_backward(unfused, [hidden, weight], logits_bytes // 2)
+    fused_bytes, fused_big = saved_for_backward(fused, [hidden, weight], logits_bytes // 2)
+    assert unfused_big == 1 and unfused_bytes >= logits_bytes  # the [T, V] logits
+    assert fused_big == 0
+    # O(T) statistics only: [T, 6] + [T] floats, the targets, values and weights.
+    assert fused_bytes < 0.1 * unfused_bytes, (fused_bytes, unfused_bytes)
+
+
+def test_bench_prints_every_method_with_ratios(capsys):
+    assert bench_main(["--tokens", "64", "--vocab", "256", "--tp", "1", "2", "--repeats", "1",
+                       "--hidden", "16", "--threads", "1"]) == 0
+    table = capsys.readouterr().out.split("TP      T")[-1].splitlines()[1:]
+    methods = ["megatron", "megatron_fused", "naive", "unchunked", "ours", "head_unfused",
+               "head_fused"]
+    for tp in (1, 2):
+        rows = [line.split() for line in table if line.split()[:3] == [str(tp), "64", "256"]]
+        assert [row[4] for row in rows] == methods
+        for row in rows:
+            assert row[5] != "skipped:", row
+        ref = next(row for row in rows if row[4] == "megatron")
+        assert ref[6] == "1.00"  # each time ratio is against Megatron's CE on the same logits
+        fused = next(row for row in rows if row[4] == "head_fused")
+        assert int(fused[9]) == 0  # no logits-sized tensor saved
