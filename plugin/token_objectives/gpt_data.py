@@ -1,11 +1,17 @@
 """Data for the training loops: megatron-core's GPTDataset over .bin/.idx, and the order in
-which data-parallel ranks and micro-batches read it."""
+which data-parallel ranks and micro-batches read it.
+
+A prefix may come with a loss-mask sidecar, `<prefix>_loss_mask.bin/.idx` (written by
+`correction_data`): an indexed dataset with the same document lengths holding 0/1 per token.
+Then only the positions whose label token has a 1 there count in the loss.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy
 import torch
 import torch.distributed as dist
 
@@ -20,14 +26,15 @@ class MegatronTokenizer:
         self._tokenizer = load_tokenizer(path)
         listing = list_vocab(self._tokenizer)
         self.vocab_size = listing.size
-        self.eod = _end_of_document_id(self._tokenizer)
+        self.eod = end_of_document_id(self._tokenizer)
         self.pad = -1
         # Part of the dataset cache key: a different tokenizer must not reuse the cached index.
         self.unique_identifiers = {"class": type(self).__name__, "path": str(path),
                                    "vocab_size": self.vocab_size}
 
 
-def _end_of_document_id(tokenizer) -> int:
+def end_of_document_id(tokenizer) -> int:
+    """The id that ends each document: sentencepiece's eos, else </s>, <eos>, <|endoftext|>."""
     eos = getattr(tokenizer, "eos_id", None)
     if callable(eos) and eos() >= 0:
         return int(eos())  # sentencepiece
@@ -38,17 +45,67 @@ def _end_of_document_id(tokenizer) -> int:
     raise ValueError("the tokenizer has no end-of-document token (</s>, <eos>, <|endoftext|>)")
 
 
+LOSS_MASK_SUFFIX = "_loss_mask"
+
+
+def loss_mask_prefix(prefix: str | Path) -> str:
+    """The loss-mask sidecar's .bin/.idx prefix of a dataset prefix."""
+    return f"{prefix}{LOSS_MASK_SUFFIX}"
+
+
+def _sidecar(prefix: str) -> str | None:
+    """The loss-mask sidecar prefix of `prefix` (checked against it), or None without one."""
+    mask = loss_mask_prefix(prefix)
+    present = [Path(mask + suffix).is_file() for suffix in (".bin", ".idx")]
+    if not any(present):
+        return None
+    if not all(present):
+        raise FileNotFoundError(
+            f"the loss-mask sidecar {mask}.bin/.idx is incomplete (only one of the two files "
+            f"exists); rebuild it (token-objectives build-correction-data) or delete it"
+        )
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    # Both datasets stay referenced: their lengths are views of memory maps closed on deletion.
+    token_data, mask_data = IndexedDataset(prefix), IndexedDataset(mask)
+    token_lengths, mask_lengths = token_data.sequence_lengths, mask_data.sequence_lengths
+    if not numpy.array_equal(token_lengths, mask_lengths):
+        raise ValueError(
+            f"the loss-mask sidecar {mask}.bin/.idx does not match {prefix}.bin/.idx "
+            f"({len(mask_lengths)} vs {len(token_lengths)} documents, or other lengths); "
+            f"rebuild both with token-objectives build-correction-data"
+        )
+    return mask
+
+
 def gpt_dataset(prefix: str | None, seq_length: int, seed: int, tokenizer: MegatronTokenizer,
                 num_samples: int | None, cache: Path):
     """megatron-core's GPTDataset over one .bin/.idx prefix: `num_samples` sequences, or one
-    epoch for None."""
+    epoch for None. With a loss-mask sidecar next to the prefix, a `LossMaskedDataset` over
+    both instead; without one, the GPTDataset itself."""
+    if prefix is None:
+        raise ValueError("data.train_prefix is not set: point it at a Megatron .bin/.idx prefix")
+    prefix = str(prefix)
+    mask_prefix = _sidecar(prefix)
+    built = mask = None
+    # Rank 0 writes the index cache first; the others then read it.
+    for turn in (0, 1):
+        if (dist.get_rank() == 0) == (turn == 0):
+            built = _build(prefix, seq_length, seed, tokenizer, num_samples, cache)
+            if mask_prefix is not None:
+                # Same config, other path: the cache key differs, the indices do not.
+                mask = _build(mask_prefix, seq_length, seed, tokenizer, num_samples, cache)
+        dist.barrier()
+    return built if mask is None else LossMaskedDataset(built, mask)
+
+
+def _build(prefix: str, seq_length: int, seed: int, tokenizer: MegatronTokenizer,
+           num_samples: int | None, cache: Path):
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    if prefix is None:
-        raise ValueError("data.train_prefix is not set: point it at a Megatron .bin/.idx prefix")
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
@@ -61,15 +118,37 @@ def gpt_dataset(prefix: str | None, seq_length: int, seed: int, tokenizer: Megat
         create_attention_mask=False,
         path_to_cache=str(cache),
     )
-    built = None
-    # Rank 0 writes the index cache first; the others then read it.
-    for turn in (0, 1):
-        if (dist.get_rank() == 0) == (turn == 0):
-            built = BlendedMegatronDatasetBuilder(
-                GPTDataset, [num_samples, None, None], lambda: True, config
-            ).build()[0]
-        dist.barrier()
-    return built
+    return BlendedMegatronDatasetBuilder(
+        GPTDataset, [num_samples, None, None], lambda: True, config
+    ).build()[0]
+
+
+class LossMaskedDataset:
+    """GPTDataset samples whose loss_mask also needs a 1 in the loss-mask sidecar.
+
+    tokens, mask: GPTDatasets over `prefix` and `<prefix>_loss_mask`, built with one config.
+    Their document, sample and shuffle indices depend only on the document lengths, the seed,
+    the sequence length, the split and the number of samples, so sample k spans the same token
+    positions in both. labels[i] is text[i + 1], so the mask sample's own labels (stream element
+    i + 1, padding read as 0) line up with the token sample's labels. Samples are dicts of
+    [seq_length] tensors, as the GPTDataset's.
+    """
+
+    def __init__(self, tokens, mask) -> None:
+        if len(tokens) != len(mask):
+            raise ValueError(f"{len(tokens)} token samples but {len(mask)} loss-mask samples")
+        self.tokens = tokens
+        self.mask = mask
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = dict(self.tokens[index])
+        # Only a 1 counts: GPTDataset pads with the pad id and maps it to 0, never 1.
+        keep = self.mask[index]["labels"] == 1
+        sample["loss_mask"] = sample["loss_mask"] * keep.to(sample["loss_mask"].dtype)
+        return sample
 
 
 class Repeated:
