@@ -1,4 +1,5 @@
-"""`token-objectives` command line: count-frequencies, inspect-vocab, bench."""
+"""`token-objectives` command line: count-frequencies, inspect-vocab, build-correction-data,
+ensemble, bench."""
 
 from __future__ import annotations
 
@@ -36,6 +37,19 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("tokenizer", help="local tokenizer path")
     inspect.add_argument("--number-tokens", choices=("digit", "multi"), default="digit")
     inspect.add_argument("--vocab-size", type=int, help="the model's padded vocab size")
+
+    from token_objectives.correction_data import add_arguments as add_correction_arguments
+
+    add_correction_arguments(commands.add_parser(
+        "build-correction-data",
+        help="reference-answer correction data: the model's greedy answers + reference answers",
+    ))
+
+    from token_objectives.ensemble_io import add_arguments as add_ensemble_arguments
+
+    add_ensemble_arguments(commands.add_parser(
+        "ensemble", help="GaC token-level ensemble of local models with different tokenizers"
+    ))
 
     commands.add_parser("bench", help="benchmark the objectives (`bench --help`)", add_help=False)
     return parser
@@ -103,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "count-frequencies":
             return _count_frequencies(args, parser)
+        if args.command == "build-correction-data":
+            from token_objectives.correction_data import run_from_args
+
+            return run_from_args(args)
+        if args.command == "ensemble":
+            from token_objectives.ensemble_io import run as run_ensemble
+
+            return run_ensemble(args)
         return _inspect_vocab(args)
     except (OSError, ValueError, TypeError, ImportError) as error:
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
