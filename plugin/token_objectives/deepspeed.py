@@ -4,13 +4,17 @@
       "train_micro_batch_size_per_gpu": 8,
       "zero_optimization": {"stage": 2},
       "token_objectives": {"ntl": "was", "ntl_weight": 0.3, "pdl_alpha": 0.2,
-                           "tokenizer": "tokenizer.model", "frequencies": "freqs.safetensors"}
+                           "tokenizer": "tokenizer.model", "frequencies": "freqs.safetensors",
+                           "scheduled_sampling": {"enabled": true, "schedule": "linear",
+                                                  "max_p": 0.25, "c": 0.001}}
     }
 
 DeepSpeed ignores unknown top-level sections, so ours is validated here with DeepSpeed's own
 pydantic base: an unknown key or a wrong type is an error that names it. `from_ds_config`
 returns `objectives(logits, labels)`; under AutoTP with a vocab-parallel lm_head the logits stay
 sharded [..., V/tp] and the vocab-parallel loss runs on the shard (two all-reduces, no gather).
+The optional "scheduled_sampling" object holds the keys of the Megatron YAML section of the same
+name (`sampling_schedule.ScheduledSamplingConfig`), checked the same way.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from pydantic import ValidationError, field_validator
 from token_objectives.frequencies import load_frequencies
 from token_objectives.frequencies import pdl_weights as make_pdl_weights
 from token_objectives.objectives import ObjectiveConfig, ObjectiveOutput, objective_loss
+from token_objectives.sampling_schedule import ScheduledSamplingConfig
+from token_objectives.train_config import section_from_mapping
 from token_objectives.vocab import NumberTable
 
 SECTION = "token_objectives"
@@ -59,6 +65,7 @@ class TokenObjectivesConfig(_base_model()):
     tokenizer: str | None = None
     number_tokens: Literal["digit", "multi"] = "digit"
     frequencies: str | None = None
+    scheduled_sampling: dict[str, Any] | None = None
 
     @field_validator("tokenizer", "frequencies")
     @classmethod
@@ -70,6 +77,11 @@ class TokenObjectivesConfig(_base_model()):
     def objective_config(self) -> ObjectiveConfig:
         names = {f.name for f in fields(ObjectiveConfig)}
         return ObjectiveConfig(**{k: v for k, v in self.model_dump().items() if k in names})
+
+    def sampling_config(self) -> ScheduledSamplingConfig:
+        """The "scheduled_sampling" object (disabled when absent); ValueError names a bad key."""
+        return section_from_mapping(ScheduledSamplingConfig, "scheduled_sampling",
+                                    self.scheduled_sampling or {})
 
 
 def _load_ds_config(ds_config: Mapping[str, Any] | str | Path) -> Mapping[str, Any]:
@@ -92,6 +104,7 @@ def read_section(ds_config: Mapping[str, Any] | str | Path) -> TokenObjectivesCo
     try:
         section = TokenObjectivesConfig(strict=True, **raw)
         section.objective_config()  # the cross-field checks (squash_factor, ranges, ...)
+        section.sampling_config()
     except ValidationError as error:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or SECTION}: {e['msg']}" for e in error.errors()

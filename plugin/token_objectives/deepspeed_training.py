@@ -15,6 +15,11 @@ Normalisation. Each micro-batch's backward loss is
 where N is the GLOBAL count of counted tokens of the step (all micro-batches, all DP ranks; the
 sum of PDL weights with pdl_normalization="weighted_mean"). DeepSpeed divides by gas in
 `engine.backward` and averages gradients over DP, so the gradient is that of sum(loss) / N.
+
+Batch-scheduled sampling (`"scheduled_sampling"` inside the "token_objectives" section, see
+docs/sampling.md): when p > 0, each micro-batch first runs through `engine(...)` under
+torch.no_grad() in eval mode; its logits ([b, s, V/tp] under AutoTP with a vocab-parallel
+lm_head) become ids without a vocab gather, and the training pass runs on the mixed inputs.
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ from token_objectives.deepspeed import (
     log_components,
     numbers_from_section,
     read_section,
+    tensor_parallel_group,
 )
 from token_objectives.gpt_data import MegatronTokenizer, Repeated, gpt_dataset, micro_batches
 from token_objectives.objectives import ObjectiveOutput
+from token_objectives.sampling_mix import ScheduledSampler, sample_indices
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -229,6 +236,12 @@ class Trainer:
         self.vocab_size = model_config.vocab_size
         numbers = numbers_from_section(section, self.vocab_size)
         self.objectives = from_ds_config(args.ds_config, numbers)
+        sampling = section.sampling_config()
+        self.sampler = None
+        if sampling.enabled:
+            self.sampler = ScheduledSampler(sampling, args.seed, self.tokenizer.eod,
+                                            real_vocab=self.tokenizer.vocab_size,
+                                            pad_id=self.tokenizer.pad)
 
         optimizer, ds_config = split_optimizer(args.ds_config)
         ds_config = with_output_paths(ds_config, args.output_dir)
@@ -254,16 +267,53 @@ class Trainer:
                 for batch in micro_batches(self.dataset, step, self.micro_batch_size,
                                            self.dp_rank, self.dp_size, self.gas)]
 
-    def global_denominator(self, batches: list[dict]) -> float:
-        """N of the step: all-reduced over DP (TP ranks hold the same batch)."""
+    def scheduled_inputs(self, batches: list[dict]) -> tuple[list[dict], dict[str, float]]:
+        """The step's micro-batches with scheduled-sampling inputs, and the values to log.
+
+        p = 0 (warm-up, max_p 0): the batches come back untouched and no pass runs.
+        """
+        p = self.sampler.probability(self.step)
+        if p == 0.0:
+            return batches, self.sampler.log_values(p, None)
+        ids = sample_indices(self.step, self.micro_batch_size, self.dp_rank, self.dp_size,
+                             self.gas)
+        mixed, total = [], None
+        # eval(): the prediction is the model's inference behaviour (no dropout); the tiny and
+        # 3B configs have none, so this only matters for models that do.
+        self.engine.eval()
+        try:
+            for batch, sample_ids in zip(batches, ids, strict=True):
+                with torch.no_grad():
+                    logits = self.engine(input_ids=batch["tokens"]).logits  # [b, s, V or V/tp]
+                sharded = logits.shape[-1] != self.vocab_size
+                group = tensor_parallel_group() if sharded else None
+                if sharded and group is None:
+                    raise ValueError(f"logits have {logits.shape[-1]} vocab columns, the model "
+                                     f"{self.vocab_size}, and no AutoTP group is set up")
+                prediction = self.sampler.predict(logits, group, self.step, sample_ids)
+                del logits
+                batch, counts = self.sampler.mix(batch, prediction, self.step, sample_ids)
+                mixed.append(batch)
+                total = counts if total is None else total + counts
+        finally:
+            self.engine.train()
+        dist.all_reduce(total, group=self._data_parallel_group())
+        return mixed, self.sampler.log_values(p, total)
+
+    @staticmethod
+    def _data_parallel_group():
+        """DeepSpeed's DP group (None: the world)."""
         from deepspeed.utils import groups
 
-        total = counted_denominator(batches, self.objectives)
         try:
-            group = groups._get_data_parallel_group()
+            return groups._get_data_parallel_group()
         except (AssertionError, AttributeError):
-            group = None
-        dist.all_reduce(total, group=group)
+            return None
+
+    def global_denominator(self, batches: list[dict]) -> float:
+        """N of the step: all-reduced over DP (TP ranks hold the same batch)."""
+        total = counted_denominator(batches, self.objectives)
+        dist.all_reduce(total, group=self._data_parallel_group())
         return max(float(total.item()), 1.0)
 
     def forward_backward(self, batches: list[dict]) -> ObjectiveOutput:
@@ -284,10 +334,19 @@ class Trainer:
 
     def train_step(self) -> dict:
         start = time.perf_counter()
-        output = self.forward_backward(self.step_batches(self.step))
+        batches = self.step_batches(self.step)
+        sampling = {}
+        if self.sampler is not None:
+            batches, sampling = self.scheduled_inputs(batches)
+        output = self.forward_backward(batches)
         self.engine.step()
         self.step += 1
-        values = log_components(self.engine, output, self.step)
+        values = {**log_components(self.engine, output, self.step), **sampling}
+        monitor = getattr(self.engine, "monitor", None)
+        if sampling and monitor is not None and getattr(monitor, "enabled", False) and (
+                dist.get_rank() == 0):
+            monitor.write_events([(f"Train/{name}", value, self.step)
+                                  for name, value in sampling.items()])
         elapsed = time.perf_counter() - start
         grad_norm = self.engine.get_global_grad_norm()
         row = {"step": self.step, **values, "lr": self.engine.get_lr()[0],

@@ -8,6 +8,12 @@ LR scheduler, get_forward_backward_func, finalize_model_grads and dist_checkpoin
 Normalisation: the config sets calculate_per_token_loss, so `loss_func` returns sums and token
 counts; the schedule adds up the counts over micro-batches and finalize_model_grads divides the
 gradients by the GLOBAL count (all-reduced over DP).
+
+Batch-scheduled sampling (the `scheduled_sampling` section, docs/sampling.md): when p > 0, a
+no-grad forward-only pass of megatron-core's schedule over the step's ground-truth micro-batches
+gives the vocab-sharded logits on the last stage, `ScheduledSampler.predict` turns them into ids
+(one TP all-reduce, no vocab gather), the ids are broadcast from the last to every pipeline stage
+(PP > 1), and the training pass runs on the mixed inputs. With p = 0 that pass is skipped.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch.nn.functional as F
 from token_objectives import checkpointing, cpu_patches
 from token_objectives.gpt_data import MegatronTokenizer, Repeated, gpt_dataset, micro_batches
 from token_objectives.megatron import Objectives, attach_objectives, loss_func
+from token_objectives.sampling_mix import ScheduledSampler, sample_indices
 from token_objectives.train_config import RunConfig, padded_vocab_size
 
 
@@ -40,6 +47,7 @@ class StepLog:
     lr: float
     grad_norm: float
     tokens_per_s: float
+    sampling: dict[str, float] = field(default_factory=dict)  # sampling_mix.LOG_NAMES values
 
 
 @dataclass
@@ -273,6 +281,12 @@ class Trainer:
             number_tokens=cfg.data.number_tokens,
             frequencies_path=cfg.data.frequencies,
         )
+        self.sampler = None
+        if cfg.scheduled_sampling.enabled:
+            self.sampler = ScheduledSampler(cfg.scheduled_sampling, cfg.train.seed,
+                                            self.tokenizer.eod,
+                                            real_vocab=self.tokenizer.vocab_size,
+                                            pad_id=self.tokenizer.pad)
         module = build_model(cfg, self.vocab_size, objectives)
         if torch.cuda.is_available():
             module.cuda(torch.cuda.current_device())  # built on the CPU (use_cpu_initialization)
@@ -369,18 +383,97 @@ class Trainer:
             self.writer.close()
             self.writer = SummaryWriter(log_dir=self.writer.log_dir, purge_step=step + 1)
 
+    # ------------------------------------------------------------------ scheduled sampling
+    def scheduled_inputs(self, batches: list[dict]) -> tuple[list[dict], dict[str, float]]:
+        """This step's micro-batches with scheduled-sampling inputs, and the values to log.
+
+        p = 0 (warm-up, max_p 0): the batches come back untouched and no pass runs.
+        Collectives when p > 0: those of a forward-only pass, one TP all-reduce per
+        micro-batch on the last stage, one PP broadcast (PP > 1), one DP all-reduce (counts).
+        """
+        from megatron.core import parallel_state
+
+        p = self.sampler.probability(self.step)
+        if p == 0.0:
+            return batches, self.sampler.log_values(p, None)
+        ids = sample_indices(self.step, self.cfg.parallel.micro_batch_size, self.dp_rank,
+                             self.dp_size, self.num_micro)
+        predictions = self._predict(batches, ids)
+        mixed, total = [], None
+        for batch, prediction, sample_ids in zip(batches, predictions, ids, strict=True):
+            batch, counts = self.sampler.mix(batch, prediction, self.step, sample_ids)
+            mixed.append(batch)
+            total = counts if total is None else total + counts
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        return mixed, self.sampler.log_values(p, total)
+
+    def _predict(self, batches: list[dict], ids: torch.Tensor) -> list[torch.Tensor]:
+        """Predicted ids [mbs, s] per micro-batch, on every pipeline stage."""
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        tp_group = (parallel_state.get_tensor_model_parallel_group()
+                    if parallel_state.get_tensor_model_parallel_world_size() > 1 else None)
+        step = self.step
+
+        def predict_step(data_iterator, model):
+            batch, sample_ids = next(data_iterator)
+            if torch.cuda.is_available():
+                batch = {key: value.cuda(non_blocking=True) for key, value in batch.items()}
+            # Without labels the model returns the logits [b, s, V/tp] (last stage) or the
+            # hidden states (other stages); the fused LM head is bypassed then.
+            output = model(batch["tokens"], batch["position_ids"], None)
+
+            def choose(logits, non_loss_data=True):
+                return self.sampler.predict(logits, tp_group, step, sample_ids)
+
+            return output, choose
+
+        cfg = self.cfg
+        # eval(): the prediction is the model's inference behaviour (no dropout). The configs
+        # here have no dropout, so the choice only matters for models that do.
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                chosen = get_forward_backward_func()(
+                    forward_step_func=predict_step,
+                    data_iterator=iter(list(zip(batches, ids, strict=True))),
+                    model=[self.model],
+                    num_microbatches=self.num_micro,
+                    seq_length=cfg.model.seq_length,
+                    micro_batch_size=cfg.parallel.micro_batch_size,
+                    forward_only=True,
+                    collect_non_loss_data=True,
+                )
+        finally:
+            self.model.train()
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            return chosen
+        shape = (self.num_micro, cfg.parallel.micro_batch_size, cfg.model.seq_length)
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        stacked = (torch.stack(chosen) if parallel_state.is_pipeline_last_stage()
+                   else torch.empty(shape, dtype=torch.int64, device=device))
+        dist.broadcast(stacked, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+        return list(stacked.unbind(0))
+
     # ------------------------------------------------------------------ training
     def train_step(self) -> StepLog:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         cfg = self.cfg
         start = time.perf_counter()
+        batches = micro_batches(self.dataset, self.step, cfg.parallel.micro_batch_size,
+                                self.dp_rank, self.dp_size, self.num_micro)
+        sampling = {}
+        if self.sampler is not None:
+            batches, sampling = self.scheduled_inputs(list(batches))
+            batches = iter(batches)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=micro_batches(self.dataset, self.step, cfg.parallel.micro_batch_size,
-                                        self.dp_rank, self.dp_size, self.num_micro),
+            data_iterator=batches,
             model=[self.model],
             num_microbatches=self.num_micro,
             seq_length=cfg.model.seq_length,
@@ -400,15 +493,17 @@ class Trainer:
         elapsed = time.perf_counter() - start
         self.step += 1
         tokens = self.global_batch * cfg.model.seq_length
-        log = StepLog(self.step, values, lr, float(grad_norm or 0.0), tokens / elapsed)
+        log = StepLog(self.step, values, lr, float(grad_norm or 0.0), tokens / elapsed, sampling)
         if self._is_logging_rank():
             with open(self.metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": log.step, **values, "lr": lr,
+                handle.write(json.dumps({"step": log.step, **values, **sampling, "lr": lr,
                                          "grad_norm": log.grad_norm,
                                          "tokens_per_s": log.tokens_per_s}) + "\n")
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(f"loss/{name}", value, self.step)
+            for name, value in sampling.items():
+                self.writer.add_scalar(name, value, self.step)
             self.writer.add_scalar("train/lr", lr, self.step)
             self.writer.add_scalar("train/grad_norm", log.grad_norm, self.step)
             self.writer.add_scalar("train/tokens_per_s", log.tokens_per_s, self.step)
@@ -478,6 +573,9 @@ def format_log(log: StepLog, total: int) -> str:
     for name in ("lm loss", "ce", "ntl", "ce part", "ntl part"):
         if name in log.values and not math.isnan(log.values[name]):
             parts.append(f"{name} {log.values[name]:.4f}")
+    if log.sampling:
+        parts.append(f"sampling p {log.sampling['sampling/p']:.3f} replaced "
+                     f"{log.sampling['sampling/replaced_of_all']:.3f}")
     parts.append(f"lr {log.lr:.2e}")
     parts.append(f"grad norm {log.grad_norm:.3f}")
     parts.append(f"{log.tokens_per_s:,.0f} tok/s")

@@ -1,6 +1,7 @@
 """The training-run config: a YAML file of sections, each a small dataclass, plus overrides.
 
-Sections: model, parallel, train, data, objectives (ObjectiveConfig), output. An unknown section
+Sections: model, parallel, train, data, objectives (ObjectiveConfig), scheduled_sampling
+(ScheduledSamplingConfig, off by default), output. An unknown section
 or key is an error that names it and lists the valid ones; `--set section.key=value` overrides
 take YAML values.
 """
@@ -17,6 +18,7 @@ from typing import Any
 import yaml
 
 from token_objectives.objectives import ObjectiveConfig
+from token_objectives.sampling_schedule import ScheduledSamplingConfig
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    scheduled_sampling: ScheduledSamplingConfig = field(default_factory=ScheduledSamplingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -116,6 +119,7 @@ _SECTION_TYPES = {
     "train": TrainConfig,
     "data": DataConfig,
     "objectives": ObjectiveConfig,
+    "scheduled_sampling": ScheduledSamplingConfig,
     "output": OutputConfig,
 }
 
@@ -143,7 +147,12 @@ def _coerce(section: str, key: str, annotation: str, value: Any) -> Any:
 
 
 def _section(name: str, values: Mapping[str, Any]):
-    kind = _SECTION_TYPES[name]
+    return section_from_mapping(_SECTION_TYPES[name], name, values)
+
+
+def section_from_mapping(kind: type, name: str, values: Mapping[str, Any]):
+    """`kind(**values)` for a config dataclass, each value checked against its field's type;
+    an unknown key or a wrong type is a ValueError naming `name`.key and the valid keys."""
     if not isinstance(values, Mapping):
         raise ValueError(f"config section {name!r} must be a mapping, got {values!r}")
     fields = {f.name: f.type for f in dataclasses.fields(kind)}
