@@ -190,11 +190,22 @@ def _probe(data, out: Path, runs: dict[str, Path]) -> None:
 def one_step(data, tmp_path_factory):
     """The probe's files: reference.pt and <layout>_rank<r>.pt."""
     out = tmp_path_factory.mktemp("one_step")
-    _probe(data, out, {f"zero{stage}": ds_config(data, out, f"zero{stage}",
-                                                 gradient_accumulation_steps=2)
-                       for stage in (1, 2, 3)})
-    _probe(data, out, {"autotp2": ds_config(data, out, "autotp2", gradient_accumulation_steps=4)})
+    runs = {f"zero{stage}": ds_config(data, out, f"zero{stage}", gradient_accumulation_steps=2)
+            for stage in (1, 2, 3)}
+    runs["zero2_fused"] = fused_head(runs["zero2"])
+    _probe(data, out, runs)
+    autotp = ds_config(data, out, "autotp2", gradient_accumulation_steps=4)
+    _probe(data, out, {"autotp2": autotp, "autotp2_fused": fused_head(autotp)})
     return out
+
+
+def fused_head(config: Path) -> Path:
+    """The same ds_config with "fused_lm_head": true in its token_objectives section."""
+    values = json.loads(config.read_text())
+    values["token_objectives"]["fused_lm_head"] = True
+    path = config.with_name(f"{config.stem}_fused.json")
+    path.write_text(json.dumps(values))
+    return path
 
 
 def _full_gradient(shards: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
@@ -206,7 +217,8 @@ def _full_gradient(shards: list[torch.Tensor], shape: torch.Size) -> torch.Tenso
     return torch.cat(shards, dim=dim)
 
 
-@pytest.mark.parametrize("layout", ["zero1", "zero2", "zero3", "autotp2"])
+@pytest.mark.parametrize("layout", ["zero1", "zero2", "zero3", "autotp2", "zero2_fused",
+                                    "autotp2_fused"])
 def test_one_step_matches_plain_torch(one_step, layout):
     reference = torch.load(one_step / "reference.pt")
     ranks = [torch.load(one_step / f"{layout}_rank{r}.pt") for r in (0, 1)]
@@ -296,6 +308,18 @@ def test_sigusr1_saves_exits_and_resume_equals_a_straight_run(data, tmp_path):
 
 def _section(**values) -> dict:
     return {"train_micro_batch_size_per_gpu": 1, "token_objectives": values}
+
+
+def test_fused_head_under_zero3_is_refused_with_the_fix():
+    from token_objectives.deepspeed import TokenObjectivesConfig
+    from token_objectives.deepspeed_training import uses_fused_head
+
+    section = TokenObjectivesConfig(ntl=None, fused_lm_head=True)
+    assert uses_fused_head(section, {"zero_optimization": {"stage": 2}})
+    with pytest.raises(ValueError, match="use stage 1 or 2"):
+        uses_fused_head(section, {"zero_optimization": {"stage": 3}})
+    assert not uses_fused_head(TokenObjectivesConfig(ntl=None),
+                               {"zero_optimization": {"stage": 3}})
 
 
 def test_unknown_key_is_named():

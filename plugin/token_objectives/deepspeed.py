@@ -31,6 +31,7 @@ from pydantic import ValidationError, field_validator
 
 from token_objectives.frequencies import load_frequencies
 from token_objectives.frequencies import pdl_weights as make_pdl_weights
+from token_objectives.fused_linear import fused_linear_objective_loss
 from token_objectives.objectives import ObjectiveConfig, ObjectiveOutput, objective_loss
 from token_objectives.sampling_schedule import ScheduledSamplingConfig
 from token_objectives.train_config import section_from_mapping
@@ -66,6 +67,7 @@ class TokenObjectivesConfig(_base_model()):
     number_tokens: Literal["digit", "multi"] = "digit"
     frequencies: str | None = None
     scheduled_sampling: dict[str, Any] | None = None
+    fused_lm_head: bool = False
 
     @field_validator("tokenizer", "frequencies")
     @classmethod
@@ -143,18 +145,29 @@ class DeepSpeedObjectives:
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor,
                  loss_mask: torch.Tensor | None = None) -> ObjectiveOutput:
-        group = None
-        vocab = self.numbers.vocab_size if self.numbers is not None else None
-        if vocab is None or logits.shape[-1] != vocab:
-            group = tensor_parallel_group()
-            if group is None and vocab is not None:
-                raise ValueError(
-                    f"logits have {logits.shape[-1]} vocab columns but the tables have {vocab} "
-                    f"and no AutoTP group is set up; build the NumberTable with "
-                    f"vocab_size={logits.shape[-1]}"
-                )
         return objective_loss(logits, labels, self.config, self.numbers, self.pdl_weights,
-                              group, loss_mask=loss_mask)
+                              self._group(logits.shape[-1]), loss_mask=loss_mask)
+
+    def fused(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+              loss_mask: torch.Tensor | None = None) -> ObjectiveOutput:
+        """The same from hidden states [..., h] and the lm_head weight [V or V/tp, h], with no
+        logits held (fused_linear_objective_loss); gradients go to hidden and weight."""
+        return fused_linear_objective_loss(hidden, weight, labels, self.config, self.numbers,
+                                           self.pdl_weights, self._group(weight.shape[0]),
+                                           loss_mask=loss_mask)
+
+    def _group(self, width: int):
+        """The AutoTP group when `width` vocab columns are a shard of the tables' vocab."""
+        vocab = self.numbers.vocab_size if self.numbers is not None else None
+        if vocab is not None and width == vocab:
+            return None
+        group = tensor_parallel_group()
+        if group is None and vocab is not None:
+            raise ValueError(
+                f"logits have {width} vocab columns but the tables have {vocab} and no AutoTP "
+                f"group is set up; build the NumberTable with vocab_size={width}"
+            )
+        return group
 
 
 def from_ds_config(

@@ -5,6 +5,8 @@ launcher. The model is `LlamaForCausalLM` from a local config JSON (nothing is d
 data is megatron-core's GPTDataset over .bin/.idx; the loss is the ds_config's
 "token_objectives" section (`deepspeed.from_ds_config`) on `engine(input_ids).logits`, never
 HF's built-in loss. Under AutoTP with `vocab_parallel_lm_head` the logits stay [b, s, V/tp].
+With the section's `fused_lm_head` the decoder's hidden states and the lm_head weight go to
+`fused_linear_objective_loss` instead, and no logits are made (ZeRO-1/2, with or without AutoTP).
 The optimizer is torch's AdamW from the ds_config's "optimizer" params, passed as DeepSpeed's
 client optimizer (nothing JIT-built; see deepspeed_cpu for the other CPU workarounds).
 
@@ -137,6 +139,20 @@ def split_optimizer(ds_config: Mapping[str, Any]) -> tuple[Callable, dict]:
     return factory, config
 
 
+def uses_fused_head(section, ds_config: Mapping[str, Any]) -> bool:
+    """Whether the "token_objectives" section asks for the fused LM head, which needs the
+    lm_head weight (or its AutoTP shard) whole on each rank."""
+    zero = ds_config.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0)) if isinstance(zero, Mapping) else 0
+    if section.fused_lm_head and stage == 3:
+        raise ValueError(
+            'ds_config["token_objectives"].fused_lm_head needs the whole lm_head weight on each '
+            "rank, which ZeRO stage 3 partitions: use stage 1 or 2 (with AutoTP for a "
+            "vocab-parallel head), or set fused_lm_head to false"
+        )
+    return section.fused_lm_head
+
+
 def with_output_paths(ds_config: dict, output_dir: str | Path) -> dict:
     """An empty tensorboard/csv_monitor output_path means `<output_dir>/tensorboard` (csv)."""
     config = copy.deepcopy(ds_config)
@@ -243,6 +259,7 @@ class Trainer:
                                             real_vocab=self.tokenizer.vocab_size,
                                             pad_id=self.tokenizer.pad)
 
+        self.fused_head = uses_fused_head(section, args.ds_config)
         optimizer, ds_config = split_optimizer(args.ds_config)
         ds_config = with_output_paths(ds_config, args.output_dir)
         model = build_model(model_config, args.seed)
@@ -316,6 +333,19 @@ class Trainer:
         dist.all_reduce(total, group=self._data_parallel_group())
         return max(float(total.item()), 1.0)
 
+    def batch_objectives(self, batch: dict) -> ObjectiveOutput:
+        """The objectives of one micro-batch: from the logits [b, s, V or V/tp], or with
+        fused_lm_head from the decoder's hidden states [b, s, h] and the lm_head weight shard,
+        bypassing the lm_head module (the fused loss all-reduces grad_hidden over AutoTP
+        itself, as the column-parallel head would)."""
+        if not self.fused_head:
+            logits = self.engine(input_ids=batch["tokens"]).logits
+            return self.objectives(logits, batch["labels"], loss_mask=batch["loss_mask"])
+        module = self.engine.module
+        hidden = module.model(input_ids=batch["tokens"]).last_hidden_state
+        return self.objectives.fused(hidden, module.lm_head.weight, batch["labels"],
+                                     loss_mask=batch["loss_mask"])
+
     def forward_backward(self, batches: list[dict]) -> ObjectiveOutput:
         """Forward + backward of every micro-batch; gradients ready, optimizer not stepped.
 
@@ -324,8 +354,7 @@ class Trainer:
         scale = self.dp_size * self.gas / self.global_denominator(batches)
         outputs = []
         for batch in batches:
-            logits = self.engine(input_ids=batch["tokens"]).logits  # [b, s, V or V/tp]
-            out = self.objectives(logits, batch["labels"], loss_mask=batch["loss_mask"])
+            out = self.batch_objectives(batch)
             self.engine.backward(out.loss.sum(dtype=torch.float32) * scale)
             outputs.append(out)
             if len(outputs) < len(batches):
