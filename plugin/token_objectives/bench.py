@@ -69,10 +69,12 @@ def _shard(rows: int, cols: int, scale: float, dtype, device, seed: int) -> torc
 
 
 def estimate_bytes(method: str, tokens: int, vocab: int, tp: int, hidden: int,
-                   dtype: torch.dtype) -> int:
+                   dtype: torch.dtype, forward_only: bool = False) -> int:
     """Rough per-rank peak of `method`: enough to skip what cannot fit, not a measurement."""
     item = torch.finfo(dtype).bits // 8
     shard = tokens * (vocab // tp)
+    if forward_only and method == "head_unfused":  # the logits, kept for backward
+        return shard * item + (tokens + vocab // tp) * hidden * item * 2
     if method == "naive":  # the gathered logits, their fp32 copy, softmax and gradient
         return tokens * vocab * (item + 12) + shard * item * 2
     if method == "head_fused":
@@ -117,8 +119,8 @@ def _run_config(args, rank, world, group, device, tokens, vocab, dtype, dtype_na
     width = vocab // world
     budget = args.max_gb * 2**30 / world
     wanted = [m for m in args.methods if args.memory_only is False or m in HEAD_METHODS]
-    fits = {m: estimate_bytes(m, tokens, vocab, world, args.hidden, dtype) <= budget
-            for m in wanted}
+    fits = {m: estimate_bytes(m, tokens, vocab, world, args.hidden, dtype,
+                              args.memory_only) <= budget for m in wanted}
     needs_logits = any(fits[m] for m in wanted if m in LOGIT_METHODS)
     needs_head = any(fits[m] for m in wanted if m in HEAD_METHODS)
     problem = Problem(
@@ -134,7 +136,8 @@ def _run_config(args, rank, world, group, device, tokens, vocab, dtype, dtype_na
     for method in wanted:
         row = dict(base, method=method)
         if not fits[method]:
-            need = estimate_bytes(method, tokens, vocab, world, args.hidden, dtype)
+            need = estimate_bytes(method, tokens, vocab, world, args.hidden, dtype,
+                                  args.memory_only)
             row["skipped"] = f"needs ~{need / 2**30:.0f} GiB/rank"
         else:
             try:
@@ -153,7 +156,8 @@ def _row_line(row: dict) -> str:
     head = f"TP={row['tp']} T={row['tokens']} V={row['vocab']} {row['dtype']} {row['method']}"
     if "skipped" in row:
         return f"{head}: skipped ({row['skipped']})"
-    return f"{head}: {row['seconds'] * 1e3:.1f} ms, saved {row['saved_bytes'] / 2**20:.1f} MiB"
+    return (f"{head}: {row['seconds'] * 1e3:.1f} ms, saved {row['saved_bytes'] / 2**20:.1f} MiB, "
+            f"{row['big_saved']} logits-sized")
 
 
 def _free_port() -> int:

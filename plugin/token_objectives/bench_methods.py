@@ -153,7 +153,8 @@ def _naive_loss(p: Problem, shard: torch.Tensor) -> torch.Tensor:
 
 
 def measure(method: str, p: Problem, repeats: int, device: torch.device) -> Measurement:
-    """Time, saved bytes and (CUDA) peak memory of `method`, forward + backward."""
+    """Time, saved bytes and (CUDA) peak memory of `method`, forward + backward; with
+    repeats 0 only the saved bytes (one forward)."""
     head = method in HEAD_METHODS
     source = p.hidden if head else p.logits
     weight = p.weight.detach().requires_grad_() if head else None
@@ -168,7 +169,7 @@ def measure(method: str, p: Problem, repeats: int, device: torch.device) -> Meas
     def step() -> None:
         _loss_of(method, p, box[0], weight).backward()
 
-    seconds = timed(step, setup, repeats, p.group, device)
+    seconds = timed(step, setup, repeats, p.group, device) if repeats > 0 else 0.0
     setup()
     exclude = [box[0], weight] if head else []
     width = p.weight.shape[0] if head else p.logits.shape[-1]
@@ -176,7 +177,7 @@ def measure(method: str, p: Problem, repeats: int, device: torch.device) -> Meas
     big = p.labels.numel() * width * source.element_size() // 2
     saved, large = saved_for_backward(lambda: _loss_of(method, p, box[0], weight), exclude, big)
     peak = None
-    if device.type == "cuda":
+    if device.type == "cuda" and repeats > 0:
         setup()
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
