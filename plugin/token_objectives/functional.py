@@ -214,9 +214,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def chunk_rows(width: int, rows: int | None = None) -> int:
-    """Rows per chunk: `rows` if given, else as many as fit CHUNK_ELEMENTS (at least 1)."""
-    return max(1, rows if rows is not None else CHUNK_ELEMENTS // max(width, 1))
+def chunk_rows(width: int, rows: int | None = None, elements: int = CHUNK_ELEMENTS) -> int:
+    """Rows per chunk: `rows` if given, else as many as fit `elements` (at least 1)."""
+    return max(1, rows if rows is not None else elements // max(width, 1))
 
 
 def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,12 @@ from token_objectives.objectives import (
 )
 from token_objectives.vocab import NumberTable
 
+# Logits per chunk of the fused head (64 MiB in fp32). Each chunk re-reads the weight shard
+# [V/tp, h] in forward and again for both gradients in backward, so chunks of a few rows would
+# make the matmuls memory-bound; this many keeps them compute-bound (256 rows at V/tp = 64k)
+# while the chunk stays a small fraction of the [T, V/tp] logits it replaces.
+HEAD_CHUNK_ELEMENTS = 1 << 24
+
 
 class FusedLinearStatistics(torch.autograd.Function):
     """hidden [T, h], weight [V/tp, h] -> statistics [T, 6], as VocabParallelStatistics on
@@ -67,7 +73,10 @@ class FusedLinearStatistics(torch.autograd.Function):
                                          targets[chunk], target_values[chunk], plan,
                                          hidden.dtype, workspace)
             grad_hidden[chunk] = (grad_logits @ real_weight).to(stats.dtype)
-            grad_weight[:real] += (grad_logits.t() @ hidden[chunk]).to(stats.dtype)
+            if grad_logits.dtype == grad_weight.dtype:  # no [V/tp, h] temporary per chunk
+                grad_weight[:real].addmm_(grad_logits.t(), hidden[chunk])
+            else:
+                grad_weight[:real] += (grad_logits.t() @ hidden[chunk]).to(stats.dtype)
         if ctx.tp_group is not None:
             dist.all_reduce(grad_hidden, group=ctx.tp_group)
         return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None,
@@ -94,6 +103,8 @@ def fused_linear_objective_loss(
         layer sees it without sequence parallelism). weight: this rank's output-layer shard
         [V/tp, h] (with tied embeddings, the word-embedding shard). Other arguments and the
         result: as `objective_loss`. Gradients flow to hidden and weight.
+    rows_per_chunk: tokens per chunk; a chunk holds [rows, V/tp] logits and their gradient
+        (default: HEAD_CHUNK_ELEMENTS of them, 64 MiB in fp32).
     kernel: "auto" | "torch" | "triton" for the per-chunk statistics and logit gradients
         (functional.resolve_kernel).
     """
@@ -113,7 +124,7 @@ def fused_linear_objective_loss(
     prep = prepare_targets(labels, config, numbers, pdl_weights, tp_group, width, hidden.device,
                            loss_mask)
     plan = Plan(prep.shard, prep.columns, prep.distance, prep.real_vocab,
-                chunk_rows(width, rows_per_chunk),
+                chunk_rows(width, rows_per_chunk, HEAD_CHUNK_ELEMENTS),
                 resolve_kernel(kernel, hidden.device, hidden.dtype))
     stats = FusedLinearStatistics.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, prep.targets.flatten(),
