@@ -173,9 +173,9 @@ def report(rows: list[dict], args) -> str:
         f"(megatron* = CE alone); median of {args.repeats}, fwd+bwd; h={args.hidden} for the "
         f"head methods; saved = bytes autograd keeps for backward (the logits included; for "
         f"the head methods, beyond hidden and weight); big = saved tensors of >= T*V/tp/2 "
-        f"elements",
+        f"elements; GB/s = 3 logits' bytes (read fwd, read + write bwd) / time",
         f"{'TP':>2} {'T':>6} {'V':>7} {'dtype':<5} {'method':<15}{'ms':>10}{'x ref':>7}"
-        f"{'saved MiB':>11}{'x ref':>7}{'big':>4}{'peak MiB':>10}",
+        f"{'saved MiB':>11}{'x ref':>7}{'big':>4}{'peak MiB':>10}{'GB/s':>7}",
     ]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -202,8 +202,13 @@ def _table_line(key: tuple, row: dict, ref: dict | None) -> str:
     seconds = f"{row['seconds'] * 1e3:>10.1f}" if row["seconds"] else f"{'-':>10}"
     time_ratio = _ratio(row["seconds"], ref, "seconds") if row["seconds"] else f"{'-':>7}"
     peak = f"{row['peak_bytes'] / 2**20:>10.0f}" if row["peak_bytes"] is not None else f"{'-':>10}"
+    bandwidth = f"{'-':>7}"
+    if row["seconds"] and row["method"] not in HEAD_METHODS:
+        moved = 3 * tokens * (vocab // tp) * torch.finfo(DTYPES[dtype]).bits // 8
+        bandwidth = f"{moved / row['seconds'] / 1e9:>7.1f}"
     return (f"{head}{seconds}{time_ratio}{row['saved_bytes'] / 2**20:>11.1f}"
-            f"{_ratio(row['saved_bytes'], ref, 'saved_bytes')}{row['big_saved']:>4}{peak}")
+            f"{_ratio(row['saved_bytes'], ref, 'saved_bytes')}{row['big_saved']:>4}{peak}"
+            f"{bandwidth}")
 
 
 def main(argv: list[str] | None = None) -> int:
