@@ -34,6 +34,8 @@ _on_term() {
 }
 trap _on_usr1 USR1
 trap _on_term TERM
+# The sbatch scripts trap USR1 first thing; one that came before this handler counts now.
+if [[ -n ${_EARLY_USR1:-} ]]; then _on_usr1; fi
 
 # ---------------------------------------------------------------- site: edit this block
 # Modules and the Python environment. Either set SLURM_MODULES / VENV in the environment you
