@@ -310,6 +310,17 @@ def _section(**values) -> dict:
     return {"train_micro_batch_size_per_gpu": 1, "token_objectives": values}
 
 
+def test_full_logits_are_not_mistaken_for_a_shard_without_tables():
+    """ntl null and no PDL: no table tells V, the model's vocab_size does."""
+    from token_objectives import ObjectiveConfig
+    from token_objectives.deepspeed import DeepSpeedObjectives
+
+    objectives = DeepSpeedObjectives(ObjectiveConfig(ntl=None), None, None, vocab_size=64)
+    assert objectives._group(64) is None
+    with pytest.raises(ValueError, match="no AutoTP group is set up"):
+        objectives._group(32)  # a shard, outside any AutoTP run
+
+
 def test_fused_head_under_zero3_is_refused_with_the_fix():
     from token_objectives.deepspeed import TokenObjectivesConfig
     from token_objectives.deepspeed_training import uses_fused_head

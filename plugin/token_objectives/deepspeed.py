@@ -138,10 +138,15 @@ class DeepSpeedObjectives:
     """
 
     def __init__(self, config: ObjectiveConfig, numbers: NumberTable | None,
-                 pdl_weights: torch.Tensor | None = None) -> None:
+                 pdl_weights: torch.Tensor | None = None, vocab_size: int | None = None) -> None:
         self.config = config
         self.numbers = numbers
         self.pdl_weights = pdl_weights
+        if vocab_size is None and numbers is not None:
+            vocab_size = numbers.vocab_size
+        if vocab_size is None and pdl_weights is not None:
+            vocab_size = pdl_weights.numel()
+        self.vocab_size = vocab_size  # the model's padded vocab; None: unknown (plain CE)
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor,
                  loss_mask: torch.Tensor | None = None) -> ObjectiveOutput:
@@ -157,8 +162,8 @@ class DeepSpeedObjectives:
                                            loss_mask=loss_mask)
 
     def _group(self, width: int):
-        """The AutoTP group when `width` vocab columns are a shard of the tables' vocab."""
-        vocab = self.numbers.vocab_size if self.numbers is not None else None
+        """The AutoTP group when `width` vocab columns are a shard of the model's vocab."""
+        vocab = self.vocab_size
         if vocab is not None and width == vocab:
             return None
         group = tensor_parallel_group()
@@ -174,10 +179,13 @@ def from_ds_config(
     ds_config: Mapping[str, Any] | str | Path,
     numbers: NumberTable | None,
     pdl_weights: torch.Tensor | None = None,
+    vocab_size: int | None = None,
 ) -> DeepSpeedObjectives:
     """Validate the "token_objectives" section and return the loss callable.
 
     numbers: the number table over the model's (padded) vocab; None only with ntl null.
+    vocab_size: the model's padded vocab, which tells full logits from an AutoTP shard when
+    there is no table to tell it (ntl null, no PDL); default: the tables' size.
     pdl_weights: [V] weights; when None and the section has pdl_alpha > 0, they are built from
     the section's `frequencies` file (checked against numbers.vocab_size).
     """
@@ -194,7 +202,7 @@ def from_ds_config(
         vocab = numbers.vocab_size if numbers is not None else None
         table = load_frequencies(section.frequencies, vocab_size=vocab)
         pdl_weights = make_pdl_weights(table.counts, alpha=config.pdl_alpha)
-    return DeepSpeedObjectives(config, numbers, pdl_weights)
+    return DeepSpeedObjectives(config, numbers, pdl_weights, vocab_size)
 
 
 def numbers_from_section(section: TokenObjectivesConfig, vocab_size: int) -> NumberTable | None:

@@ -251,7 +251,7 @@ class Trainer:
         model_config = llama_config(args.model_config, self.tokenizer.vocab_size)
         self.vocab_size = model_config.vocab_size
         numbers = numbers_from_section(section, self.vocab_size)
-        self.objectives = from_ds_config(args.ds_config, numbers)
+        self.objectives = from_ds_config(args.ds_config, numbers, vocab_size=self.vocab_size)
         sampling = section.sampling_config()
         self.sampler = None
         if sampling.enabled:
@@ -341,10 +341,13 @@ class Trainer:
         if not self.fused_head:
             logits = self.engine(input_ids=batch["tokens"]).logits
             return self.objectives(logits, batch["labels"], loss_mask=batch["loss_mask"])
-        module = self.engine.module
-        hidden = module.model(input_ids=batch["tokens"]).last_hidden_state
-        return self.objectives.fused(hidden, module.lm_head.weight, batch["labels"],
-                                     loss_mask=batch["loss_mask"])
+        # Through engine(...), not the inner module: DeepSpeed's forward arms its backward
+        # prologue (gradient clearing and the accumulation boundary of its optimizers). The
+        # head runs on the last position only; the loss takes the final (normed) hidden states.
+        outputs = self.engine(input_ids=batch["tokens"], output_hidden_states=True,
+                              logits_to_keep=1)
+        return self.objectives.fused(outputs.hidden_states[-1], self.engine.module.lm_head.weight,
+                                     batch["labels"], loss_mask=batch["loss_mask"])
 
     def forward_backward(self, batches: list[dict]) -> ObjectiveOutput:
         """Forward + backward of every micro-batch; gradients ready, optimizer not stepped.
