@@ -133,8 +133,9 @@ def _gradient_kernel(
     stats = stats_ptr + row * STATS
     upstream = grads_ptr + row * STATS
     lse = tl.load(stats + 0)
-    # A row of -inf logits has lse = -inf: use +inf so that exp(z - lse) = 0, not NaN.
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    # A row of -inf logits has lse = -inf: use +inf so that exp(z - lse) = 0, not NaN (as the
+    # torch stage does for any non-finite lse).
+    lse = tl.where((lse == lse) & (tl.abs(lse) < float("inf")), lse, float("inf"))
     yhat = tl.load(stats + 3)
     was = tl.load(stats + 4)
     mass = tl.load(stats + 5)
@@ -181,6 +182,8 @@ def _flags(plan: Plan) -> dict:
         "MEAN_LOGIT": columns.mean_logit,
         "SQUASH": squash,
         "BLOCK": _block(plan.shard.width),
+        # Wide blocks keep several fp32 arrays live per thread: more warps, fewer spills.
+        "num_warps": 8 if _block(plan.shard.width) >= 2048 else 4,
     }
 
 
