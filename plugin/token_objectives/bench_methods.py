@@ -127,6 +127,12 @@ def _loss_of(method: str, p: Problem, x: torch.Tensor, w: torch.Tensor | None) -
         return objective_loss(x, p.labels, CONFIG, p.numbers, p.pdl_weights, p.group,
                               rows_per_chunk=rows, kernel=kernel).loss.sum()
     if method == "head_unfused":
+        if p.group is not None:  # a column-parallel head all-reduces grad_hidden, as fused does
+            from megatron.core.tensor_parallel.mappings import (
+                copy_to_tensor_model_parallel_region,
+            )
+
+            x = copy_to_tensor_model_parallel_region(x)
         return objective_loss(x @ w.t(), p.labels, CONFIG, p.numbers, p.pdl_weights,
                               p.group).loss.sum()
     if method == "head_fused":
