@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import socket
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchrun_helpers import free_port, read_metrics, run_checked, torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_NEW_TOKENS = 10
@@ -92,12 +91,6 @@ def _deepspeed_probe(out: Path, prefix: str, config: str) -> None:
 
 
 # ----------------------------------------------------------------------------------- fixtures
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +194,7 @@ def process_group():
     if dist.is_initialized():
         yield
         return
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_port()}", rank=0,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1)
     yield
     dist.destroy_process_group()
@@ -402,14 +395,8 @@ def test_a_broken_sidecar_is_a_clear_error(built, data, process_group, tmp_path)
 
 
 def _torchrun(*args: str) -> None:
-    import os
-
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-               f"--master-port={_port()}", str(Path(__file__)), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    if done.returncode != 0:
-        raise AssertionError(f"probe failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    """This file as a probe under torchrun, 2 processes."""
+    run_checked(torchrun_command(Path(__file__), *args))
 
 
 def _expected_per_step(built, seq_length: int, cache: Path, tokenizer_path: Path):
@@ -432,10 +419,6 @@ def _expected_per_step(built, seq_length: int, cache: Path, tokenizer_path: Path
     return ones, numbers
 
 
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-
-
 def test_megatron_loop_counts_only_the_sidecar_ones(built, data, process_group, tmp_path):
     out = tmp_path / "megatron"
     _torchrun("megatron", str(out), str(built), str(data.tokenizer_path),
@@ -446,7 +429,7 @@ def test_megatron_loop_counts_only_the_sidecar_ones(built, data, process_group, 
     micro = GLOBAL_BATCH // 2 // 2  # per rank and step
     counted = [sum(sum(c[s * micro:(s + 1) * micro]) for c in per_rank) for s in range(STEPS)]
     assert counted == ones
-    rows = _metrics(out)
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     for row, n, k in zip(rows, ones, numbers, strict=True):
         assert row["number tokens"] == pytest.approx(k / n, rel=1e-6)
@@ -466,7 +449,7 @@ def test_deepspeed_loop_counts_only_the_sidecar_ones(built, data, process_group,
     ones, numbers = _expected_per_step(built, DEEPSPEED_SEQ, tmp_path / "cache",
                                        data.tokenizer_path)
     assert json.loads((out / "denominators.json").read_text()) == ones
-    rows = _metrics(out)
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     for row, n, k in zip(rows, ones, numbers, strict=True):
         assert row["number tokens"] == pytest.approx(k / n, rel=1e-6)

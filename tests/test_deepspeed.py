@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchrun_helpers import WORKER_ENV, check, read_metrics, torchrun_command
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
@@ -138,27 +138,6 @@ def probe(argv: list[str]) -> None:
 # ----------------------------------------------------------------------------------- the tests
 
 
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-
-
-def _torchrun(script: Path, *args: str, nproc: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            f"--master-port={_port()}", str(script), *args]
-
-
-def _check(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    if done.returncode != 0:
-        raise AssertionError(f"run failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
-    return done
-
-
 def ds_config(data, directory: Path, name: str, **overrides) -> Path:
     """configs/deepspeed/<name>.json in fp32, pointed at the test data, with overrides."""
     config = json.loads((CONFIGS / f"{name}.json").read_text())
@@ -180,10 +159,10 @@ def data(tmp_path_factory):
 
 
 def _probe(data, out: Path, runs: dict[str, Path]) -> None:
-    command = _torchrun(Path(__file__), "probe", str(out),
+    command = torchrun_command(Path(__file__), "probe", str(out),
                         *(f"{name}={path}" for name, path in runs.items()))
-    env = dict(_env(), PROBE_DATA=str(data.train_prefix))
-    _check(subprocess.run(command, capture_output=True, text=True, env=env, timeout=600))
+    env = dict(WORKER_ENV, PROBE_DATA=str(data.train_prefix))
+    check(subprocess.run(command, capture_output=True, text=True, env=env, timeout=600))
 
 
 @pytest.fixture(scope="module")
@@ -245,14 +224,10 @@ def test_autotp_logits_stay_sharded_and_two_all_reduces(one_step):
 
 
 def _train(data, config: Path, out: Path, *args: str) -> list[str]:
-    return _torchrun(REPO / "launch" / "pretrain_deepspeed.py", "--deepspeed_config", str(config),
-                     "--model-config", str(TINY), "--data-prefix", str(data.train_prefix),
-                     "--output-dir", str(out), "--seq-length", str(SEQ_LENGTH),
-                     "--seed", str(SEED), *args)
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    return torchrun_command(
+        REPO / "launch" / "pretrain_deepspeed.py", "--deepspeed_config", str(config),
+        "--model-config", str(TINY), "--data-prefix", str(data.train_prefix),
+        "--output-dir", str(out), "--seq-length", str(SEQ_LENGTH), "--seed", str(SEED), *args)
 
 
 def _latest(out: Path) -> str:
@@ -268,12 +243,12 @@ def test_sigusr1_saves_exits_and_resume_equals_a_straight_run(data, tmp_path):
     sliced, straight = tmp_path / "sliced", tmp_path / "straight"
     launcher = subprocess.Popen(_train(data, config, sliced, "--steps", "500"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=_env())
+                                env=WORKER_ENV)
     try:
         log = sliced / "metrics.jsonl"
         deadline = time.time() + 120
         while time.time() < deadline and launcher.poll() is None and (
-                not log.exists() or len(_metrics(sliced)) < 2):
+                not log.exists() or len(read_metrics(sliced)) < 2):
             time.sleep(0.1)
         assert launcher.poll() is None, launcher.communicate()[1][-3000:]
         for worker in psutil.Process(launcher.pid).children(recursive=True):
@@ -283,17 +258,17 @@ def test_sigusr1_saves_exits_and_resume_equals_a_straight_run(data, tmp_path):
         if launcher.poll() is None:
             launcher.kill()
     assert launcher.returncode == 0, err[-3000:]
-    stopped = len(_metrics(sliced))
+    stopped = len(read_metrics(sliced))
     assert 2 <= stopped < 500
     assert _latest(sliced) == f"global_step{stopped}"
 
     total = stopped + 2
-    _check(subprocess.run(_train(data, config, straight, "--steps", str(total),
+    check(subprocess.run(_train(data, config, straight, "--steps", str(total),
                                  "--save-interval", "2"),
-                          capture_output=True, text=True, env=_env(), timeout=600))
-    _check(subprocess.run(_train(data, config, sliced, "--steps", str(total)),
-                          capture_output=True, text=True, env=_env(), timeout=600))
-    a, b = _metrics(straight), _metrics(sliced)
+                          capture_output=True, text=True, env=WORKER_ENV, timeout=600))
+    check(subprocess.run(_train(data, config, sliced, "--steps", str(total)),
+                          capture_output=True, text=True, env=WORKER_ENV, timeout=600))
+    a, b = read_metrics(straight), read_metrics(sliced)
     assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, total + 1))
     for x, y in zip(a, b, strict=True):
         for key in ("lm loss", "ce", "ntl"):

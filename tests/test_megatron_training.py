@@ -7,28 +7,19 @@ with a straight run; interrupted and corrupt checkpoints are shown to be handled
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torchrun_helpers import REPO, WORKER_ENV, free_port
+from torchrun_helpers import TINY_MEGATRON as TINY
+from torchrun_helpers import read_metrics as metrics
 
 from token_objectives.checkpointing import COMPLETE_MARKER, latest_complete_step, step_dir
 from token_objectives.quickstart_data import build_quickstart_data
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
-    "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=64",
-    "parallel.micro_batch_size=2", "parallel.global_batch_size=8",
-    "train.warmup_steps=0", "train.lr=1e-3", "train.log_interval=1",
-    "output.tensorboard=false",
-]
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +27,10 @@ def data(tmp_path_factory):
     return build_quickstart_data(tmp_path_factory.mktemp("data"), num_documents=300)
 
 
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _command(data, out: Path, nproc: int, overrides) -> list[str]:
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-        f"--master-port={_port()}", str(REPO / "launch" / "pretrain_megatron.py"),
+        f"--master-port={free_port()}", str(REPO / "launch" / "pretrain_megatron.py"),
         "--config", str(REPO / "configs" / "tiny.yaml"),
         "--set", f"data.tokenizer={data.tokenizer_path}",
         "--set", f"data.train_prefix={data.train_prefix}",
@@ -57,21 +42,13 @@ def _command(data, out: Path, nproc: int, overrides) -> list[str]:
     return command
 
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-
-
 def train(data, out: Path, nproc: int, *overrides: str, check: bool = True):
     """torchrun the training script; returns the completed process."""
     done = subprocess.run(_command(data, out, nproc, overrides), capture_output=True, text=True,
-                          env=ENV, timeout=600)
+                          env=WORKER_ENV, timeout=600)
     if check and done.returncode != 0:
         raise AssertionError(f"training failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     return done
-
-
-def metrics(out: Path) -> list[dict]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line]
 
 
 def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
@@ -191,7 +168,7 @@ def test_sigusr1_saves_and_exits_then_the_run_resumes(data, tmp_path):
 
     command = _command(data, tmp_path, 2, ("parallel.tensor=2", "train.steps=500"))
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=ENV)
+                                text=True, env=WORKER_ENV)
     try:
         log = tmp_path / "metrics.jsonl"
         deadline = time.time() + 120

@@ -14,22 +14,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torchrun_helpers import REPO, WORKER_ENV, run_checked, torchrun_command
+from torchrun_helpers import TINY_MEGATRON as TINY
+from torchrun_helpers import read_metrics as metrics
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
-    "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=64",
-    "parallel.micro_batch_size=2", "parallel.global_batch_size=8",
-    "train.warmup_steps=0", "train.lr=1e-3", "train.log_interval=1",
-    "output.tensorboard=false",
-]
 # Every key given: the tests do not depend on the example values in configs/tiny.yaml.
 SAMPLING = ["scheduled_sampling.enabled=true", "scheduled_sampling.schedule=constant",
             "scheduled_sampling.c=null", "scheduled_sampling.k=null",
@@ -38,26 +31,6 @@ P1 = [*SAMPLING, "scheduled_sampling.max_p=1.0"]
 DS_SEQ_LENGTH = 32
 LOG_NAMES = ("sampling/p", "sampling/replaced_of_eligible", "sampling/replaced_of_all",
              "sampling/changed_of_all")
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-
-
-def _torchrun(nproc: int, script: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            f"--master-port={_port()}", str(script), *args]
-
-
-def _run(command: list[str], env: dict | None = None) -> None:
-    done = subprocess.run(command, capture_output=True, text=True, env=env or ENV, timeout=600)
-    if done.returncode != 0:
-        raise AssertionError(f"run failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
 
 
 def _megatron_overrides(data, out: Path, overrides) -> list[str]:
@@ -70,12 +43,9 @@ def _megatron_overrides(data, out: Path, overrides) -> list[str]:
 
 
 def train_megatron(data, out: Path, nproc: int, *overrides: str) -> None:
-    _run(_torchrun(nproc, REPO / "launch" / "pretrain_megatron.py", "--config",
-                   str(REPO / "configs" / "tiny.yaml"), *_megatron_overrides(data, out, overrides)))
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    run_checked(torchrun_command(REPO / "launch" / "pretrain_megatron.py", "--config",
+                                 str(REPO / "configs" / "tiny.yaml"),
+                                 *_megatron_overrides(data, out, overrides), nproc=nproc))
 
 
 def megatron_weights(out: Path, step: int) -> dict[str, torch.Tensor]:
@@ -245,7 +215,8 @@ def megatron_probe(out: Path, overrides: list[str]) -> None:
 
 def test_megatron_p1_inputs_are_the_model_predictions(data, tmp_path):
     overrides = _megatron_overrides(data, tmp_path, ["parallel.tensor=2", *P1])
-    _run(_torchrun(2, Path(__file__), "megatron-probe", str(tmp_path), *overrides[1::2]))
+    run_checked(torchrun_command(Path(__file__), "megatron-probe", str(tmp_path),
+                                 *overrides[1::2]))
     for rank in (0, 1):
         result = torch.load(tmp_path / f"megatron_probe_rank{rank}.pt")
         assert result["checked"] == 8 * 64  # every input of the global batch (DP = 1)
@@ -293,8 +264,9 @@ def deepspeed_probe(out: Path, configs: list[str]) -> None:
 def test_deepspeed_p0_is_plain_training_bit_for_bit(data, tmp_path):
     configs = [_ds_config(data, tmp_path, "zero2", None),
                _ds_config(data, tmp_path, "zero2", {"enabled": True, "max_p": 0.0})]
-    command = _torchrun(2, Path(__file__), "deepspeed-probe", str(tmp_path), *map(str, configs))
-    _run(command, env=dict(ENV, PROBE_DATA=str(data.train_prefix)))
+    command = torchrun_command(Path(__file__), "deepspeed-probe", str(tmp_path),
+                               *map(str, configs))
+    run_checked(command, env=dict(WORKER_ENV, PROBE_DATA=str(data.train_prefix)))
     for rank in (0, 1):
         plain = torch.load(tmp_path / f"run0_rank{rank}.pt")
         p0 = torch.load(tmp_path / f"run1_rank{rank}.pt")
@@ -311,11 +283,11 @@ def test_deepspeed_autotp_sampling_runs_and_logs(data, tmp_path):
                         {"enabled": True, "max_p": 1.0, "mode": "sample", "temperature": 0.8},
                         gradient_accumulation_steps=4,
                         tensorboard={"enabled": True, "output_path": "", "job_name": "ss"})
-    _run(_torchrun(2, REPO / "launch" / "pretrain_deepspeed.py", "--deepspeed_config",
-                   str(config), "--model-config",
-                   str(REPO / "configs" / "deepspeed" / "tiny_llama.json"),
-                   "--data-prefix", str(data.train_prefix), "--output-dir", str(tmp_path / "out"),
-                   "--seq-length", str(DS_SEQ_LENGTH), "--steps", "2"))
+    run_checked(torchrun_command(
+        REPO / "launch" / "pretrain_deepspeed.py", "--deepspeed_config", str(config),
+        "--model-config", str(REPO / "configs" / "deepspeed" / "tiny_llama.json"),
+        "--data-prefix", str(data.train_prefix), "--output-dir", str(tmp_path / "out"),
+        "--seq-length", str(DS_SEQ_LENGTH), "--steps", "2"))
     rows = metrics(tmp_path / "out")
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
