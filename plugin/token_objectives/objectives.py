@@ -22,12 +22,14 @@ import torch.nn.functional as F
 from token_objectives.functional import (
     Columns,
     Distance,
+    LabelCheck,
     VocabShard,
     vocab_parallel_statistics,
     vocab_shard,
 )
 from token_objectives.number_level import digit_runs
 from token_objectives.vocab import NumberTable
+from token_objectives.vocab_layout import VocabLayout, layout_problem, resolve_layout
 
 NTL_FLAVOURS = ("was", "mse", "l1", "huber", "number")
 PDL_NORMALIZATIONS = ("token", "weighted_mean")
@@ -116,6 +118,13 @@ class ObjectiveOutput:
     PDL weight), for perplexity. ntl: the NTL term before lambda, 0 where the target is not a
     number. is_number: bool, where an NTL term is counted (for "number": the first digit of each
     number). weight: the PDL weight w[y] (1 without PDL). counted: bool, the tokens counted.
+
+    With NTL on (None otherwise), from the statistics the loss already gathered (no further
+    collective), at every counted token whatever its target, 0 elsewhere and not scaled by the
+    loss mask:
+    predicted_number: the expected value y-hat = sum_j pN_j v_j under the softmax over the
+        number tokens only (ntloss's `predict_numbers`; per digit for digit-level tokens).
+    number_mass: the probability the full softmax puts on number tokens.
     """
 
     loss: torch.Tensor
@@ -124,6 +133,8 @@ class ObjectiveOutput:
     is_number: torch.Tensor
     weight: torch.Tensor
     counted: torch.Tensor
+    predicted_number: torch.Tensor | None = None
+    number_mass: torch.Tensor | None = None
 
     TOTAL_NAMES = ("loss", "tokens", "ce", "ntl", "number_tokens", "weight")
 
@@ -151,36 +162,45 @@ _SHARD_CACHE: dict[tuple, tuple[torch.Tensor, VocabShard]] = {}
 
 
 def _cached_shard(
-    numbers: NumberTable | None, width: int, rank: int, size: int, device: torch.device
+    numbers: NumberTable | None, layout: VocabLayout, device: torch.device
 ) -> VocabShard:
     if numbers is None:
-        return vocab_shard(None, width, rank, size, device)
-    key = (id(numbers.values), numbers.valid_vocab_size, width, rank, size, str(device))
+        return vocab_shard(None, layout, device)
+    key = (id(numbers.values), layout, str(device))
     hit = _SHARD_CACHE.get(key)
     # Holding the values tensor keeps its id from being reused by another table.
     if hit is not None and hit[0] is numbers.values:
         return hit[1]
-    shard = vocab_shard(numbers, width, rank, size, device)
+    shard = vocab_shard(numbers, layout, device)
     if len(_SHARD_CACHE) > 64:
         _SHARD_CACHE.clear()
     _SHARD_CACHE[key] = (numbers.values, shard)
     return shard
 
 
-def _check_labels(labels: torch.Tensor, ignored: torch.Tensor, real_vocab: int, padded: int):
+def _check_labels(labels: torch.Tensor, ignored: torch.Tensor, real_vocab: int, padded: int,
+                  raise_now: bool) -> LabelCheck:
+    """Labels must be real token ids or ignore_index. Without TP (raise_now) a bad label raises
+    here; under TP the check travels to the MAX all-reduce and raises on every rank there."""
     bad = ~ignored & ((labels < 0) | (labels >= real_vocab))
     if labels.is_cuda:
         # No host sync on the GPU; the error surfaces at the next synchronisation.
-        torch._assert_async(~bad.any(), f"labels must be in [0, {real_vocab}) or ignore_index")
-        return
-    if bad.any():
-        value = int(labels[bad][0])
-        where = "in the vocab padding" if real_vocab <= value < padded else "out of range"
-        raise ValueError(
-            f"label {value} is {where}: labels must be token ids in [0, {real_vocab}) or "
-            f"ignore_index; check the tokenizer/vocab size the data was built with, and mark "
-            f"positions without a target with ignore_index"
-        )
+        if raise_now:
+            torch._assert_async(~bad.any(), f"labels must be in [0, {real_vocab}) or ignore_index")
+            return LabelCheck()
+        return LabelCheck(bad=bad.any())
+    if not bad.any():
+        return LabelCheck()
+    value = int(labels[bad][0])
+    where = "in the vocab padding" if real_vocab <= value < padded else "out of range"
+    message = (
+        f"label {value} is {where}: labels must be token ids in [0, {real_vocab}) or "
+        f"ignore_index; check the tokenizer/vocab size the data was built with, and mark "
+        f"positions without a target with ignore_index"
+    )
+    if raise_now:
+        raise ValueError(message)
+    return LabelCheck(bad=torch.ones((), dtype=torch.float32), message=message)
 
 
 def _ntl_term(
@@ -193,6 +213,7 @@ def _ntl_term(
     target_values: torch.Tensor,
     is_number: torch.Tensor,
     labels: torch.Tensor,
+    targets: torch.Tensor,
     seq_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ntl [...], positions bool [...]) before lambda; ntl is 0 outside positions."""
@@ -200,7 +221,7 @@ def _ntl_term(
         raw, max_distance = was, distance.max_distance(numbers)
     elif config.ntl == "number":
         return _number_level_term(
-            config, numbers, yhat, mass, target_values, is_number, labels, seq_dim
+            config, numbers, yhat, mass, target_values, is_number, labels, targets, seq_dim
         )
     else:
         values = numbers.values[numbers.is_number].to(yhat.dtype)
@@ -222,7 +243,8 @@ def _pointwise(config: ObjectiveConfig, prediction: torch.Tensor, target: torch.
     return F.huber_loss(prediction, target, reduction="none", delta=config.huber_delta)
 
 
-def _number_level_term(config, numbers, yhat, mass, target_values, is_number, labels, seq_dim):
+def _number_level_term(config, numbers, yhat, mass, target_values, is_number, labels, targets,
+                       seq_dim):
     if not numbers.digit_level:
         raise ValueError(
             "ntl='number' assembles numbers from single digits: build the NumberTable with "
@@ -238,7 +260,10 @@ def _number_level_term(config, numbers, yhat, mass, target_values, is_number, la
     flat = lambda x: to_rows(x).reshape(-1, x.shape[seq_dim])  # noqa: E731
     # labels, not targets: an ignored position is never a dot, whatever the dot's id.
     is_dot = flat(labels == numbers.dot_id) if config.number_level_float else None
-    runs = digit_runs(flat(is_number), is_dot, config.max_number_length)
+    word_start = None
+    if numbers.word_start is not None:
+        word_start = flat(numbers.word_start.to(labels.device)[targets] & is_number)
+    runs = digit_runs(flat(is_number), is_dot, config.max_number_length, word_start)
     truth = runs.assemble(flat(target_values).to(yhat.dtype))
     guess = runs.assemble(flat(yhat))
     raw = (guess - truth).abs() / (guess.abs() + truth.abs() + SMAPE_EPS)
@@ -262,13 +287,16 @@ def objective_loss(
     seq_dim: int = -1,
     rows_per_chunk: int | None = None,
     kernel: str | None = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    real_vocab_size: int | None = None,
 ) -> ObjectiveOutput:
     """CE + NTL + PDL per token, vocab-parallel.
 
-    logits: this rank's shard [..., V/tp] (rank r holds ids [r*V/tp, (r+1)*V/tp)), any float
-        dtype; Megatron passes [s, b, V/tp].
+    logits: this rank's shard [..., w] of the global vocab: columns [vocab_start,
+        vocab_start + w), any float dtype; Megatron passes [s, b, V/tp].
     labels: global target ids [...] (logits' leading shape), or config.ignore_index.
-    numbers: NumberTable over the padded vocab V (None only when ntl is None; then V = V/tp*tp).
+    numbers: NumberTable over the padded vocab V (None only when ntl is None).
     pdl_weights: fp32 [V] per-token weights (frequencies.pdl_weights), needs pdl_alpha > 0.
     tp_group: the tensor-parallel group; None means the logits hold the whole vocab.
     loss_mask: float [...] multiplies every per-token output (Megatron's loss_mask).
@@ -276,6 +304,12 @@ def objective_loss(
     rows_per_chunk: tokens per chunk; the fp32 working set is [rows, V/tp] (default ~4 MiB).
     kernel: "auto" (Triton on CUDA, else torch), "torch" or "triton"; None reads
         $TOKEN_OBJECTIVES_KERNEL (functional.resolve_kernel).
+    vocab_start: the global id of this rank's first column (default tp_rank * w, even shards).
+    vocab_size: the global padded vocab V (default: the NumberTable's size, else w * tp).
+    real_vocab_size: the tokenizer's size; columns at or past it are padding, excluded from the
+        softmax and the label-smoothing mean (default: the NumberTable's valid_vocab_size, else
+        V). The shards must tile [0, V): every rank's layout rides on the MAX all-reduce and a
+        gap, an overlap or a bad label raises the same error on every rank.
 
     Two all-reduces on tp_group in forward, none in backward. Returns ObjectiveOutput, whose
     tensors have labels' shape; reduce them with ObjectiveOutput.totals().
@@ -289,8 +323,11 @@ def objective_loss(
     if not logits.dtype.is_floating_point:
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
     width = logits.shape[-1]
+    if tp_group is not None and dist.get_world_size(tp_group) == 1:
+        tp_group = None
     prep = prepare_targets(labels, config, numbers, pdl_weights, tp_group, width, logits.device,
-                           loss_mask)
+                           loss_mask, vocab_start=vocab_start, vocab_size=vocab_size,
+                           real_vocab_size=real_vocab_size)
     stats = vocab_parallel_statistics(
         logits.reshape(-1, width),
         prep.targets.flatten(),
@@ -302,6 +339,7 @@ def objective_loss(
         tp_group,
         rows_per_chunk,
         kernel,
+        prep.label_check,
     )
     return compose(stats, prep, labels, config, numbers, pdl_weights, loss_mask, seq_dim)
 
@@ -318,6 +356,7 @@ class PreparedTargets:
     target_values: torch.Tensor  # [...] value of the target, 0 where not a number
     is_number_target: torch.Tensor  # bool [...]
     counted: torch.Tensor  # bool [...]
+    label_check: LabelCheck = LabelCheck()  # raised after the MAX all-reduce under TP
 
 
 def prepare_targets(
@@ -329,8 +368,16 @@ def prepare_targets(
     width: int,
     device: torch.device,
     loss_mask: torch.Tensor | None,
+    *,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    real_vocab_size: int | None = None,
 ) -> PreparedTargets:
-    """Validate the inputs against a vocab shard `width` columns wide; look the targets up."""
+    """Validate the inputs against a vocab shard `width` columns wide; look the targets up.
+
+    tp_group: a group of more than one rank, or None. Without one, a bad layout or label raises
+    here; under TP both are checked on the gathered layouts after the MAX all-reduce.
+    """
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if config.uses_numbers and numbers is None:
@@ -347,9 +394,19 @@ def prepare_targets(
         )
     tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
     tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
-    shard = _cached_shard(numbers, width, tp_rank, tp_size, device)
-    padded_vocab = width * tp_size
-    real_vocab = numbers.valid_vocab_size if numbers is not None else padded_vocab
+    layout = resolve_layout(
+        width, tp_rank, tp_size, vocab_start=vocab_start, vocab_size=vocab_size,
+        real_vocab_size=real_vocab_size,
+        table_size=numbers.vocab_size if numbers is not None else None,
+        table_real=numbers.valid_vocab_size if numbers is not None else None,
+    )
+    if tp_group is None:
+        problem = layout_problem([[layout.vocab_start, layout.width, layout.vocab_size,
+                                   layout.real_vocab, 0]], layout.source)
+        if problem is not None:
+            raise ValueError(problem)
+    shard = _cached_shard(numbers, layout, device)
+    padded_vocab, real_vocab = layout.vocab_size, layout.real_vocab
     if pdl_weights is not None and pdl_weights.numel() != padded_vocab:
         raise ValueError(
             f"pdl_weights has {pdl_weights.numel()} entries but the vocab has {padded_vocab}; "
@@ -357,11 +414,11 @@ def prepare_targets(
         )
 
     ignored = labels == config.ignore_index
-    _check_labels(labels, ignored, real_vocab, padded_vocab)
+    label_check = _check_labels(labels, ignored, real_vocab, padded_vocab,
+                                raise_now=tp_group is None)
     counted = ~ignored
     if loss_mask is not None:
-        if loss_mask.shape != labels.shape:
-            raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have labels' shape")
+        _check_loss_mask(loss_mask, labels)
         counted = counted & (loss_mask != 0)
     targets = torch.where(ignored, torch.zeros_like(labels), labels).long()
 
@@ -381,7 +438,23 @@ def prepare_targets(
         Distance.for_table(numbers, config.squash_factor) if config.uses_numbers else Distance()
     )
     return PreparedTargets(shard, real_vocab, columns, distance, targets, target_values,
-                           is_number_target, counted)
+                           is_number_target, counted, label_check)
+
+
+def _check_loss_mask(loss_mask: torch.Tensor, labels: torch.Tensor) -> None:
+    if loss_mask.shape != labels.shape:
+        raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have labels' shape")
+    if loss_mask.dtype == torch.bool:
+        return
+    # NaN fails the comparison too: a mask must be a finite weight >= 0.
+    bad = ~(loss_mask >= 0) | torch.isinf(loss_mask)
+    message = ("loss_mask must hold finite weights >= 0 (1 counts a token, 0 skips it); a "
+               "negative or NaN entry would subtract or poison the loss")
+    if loss_mask.is_cuda:
+        torch._assert_async(~bad.any(), message)
+    elif bad.any():
+        value = loss_mask[bad][0].item()
+        raise ValueError(f"{message}; got {value}")
 
 
 def compose(
@@ -426,6 +499,7 @@ def compose(
             prep.target_values.to(stats.dtype),
             prep.is_number_target,
             labels,
+            targets,
             seq_dim,
         )
         loss = loss + config.ntl_weight * ntl
@@ -439,6 +513,10 @@ def compose(
         x = torch.where(counted, x, zero)
         return x * scale if scale is not None else x
 
+    predicted = mass_out = None
+    if config.uses_numbers:
+        predicted = torch.where(counted, yhat, zero)
+        mass_out = torch.where(counted, mass, zero)
     return ObjectiveOutput(
         loss=keep(loss),
         ce=keep(ce),
@@ -446,4 +524,6 @@ def compose(
         is_number=ntl_positions & counted,
         weight=keep(weight),
         counted=counted,
+        predicted_number=predicted,
+        number_mass=mass_out,
     )
