@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from token_objectives.tokenizer_io import TokenizerLike, as_tokenizer, encode_batch
+
+if TYPE_CHECKING:
+    from token_objectives.objectives import ObjectiveConfig
 
 FORMAT_NAME = "token_objectives.frequencies"
 FORMAT_VERSION = "1"
@@ -320,3 +324,15 @@ def pdl_weights(
     if normalize:
         weights *= counts.sum() / (counts * weights).sum()
     return torch.from_numpy(weights).to(torch.float32)
+
+
+def pdl_weights_for(
+    config: ObjectiveConfig, counts: np.ndarray | torch.Tensor | FrequencyTable
+) -> torch.Tensor:
+    """The PDL table `config` asks for: pdl_weights with its pdl_alpha, pdl_eps, pdl_unseen and
+    pdl_normalize_table. Every loop builds its weights here. Returns float32 [V]."""
+    if config.pdl_alpha <= 0:
+        raise ValueError("pdl_alpha is 0, so there is no PDL table to build; set pdl_alpha > 0")
+    unseen = None if config.pdl_unseen == "rarest" else float(config.pdl_unseen)
+    return pdl_weights(counts, config.pdl_alpha, eps=config.pdl_eps, unseen_weight=unseen,
+                       normalize=config.pdl_normalize_table)
