@@ -390,6 +390,68 @@ def test_pdl_options_reach_the_weights(tmp_path):
     assert objectives.pdl_weights[0] == 0 and objectives.pdl_weights[1] == 9.0 ** -0.5
 
 
+def test_weighted_mean_divides_the_whole_loss_by_the_counted_pdl_weights():
+    """By hand in float64: N = sum of w[y] over counted tokens (mask != 0, not ignored), and the
+    NTL and z-loss terms, unweighted in the numerator, are divided by that N as well."""
+    from cases import make_case
+
+    from token_objectives import ObjectiveConfig
+    from token_objectives.deepspeed import DeepSpeedObjectives
+    from token_objectives.deepspeed_training import counted_denominator
+
+    config = ObjectiveConfig(ntl="mse", ntl_weight=0.5, reweigh=False, pdl_alpha=1.0,
+                             pdl_normalization="weighted_mean", z_loss=1e-2)
+    case = make_case("weighted_mean", config, seed=31)
+    labels, mask = case.labels, case.loss_mask.clone()
+    mask[0, 3] = 0.5  # a fractional mask scales the loss; the token still counts once
+    mask[1, 12] = 1.0  # ignored label under a mask of 1: not counted
+    objectives = DeepSpeedObjectives(config, case.numbers, case.pdl_weights)
+    logits = case.logits.double()
+    out = objectives(logits, labels, loss_mask=mask)
+    denominator = counted_denominator([{"labels": labels, "loss_mask": mask}], objectives)
+
+    real = case.numbers.valid_vocab_size
+    counted = (mask != 0) & (labels != config.ignore_index)
+    target = torch.where(counted, labels, 0)
+    lse = torch.logsumexp(logits[..., :real], dim=-1)
+    ce = lse - logits.gather(-1, target[..., None])[..., 0]
+    weight = case.pdl_weights.double()[target]
+    ids = case.numbers.number_ids
+    values = case.numbers.values.double()
+    yhat = torch.softmax(logits[..., ids], dim=-1) @ values[ids]
+    is_number = counted & ~torch.isnan(values[target])
+    ntl = torch.where(is_number, (yhat - torch.nan_to_num(values[target])) ** 2, 0.0)
+    per_token = weight * ce + config.z_loss * lse**2 + config.ntl_weight * ntl
+    numerator = torch.where(counted, per_token * mask, 0.0).sum()
+    weights = torch.where(counted, weight, 0.0).sum()
+
+    torch.testing.assert_close(denominator, weights, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.loss.sum() / denominator, numerator / weights, rtol=1e-6,
+                               atol=0)
+    # Not the CE alone over the weights with NTL and z-loss over the token count:
+    split = (torch.where(counted, weight * ce * mask, 0.0).sum() / weights
+             + torch.where(counted, (per_token - weight * ce) * mask, 0.0).sum() / counted.sum())
+    assert not torch.isclose(out.loss.sum() / denominator, split, rtol=1e-4)
+    token = DeepSpeedObjectives(ObjectiveConfig(ntl="mse", pdl_alpha=1.0), case.numbers,
+                                case.pdl_weights)
+    assert counted_denominator([{"labels": labels, "loss_mask": mask}], token) == counted.sum()
+
+
+def test_weighted_mean_denominator_with_an_ignore_index_beyond_the_vocab():
+    from token_objectives import ObjectiveConfig
+    from token_objectives.deepspeed import DeepSpeedObjectives
+    from token_objectives.deepspeed_training import counted_denominator
+
+    config = ObjectiveConfig(ntl=None, pdl_alpha=1.0, pdl_normalization="weighted_mean",
+                             ignore_index=1000)
+    weights = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    labels = torch.tensor([[0, 1000, 2, 3]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    total = counted_denominator([{"labels": labels, "loss_mask": mask}],
+                                DeepSpeedObjectives(config, None, weights))
+    assert total.item() == 2.5
+
+
 def test_missing_frequency_file_is_named(tmp_path):
     from token_objectives.deepspeed import read_section
 
