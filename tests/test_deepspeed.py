@@ -89,19 +89,21 @@ def _reference(trainer, path: Path) -> None:
     torch.save({"loss": loss.item(), "grads": grads}, path)
 
 
-def _one_step(config_path: Path, out: Path, name: str, reference: bool) -> None:
+def _one_step(config_path: Path, out: Path, name: str, reference: str | None,
+              model_config: Path) -> None:
     import deepspeed
     import torch.distributed as dist
 
     from token_objectives.deepspeed_training import TrainArgs, Trainer
 
     ds_config = json.loads(config_path.read_text())
-    trainer = Trainer(TrainArgs(model_config=str(TINY), data_prefix=os.environ["PROBE_DATA"],
-                                ds_config=ds_config, output_dir=str(out / name), steps=1,
-                                seed=SEED, seq_length=SEQ_LENGTH))
+    trainer = Trainer(TrainArgs(model_config=str(model_config),
+                                data_prefix=os.environ["PROBE_DATA"], ds_config=ds_config,
+                                output_dir=str(out / name), steps=1, seed=SEED,
+                                seq_length=SEQ_LENGTH))
     assert trainer.global_batch == GLOBAL_BATCH, trainer.global_batch
-    if reference and dist.get_rank() == 0:
-        _reference(trainer, out / "reference.pt")
+    if reference is not None and dist.get_rank() == 0:
+        _reference(trainer, out / reference)
     batches = trainer.step_batches(0)
     extra = {}
     if trainer.engine.autotp_size() > 1:
@@ -128,11 +130,21 @@ def _one_step(config_path: Path, out: Path, name: str, reference: bool) -> None:
 
 
 def probe(argv: list[str]) -> None:
-    """`probe OUT NAME=CONFIG...`: one step per config; the first run also writes the reference."""
+    """`probe OUT NAME=CONFIG[@MODEL_CONFIG]...`: one step per config (the model config is TINY
+    unless given); the first run of each model config also writes its reference,
+    reference.pt for TINY, reference_<model stem>.pt for another."""
     out = Path(argv[0])
-    for index, item in enumerate(argv[1:]):
+    seen = set()
+    for item in argv[1:]:
         name, _, config = item.partition("=")
-        _one_step(Path(config), out, name, reference=index == 0)
+        config, _, model = config.partition("@")
+        model_config = Path(model) if model else TINY
+        reference = None
+        if model_config not in seen:
+            seen.add(model_config)
+            reference = ("reference.pt" if model_config == TINY
+                         else f"reference_{model_config.stem}.pt")
+        _one_step(Path(config), out, name, reference, model_config)
 
 
 # ----------------------------------------------------------------------------------- the tests
@@ -174,8 +186,33 @@ def one_step(data, tmp_path_factory):
     runs["zero2_fused"] = fused_head(runs["zero2"])
     _probe(data, out, runs)
     autotp = ds_config(data, out, "autotp2", gradient_accumulation_steps=4)
-    _probe(data, out, {"autotp2": autotp, "autotp2_fused": fused_head(autotp)})
+    odd, odd_config = _odd_vocab_model(out), _without_pdl(autotp, "autotp2_odd")
+    _probe(data, out, {"autotp2": autotp, "autotp2_fused": fused_head(autotp),
+                       "autotp2_odd": f"{odd_config}@{odd}",
+                       "autotp2_odd_fused": f"{fused_head(odd_config)}@{odd}"})
     return out
+
+
+def _without_pdl(config: Path, name: str) -> Path:
+    """The frequency table counts the tokenizer's 512 ids, not a 515-id model's."""
+    values = json.loads(config.read_text())
+    values["token_objectives"]["pdl_alpha"] = 0.0
+    del values["token_objectives"]["frequencies"]
+    path = config.with_name(f"{name}.json")
+    path.write_text(json.dumps(values))
+    return path
+
+
+# The tokenizer's 512 ids padded to 515: AutoTP=2 shards the lm_head into 258 and 257 rows.
+ODD_VOCAB = 515
+
+
+def _odd_vocab_model(directory: Path) -> Path:
+    values = json.loads(TINY.read_text())
+    values["vocab_size"] = ODD_VOCAB
+    path = directory / "tiny_llama_odd_vocab.json"
+    path.write_text(json.dumps(values))
+    return path
 
 
 def fused_head(config: Path) -> Path:
@@ -197,9 +234,11 @@ def _full_gradient(shards: list[torch.Tensor], shape: torch.Size) -> torch.Tenso
 
 
 @pytest.mark.parametrize("layout", ["zero1", "zero2", "zero3", "autotp2", "zero2_fused",
-                                    "autotp2_fused"])
+                                    "autotp2_fused", "autotp2_odd", "autotp2_odd_fused"])
 def test_one_step_matches_plain_torch(one_step, layout):
-    reference = torch.load(one_step / "reference.pt")
+    odd = "odd" in layout  # uneven vocab shards: 258 + 257 columns of the 515
+    reference = torch.load(one_step / ("reference_tiny_llama_odd_vocab.pt" if odd
+                                       else "reference.pt"))
     ranks = [torch.load(one_step / f"{layout}_rank{r}.pt") for r in (0, 1)]
     assert ranks[0]["loss"] == ranks[1]["loss"]
     assert ranks[0]["loss"] == pytest.approx(reference["loss"], rel=1e-6)
@@ -218,6 +257,9 @@ def test_autotp_logits_stay_sharded_and_two_all_reduces(one_step):
         assert probe_out["logits_shape"][-1] == probe_out["vocab_size"] // 2
         assert probe_out["forward_collectives"] == {"all_reduce": 2}
         assert probe_out["backward_collectives"] == {}
+    widths = [torch.load(one_step / f"autotp2_odd_rank{rank}.pt")["logits_shape"][-1]
+              for rank in (0, 1)]
+    assert widths == [258, 257]
 
 
 # ------------------------------------------------------------------------- training and resume

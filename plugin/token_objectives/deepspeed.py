@@ -151,15 +151,31 @@ def tensor_parallel_group() -> dist.ProcessGroup | None:
     return group
 
 
+def vocab_parallel_head_shard(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(vocab_start, width) of this rank's shard of AutoTP's vocab-parallel lm_head inside
+    `module`, or None when the model has none. AutoTP shards unevenly when TP does not divide
+    the vocab (V = 9 at TP = 2: 5 and 4 rows), so the layout is read, never inferred."""
+    for child in module.modules():
+        if getattr(child, "is_vocab_parallel_lm_head", False):
+            start, end = int(child.vocab_start_index), int(child.vocab_end_index)
+            return start, end - start
+    return None
+
+
 class DeepSpeedObjectives:
     """`objectives(logits, labels, loss_mask=None)` -> ObjectiveOutput, per token.
 
-    logits: [..., V] (full vocab) or [..., V/tp] (AutoTP vocab-parallel lm_head shard); which
-    one is read from the width against the table's vocab size. labels: [...] global ids.
+    logits: [..., V] (full vocab) or [..., w] (this rank's AutoTP vocab-parallel lm_head shard,
+    columns [vocab_start, vocab_start + w)); which one is read from the width against the
+    model's vocab size. labels: [...] global ids. `use_head_shard(start, width)` states the
+    shard (the trainer reads it from the model with `vocab_parallel_head_shard`); without it a
+    shard is taken to be the even one, and the objective's layout check refuses uneven shards.
+    real_vocab_size: the tokenizer's size; columns past it are padding (default: the table's).
     """
 
     def __init__(self, config: ObjectiveConfig, numbers: NumberTable | None,
-                 pdl_weights: torch.Tensor | None = None, vocab_size: int | None = None) -> None:
+                 pdl_weights: torch.Tensor | None = None, vocab_size: int | None = None,
+                 real_vocab_size: int | None = None) -> None:
         self.config = config
         self.numbers = numbers
         self.pdl_weights = pdl_weights
@@ -168,32 +184,58 @@ class DeepSpeedObjectives:
         if vocab_size is None and pdl_weights is not None:
             vocab_size = pdl_weights.numel()
         self.vocab_size = vocab_size  # the model's padded vocab; None: unknown (plain CE)
+        if real_vocab_size is None and numbers is not None:
+            real_vocab_size = numbers.valid_vocab_size
+        self.real_vocab_size = real_vocab_size
+        self.head_shard: tuple[int, int] | None = None
+
+    def use_head_shard(self, shard: tuple[int, int] | None) -> None:
+        """(vocab_start, width) of this rank's lm_head shard, or None for the even layout."""
+        self.head_shard = shard
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor,
                  loss_mask: torch.Tensor | None = None) -> ObjectiveOutput:
+        group, layout = self._layout(logits.shape[-1])
         return objective_loss(logits, labels, self.config, self.numbers, self.pdl_weights,
-                              self._group(logits.shape[-1]), loss_mask=loss_mask)
+                              group, loss_mask=loss_mask, **layout)
 
     def fused(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
               loss_mask: torch.Tensor | None = None) -> ObjectiveOutput:
-        """The same from hidden states [..., h] and the lm_head weight [V or V/tp, h], with no
+        """The same from hidden states [..., h] and the lm_head weight [V or w, h], with no
         logits held (fused_linear_objective_loss); gradients go to hidden and weight."""
+        group, layout = self._layout(weight.shape[0])
         return fused_linear_objective_loss(hidden, weight, labels, self.config, self.numbers,
-                                           self.pdl_weights, self._group(weight.shape[0]),
-                                           loss_mask=loss_mask)
+                                           self.pdl_weights, group, loss_mask=loss_mask,
+                                           **layout)
 
     def _group(self, width: int):
         """The AutoTP group when `width` vocab columns are a shard of the model's vocab."""
+        return self._layout(width)[0]
+
+    def _layout(self, width: int) -> tuple[dist.ProcessGroup | None, dict[str, int | None]]:
+        """(group, the objective's layout keywords) for logits `width` columns wide."""
         vocab = self.vocab_size
+        # A table states the real vocab itself; a second figure could only disagree with it.
+        real = self.real_vocab_size if self.numbers is None else None
+        sizes = {"vocab_size": vocab, "real_vocab_size": real}
         if vocab is not None and width == vocab:
-            return None
+            return None, sizes
         group = tensor_parallel_group()
         if group is None and vocab is not None:
             raise ValueError(
                 f"logits have {width} vocab columns but the tables have {vocab} and no AutoTP "
                 f"group is set up; build the NumberTable with vocab_size={width}"
             )
-        return group
+        if self.head_shard is None:
+            return group, sizes
+        start, shard_width = self.head_shard
+        if shard_width != width:
+            raise ValueError(
+                f"logits have {width} vocab columns but this rank's lm_head shard holds "
+                f"{shard_width} (ids [{start}, {start + shard_width})); pass the model's own "
+                f"logits or its lm_head weight"
+            )
+        return group, dict(sizes, vocab_start=start)
 
 
 def from_ds_config(
@@ -201,12 +243,15 @@ def from_ds_config(
     numbers: NumberTable | None,
     pdl_weights: torch.Tensor | None = None,
     vocab_size: int | None = None,
+    real_vocab_size: int | None = None,
 ) -> DeepSpeedObjectives:
     """Validate the "token_objectives" section and return the loss callable.
 
     numbers: the number table over the model's (padded) vocab; None only with ntl null.
     vocab_size: the model's padded vocab, which tells full logits from an AutoTP shard when
     there is no table to tell it (ntl null, no PDL); default: the tables' size.
+    real_vocab_size: the tokenizer's size, so that without a table the padding columns still
+    leave the softmax (a table states its own).
     pdl_weights: [V] weights; when None and the section has pdl_alpha > 0, they are built from
     the section's `frequencies` file (checked against numbers.vocab_size).
     """
@@ -223,7 +268,7 @@ def from_ds_config(
         vocab = numbers.vocab_size if numbers is not None else None
         table = load_frequencies(section.frequencies, vocab_size=vocab)
         pdl_weights = pdl_weights_for(config, table.counts)
-    return DeepSpeedObjectives(config, numbers, pdl_weights, vocab_size)
+    return DeepSpeedObjectives(config, numbers, pdl_weights, vocab_size, real_vocab_size)
 
 
 def numbers_from_section(section: TokenObjectivesConfig, vocab_size: int) -> NumberTable | None:

@@ -46,6 +46,7 @@ from token_objectives.deepspeed import (
     numbers_from_section,
     read_section,
     tensor_parallel_group,
+    vocab_parallel_head_shard,
 )
 from token_objectives.gpt_data import MegatronTokenizer, Repeated, gpt_dataset, micro_batches
 from token_objectives.objectives import ObjectiveOutput
@@ -259,7 +260,8 @@ class Trainer:
         model_config = llama_config(args.model_config, self.tokenizer.vocab_size)
         self.vocab_size = model_config.vocab_size
         numbers = numbers_from_section(section, self.vocab_size)
-        self.objectives = from_ds_config(args.ds_config, numbers, vocab_size=self.vocab_size)
+        self.objectives = from_ds_config(args.ds_config, numbers, vocab_size=self.vocab_size,
+                                         real_vocab_size=self.tokenizer.vocab_size)
         sampling = section.sampling_config()
         self.sampler = None
         if sampling.enabled:
@@ -273,6 +275,8 @@ class Trainer:
         model = build_model(model_config, args.seed)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=ds_config)
+        self.head_shard = vocab_parallel_head_shard(self.engine.module)
+        self.objectives.use_head_shard(self.head_shard)
         self.dp_rank, self.dp_size = data_parallel()
         self.gas = self.engine.gradient_accumulation_steps()
         self.micro_batch_size = self.engine.train_micro_batch_size_per_gpu()
@@ -315,7 +319,8 @@ class Trainer:
                 if sharded and group is None:
                     raise ValueError(f"logits have {logits.shape[-1]} vocab columns, the model "
                                      f"{self.vocab_size}, and no AutoTP group is set up")
-                prediction = self.sampler.predict(logits, group, self.step, sample_ids)
+                start = self.head_shard[0] if sharded and self.head_shard else None
+                prediction = self.sampler.predict(logits, group, self.step, sample_ids, start)
                 del logits
                 batch, counts = self.sampler.mix(batch, prediction, self.step, sample_ids)
                 mixed.append(batch)

@@ -122,18 +122,21 @@ class ScheduledSampler:
         return self.config.probability(step)
 
     def predict(self, logits: torch.Tensor, tp_group, step: int,
-                sample_ids: torch.Tensor) -> torch.Tensor:
+                sample_ids: torch.Tensor, vocab_start: int | None = None) -> torch.Tensor:
         """Token ids [b, s] from this rank's logits shard [b, s, V/tp] (no vocab gather).
 
         sample_ids: [b] global sample indices (they key the sampling noise).
+        vocab_start: the global id of the shard's first column (default: the even layout).
         Collectives: one all-reduce over tp_group (none without one).
         """
         if self.config.mode == "argmax":
-            return vocab_parallel_argmax(logits, tp_group, real_vocab=self.real_vocab)
+            return vocab_parallel_argmax(logits, tp_group, vocab_start=vocab_start,
+                                         real_vocab=self.real_vocab)
         positions = token_positions(sample_ids.to(logits.device), logits.shape[1])
         return vocab_parallel_sample(logits, self.config.temperature,
                                      stream_seed(self.run_seed, step, "sample"), tp_group,
-                                     positions=positions, real_vocab=self.real_vocab)
+                                     positions=positions, vocab_start=vocab_start,
+                                     real_vocab=self.real_vocab)
 
     def mix(self, batch: Mapping[str, torch.Tensor], predictions: torch.Tensor, step: int,
             sample_ids: torch.Tensor) -> tuple[dict, torch.Tensor]:
