@@ -303,6 +303,11 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None):
 
 
 _WRAPPED_ATTR = "_token_objectives_loss_func"
+# Megatron-LM's train_step logs sum / count unguarded, and training_log adds the value into the
+# whole logging interval: a step without number tokens would make "ntl" NaN for the interval.
+# A count of n + 2**-100 sums to exactly n in fp32 once any number token exists (the floor is
+# far below half an ulp of 1), and a step without any logs 0 / tiny = 0.
+_COUNT_FLOOR = 2.0**-100
 
 
 def wrap_loss_func(original):
@@ -310,7 +315,8 @@ def wrap_loss_func(original):
 
     The returned function has the original's signature, `(loss_mask, output_tensor, model=None)`
     in core_v0.16.1, and returns what the original returns, (loss, num_tokens, report), or the
-    legacy (loss, report), with `component_report`'s pairs added to the report. The original
+    legacy (loss, report), with `component_report`'s pairs added to the report ("ntl"'s count
+    floored at 2**-100, so a step without number tokens logs 0, not NaN). The original
     still computes the loss from the combined per-token loss, so its rerun-state-machine NaN,
     Inf and spiky-loss checks and its ModelOpt branch run on what is trained. Idempotent.
     """
@@ -328,6 +334,8 @@ def wrap_loss_func(original):
             )
         report = dict(outputs[-1])
         for name, pair in component_report(loss_mask, output_tensor).items():
+            if name == "ntl":
+                pair = torch.stack([pair[0], pair[1] + _COUNT_FLOOR])
             report.setdefault(name, pair)
         return (*outputs[:-1], report)
 
