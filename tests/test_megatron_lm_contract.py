@@ -251,6 +251,20 @@ def test_per_token_loss_is_what_makes_the_gradient_exact():
         tom.check_megatron_lm_args(args)
 
 
+def test_the_wrapped_model_provider_checks_before_building(monkeypatch):
+    args = _parse(["--ntl", "none"])
+    args.calculate_per_token_loss = False
+    training = types.ModuleType("megatron.training")
+    training.get_args = lambda: args
+    training.get_tokenizer = lambda: types.SimpleNamespace(vocab_size=REAL_VOCAB)
+    monkeypatch.setitem(sys.modules, "megatron.training", training)
+    built = []
+    provider = tom.wrap_model_provider(lambda **kwargs: built.append(kwargs))
+    with pytest.raises(ValueError, match="--calculate-per-token-loss"):
+        provider(pre_process=True, post_process=True)
+    assert not built
+
+
 def megatron_lm_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The Megatron-LM flags the hook reads (megatron/training/arguments.py names them)."""
     parser.add_argument("--calculate-per-token-loss", action="store_true")
