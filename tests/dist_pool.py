@@ -27,8 +27,14 @@ TASK_TIMEOUT_S = 300
 
 
 def tp_group(size: int) -> dist.ProcessGroup | None:
-    """This rank's TP group of `size` ranks (None for size 1: the whole vocab is local)."""
+    """This rank's TP group of `size` ranks (None for size 1: the whole vocab is local).
+    Size 3 exists on ranks 0-2 only (see `in_tp_group`)."""
     return _GROUPS[size]
+
+
+def in_tp_group(size: int) -> bool:
+    """Whether this rank belongs to a TP group of `size` (every rank does, but for size 3)."""
+    return size in _GROUPS
 
 
 COLLECTIVES = (
@@ -69,6 +75,11 @@ def _make_groups(world_size: int) -> None:
             if dist.get_rank() in ranks:
                 _GROUPS[size] = group
         size *= 2
+    if world_size > 3:
+        # A TP size that divides no power of two: ranks 0-2; the others are left out of it.
+        group = dist.new_group([0, 1, 2])
+        if dist.get_rank() < 3:
+            _GROUPS[3] = group
 
 
 def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:

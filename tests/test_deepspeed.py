@@ -324,6 +324,134 @@ def test_wrong_type_is_named():
         read_section(_section(pdl_alpha=[0.2]))
 
 
+SECTION_OWN_KEYS = {"tokenizer", "number_tokens", "frequencies", "scheduled_sampling",
+                    "fused_lm_head"}
+
+
+def test_section_keys_are_objective_config_fields_plus_its_own():
+    """A new ObjectiveConfig field is a section key without anyone adding it by hand."""
+    from dataclasses import fields
+
+    from token_objectives import ObjectiveConfig
+    from token_objectives.deepspeed import TokenObjectivesConfig
+
+    names = {f.name for f in fields(ObjectiveConfig)}
+    assert set(TokenObjectivesConfig.model_fields) == names | SECTION_OWN_KEYS
+    for option in fields(ObjectiveConfig):
+        key = TokenObjectivesConfig.model_fields[option.name]
+        assert key.default == option.default and key.description == option.metadata["help"]
+
+
+@pytest.mark.parametrize("key,value", [
+    ("pdl_alpha", "0.5"), ("ntl_weight", "0.3"), ("reweigh", 1), ("reweigh", "true"),
+    ("fused_lm_head", 1), ("pdl_normalize_table", "false"), ("max_number_length", 2.0),
+    ("ignore_index", True), ("pdl_alpha", None), ("z_loss", float("nan")),
+    ("pdl_eps", float("inf")), ("pdl_unseen", "0.5"), ("pdl_unseen", True),
+    ("ntl", "none"), ("pdl_normalization", "mean"),
+])
+def test_types_are_strict_and_the_key_is_named(key, value):
+    from token_objectives.deepspeed import read_section
+
+    with pytest.raises(ValueError, match=rf'^invalid ds_config\["token_objectives"\]: {key}: '):
+        read_section(_section(**{key: value}))
+
+
+def test_an_int_is_accepted_for_a_float_key():
+    """JSON writes 1.0 as 1."""
+    from token_objectives.deepspeed import read_section
+
+    config = read_section(_section(ntl_weight=1, pdl_alpha=1, pdl_unseen=0, frequencies=None,
+                                   z_loss=0)).objective_config()
+    assert (config.ntl_weight, config.pdl_alpha, config.pdl_unseen) == (1.0, 1.0, 0.0)
+    assert all(isinstance(v, float) for v in (config.ntl_weight, config.pdl_unseen))
+
+
+def test_range_errors_come_from_objective_config_and_name_the_key():
+    from token_objectives.deepspeed import read_section
+
+    with pytest.raises(ValueError, match=r'\]: pdl_eps: expected a number >= 0, got -1.0'):
+        read_section(_section(pdl_eps=-1))
+
+
+def test_pdl_options_reach_the_weights(tmp_path):
+    import numpy as np
+
+    from token_objectives.deepspeed import from_ds_config
+    from token_objectives.frequencies import pdl_weights, save_frequencies
+
+    counts = np.array([0, 7, 1, 0, 30, 2], dtype=np.int64)
+    path = tmp_path / "freqs.safetensors"
+    save_frequencies(path, counts, tokenizer_identity="test")
+    objectives = from_ds_config(_section(ntl=None, pdl_alpha=0.5, pdl_eps=2.0, pdl_unseen=0.0,
+                                         pdl_normalize_table=False, frequencies=str(path)),
+                                numbers=None)
+    expected = pdl_weights(counts, 0.5, eps=2.0, unseen_weight=0.0, normalize=False)
+    torch.testing.assert_close(objectives.pdl_weights, expected, rtol=0, atol=0)
+    assert objectives.pdl_weights[0] == 0 and objectives.pdl_weights[1] == 9.0 ** -0.5
+
+
+def test_weighted_mean_divides_the_whole_loss_by_the_counted_pdl_weights():
+    """By hand in float64: N = sum of w[y] over counted tokens (mask != 0, not ignored), and the
+    NTL and z-loss terms, unweighted in the numerator, are divided by that N as well."""
+    from cases import make_case
+
+    from token_objectives import ObjectiveConfig
+    from token_objectives.deepspeed import DeepSpeedObjectives
+    from token_objectives.deepspeed_training import counted_denominator
+
+    config = ObjectiveConfig(ntl="mse", ntl_weight=0.5, reweigh=False, pdl_alpha=1.0,
+                             pdl_normalization="weighted_mean", z_loss=1e-2)
+    case = make_case("weighted_mean", config, seed=31)
+    labels, mask = case.labels, case.loss_mask.clone()
+    mask[0, 3] = 0.5  # a fractional mask scales the loss; the token still counts once
+    mask[1, 12] = 1.0  # ignored label under a mask of 1: not counted
+    objectives = DeepSpeedObjectives(config, case.numbers, case.pdl_weights)
+    logits = case.logits.double()
+    out = objectives(logits, labels, loss_mask=mask)
+    denominator = counted_denominator([{"labels": labels, "loss_mask": mask}], objectives)
+
+    real = case.numbers.valid_vocab_size
+    counted = (mask != 0) & (labels != config.ignore_index)
+    target = torch.where(counted, labels, 0)
+    lse = torch.logsumexp(logits[..., :real], dim=-1)
+    ce = lse - logits.gather(-1, target[..., None])[..., 0]
+    weight = case.pdl_weights.double()[target]
+    ids = case.numbers.number_ids
+    values = case.numbers.values.double()
+    yhat = torch.softmax(logits[..., ids], dim=-1) @ values[ids]
+    is_number = counted & ~torch.isnan(values[target])
+    ntl = torch.where(is_number, (yhat - torch.nan_to_num(values[target])) ** 2, 0.0)
+    per_token = weight * ce + config.z_loss * lse**2 + config.ntl_weight * ntl
+    numerator = torch.where(counted, per_token * mask, 0.0).sum()
+    weights = torch.where(counted, weight, 0.0).sum()
+
+    torch.testing.assert_close(denominator, weights, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.loss.sum() / denominator, numerator / weights, rtol=1e-6,
+                               atol=0)
+    # Not the CE alone over the weights with NTL and z-loss over the token count:
+    split = (torch.where(counted, weight * ce * mask, 0.0).sum() / weights
+             + torch.where(counted, (per_token - weight * ce) * mask, 0.0).sum() / counted.sum())
+    assert not torch.isclose(out.loss.sum() / denominator, split, rtol=1e-4)
+    token = DeepSpeedObjectives(ObjectiveConfig(ntl="mse", pdl_alpha=1.0), case.numbers,
+                                case.pdl_weights)
+    assert counted_denominator([{"labels": labels, "loss_mask": mask}], token) == counted.sum()
+
+
+def test_weighted_mean_denominator_with_an_ignore_index_beyond_the_vocab():
+    from token_objectives import ObjectiveConfig
+    from token_objectives.deepspeed import DeepSpeedObjectives
+    from token_objectives.deepspeed_training import counted_denominator
+
+    config = ObjectiveConfig(ntl=None, pdl_alpha=1.0, pdl_normalization="weighted_mean",
+                             ignore_index=1000)
+    weights = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    labels = torch.tensor([[0, 1000, 2, 3]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    total = counted_denominator([{"labels": labels, "loss_mask": mask}],
+                                DeepSpeedObjectives(config, None, weights))
+    assert total.item() == 2.5
+
+
 def test_missing_frequency_file_is_named(tmp_path):
     from token_objectives.deepspeed import read_section
 

@@ -117,8 +117,11 @@ def split_corpus(tmp_path_factory, corpus_lines) -> list[Path]:
     return paths
 
 
-def expected_text_counts(encode, lines: list[str], vocab_size: int) -> np.ndarray:
+def expected_text_counts(encode, lines: list[str], vocab_size: int, eod: int | None = None
+                         ) -> np.ndarray:
+    """Counts of every line's ids, plus one `eod` per line with tokens (--append-eod)."""
     ids = [i for line in lines for i in encode(line)]
+    ids += [eod for line in lines if eod is not None and encode(line)]
     return np.bincount(np.array(ids, dtype=np.int64), minlength=vocab_size)
 
 
@@ -127,20 +130,25 @@ def test_count_text_sentencepiece(split_corpus, corpus_lines, sp_model_path):
     size = processor.get_piece_size()
     counts = count_text_files(split_corpus, sp_model_path, size + 6, progress=False, batch_lines=7)
     np.testing.assert_array_equal(
-        counts, expected_text_counts(processor.encode, corpus_lines, size + 6)
+        counts, expected_text_counts(processor.encode, corpus_lines, size + 6, processor.eos_id())
     )
+    assert counts[processor.eos_id()] == len(corpus_lines)
 
 
 def test_count_text_bpe_and_hf(split_corpus, corpus_lines, bpe_tokenizer_path, hf_tokenizer):
     tokenizer = Tokenizer.from_file(str(bpe_tokenizer_path))
     size = tokenizer.get_vocab_size()
+    eod = tokenizer.token_to_id("<eos>")
     expected = expected_text_counts(
-        lambda line: tokenizer.encode(line, add_special_tokens=False).ids, corpus_lines, size
+        lambda line: tokenizer.encode(line, add_special_tokens=False).ids, corpus_lines, size, eod
     )
     assert expected.sum() > 1000
     for candidate in (tokenizer, hf_tokenizer, str(bpe_tokenizer_path)):
         counts = count_text_files(split_corpus, candidate, size, progress=False, batch_lines=50)
         np.testing.assert_array_equal(counts, expected)
+    without = count_text_files(split_corpus, tokenizer, size, progress=False, append_eod=False)
+    expected[eod] = 0
+    np.testing.assert_array_equal(without, expected)
 
 
 def test_count_text_vocab_too_small(split_corpus, bpe_tokenizer_path):
@@ -341,10 +349,61 @@ def test_cli_count_text(split_corpus, corpus_lines, bpe_tokenizer_path, tmp_path
     identity = tokenizer_identity(tokenizer)
     table = load_frequencies(output, vocab_size=padded, tokenizer_identity=identity)
     expected = expected_text_counts(
-        lambda line: tokenizer.encode(line, add_special_tokens=False).ids, corpus_lines, padded
+        lambda line: tokenizer.encode(line, add_special_tokens=False).ids, corpus_lines, padded,
+        tokenizer.token_to_id("<eos>"),
     )
     np.testing.assert_array_equal(table.counts.numpy(), expected)
     assert identity in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layout", ["lines", "jsonl"])
+def test_cli_count_text_equals_the_indexed_dataset_built_from_it(layout, corpus_lines,
+                                                                 sp_model_path, tmp_path):
+    """--text counts what preprocess_data.py --append-eod (here quickstart_data's writer) puts
+    in the .bin: every token and one EOD per document, so EOD is not an unseen token."""
+    import json
+
+    from token_objectives.quickstart_data import write_indexed_dataset as write_documents
+
+    if layout == "lines":
+        documents = corpus_lines[:120]
+        path = tmp_path / "corpus.txt"
+        path.write_text("\n".join(documents) + "\n", encoding="utf-8")
+    else:  # documents spanning several lines, as preprocess_data's JSON input holds them
+        documents = ["\n".join(corpus_lines[i:i + 3]) for i in range(0, 120, 3)]
+        path = tmp_path / "corpus.jsonl"
+        path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n"
+                                for i, d in enumerate(documents)), encoding="utf-8")
+    size = sentencepiece.SentencePieceProcessor(model_file=str(sp_model_path)).get_piece_size()
+    written = write_documents(documents, sp_model_path, tmp_path / "corpus_text_document")
+    from_bin = count_indexed_dataset([str(tmp_path / "corpus_text_document")], size,
+                                     progress=False)
+    output = tmp_path / "freq.safetensors"
+    assert main(["count-frequencies", "--output", str(output), "--tokenizer", str(sp_model_path),
+                 "--no-progress", "--text", str(path)]) == 0  # fmt: skip
+    from_text = load_frequencies(output, vocab_size=size).counts.numpy()
+    np.testing.assert_array_equal(from_text, from_bin)
+    eos = sentencepiece.SentencePieceProcessor(model_file=str(sp_model_path)).eos_id()
+    assert from_text[eos] == len(documents) and from_text.sum() == written
+
+
+def test_cli_count_text_without_eod_and_bad_json(corpus_lines, sp_model_path, tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(corpus_lines[:20]) + "\n", encoding="utf-8")
+    output = tmp_path / "freq.safetensors"
+    common = ["count-frequencies", "--output", str(output), "--tokenizer", str(sp_model_path),
+              "--no-progress"]
+    assert main([*common, "--no-append-eod", "--text", str(path)]) == 0
+    without = load_frequencies(output).counts
+    eos = sentencepiece.SentencePieceProcessor(model_file=str(sp_model_path)).eos_id()
+    assert without[eos] == 0
+    assert main([*common, "--eod-id", "5", "--text", str(path)]) == 0
+    added = load_frequencies(output).counts - without
+    assert added[5] == 20 and added.sum() == 20
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "12 apples"}\n{"body": "no text"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not a JSON object with a 'text' string"):
+        count_text_files([bad], sp_model_path, 1000, progress=False)
 
 
 def test_cli_count_defaults_vocab_size_to_the_tokenizer(split_corpus, sp_model_path, tmp_path):

@@ -304,6 +304,14 @@ def test_eligible_inputs_rules():
     assert not eligible_inputs(tokens, EOD, pad_id=9)[0, 5]
 
 
+def test_eligible_inputs_count_a_label_as_the_loss_does():
+    """The label counts where loss_mask != 0 (ObjectiveOutput.counted), whatever its value."""
+    tokens = torch.tensor([[5, 6, 7, 8, 9]])
+    loss_mask = torch.tensor([[1.0, 0.5, -1.0, 0.0, 1.0]])
+    expected = torch.tensor([[0, 1, 1, 1, 0]], dtype=torch.bool)
+    assert torch.equal(eligible_inputs(tokens, None, loss_mask), expected)
+
+
 def _known_logits(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
     """Logits [b, s, V] whose argmax at each position is (7 * token + 3) % vocab, or EOD where
     the token is 8."""

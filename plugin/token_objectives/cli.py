@@ -22,7 +22,11 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--data-prefix", nargs="+", metavar="PREFIX", help="Megatron indexed datasets (.bin/.idx)"
     )
-    source.add_argument("--text", nargs="+", metavar="FILE", help="UTF-8 text files, tokenized")
+    source.add_argument(
+        "--text", nargs="+", metavar="FILE",
+        help="UTF-8 text files, tokenized as preprocess_data.py does: one document per line (a "
+        "JSON object's --json-key field in .json/.jsonl), plus its end-of-document token",
+    )
     count.add_argument(
         "--tokenizer",
         help="local tokenizer path; required for --text, recorded as the identity otherwise",
@@ -30,6 +34,15 @@ def _parser() -> argparse.ArgumentParser:
     count.add_argument(
         "--vocab-size", type=int, help="the model's padded vocab size (default: tokenizer size)"
     )
+    count.add_argument(
+        "--no-append-eod", dest="append_eod", action="store_false",
+        help="--text: count no end-of-document token (for data built without preprocess_data's "
+        "--append-eod); by default one is counted per non-empty document",
+    )
+    count.add_argument("--eod-id", type=int,
+                       help="--text: the end-of-document id (default: the tokenizer's)")
+    count.add_argument("--json-key", default="text",
+                       help="--text: the document field of .json/.jsonl lines (default: text)")
     count.add_argument("--chunk-tokens", type=int, default=1 << 24, help=argparse.SUPPRESS)
     count.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -79,7 +92,9 @@ def _count_frequencies(args: argparse.Namespace, parser: argparse.ArgumentParser
         parser.error("count-frequencies --data-prefix needs --vocab-size or --tokenizer")
     progress = not args.no_progress
     if args.text:
-        counts = count_text_files(args.text, tokenizer, vocab_size, progress=progress)
+        counts = count_text_files(args.text, tokenizer, vocab_size, progress=progress,
+                                  append_eod=args.append_eod, eod_id=args.eod_id,
+                                  json_key=args.json_key)
         sources = f"{len(args.text)} text file(s)"
     else:
         counts = count_indexed_dataset(args.data_prefix, vocab_size, args.chunk_tokens, progress)

@@ -271,7 +271,7 @@ def build_correction_data(
                 tokens, mask = correction_document(prompt, own_answer, marker_ids, answer, eos_id)
                 writer.add(tokens, mask)
                 num_tokens += tokens.size
-                num_loss_tokens += int(mask.sum())
+                num_loss_tokens += int(np.count_nonzero(mask))
             bar.update(len(chunk))
     writer.finalize()
     return CorrectionData(output_prefix, Path(loss_mask_prefix(output_prefix)), len(examples),

@@ -19,7 +19,10 @@ name (`sampling_schedule.ScheduledSamplingConfig`), checked the same way.
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
+import typing
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -27,10 +30,9 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, create_model, field_validator
 
-from token_objectives.frequencies import load_frequencies
-from token_objectives.frequencies import pdl_weights as make_pdl_weights
+from token_objectives.frequencies import load_frequencies, pdl_weights_for
 from token_objectives.fused_linear import fused_linear_objective_loss
 from token_objectives.objectives import ObjectiveConfig, ObjectiveOutput, objective_loss
 from token_objectives.sampling_schedule import ScheduledSamplingConfig
@@ -43,26 +45,43 @@ SECTION = "token_objectives"
 def _base_model():
     from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 
-    return DeepSpeedConfigModel
+    class StrictModel(DeepSpeedConfigModel):
+        # DeepSpeed's own strict=True only keeps "auto" values; pydantic's strict mode refuses
+        # "0.5" for a number and 1 or "true" for a bool (an int is still a float: JSON writes 1).
+        model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+    return StrictModel
 
 
-class TokenObjectivesConfig(_base_model()):
-    """The "token_objectives" section. Keys are ObjectiveConfig's, plus where the tables come
-    from: `tokenizer` (local path, for the number tokens), `number_tokens` ("digit" | "multi")
-    and `frequencies` (a `token-objectives count-frequencies` file, for PDL)."""
+def _section_type(option, hint: Any) -> Any:
+    """The pydantic type of an ObjectiveConfig field: its choices as a Literal."""
+    choices = option.metadata.get("choices")
+    if not choices:
+        return hint
+    kinds = [kind for kind in typing.get_args(hint) or (hint,) if kind is not str]
+    return functools.reduce(operator.or_, kinds, Literal[choices])
 
-    ntl: Literal["was", "mse", "l1", "huber", "number"] | None = "was"
-    ntl_weight: float = 0.3
-    squash_factor: float | None = None
-    reweigh: bool = True
-    huber_delta: float = 1.0
-    number_level_float: bool = False
-    max_number_length: int = 20
-    pdl_alpha: float = 0.0
-    pdl_normalization: Literal["token", "weighted_mean"] = "token"
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-    ignore_index: int = -100
+
+def _objective_section_fields() -> dict[str, Any]:
+    """Every ObjectiveConfig field as a section key, with its type, default and help."""
+    hints = typing.get_type_hints(ObjectiveConfig)
+    return {
+        option.name: (_section_type(option, hints[option.name]),
+                      Field(option.default, description=option.metadata["help"]))
+        for option in fields(ObjectiveConfig)
+    }
+
+
+_ObjectiveSection = create_model("_ObjectiveSection", __base__=_base_model(),
+                                 **_objective_section_fields())
+
+
+class TokenObjectivesConfig(_ObjectiveSection):
+    """The "token_objectives" section. Keys are ObjectiveConfig's (made from its fields), plus
+    where the tables come from: `tokenizer` (local path, for the number tokens), `number_tokens`
+    ("digit" | "multi") and `frequencies` (a `token-objectives count-frequencies` file, for PDL),
+    the `scheduled_sampling` object and `fused_lm_head`."""
+
     tokenizer: str | None = None
     number_tokens: Literal["digit", "multi"] = "digit"
     frequencies: str | None = None
@@ -108,9 +127,11 @@ def read_section(ds_config: Mapping[str, Any] | str | Path) -> TokenObjectivesCo
         section.objective_config()  # the cross-field checks (squash_factor, ranges, ...)
         section.sampling_config()
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or SECTION}: {e['msg']}" for e in error.errors()
-        )
+        # One entry per key: a union type (pdl_unseen) reports each alternative it tried.
+        by_key: dict[str, list[str]] = {}
+        for e in error.errors():
+            by_key.setdefault(str(e["loc"][0]) if e["loc"] else SECTION, []).append(e["msg"])
+        problems = "; ".join(f"{key}: {' or '.join(msgs)}" for key, msgs in by_key.items())
         raise ValueError(f'invalid ds_config["{SECTION}"]: {problems}') from None
     except (TypeError, ValueError) as error:
         raise ValueError(f'invalid ds_config["{SECTION}"]: {error}') from None
@@ -201,7 +222,7 @@ def from_ds_config(
             )
         vocab = numbers.vocab_size if numbers is not None else None
         table = load_frequencies(section.frequencies, vocab_size=vocab)
-        pdl_weights = make_pdl_weights(table.counts, alpha=config.pdl_alpha)
+        pdl_weights = pdl_weights_for(config, table.counts)
     return DeepSpeedObjectives(config, numbers, pdl_weights, vocab_size)
 
 

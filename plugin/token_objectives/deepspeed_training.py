@@ -206,15 +206,23 @@ def data_parallel() -> tuple[int, int]:
 
 
 def counted_denominator(batches: list[dict], objectives: DeepSpeedObjectives) -> torch.Tensor:
-    """This rank's share of N: counted tokens (or their PDL weights) over its micro-batches."""
+    """This rank's share of N: counted tokens (or their PDL weights) over its micro-batches.
+
+    A token is counted where loss_mask != 0 and label != ignore_index, as ObjectiveOutput.counted.
+    With pdl_normalization="weighted_mean" N is the sum of w[label] over the counted tokens,
+    whatever their mask value; the numerator, sum(loss * mask), holds the NTL and z-loss terms
+    too, so they are divided by that sum of weights as well (ObjectiveConfig's docstring).
+    """
     total = torch.zeros((), dtype=torch.float64, device=batches[0]["labels"].device)
     ignore = objectives.config.ignore_index
     weighted = (objectives.config.pdl_normalization == "weighted_mean"
                 and objectives.pdl_weights is not None)
     for batch in batches:
-        counted = (batch["loss_mask"] > 0) & (batch["labels"] != ignore)
+        labels = batch["labels"]
+        counted = (batch["loss_mask"] != 0) & (labels != ignore)
         if weighted:
-            weights = objectives.pdl_weights.to(total.device)[batch["labels"].clamp(min=0)]
+            targets = torch.where(counted, labels, torch.zeros_like(labels))
+            weights = objectives.pdl_weights.to(total.device)[targets]
             total += (weights * counted).sum(dtype=torch.float64)
         else:
             total += counted.sum(dtype=torch.float64)

@@ -7,12 +7,14 @@ PDL (Power-Law Decay loss) weighs the cross-entropy of target token t by w[t] = 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,7 +22,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from token_objectives.gpt_data import end_of_document_id
 from token_objectives.tokenizer_io import TokenizerLike, as_tokenizer, encode_batch
+
+if TYPE_CHECKING:
+    from token_objectives.objectives import ObjectiveConfig
 
 FORMAT_NAME = "token_objectives.frequencies"
 FORMAT_VERSION = "1"
@@ -140,18 +146,40 @@ def count_indexed_dataset(
     return counts
 
 
-def _line_batches(paths: Sequence[str], batch_lines: int, bar: tqdm) -> Iterator[list[str]]:
-    batch: list[str] = []
+JSON_SUFFIXES = (".json", ".jsonl")
+
+
+def _document(raw: bytes, path: str, line: int, json_key: str) -> str:
+    text = raw.decode("utf-8").rstrip("\r\n")
+    if not path.endswith(JSON_SUFFIXES):
+        return text
+    try:
+        document = json.loads(text)[json_key]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{path}:{line}: not a JSON object with a {json_key!r} string ({error!r}); a .json/"
+            f".jsonl file holds one document per line, as for Megatron's preprocess_data.py "
+            f"(--json-key names the field)"
+        ) from None
+    if not isinstance(document, str):
+        raise ValueError(f"{path}:{line}: {json_key!r} is {type(document).__name__}, not a string")
+    return document
+
+
+def _document_batches(
+    paths: Sequence[str], batch: int, json_key: str, bar: tqdm
+) -> Iterator[list[str]]:
+    documents: list[str] = []
     for path in paths:
         with open(path, "rb") as file:
-            for raw in file:
+            for line, raw in enumerate(file, start=1):
                 bar.update(len(raw))
-                batch.append(raw.decode("utf-8").rstrip("\r\n"))
-                if len(batch) == batch_lines:
-                    yield batch
-                    batch = []
-    if batch:
-        yield batch
+                documents.append(_document(raw, str(path), line, json_key))
+                if len(documents) == batch:
+                    yield documents
+                    documents = []
+    if documents:
+        yield documents
 
 
 def count_text_files(
@@ -160,21 +188,43 @@ def count_text_files(
     vocab_size: int,
     progress: bool = True,
     batch_lines: int = 1024,
+    append_eod: bool = True,
+    eod_id: int | None = None,
+    json_key: str = "text",
 ) -> np.ndarray:
-    """Count token ids over UTF-8 text files, one line at a time (no BOS/EOS added).
+    """Count token ids over UTF-8 text files as Megatron's preprocess_data.py tokenizes them.
+
+    A document is one line; in a .json / .jsonl file, the `json_key` string of the JSON object
+    on that line (preprocess_data's input, whose text may hold newlines). Each document is
+    tokenized without BOS/EOS; append_eod (preprocess_data's --append-eod, which the training
+    data needs to end its documents) counts one end-of-document token per non-empty document,
+    as that script writes it, so EOD gets its real count instead of the unseen-token weight.
+    Turn it off for data built without --append-eod.
 
     tokenizer: tokenizers.Tokenizer, transformers tokenizer, SentencePieceProcessor, or path.
+    eod_id: the end-of-document id (default: the training loops' gpt_data.end_of_document_id).
     Returns int64 [vocab_size].
     """
     tokenizer = as_tokenizer(tokenizer)
+    if append_eod and eod_id is None:
+        try:
+            eod_id = end_of_document_id(tokenizer)
+        except ValueError as error:
+            raise ValueError(f"{error}; pass eod_id (--eod-id), or append_eod=False "
+                             f"(--no-append-eod) for data built without --append-eod") from None
     counts = np.zeros(vocab_size, dtype=np.int64)
+    if append_eod:
+        _check_ids(np.array([eod_id]), vocab_size, "the end-of-document id")
     total = sum(os.path.getsize(path) for path in paths)
     with tqdm(total=total, unit="B", unit_scale=True, disable=not progress) as bar:
-        for lines in _line_batches(paths, batch_lines, bar):
-            encoded = encode_batch(tokenizer, lines)
+        for documents in _document_batches(paths, batch_lines, json_key, bar):
+            encoded = encode_batch(tokenizer, documents)
             ids = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64)
             _check_ids(ids, vocab_size, "text files tokenized")
             counts += np.bincount(ids, minlength=vocab_size)
+            if append_eod:
+                # preprocess_data.py appends no EOD to a document without tokens.
+                counts[eod_id] += sum(1 for document in encoded if len(document) > 0)
     return counts
 
 
@@ -320,3 +370,15 @@ def pdl_weights(
     if normalize:
         weights *= counts.sum() / (counts * weights).sum()
     return torch.from_numpy(weights).to(torch.float32)
+
+
+def pdl_weights_for(
+    config: ObjectiveConfig, counts: np.ndarray | torch.Tensor | FrequencyTable
+) -> torch.Tensor:
+    """The PDL table `config` asks for: pdl_weights with its pdl_alpha, pdl_eps, pdl_unseen and
+    pdl_normalize_table. Every loop builds its weights here. Returns float32 [V]."""
+    if config.pdl_alpha <= 0:
+        raise ValueError("pdl_alpha is 0, so there is no PDL table to build; set pdl_alpha > 0")
+    unseen = None if config.pdl_unseen == "rarest" else float(config.pdl_unseen)
+    return pdl_weights(counts, config.pdl_alpha, eps=config.pdl_eps, unseen_weight=unseen,
+                       normalize=config.pdl_normalize_table)

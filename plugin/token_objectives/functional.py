@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from token_objectives.vocab import NumberTable
+from token_objectives.vocab_layout import VocabLayout, check_gathered, layout_rows
 
 NUM_STATISTICS = 6
 
@@ -78,53 +79,39 @@ class Distance:
 class VocabShard:
     """What one TP rank needs to know about its slice of the vocabulary.
 
-    real_width: local columns that are real tokens; [real_width, V/tp) is vocab padding.
+    layout: which global ids the shard holds, the global padded and real vocab sizes.
+    real_width: local columns that are real tokens; [real_width, width) is vocab padding.
     number_cols: long [n] local column ids of number tokens; number_values: float32 [n].
     """
 
-    vocab_start: int
-    width: int
-    real_width: int
+    layout: VocabLayout
     number_cols: torch.Tensor
     number_values: torch.Tensor
 
     @property
-    def vocab_end(self) -> int:
-        return self.vocab_start + self.width
+    def vocab_start(self) -> int:
+        return self.layout.vocab_start
+
+    @property
+    def width(self) -> int:
+        return self.layout.width
+
+    @property
+    def real_width(self) -> int:
+        return self.layout.real_width
 
 
 def vocab_shard(
-    numbers: NumberTable | None,
-    local_width: int,
-    tp_rank: int,
-    tp_size: int,
-    device: torch.device,
+    numbers: NumberTable | None, layout: VocabLayout, device: torch.device
 ) -> VocabShard:
-    """The slice of `numbers` held by rank `tp_rank` of `tp_size`, `local_width` columns each."""
-    vocab_start = tp_rank * local_width
+    """The number tokens of `numbers` inside this rank's `layout` (none without a table)."""
     if numbers is None:
         empty = torch.empty(0, dtype=torch.long, device=device)
-        return VocabShard(vocab_start, local_width, local_width, empty, empty.float())
-    vocab_size = numbers.vocab_size
-    if vocab_size % tp_size != 0:
-        raise ValueError(
-            f"the vocab size {vocab_size} is not divisible by the tensor-parallel size {tp_size}; "
-            f"pad the vocab to a multiple of 128*TP (Megatron: --make-vocab-size-divisible-by) "
-            f"and build the NumberTable with vocab_size=<padded size>"
-        )
-    if local_width * tp_size != vocab_size:
-        raise ValueError(
-            f"logits hold {local_width} vocab columns per rank x TP={tp_size} = "
-            f"{local_width * tp_size}, but the NumberTable has {vocab_size} entries; build it with "
-            f"NumberTable.from_tokenizer(tokenizer, vocab_size={local_width * tp_size})"
-        )
-    real_width = min(max(numbers.valid_vocab_size - vocab_start, 0), local_width)
-    local_values = numbers.values[vocab_start : vocab_start + local_width]
+        return VocabShard(layout, empty, empty.float())
+    local_values = numbers.values[layout.vocab_start : layout.vocab_start + layout.width]
     cols = torch.nonzero(~torch.isnan(local_values)).flatten()
     return VocabShard(
-        vocab_start=vocab_start,
-        width=local_width,
-        real_width=real_width,
+        layout=layout,
         number_cols=cols.to(device),
         number_values=local_values[cols].to(device=device, dtype=torch.float32),
     )
@@ -149,6 +136,16 @@ class Columns:
 
 
 @dataclass(frozen=True)
+class LabelCheck:
+    """The outcome of this rank's label check, raised after the MAX all-reduce under TP so that
+    every rank raises it together. bad: 0-dim, 1 where a label is out of range (no host sync on
+    the GPU); message: the error (CPU only; None when the labels are fine)."""
+
+    bad: torch.Tensor | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything about one call but the tensors: this rank's shard, the statistics to compute,
     the Wasserstein distance, the real (unpadded) vocab size and the rows per chunk."""
@@ -159,6 +156,7 @@ class Plan:
     real_vocab: int
     rows: int
     kernel: str = "torch"  # "torch" stages or the "triton" kernels (see resolve_kernel)
+    labels: LabelCheck = LabelCheck()
 
 
 KERNELS = ("auto", "torch", "triton")
@@ -368,12 +366,20 @@ def finish_statistics(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's partials [T, 2] / [T, 7] -> (statistics [T, 6], log_q [T]).
 
-    The only communication of the objective: a MAX all-reduce of the maxima, then one SUM
-    all-reduce of the summed columns the plan needs, whatever the number of chunks.
+    The only communication of the objective: a MAX all-reduce of the maxima, which also carries
+    every rank's vocab layout and label check (`vocab_layout.layout_rows`, 5 numbers per rank),
+    then one SUM all-reduce of the summed columns the plan needs, whatever the number of chunks.
+    A bad layout or label raises on every rank between the two.
     """
     if tp_group is not None:
-        best = maxima.clone()
-        dist.all_reduce(best, op=dist.ReduceOp.MAX, group=tp_group)
+        rank, size = dist.get_rank(tp_group), dist.get_world_size(tp_group)
+        bad = plan.labels.bad if plan.labels.bad is not None else maxima.new_zeros(())
+        packed = torch.cat([maxima.flatten(),
+                            layout_rows(plan.shard.layout, rank, size, bad, maxima)])
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=tp_group)
+        check_gathered(packed[maxima.numel():], rank, plan.shard.layout.source,
+                       plan.labels.message)
+        best = packed[: maxima.numel()].view_as(maxima)
         rescale_partials(sums, maxima, best)
         maxima = best
         needed = plan.columns.summed()
@@ -529,17 +535,19 @@ def vocab_parallel_statistics(
     tp_group: dist.ProcessGroup | None = None,
     rows_per_chunk: int | None = None,
     kernel: str | None = None,
+    labels: LabelCheck = LabelCheck(),
 ) -> torch.Tensor:
     """logits [T, V/tp] (local shard), targets long [T] (global ids, in range), target_values
     [T] (0 where the target is not a number) -> statistics [T, 6], differentiable.
 
     tp_group None (or of size 1) means the logits hold the whole vocab and nothing is sent.
     rows_per_chunk bounds the fp32 working set to [rows, V/tp] (default: CHUNK_ELEMENTS).
-    kernel: "auto" | "torch" | "triton" (see resolve_kernel).
+    kernel: "auto" | "torch" | "triton" (see resolve_kernel). labels: this rank's label check,
+    raised on every rank after the MAX all-reduce.
     """
     if tp_group is not None and dist.get_world_size(tp_group) == 1:
         tp_group = None
     rows = chunk_rows(logits.shape[-1], rows_per_chunk)
     plan = Plan(shard, columns, distance, real_vocab, rows,
-                resolve_kernel(kernel, logits.device, logits.dtype))
+                resolve_kernel(kernel, logits.device, logits.dtype), labels)
     return VocabParallelStatistics.apply(logits, targets, target_values, plan, tp_group)

@@ -96,6 +96,9 @@ def fused_linear_objective_loss(
     seq_dim: int = -1,
     rows_per_chunk: int | None = None,
     kernel: str | None = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    real_vocab_size: int | None = None,
 ) -> ObjectiveOutput:
     """objective_loss(hidden @ weight.T, ...) without materialising the logits.
 
@@ -107,6 +110,8 @@ def fused_linear_objective_loss(
         (default: HEAD_CHUNK_ELEMENTS of them, 64 MiB in fp32).
     kernel: "auto" | "torch" | "triton" for the per-chunk statistics and logit gradients
         (functional.resolve_kernel).
+    vocab_start, vocab_size, real_vocab_size: the layout of weight's rows in the global vocab,
+        as in `objective_loss` (uneven shards, e.g. DeepSpeed AutoTP's, need the first two).
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(
@@ -122,10 +127,11 @@ def fused_linear_objective_loss(
         tp_group = None
     width = weight.shape[0]
     prep = prepare_targets(labels, config, numbers, pdl_weights, tp_group, width, hidden.device,
-                           loss_mask)
+                           loss_mask, vocab_start=vocab_start, vocab_size=vocab_size,
+                           real_vocab_size=real_vocab_size)
     plan = Plan(prep.shard, prep.columns, prep.distance, prep.real_vocab,
                 chunk_rows(width, rows_per_chunk, HEAD_CHUNK_ELEMENTS),
-                resolve_kernel(kernel, hidden.device, hidden.dtype))
+                resolve_kernel(kernel, hidden.device, hidden.dtype), prep.label_check)
     stats = FusedLinearStatistics.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, prep.targets.flatten(),
         prep.target_values.flatten(), plan, tp_group,

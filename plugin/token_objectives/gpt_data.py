@@ -34,10 +34,14 @@ class MegatronTokenizer:
 
 
 def end_of_document_id(tokenizer) -> int:
-    """The id that ends each document: sentencepiece's eos, else </s>, <eos>, <|endoftext|>."""
+    """The id that ends each document: sentencepiece's eos, a transformers tokenizer's
+    eos_token_id (Megatron's HuggingFaceTokenizer.eod), else </s>, <eos>, <|endoftext|>."""
     eos = getattr(tokenizer, "eos_id", None)
     if callable(eos) and eos() >= 0:
         return int(eos())  # sentencepiece
+    eos_token_id = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos_token_id, int):
+        return eos_token_id
     for token in ("</s>", "<eos>", "<|endoftext|>", "<|end_of_text|>"):
         token_id = tokenizer.token_to_id(token) if hasattr(tokenizer, "token_to_id") else None
         if token_id is not None:

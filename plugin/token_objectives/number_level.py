@@ -2,8 +2,11 @@
 
 A run of consecutive digit targets along the sequence is one number; its value is
 sum_i digit_i * 10**(run_length - 1 - i). In float mode a single "." between two digits continues
-the run and contributes nothing, so 12.34 reads as 1234, as in ntloss. The number's value is
-written at the run's first digit; every other position of the run carries nothing.
+the run and contributes nothing, so 12.34 reads as 1234, as in ntloss. A digit token that starts
+a word ("▁3" in sentencepiece, "Ġ3" in byte-level BPE) starts a new number, so the targets
+"▁1 2 ▁3 4" are the two numbers 12 and 34 (ntloss, which knows only bare digits, reads 1234).
+The number's value is written at the run's first digit; every other position of the run carries
+nothing.
 """
 
 from __future__ import annotations
@@ -56,21 +59,26 @@ def digit_runs(
     is_digit: torch.Tensor,
     is_dot: torch.Tensor | None = None,
     max_number_length: int = 20,
+    word_start: torch.Tensor | None = None,
 ) -> DigitRuns:
-    """is_digit, is_dot: bool [B, S] over target positions (sequence last).
+    """is_digit, is_dot, word_start: bool [B, S] over target positions (sequence last).
 
-    is_dot None means integer mode: any non-digit ends a run. Exponents are clamped to
-    max_number_length - 1, as in ntloss.
+    is_dot None means integer mode: any non-digit ends a run. word_start marks digits that
+    begin a word; each starts a new run. Exponents are clamped to max_number_length - 1, as in
+    ntloss.
     """
     batch, seq = is_digit.shape
     digit_before = _shift_right(is_digit)
+    inner_digit = is_digit if word_start is None else is_digit & ~word_start
     if is_dot is None:
         in_run = is_digit
         continues = digit_before
     else:
-        dot_inside = is_dot & digit_before & _shift_left(is_digit)
+        dot_inside = is_dot & digit_before & _shift_left(inner_digit)
         in_run = is_digit | dot_inside
         continues = digit_before | (_shift_right(is_dot) & _shift_right(is_digit, 2))
+    if word_start is not None:
+        continues = continues & ~word_start
     starts_run = in_run & ~continues
     run_in_row = torch.cumsum(starts_run.long(), dim=-1) * in_run.long()
     row_base = torch.arange(batch, device=is_digit.device).unsqueeze(-1) * (seq + 1)

@@ -11,8 +11,12 @@ over the GLOBAL vocab, so it is the same at every TP size); ntl is one of ntloss
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -22,75 +26,171 @@ import torch.nn.functional as F
 from token_objectives.functional import (
     Columns,
     Distance,
+    LabelCheck,
     VocabShard,
     vocab_parallel_statistics,
     vocab_shard,
 )
 from token_objectives.number_level import digit_runs
 from token_objectives.vocab import NumberTable
+from token_objectives.vocab_layout import VocabLayout, layout_problem, resolve_layout
 
 NTL_FLAVOURS = ("was", "mse", "l1", "huber", "number")
 PDL_NORMALIZATIONS = ("token", "weighted_mean")
+PDL_UNSEEN_RULES = ("rarest",)
 # ntloss's symmetric-MAPE denominator guard: float32 machine epsilon, whatever the dtype.
 SMAPE_EPS = torch.finfo(torch.float32).eps
 REWEIGH_MARGIN = 1.01
+
+
+def _option(default: Any, accepts: str, help: str, choices: tuple[str, ...] = ()) -> Any:
+    """A config field whose help text, accepted values and choices live in its metadata, so the
+    DeepSpeed section, the Megatron-LM flags and the docs are all made from one place."""
+    metadata = {"help": help, "accepts": accepts}
+    if choices:
+        metadata["choices"] = choices
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _type_error(name: str, accepts: str, value: Any, why: str = "") -> ValueError:
+    return ValueError(f"{name}: expected {accepts}, got {value!r}{why}")
+
+
+def _checked_value(name: str, hint: Any, accepts: str, value: Any) -> Any:
+    """`value` if it has one of the types `hint` allows (an int is a float, a bool is neither),
+    as a float for a float field; a NaN or an infinity is refused."""
+    kinds = typing.get_args(hint) or (hint,)
+    if value is None:
+        if type(None) in kinds:
+            return None
+        raise _type_error(name, accepts, value)
+    for kind in kinds:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if isinstance(value, bool):
+            continue
+        if kind is int and isinstance(value, Integral):
+            return int(value)
+        if kind is float and isinstance(value, Real):
+            if not math.isfinite(value):
+                raise _type_error(name, accepts, value, " (not a finite number)")
+            return float(value)
+        if kind is str and isinstance(value, str):
+            return value
+    raise _type_error(name, accepts, value)
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(ObjectiveConfig)
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
     """Which objectives are on, and their settings.
 
-    ntl: "was" (Wasserstein-1, ntloss.NTLoss), "mse" | "l1" | "huber" (on the expected value,
-        ntloss.NTLossDotProduct), "number" (whole numbers from digit runs,
-        ntloss.NumberLevelLoss), or None for no NTL.
-    ntl_weight: lambda, the NTL term's weight (0.3, as in the NTL paper's README).
-    squash_factor: "was" only: how much worse the farthest number is than the nearest wrong one.
-    reweigh: ntloss's reweighing by the probability mass on number tokens.
-    huber_delta: "huber" only. number_level_float / max_number_length: "number" only.
-    pdl_alpha: PDL exponent; > 0 needs a weight table (frequencies.pdl_weights).
-    pdl_normalization: "token" (sum / token count; the table is normalised to corpus mean 1) or
-        "weighted_mean" (sum / sum of weights, as the PDL reference code).
-    label_smoothing: over the global real vocab. z_loss: coefficient of lse**2.
+    Every field's help text is its metadata["help"] (and metadata["accepts"] says what it takes);
+    `dataclasses.fields(ObjectiveConfig)` is the one list the other surfaces are made from: the
+    YAML `objectives:` section (from_dict), the ds_config "token_objectives" section and the
+    Megatron-LM flags. A wrong type, a NaN or a value out of range is a ValueError that names
+    the field and what it accepts.
+
+    PDL has two normalisations that are easy to confuse:
+    - pdl_normalize_table scales the weight TABLE so its corpus-weighted mean is 1
+      (sum(counts * w) / sum(counts) == 1, frequencies.pdl_weights(normalize=...)); it changes the
+      loss scale, not what the loss is divided by.
+    - pdl_normalization picks the loss DENOMINATOR N of sum_t loss_t * mask_t / N:
+      "token": N = the number of counted tokens (mask != 0 and label != ignore_index);
+      "weighted_mean": N = the sum of w[y_t] over the counted tokens, as the PDL reference code.
+      With "weighted_mean" the NTL and z-loss terms, which carry no PDL weight themselves, are
+      divided by that same sum of weights: the whole per-token loss is, not the CE alone. With a
+      normalised table that sum is about the token count, so NTL and z-loss keep about their
+      scale; without it they scale by 1 / (mean weight). Only the DeepSpeed loop implements it
+      (deepspeed_training.counted_denominator); Megatron's loss_func divides by a token count.
     """
 
-    ntl: str | None = "was"
-    ntl_weight: float = 0.3
-    squash_factor: float | None = None
-    reweigh: bool = True
-    huber_delta: float = 1.0
-    number_level_float: bool = False
-    max_number_length: int = 20
-    pdl_alpha: float = 0.0
-    pdl_normalization: str = "token"
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-    ignore_index: int = -100
+    ntl: str | None = _option(
+        "was", "one of 'was', 'mse', 'l1', 'huber', 'number', or None",
+        "NTL flavour: 'was' (Wasserstein-1, ntloss.NTLoss), 'mse' | 'l1' | 'huber' (on the "
+        "expected value, ntloss.NTLossDotProduct), 'number' (whole numbers from digit runs, "
+        "ntloss.NumberLevelLoss), or None for no NTL",
+        NTL_FLAVOURS,
+    )
+    ntl_weight: float = _option(0.3, "a number >= 0", "lambda, the NTL term's weight")
+    squash_factor: float | None = _option(
+        None, "a number > 1, or None",
+        "ntl='was' only: how much worse the farthest number is than the nearest wrong one",
+    )
+    reweigh: bool = _option(
+        True, "a bool", "ntloss's reweighing of NTL by the probability mass on number tokens"
+    )
+    huber_delta: float = _option(1.0, "a number > 0", "ntl='huber' only: the Huber delta")
+    number_level_float: bool = _option(
+        False, "a bool", "ntl='number' only: read a '.' between digit runs as a decimal point"
+    )
+    max_number_length: int = _option(
+        20, "an int >= 1", "ntl='number' only: the most digits one number is assembled from"
+    )
+    pdl_alpha: float = _option(
+        0.0, "a number >= 0",
+        "PDL exponent: w[t] = (count[t] + pdl_eps) ** -pdl_alpha; > 0 needs a frequencies file",
+    )
+    pdl_normalization: str = _option(
+        "token", "one of 'token', 'weighted_mean'",
+        "the loss denominator: 'token' (sum / counted tokens) or 'weighted_mean' (sum / sum of "
+        "the counted tokens' PDL weights, NTL and z-loss included; DeepSpeed loop only)",
+        PDL_NORMALIZATIONS,
+    )
+    pdl_eps: float = _option(
+        1.0, "a number >= 0", "PDL: added to every count before the power, (count + eps) ** -alpha"
+    )
+    pdl_unseen: str | float = _option(
+        "rarest", "'rarest' or a number >= 0",
+        "PDL weight of tokens with count 0 (special tokens, vocab padding): 'rarest' (the rarest "
+        "seen token's weight) or a weight on the un-normalised (count + eps) ** -alpha scale "
+        "(0: never trained on)",
+        PDL_UNSEEN_RULES,
+    )
+    pdl_normalize_table: bool = _option(
+        True, "a bool",
+        "PDL: scale the weight table to a corpus-weighted mean of 1 (not the loss denominator: "
+        "that is pdl_normalization)",
+    )
+    label_smoothing: float = _option(
+        0.0, "a number in [0, 1)", "label smoothing over the global real vocab"
+    )
+    z_loss: float = _option(0.0, "a number >= 0", "coefficient of the z-loss lse**2")
+    ignore_index: int = _option(-100, "an int", "label of positions without a target")
 
     def __post_init__(self) -> None:
-        if self.ntl not in (*NTL_FLAVOURS, None):
-            raise ValueError(f"ntl must be one of {NTL_FLAVOURS} or None, got {self.ntl!r}")
-        if self.ntl_weight < 0:
-            raise ValueError(f"ntl_weight must be >= 0, got {self.ntl_weight}")
-        if self.squash_factor is not None:
-            if self.ntl != "was":
-                raise ValueError("squash_factor applies to ntl='was' only; remove it")
-            if self.squash_factor <= 1:
-                raise ValueError(f"squash_factor must be > 1, got {self.squash_factor}")
-        if self.huber_delta <= 0:
-            raise ValueError(f"huber_delta must be > 0, got {self.huber_delta}")
-        if self.max_number_length < 1:
-            raise ValueError(f"max_number_length must be >= 1, got {self.max_number_length}")
-        if self.pdl_alpha < 0:
-            raise ValueError(f"pdl_alpha must be >= 0, got {self.pdl_alpha}")
-        if self.pdl_normalization not in PDL_NORMALIZATIONS:
+        hints = _field_types()
+        for option in dataclasses.fields(self):
+            value = _checked_value(option.name, hints[option.name], option.metadata["accepts"],
+                                   getattr(self, option.name))
+            # Frozen: normalise an int given for a float field (JSON writes 1 for 1.0).
+            object.__setattr__(self, option.name, value)
+            choices = option.metadata.get("choices", ())
+            if isinstance(value, str) and value not in choices:
+                raise _type_error(option.name, option.metadata["accepts"], value)
+        ranges = {
+            "ntl_weight": self.ntl_weight >= 0,
+            "squash_factor": self.squash_factor is None or self.squash_factor > 1,
+            "huber_delta": self.huber_delta > 0,
+            "max_number_length": self.max_number_length >= 1,
+            "pdl_alpha": self.pdl_alpha >= 0,
+            "pdl_eps": self.pdl_eps >= 0,
+            "pdl_unseen": isinstance(self.pdl_unseen, str) or self.pdl_unseen >= 0,
+            "label_smoothing": 0.0 <= self.label_smoothing < 1.0,
+            "z_loss": self.z_loss >= 0,
+        }
+        for name, ok in ranges.items():
+            if not ok:
+                accepts = self.__dataclass_fields__[name].metadata["accepts"]
+                raise _type_error(name, accepts, getattr(self, name))
+        if self.squash_factor is not None and self.ntl != "was":
             raise ValueError(
-                f"pdl_normalization must be one of {PDL_NORMALIZATIONS}, "
-                f"got {self.pdl_normalization!r}"
+                f"squash_factor: applies to ntl='was' only (ntl is {self.ntl!r}); remove it"
             )
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.z_loss < 0:
-            raise ValueError(f"z_loss must be >= 0, got {self.z_loss}")
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any]) -> ObjectiveConfig:
@@ -116,6 +216,13 @@ class ObjectiveOutput:
     PDL weight), for perplexity. ntl: the NTL term before lambda, 0 where the target is not a
     number. is_number: bool, where an NTL term is counted (for "number": the first digit of each
     number). weight: the PDL weight w[y] (1 without PDL). counted: bool, the tokens counted.
+
+    With NTL on (None otherwise), from the statistics the loss already gathered (no further
+    collective), at every counted token whatever its target, 0 elsewhere and not scaled by the
+    loss mask:
+    predicted_number: the expected value y-hat = sum_j pN_j v_j under the softmax over the
+        number tokens only (ntloss's `predict_numbers`; per digit for digit-level tokens).
+    number_mass: the probability the full softmax puts on number tokens.
     """
 
     loss: torch.Tensor
@@ -124,6 +231,8 @@ class ObjectiveOutput:
     is_number: torch.Tensor
     weight: torch.Tensor
     counted: torch.Tensor
+    predicted_number: torch.Tensor | None = None
+    number_mass: torch.Tensor | None = None
 
     TOTAL_NAMES = ("loss", "tokens", "ce", "ntl", "number_tokens", "weight")
 
@@ -151,36 +260,45 @@ _SHARD_CACHE: dict[tuple, tuple[torch.Tensor, VocabShard]] = {}
 
 
 def _cached_shard(
-    numbers: NumberTable | None, width: int, rank: int, size: int, device: torch.device
+    numbers: NumberTable | None, layout: VocabLayout, device: torch.device
 ) -> VocabShard:
     if numbers is None:
-        return vocab_shard(None, width, rank, size, device)
-    key = (id(numbers.values), numbers.valid_vocab_size, width, rank, size, str(device))
+        return vocab_shard(None, layout, device)
+    key = (id(numbers.values), layout, str(device))
     hit = _SHARD_CACHE.get(key)
     # Holding the values tensor keeps its id from being reused by another table.
     if hit is not None and hit[0] is numbers.values:
         return hit[1]
-    shard = vocab_shard(numbers, width, rank, size, device)
+    shard = vocab_shard(numbers, layout, device)
     if len(_SHARD_CACHE) > 64:
         _SHARD_CACHE.clear()
     _SHARD_CACHE[key] = (numbers.values, shard)
     return shard
 
 
-def _check_labels(labels: torch.Tensor, ignored: torch.Tensor, real_vocab: int, padded: int):
+def _check_labels(labels: torch.Tensor, ignored: torch.Tensor, real_vocab: int, padded: int,
+                  raise_now: bool) -> LabelCheck:
+    """Labels must be real token ids or ignore_index. Without TP (raise_now) a bad label raises
+    here; under TP the check travels to the MAX all-reduce and raises on every rank there."""
     bad = ~ignored & ((labels < 0) | (labels >= real_vocab))
     if labels.is_cuda:
         # No host sync on the GPU; the error surfaces at the next synchronisation.
-        torch._assert_async(~bad.any(), f"labels must be in [0, {real_vocab}) or ignore_index")
-        return
-    if bad.any():
-        value = int(labels[bad][0])
-        where = "in the vocab padding" if real_vocab <= value < padded else "out of range"
-        raise ValueError(
-            f"label {value} is {where}: labels must be token ids in [0, {real_vocab}) or "
-            f"ignore_index; check the tokenizer/vocab size the data was built with, and mark "
-            f"positions without a target with ignore_index"
-        )
+        if raise_now:
+            torch._assert_async(~bad.any(), f"labels must be in [0, {real_vocab}) or ignore_index")
+            return LabelCheck()
+        return LabelCheck(bad=bad.any())
+    if not bad.any():
+        return LabelCheck()
+    value = int(labels[bad][0])
+    where = "in the vocab padding" if real_vocab <= value < padded else "out of range"
+    message = (
+        f"label {value} is {where}: labels must be token ids in [0, {real_vocab}) or "
+        f"ignore_index; check the tokenizer/vocab size the data was built with, and mark "
+        f"positions without a target with ignore_index"
+    )
+    if raise_now:
+        raise ValueError(message)
+    return LabelCheck(bad=torch.ones((), dtype=torch.float32), message=message)
 
 
 def _ntl_term(
@@ -193,6 +311,7 @@ def _ntl_term(
     target_values: torch.Tensor,
     is_number: torch.Tensor,
     labels: torch.Tensor,
+    targets: torch.Tensor,
     seq_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ntl [...], positions bool [...]) before lambda; ntl is 0 outside positions."""
@@ -200,7 +319,7 @@ def _ntl_term(
         raw, max_distance = was, distance.max_distance(numbers)
     elif config.ntl == "number":
         return _number_level_term(
-            config, numbers, yhat, mass, target_values, is_number, labels, seq_dim
+            config, numbers, yhat, mass, target_values, is_number, labels, targets, seq_dim
         )
     else:
         values = numbers.values[numbers.is_number].to(yhat.dtype)
@@ -222,7 +341,8 @@ def _pointwise(config: ObjectiveConfig, prediction: torch.Tensor, target: torch.
     return F.huber_loss(prediction, target, reduction="none", delta=config.huber_delta)
 
 
-def _number_level_term(config, numbers, yhat, mass, target_values, is_number, labels, seq_dim):
+def _number_level_term(config, numbers, yhat, mass, target_values, is_number, labels, targets,
+                       seq_dim):
     if not numbers.digit_level:
         raise ValueError(
             "ntl='number' assembles numbers from single digits: build the NumberTable with "
@@ -238,7 +358,10 @@ def _number_level_term(config, numbers, yhat, mass, target_values, is_number, la
     flat = lambda x: to_rows(x).reshape(-1, x.shape[seq_dim])  # noqa: E731
     # labels, not targets: an ignored position is never a dot, whatever the dot's id.
     is_dot = flat(labels == numbers.dot_id) if config.number_level_float else None
-    runs = digit_runs(flat(is_number), is_dot, config.max_number_length)
+    word_start = None
+    if numbers.word_start is not None:
+        word_start = flat(numbers.word_start.to(labels.device)[targets] & is_number)
+    runs = digit_runs(flat(is_number), is_dot, config.max_number_length, word_start)
     truth = runs.assemble(flat(target_values).to(yhat.dtype))
     guess = runs.assemble(flat(yhat))
     raw = (guess - truth).abs() / (guess.abs() + truth.abs() + SMAPE_EPS)
@@ -262,13 +385,16 @@ def objective_loss(
     seq_dim: int = -1,
     rows_per_chunk: int | None = None,
     kernel: str | None = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    real_vocab_size: int | None = None,
 ) -> ObjectiveOutput:
     """CE + NTL + PDL per token, vocab-parallel.
 
-    logits: this rank's shard [..., V/tp] (rank r holds ids [r*V/tp, (r+1)*V/tp)), any float
-        dtype; Megatron passes [s, b, V/tp].
+    logits: this rank's shard [..., w] of the global vocab: columns [vocab_start,
+        vocab_start + w), any float dtype; Megatron passes [s, b, V/tp].
     labels: global target ids [...] (logits' leading shape), or config.ignore_index.
-    numbers: NumberTable over the padded vocab V (None only when ntl is None; then V = V/tp*tp).
+    numbers: NumberTable over the padded vocab V (None only when ntl is None).
     pdl_weights: fp32 [V] per-token weights (frequencies.pdl_weights), needs pdl_alpha > 0.
     tp_group: the tensor-parallel group; None means the logits hold the whole vocab.
     loss_mask: float [...] multiplies every per-token output (Megatron's loss_mask).
@@ -276,6 +402,12 @@ def objective_loss(
     rows_per_chunk: tokens per chunk; the fp32 working set is [rows, V/tp] (default ~4 MiB).
     kernel: "auto" (Triton on CUDA, else torch), "torch" or "triton"; None reads
         $TOKEN_OBJECTIVES_KERNEL (functional.resolve_kernel).
+    vocab_start: the global id of this rank's first column (default tp_rank * w, even shards).
+    vocab_size: the global padded vocab V (default: the NumberTable's size, else w * tp).
+    real_vocab_size: the tokenizer's size; columns at or past it are padding, excluded from the
+        softmax and the label-smoothing mean (default: the NumberTable's valid_vocab_size, else
+        V). The shards must tile [0, V): every rank's layout rides on the MAX all-reduce and a
+        gap, an overlap or a bad label raises the same error on every rank.
 
     Two all-reduces on tp_group in forward, none in backward. Returns ObjectiveOutput, whose
     tensors have labels' shape; reduce them with ObjectiveOutput.totals().
@@ -289,8 +421,11 @@ def objective_loss(
     if not logits.dtype.is_floating_point:
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
     width = logits.shape[-1]
+    if tp_group is not None and dist.get_world_size(tp_group) == 1:
+        tp_group = None
     prep = prepare_targets(labels, config, numbers, pdl_weights, tp_group, width, logits.device,
-                           loss_mask)
+                           loss_mask, vocab_start=vocab_start, vocab_size=vocab_size,
+                           real_vocab_size=real_vocab_size)
     stats = vocab_parallel_statistics(
         logits.reshape(-1, width),
         prep.targets.flatten(),
@@ -302,6 +437,7 @@ def objective_loss(
         tp_group,
         rows_per_chunk,
         kernel,
+        prep.label_check,
     )
     return compose(stats, prep, labels, config, numbers, pdl_weights, loss_mask, seq_dim)
 
@@ -318,6 +454,7 @@ class PreparedTargets:
     target_values: torch.Tensor  # [...] value of the target, 0 where not a number
     is_number_target: torch.Tensor  # bool [...]
     counted: torch.Tensor  # bool [...]
+    label_check: LabelCheck = LabelCheck()  # raised after the MAX all-reduce under TP
 
 
 def prepare_targets(
@@ -329,8 +466,16 @@ def prepare_targets(
     width: int,
     device: torch.device,
     loss_mask: torch.Tensor | None,
+    *,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    real_vocab_size: int | None = None,
 ) -> PreparedTargets:
-    """Validate the inputs against a vocab shard `width` columns wide; look the targets up."""
+    """Validate the inputs against a vocab shard `width` columns wide; look the targets up.
+
+    tp_group: a group of more than one rank, or None. Without one, a bad layout or label raises
+    here; under TP both are checked on the gathered layouts after the MAX all-reduce.
+    """
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if config.uses_numbers and numbers is None:
@@ -347,9 +492,19 @@ def prepare_targets(
         )
     tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
     tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
-    shard = _cached_shard(numbers, width, tp_rank, tp_size, device)
-    padded_vocab = width * tp_size
-    real_vocab = numbers.valid_vocab_size if numbers is not None else padded_vocab
+    layout = resolve_layout(
+        width, tp_rank, tp_size, vocab_start=vocab_start, vocab_size=vocab_size,
+        real_vocab_size=real_vocab_size,
+        table_size=numbers.vocab_size if numbers is not None else None,
+        table_real=numbers.valid_vocab_size if numbers is not None else None,
+    )
+    if tp_group is None:
+        problem = layout_problem([[layout.vocab_start, layout.width, layout.vocab_size,
+                                   layout.real_vocab, 0]], layout.source)
+        if problem is not None:
+            raise ValueError(problem)
+    shard = _cached_shard(numbers, layout, device)
+    padded_vocab, real_vocab = layout.vocab_size, layout.real_vocab
     if pdl_weights is not None and pdl_weights.numel() != padded_vocab:
         raise ValueError(
             f"pdl_weights has {pdl_weights.numel()} entries but the vocab has {padded_vocab}; "
@@ -357,11 +512,11 @@ def prepare_targets(
         )
 
     ignored = labels == config.ignore_index
-    _check_labels(labels, ignored, real_vocab, padded_vocab)
+    label_check = _check_labels(labels, ignored, real_vocab, padded_vocab,
+                                raise_now=tp_group is None)
     counted = ~ignored
     if loss_mask is not None:
-        if loss_mask.shape != labels.shape:
-            raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have labels' shape")
+        _check_loss_mask(loss_mask, labels)
         counted = counted & (loss_mask != 0)
     targets = torch.where(ignored, torch.zeros_like(labels), labels).long()
 
@@ -381,7 +536,23 @@ def prepare_targets(
         Distance.for_table(numbers, config.squash_factor) if config.uses_numbers else Distance()
     )
     return PreparedTargets(shard, real_vocab, columns, distance, targets, target_values,
-                           is_number_target, counted)
+                           is_number_target, counted, label_check)
+
+
+def _check_loss_mask(loss_mask: torch.Tensor, labels: torch.Tensor) -> None:
+    if loss_mask.shape != labels.shape:
+        raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have labels' shape")
+    if loss_mask.dtype == torch.bool:
+        return
+    # NaN fails the comparison too: a mask must be a finite weight >= 0.
+    bad = ~(loss_mask >= 0) | torch.isinf(loss_mask)
+    message = ("loss_mask must hold finite weights >= 0 (1 counts a token, 0 skips it); a "
+               "negative or NaN entry would subtract or poison the loss")
+    if loss_mask.is_cuda:
+        torch._assert_async(~bad.any(), message)
+    elif bad.any():
+        value = loss_mask[bad][0].item()
+        raise ValueError(f"{message}; got {value}")
 
 
 def compose(
@@ -426,6 +597,7 @@ def compose(
             prep.target_values.to(stats.dtype),
             prep.is_number_target,
             labels,
+            targets,
             seq_dim,
         )
         loss = loss + config.ntl_weight * ntl
@@ -439,6 +611,10 @@ def compose(
         x = torch.where(counted, x, zero)
         return x * scale if scale is not None else x
 
+    predicted = mass_out = None
+    if config.uses_numbers:
+        predicted = torch.where(counted, yhat, zero)
+        mass_out = torch.where(counted, mass, zero)
     return ObjectiveOutput(
         loss=keep(loss),
         ce=keep(ce),
@@ -446,4 +622,6 @@ def compose(
         is_number=ntl_positions & counted,
         weight=keep(weight),
         counted=counted,
+        predicted_number=predicted,
+        number_mass=mass_out,
     )

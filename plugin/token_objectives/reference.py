@@ -35,8 +35,10 @@ def _pointwise(config: ObjectiveConfig, a: torch.Tensor, b: torch.Tensor) -> tor
     return F.huber_loss(a, b, reduction="none", delta=config.huber_delta)
 
 
-def _digit_runs(digits: list[bool], dots: list[bool], float_mode: bool) -> list[list[int]]:
-    """One row: the digit positions of each number, walking the sequence left to right."""
+def _digit_runs(digits: list[bool], dots: list[bool], float_mode: bool,
+                starts_word: list[bool]) -> list[list[int]]:
+    """One row: the digit positions of each number, walking the sequence left to right. A digit
+    that starts a word ("▁3") always opens a new number."""
     runs, t, n = [], 0, len(digits)
     while t < n:
         if not digits[t]:
@@ -44,10 +46,11 @@ def _digit_runs(digits: list[bool], dots: list[bool], float_mode: bool) -> list[
             continue
         members, u = [t], t + 1
         while u < n:
-            if digits[u]:
+            if digits[u] and not starts_word[u]:
                 members.append(u)
                 u += 1
-            elif float_mode and dots[u] and u + 1 < n and digits[u + 1]:
+            elif (float_mode and dots[u] and u + 1 < n and digits[u + 1]
+                  and not starts_word[u + 1]):
                 u += 1  # the dot joins the run but adds nothing
             else:
                 break
@@ -71,11 +74,18 @@ def reference_objective_loss(
     pdl_weights: torch.Tensor | None = None,
     loss_mask: torch.Tensor | None = None,
     seq_dim: int = -1,
+    real_vocab_size: int | None = None,
 ) -> ObjectiveOutput:
-    """logits [..., V] (the whole vocab), labels [...]; float64 results, ObjectiveOutput."""
+    """logits [..., V] (the whole vocab), labels [...]; float64 results, ObjectiveOutput.
+
+    Columns at or past the real vocab (the table's valid_vocab_size, else real_vocab_size, else
+    V) are padding and left out of every softmax."""
     x = logits.double()
     vocab = x.shape[-1]
-    real = numbers.valid_vocab_size if numbers is not None else vocab
+    if numbers is not None:
+        real = numbers.valid_vocab_size
+    else:
+        real = real_vocab_size if real_vocab_size is not None else vocab
     ignored = labels == config.ignore_index
     target = labels.masked_fill(ignored, 0).long()
     x_real = x[..., :real]
@@ -140,7 +150,12 @@ def reference_objective_loss(
                     numbers.dot_id is not None and int(v) == numbers.dot_id
                     for v in flat_lab[r].tolist()
                 ]
-                runs = _digit_runs(flat_num[r].tolist(), dots, config.number_level_float)
+                starts = [
+                    bool(ok) and numbers.word_start is not None
+                    and bool(numbers.word_start[int(v)])
+                    for v, ok in zip(flat_lab[r].tolist(), flat_num[r].tolist(), strict=True)
+                ]
+                runs = _digit_runs(flat_num[r].tolist(), dots, config.number_level_float, starts)
                 for members in runs:
                     true = _whole_number(flat_u[r], members, config.max_number_length)
                     guess = _whole_number(flat_yhat[r], members, config.max_number_length)
@@ -165,6 +180,10 @@ def reference_objective_loss(
     def keep(t: torch.Tensor) -> torch.Tensor:
         return torch.where(counted, t, 0.0) * scale
 
+    predicted = mass_kept = None
+    if config.ntl is not None:
+        predicted = torch.where(counted, yhat, 0.0)
+        mass_kept = torch.where(counted, mass, 0.0)
     return ObjectiveOutput(
         loss=keep(loss),
         ce=keep(ce),
@@ -172,4 +191,6 @@ def reference_objective_loss(
         is_number=positions & counted,
         weight=keep(weight),
         counted=counted,
+        predicted_number=predicted,
+        number_mass=mass_kept,
     )

@@ -74,7 +74,7 @@ def eligible_inputs(tokens: torch.Tensor, eod: int | None, loss_mask: torch.Tens
     if pad_id is not None:
         eligible &= tokens != pad_id
     if loss_mask is not None:
-        eligible[:, 1:] &= loss_mask[:, :-1].to(tokens.device) > 0
+        eligible[:, 1:] &= loss_mask[:, :-1].to(tokens.device) != 0
     return eligible
 
 

@@ -64,6 +64,8 @@ class NumberTable:
     digit_level: number tokens are single digits (else integers / decimals).
     tokenizer_identity: see `tokenizer_identity`.
     number_token_texts: token string of each id in `number_ids` order (for display; may be empty).
+    word_start: bool [V], True for number tokens that begin with a word-boundary marker ("▁7",
+        "Ġ7", " 7"): such a token starts a new number, so "▁1 2 ▁3 4" reads as 12 and 34.
     """
 
     values: torch.Tensor
@@ -72,6 +74,7 @@ class NumberTable:
     digit_level: bool
     tokenizer_identity: str
     number_token_texts: tuple[str, ...] = field(default=(), repr=False)
+    word_start: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_tokenizer(
@@ -92,6 +95,7 @@ class NumberTable:
                 f"({identity}); pass the model's padded vocab size (>= {listing.size})"
             )
         values = torch.full((vocab_size,), math.nan, dtype=torch.float32)
+        word_start = torch.zeros(vocab_size, dtype=torch.bool)
         texts: dict[int, str] = {}
         dot_id = None
         for token_id, token in listing.pieces.items():
@@ -103,6 +107,7 @@ class NumberTable:
             if value is not None:
                 values[token_id] = value
                 texts[token_id] = token
+                word_start[token_id] = token[:1] in _WORD_BOUNDARY_MARKERS
         table = cls.from_values(
             values,
             valid_vocab_size=listing.size,
@@ -110,6 +115,7 @@ class NumberTable:
             digit_level=digit_level,
             tokenizer_identity=identity,
             number_token_texts=tuple(texts[i] for i in sorted(texts)),
+            word_start=word_start,
         )
         if digit_level:
             _warn_missing_digits(table)
@@ -124,11 +130,13 @@ class NumberTable:
         digit_level: bool = True,
         tokenizer_identity: str = "values",
         number_token_texts: tuple[str, ...] = (),
+        word_start=None,
     ) -> NumberTable:
         """Build from an explicit value table (tests, custom vocabularies).
 
         values: [V] numbers, NaN for non-number ids; ids >= valid_vocab_size (default V) must be
-        NaN. Raises ValueError when no id is a number.
+        NaN. word_start: bool [V] or the ids of number tokens that start a word (default none).
+        Raises ValueError when no id is a number.
         """
         values = torch.as_tensor(values, dtype=torch.float32).detach().cpu().clone()
         if values.dim() != 1 or values.numel() == 0:
@@ -155,6 +163,18 @@ class NumberTable:
             dot_id = int(dot_id)
             if not 0 <= dot_id < valid_vocab_size or not math.isnan(values[dot_id].item()):
                 raise ValueError(f"dot_id {dot_id} must be a non-number id < {valid_vocab_size}")
+        starts = torch.zeros(vocab_size, dtype=torch.bool)
+        if word_start is not None:
+            given = torch.as_tensor(word_start).detach().cpu()
+            if given.dtype == torch.bool:
+                if given.shape != (vocab_size,):
+                    raise ValueError(f"word_start must be bool [{vocab_size}], got "
+                                     f"{tuple(given.shape)}")
+                starts = given.clone()
+            else:
+                starts[given.long()] = True
+            if (starts & torch.isnan(values)).any():
+                raise ValueError("word_start marks ids that are not number tokens")
         number_count = int((~torch.isnan(values)).sum())
         if number_token_texts and len(number_token_texts) != number_count:
             raise ValueError(
@@ -167,6 +187,7 @@ class NumberTable:
             digit_level=bool(digit_level),
             tokenizer_identity=tokenizer_identity,
             number_token_texts=tuple(number_token_texts),
+            word_start=starts,
         )
 
     @property
