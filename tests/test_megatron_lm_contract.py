@@ -287,13 +287,19 @@ def test_chained_args_provider_and_every_config_field_is_a_flag():
 
     argv = ["--other-flag", "3", "--ntl", "huber", "--ntl-weight", "0.5", "--ntl-huber-delta",
             "2.5", "--ntl-no-reweigh", "--ntl-max-number-length", "7", "--pdl-alpha", "0.2",
-            "--label-smoothing", "0.1", "--objective-z-loss", "1e-4"]
+            "--label-smoothing", "0.1", "--objective-z-loss", "1e-4", "--pdl-eps", "0.5",
+            "--pdl-unseen", "0.25", "--pdl-no-normalize-table"]
+    parser = megatron_lm_flags(argparse.ArgumentParser(allow_abbrev=False))
+    tom.chain_args_provider(other_provider)(parser).format_help()
     args = _parse(argv, tom.chain_args_provider(other_provider))
     assert args.other_flag == 3
     config = tom.objective_config_from_args(args)
     assert config == ObjectiveConfig(ntl="huber", ntl_weight=0.5, huber_delta=2.5,
                                      reweigh=False, max_number_length=7, pdl_alpha=0.2,
-                                     label_smoothing=0.1, z_loss=1e-4)
+                                     label_smoothing=0.1, z_loss=1e-4, pdl_eps=0.5,
+                                     pdl_unseen=0.25, pdl_normalize_table=False)
+    assert tom.objective_config_from_args(_parse(["--pdl-unseen", "rarest"])).pdl_unseen \
+        == "rarest"
     number = tom.objective_config_from_args(_parse(["--ntl", "number",
                                                     "--ntl-number-level-float"]))
     assert number.number_level_float and number.ntl == "number"

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from token_objectives.frequencies import load_frequencies, pdl_weights
+from token_objectives.frequencies import load_frequencies, pdl_weights_for
 from token_objectives.fused_linear import fused_linear_objective_loss
 from token_objectives.objectives import ObjectiveConfig, ObjectiveOutput, objective_loss
 from token_objectives.tokenizer_io import as_tokenizer, list_vocab, tokenizer_identity
@@ -139,7 +139,7 @@ class Objectives:
                 )
             table = load_frequencies(frequencies_path, vocab_size=padded_vocab_size,
                                      tokenizer_identity=identity)
-            weights = pdl_weights(table.counts, alpha=config.pdl_alpha)
+            weights = pdl_weights_for(config, table.counts)
         return cls(config, numbers, weights, vocab_size=padded_vocab_size,
                    real_vocab_size=real_vocab_size)
 
@@ -152,13 +152,14 @@ class Objectives:
         [s, b, h] and the fused LM head + loss runs instead.
         """
         labels_sb = labels.transpose(0, 1)
+        layout = {"vocab_size": self.vocab_size, "real_vocab_size": self.real_vocab_size}
         if weight is None:
             out = objective_loss(logits, labels_sb, self.config, self.numbers,
-                                 self.pdl_weights, tp_group, seq_dim=0)
+                                 self.pdl_weights, tp_group, seq_dim=0, **layout)
         else:
             out = fused_linear_objective_loss(logits, weight, labels_sb, self.config,
                                               self.numbers, self.pdl_weights, tp_group,
-                                              seq_dim=0)
+                                              seq_dim=0, **layout)
         return self._with_components(out)
 
     def _with_components(self, out: ObjectiveOutput) -> torch.Tensor:
@@ -344,7 +345,8 @@ def wrap_loss_func(original):
 
 
 NTL_CHOICES = ("was", "mse", "l1", "huber", "number", "none")
-# ObjectiveConfig field -> flag; any other field gets --objective-<field>. One source: the fields.
+# ObjectiveConfig field -> flag; any other field gets --objective-<field> (--objective-no-<field>
+# for a bool that is on by default). The fields and their metadata are the one source.
 _FLAGS = {
     "ntl": "--ntl",
     "ntl_weight": "--ntl-weight",
@@ -354,23 +356,34 @@ _FLAGS = {
     "number_level_float": "--ntl-number-level-float",
     "max_number_length": "--ntl-max-number-length",
     "pdl_alpha": "--pdl-alpha",
+    "pdl_eps": "--pdl-eps",
+    "pdl_unseen": "--pdl-unseen",
+    "pdl_normalize_table": "--pdl-no-normalize-table",
     "label_smoothing": "--label-smoothing",
     "z_loss": "--objective-z-loss",
 }
-# Fixed under Megatron: it counts tokens with an integer loss_mask and has no ignore_index.
+# Fixed under Megatron: it divides by an integer token count and has no ignore_index.
 _NOT_FLAGS = ("pdl_normalization", "ignore_index")
-_HELP = {
-    "ntl": "Number Token Loss flavour; 'none' for CE only (then no tokenizer digits are needed)",
-    "ntl_weight": "lambda of the NTL term",
-    "squash_factor": "--ntl was only: how much worse the farthest number is than the nearest",
-    "reweigh": "turn off ntloss's reweighing by the number-token mass",
-    "huber_delta": "--ntl huber only",
-    "number_level_float": "--ntl number only: read digit runs with a decimal point as floats",
-    "max_number_length": "--ntl number only: longest digit run read as one number",
-    "pdl_alpha": "PDL exponent; 0 = off (needs --pdl-frequencies)",
-    "label_smoothing": "label smoothing over the global real vocab (exact at any TP size)",
-    "z_loss": "coefficient of the z-loss lse**2",
-}
+
+
+def _str_or_float(text: str) -> str | float:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _flag_type(name: str, hint: Any):
+    kinds = {t for t in typing.get_args(hint) or (hint,) if t is not type(None)}
+    for kind in (bool, int, float, str):
+        if kinds == {kind}:
+            return kind
+    if kinds == {str, float}:
+        return _str_or_float
+    raise TypeError(
+        f"ObjectiveConfig.{name}: {hint} has no command-line form; give it one in "
+        f"megatron._flag_type or list it in megatron._NOT_FLAGS"
+    )
 
 
 def _dest(field: dataclasses.Field, flag: str) -> str:
@@ -379,21 +392,16 @@ def _dest(field: dataclasses.Field, flag: str) -> str:
     return dest.replace("no_", "", 1) if field.default is True else dest
 
 
-def _config_options() -> list[tuple[dataclasses.Field, str, type]]:
-    """(field, flag, value type) for each ObjectiveConfig field that is a flag."""
+def _config_options() -> list[tuple[dataclasses.Field, str, Any]]:
+    """(field, flag, argparse type) for each ObjectiveConfig field that is a flag."""
     hints = typing.get_type_hints(ObjectiveConfig)
     options = []
     for field in dataclasses.fields(ObjectiveConfig):
         if field.name in _NOT_FLAGS:
             continue
-        kinds = [t for t in typing.get_args(hints[field.name]) if t is not type(None)]
-        kind = kinds[0] if len(kinds) == 1 else hints[field.name]
-        if kind not in (bool, int, float, str):
-            raise TypeError(
-                f"ObjectiveConfig.{field.name}: {hints[field.name]} has no command-line form; "
-                f"give it one in megatron._FLAGS or list it in megatron._NOT_FLAGS"
-            )
-        flag = _FLAGS.get(field.name, "--objective-" + field.name.replace("_", "-"))
+        kind = _flag_type(field.name, hints[field.name])
+        prefix = "--objective-no-" if field.default is True else "--objective-"
+        flag = _FLAGS.get(field.name, prefix + field.name.replace("_", "-"))
         options.append((field, flag, kind))
     return options
 
@@ -405,9 +413,10 @@ def add_objective_args(
 
     chain: another extra_args_provider (pretrain_gpt.py passes ModelOpt's `add_modelopt_args`
     when ModelOpt is installed) that runs first; see `chain_args_provider`. Every
-    ObjectiveConfig field is a flag (`_FLAGS` names the ones not called --objective-<field>).
-    Megatron-LM core_v0.16.1 has no --label-smoothing; a parser that already has one (a fork,
-    or a later version) keeps it and the objectives read it.
+    ObjectiveConfig field but `_NOT_FLAGS` is a flag, its help text from the field's metadata
+    (`_FLAGS` names the ones not called --objective-<field>). Megatron-LM core_v0.16.1 has no
+    --label-smoothing; a parser that already has one (a fork, or a later version) keeps it and
+    the objectives read it.
     """
     if chain is not None:
         parser = chain(parser)
@@ -416,10 +425,11 @@ def add_objective_args(
     for field, flag, kind in _config_options():
         if flag in taken:
             continue
-        help_text = _HELP.get(field.name, f"ObjectiveConfig.{field.name}")
+        help_text = f"{field.metadata.get('help', field.name)}; {field.metadata.get('accepts')}"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         if field.name == "ntl":
             group.add_argument(flag, choices=NTL_CHOICES, default=field.default or "none",
-                               help=help_text)
+                               help=f"{help_text}; 'none' for CE only (no digit tokens needed)")
         elif kind is bool:
             action = "store_false" if field.default else "store_true"
             group.add_argument(flag, action=action, dest=_dest(field, flag), help=help_text)
