@@ -104,7 +104,8 @@ class Objectives:
             vocab size and the frequency table's identity, and needs no digit tokens).
         frequencies_path: a `token-objectives count-frequencies` file (needed for PDL).
         real_vocab_size: the tokenizer's size as the trainer knows it (Megatron-LM's
-            `get_tokenizer().vocab_size`); must agree with `tokenizer` when both are given.
+            `get_tokenizer().vocab_size`); must equal `tokenizer`'s with NTL, and be at least it
+            without.
         """
         if number_tokens not in ("digit", "multi"):
             raise ValueError(f"number_tokens must be 'digit' or 'multi', got {number_tokens!r}")
@@ -122,8 +123,12 @@ class Objectives:
             # CE and PDL never look at digits: no NumberTable, so any vocabulary works.
             loaded = as_tokenizer(tokenizer)
             identity, listed_size = tokenizer_identity(loaded), list_vocab(loaded).size
+        # Without a NumberTable the trainer's tokenizer may add ids past the file's (Megatron-LM's
+        # SentencePieceTokenizer adds special tokens); the NumberTable must cover them all.
+        short = numbers is None and real_vocab_size is not None and listed_size is not None \
+            and real_vocab_size > listed_size
         if real_vocab_size is not None and listed_size is not None \
-                and real_vocab_size != listed_size:
+                and real_vocab_size != listed_size and not short:
             raise ValueError(
                 f"the trainer's tokenizer has {real_vocab_size} ids but {identity} has "
                 f"{listed_size}: point --objective-tokenizer at the tokenizer the data was built "
