@@ -19,6 +19,7 @@ __all__ = [
     "bpe_tokenizer_path",
     "corpus_lines",
     "corpus_path",
+    "gpt2_style_bpe_tokenizer",
     "hf_tokenizer",
     "make_corpus",
     "sp_model_path",
@@ -99,6 +100,22 @@ def train_bpe_tokenizer(lines: list[str], vocab_size: int = 400) -> Tokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=BPE_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(lines, trainer=trainer)
+    return tokenizer
+
+
+def gpt2_style_bpe_tokenizer(lines: list[str], vocab_size: int = 300) -> Tokenizer:
+    """Byte-level BPE as GPT-2 builds it: ByteLevel pre-tokenizer only (digits merge into
+    multi-digit tokens), one special token <|endoftext|>."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

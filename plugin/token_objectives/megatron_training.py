@@ -214,8 +214,16 @@ def _reduce_reports(reports: list[dict]) -> dict[str, float]:
     names = sorted(reports[0])
     totals = torch.stack([torch.stack([r[name].float() for r in reports]).sum(0) for name in names])
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    return {name: (t[0] / t[1]).item() if t[1] > 0 else 0.0 for name, t in zip(names, totals,
-                                                                              strict=True)}
+    return report_values(dict(zip(names, totals, strict=True)))
+
+
+def report_values(totals: dict[str, torch.Tensor]) -> dict[str, float]:
+    """name -> sum / count from the global [sum, count] pairs; 0.0 where the count is 0.
+
+    loss_func's pairs count only what exists ("ntl" counts number tokens), so a step without
+    any number token has "ntl" = [0, 0]: it logs 0, not NaN and not a diluted mean.
+    """
+    return {name: (t[0] / t[1]).item() if t[1] > 0 else 0.0 for name, t in totals.items()}
 
 
 def _broadcast_from_last_stage(values: dict[str, float], names: list[str]) -> dict[str, float]:
