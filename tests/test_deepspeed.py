@@ -477,6 +477,13 @@ def test_weighted_mean_divides_the_whole_loss_by_the_counted_pdl_weights():
     token = DeepSpeedObjectives(ObjectiveConfig(ntl="mse", pdl_alpha=1.0), case.numbers,
                                 case.pdl_weights)
     assert counted_denominator([{"labels": labels, "loss_mask": mask}], token) == counted.sum()
+    # The logs divide by the same N (the fractional mask included) and show what is trained.
+    from token_objectives.deepspeed import log_components
+
+    totals = out.totals().double()
+    torch.testing.assert_close(totals[5], denominator, rtol=1e-6, atol=0)
+    logged = log_components(None, out, step=0, config=config)
+    assert logged["lm loss"] == pytest.approx((numerator / weights).item(), rel=1e-6)
 
 
 def test_weighted_mean_denominator_with_an_ignore_index_beyond_the_vocab():

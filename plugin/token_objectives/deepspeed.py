@@ -287,9 +287,13 @@ def numbers_from_section(section: TokenObjectivesConfig, vocab_size: int) -> Num
         ) from None
 
 
-def log_components(engine, output: ObjectiveOutput, step: int) -> dict[str, float]:
+def log_components(engine, output: ObjectiveOutput, step: int,
+                   config: ObjectiveConfig | None = None) -> dict[str, float]:
     """Per-component means over the global batch (reduced over DP), written to DeepSpeed's
-    monitor (its "tensorboard" / "csv_monitor" sections). Returns them."""
+    monitor (its "tensorboard" / "csv_monitor" sections). Returns them.
+
+    "lm loss" is what is trained: the loss sum over the counted tokens, or over the sum of
+    their PDL weights with config.pdl_normalization="weighted_mean"."""
     totals = output.totals().detach().to(torch.float64)
     group = None
     try:
@@ -301,8 +305,9 @@ def log_components(engine, output: ObjectiveOutput, step: int) -> dict[str, floa
     if dist.is_initialized():
         dist.all_reduce(totals, group=group)
     loss, tokens, ce, ntl, numbers, weight = totals.tolist()
+    weighted = config is not None and config.pdl_normalization == "weighted_mean"
     values = {
-        "lm loss": loss / max(tokens, 1),
+        "lm loss": loss / (weight if weighted and weight > 0 else max(tokens, 1)),
         "ce": ce / max(tokens, 1),
         "ntl": ntl / max(numbers, 1),
         "number tokens": numbers / max(tokens, 1),

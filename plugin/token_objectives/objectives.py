@@ -215,7 +215,8 @@ class ObjectiveOutput:
     loss: the combined per-token loss to sum. ce: plain cross-entropy (no smoothing, z-loss or
     PDL weight), for perplexity. ntl: the NTL term before lambda, 0 where the target is not a
     number. is_number: bool, where an NTL term is counted (for "number": the first digit of each
-    number). weight: the PDL weight w[y] (1 without PDL). counted: bool, the tokens counted.
+    number). weight: the PDL weight w[y] (1 without PDL), not scaled by loss_mask. counted:
+    bool, the tokens counted (a target and loss_mask != 0).
 
     With NTL on (None otherwise), from the statistics the loss already gathered (no further
     collective), at every counted token whatever its target, 0 elsewhere and not scaled by the
@@ -239,8 +240,10 @@ class ObjectiveOutput:
     def totals(self) -> torch.Tensor:
         """fp32 [6]: sums of loss, counted tokens, ce, ntl, number tokens, weight.
 
-        Counted tokens are positions with a target and a non-zero loss_mask; with a fractional
-        loss_mask, normalise by loss_mask.sum() instead.
+        Counted tokens are positions with a target and loss_mask != 0, the one definition of a
+        counted token that both loops normalise by; loss, ce and ntl are scaled by loss_mask,
+        the weight is not, so its sum is the weighted_mean denominator: w summed over the
+        counted tokens.
 
         One all-reduce of this vector over DP gives every global normaliser.
         """
@@ -620,7 +623,7 @@ def compose(
         ce=keep(ce),
         ntl=keep(ntl),
         is_number=ntl_positions & counted,
-        weight=keep(weight),
+        weight=torch.where(counted, weight, zero),
         counted=counted,
         predicted_number=predicted,
         number_mass=mass_out,

@@ -189,7 +189,7 @@ def reference_objective_loss(
         ce=keep(ce),
         ntl=keep(ntl),
         is_number=positions & counted,
-        weight=keep(weight),
+        weight=torch.where(counted, weight, 0.0),
         counted=counted,
         predicted_number=predicted,
         number_mass=mass_kept,
