@@ -386,7 +386,8 @@ class Trainer:
         output = self.forward_backward(batches)
         self.engine.step()
         self.step += 1
-        values = {**log_components(self.engine, output, self.step, self.objectives.config), **sampling}
+        values = {**log_components(self.engine, output, self.step, self.objectives.config),
+                  **sampling}
         monitor = getattr(self.engine, "monitor", None)
         if sampling and monitor is not None and getattr(monitor, "enabled", False) and (
                 dist.get_rank() == 0):
