@@ -18,7 +18,7 @@ import warnings
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
 
-from token_objectives.deepspeed_training import TrainArgs, load_ds_config, run  # noqa: E402
+from token_objectives.training.deepspeed import TrainArgs, load_ds_config, run  # noqa: E402
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

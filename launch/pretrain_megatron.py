@@ -14,8 +14,8 @@ import warnings
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
 
-from token_objectives.megatron_training import run  # noqa: E402
-from token_objectives.train_config import load_config  # noqa: E402
+from token_objectives.training.config import load_config  # noqa: E402
+from token_objectives.training.megatron import run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

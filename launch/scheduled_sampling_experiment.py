@@ -72,8 +72,8 @@ def draw_problem(rng: random.Random) -> Problem:
 
 def training_problems(num_documents: int, seed: int) -> set[Problem]:
     """Every (a, operator, b) the training split asks, in either phrasing."""
-    from token_objectives.quickstart_corpus import generate_corpus
-    from token_objectives.quickstart_data import split_train_valid
+    from token_objectives.quickstart.corpus import generate_corpus
+    from token_objectives.quickstart.data import split_train_valid
 
     train, _ = split_train_valid(generate_corpus(num_documents, seed=seed))
     seen = set()
@@ -108,8 +108,8 @@ def _single_process_group() -> None:
 def train(name: str, overrides: list[str], out: Path, steps: int, printer=print):
     """A Trainer after `steps` steps, and the mean training CE of its last 10% of steps (on the
     inputs it trained on: mixed ones with scheduled sampling)."""
-    from token_objectives.megatron_training import Trainer
-    from token_objectives.train_config import load_config
+    from token_objectives.training.config import load_config
+    from token_objectives.training.megatron import Trainer
 
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"output.dir={out}", *overrides])
@@ -131,8 +131,8 @@ def train(name: str, overrides: list[str], out: Path, steps: int, printer=print)
 @torch.no_grad()
 def greedy_answers(trainer, prompts: list[str], max_new_tokens: int = 8) -> list[str]:
     """What the model writes after each prompt, greedily, up to its newline or EOD."""
-    from token_objectives.sampling import vocab_parallel_argmax
-    from token_objectives.tokenizer_io import encode_batch
+    from token_objectives.ops.sampling import vocab_parallel_argmax
+    from token_objectives.tables.tokenizers import encode_batch
 
     tokenizer, eod = trainer.tokenizer._tokenizer, trainer.tokenizer.eod
     newline = tokenizer.piece_to_id("\n")
@@ -198,7 +198,7 @@ def teacher_forced_ce(trainer, sequences: list[list[int]], scored: list[list[boo
 def validation_sequences(trainer, documents: list[str], length: int):
     """The validation documents as the data pipeline lays them out (each followed by EOD),
     cut into windows of length + 1 tokens; every label is scored."""
-    from token_objectives.tokenizer_io import encode_batch
+    from token_objectives.tables.tokenizers import encode_batch
 
     stream = []
     for ids in encode_batch(trainer.tokenizer._tokenizer, documents):
@@ -210,7 +210,7 @@ def validation_sequences(trainer, documents: list[str], length: int):
 def answer_sequences(trainer, problems: list[Problem], seed: int):
     """EOD + prompt + " answer\n" per problem; only the answer's tokens (and the newline)
     are scored."""
-    from token_objectives.tokenizer_io import encode_batch
+    from token_objectives.tables.tokenizers import encode_batch
 
     rng, tokenizer = random.Random(seed), trainer.tokenizer._tokenizer
     prompts = [problem.prompt(rng) for problem in problems]
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    from token_objectives.quickstart_data import build_quickstart_data
+    from token_objectives.quickstart.data import build_quickstart_data
 
     data = build_quickstart_data(args.output_dir / "data", num_documents=args.documents)
     seen = training_problems(args.documents, seed=0)
@@ -288,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     variants = {"CE": common, "CE + batch-scheduled sampling": [*common, *sampling]}
     _single_process_group()
-    from token_objectives.quickstart_corpus import generate_corpus
-    from token_objectives.quickstart_data import split_train_valid
+    from token_objectives.quickstart.corpus import generate_corpus
+    from token_objectives.quickstart.data import split_train_valid
 
     _, valid_documents = split_train_valid(generate_corpus(args.documents, seed=0))
     rows = []

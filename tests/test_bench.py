@@ -6,8 +6,8 @@ import torch
 from cases import CONFIGS, make_case
 
 from token_objectives import fused_linear_objective_loss, objective_loss
-from token_objectives.bench import main as bench_main
-from token_objectives.bench_methods import saved_for_backward
+from token_objectives.bench.grid import main as bench_main
+from token_objectives.bench.methods import saved_for_backward
 
 
 def _head_inputs(tokens: int, width: int, hidden: int):

@@ -62,8 +62,8 @@ def _megatron_probe(out: Path, prefix: str, tokenizer: str, frequencies: str) ->
     loss (what the schedule adds up to normalise the gradients)."""
     import torch.distributed as dist
 
-    from token_objectives import megatron_training
-    from token_objectives.train_config import load_config
+    from token_objectives.training import megatron as megatron_training
+    from token_objectives.training.config import load_config
 
     counts: list[int] = []
     _record_calls(megatron_training, "loss_func", counts, lambda result: int(result[1]))
@@ -77,7 +77,7 @@ def _deepspeed_probe(out: Path, prefix: str, config: str) -> None:
     """Two steps of the DeepSpeed loop; rank 0 writes each step's global loss denominator."""
     import torch.distributed as dist
 
-    from token_objectives import deepspeed_training
+    from token_objectives.training import deepspeed as deepspeed_training
 
     denominators: list[float] = []
     _record_calls(deepspeed_training.Trainer, "global_denominator", denominators, float)
@@ -96,7 +96,7 @@ def _deepspeed_probe(out: Path, prefix: str, config: str) -> None:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """The quickstart's tokenizer (digits are number tokens, </s> = 2) and PDL counts."""
-    from token_objectives.quickstart_data import build_quickstart_data
+    from token_objectives.quickstart.data import build_quickstart_data
 
     return build_quickstart_data(tmp_path_factory.mktemp("quickstart"), num_documents=300)
 
@@ -128,7 +128,7 @@ def _reference_greedy(model, prompt: list[int], eos_id: int | None) -> list[int]
 
 
 def _encode(tokenizer_path: Path, texts: list[str]) -> list[list[int]]:
-    from token_objectives.tokenizer_io import encode_batch, load_tokenizer
+    from token_objectives.tables.tokenizers import encode_batch, load_tokenizer
 
     return encode_batch(load_tokenizer(tokenizer_path), texts)
 
@@ -203,7 +203,7 @@ def process_group():
 def _samples(prefix, tokenizer: Path, seq_length: int, cache: Path,
              num_samples: int | None = None):
     """gpt_dataset as the loops build it (needs the process_group fixture)."""
-    from token_objectives.gpt_data import MegatronTokenizer, gpt_dataset
+    from token_objectives.training.data import MegatronTokenizer, gpt_dataset
 
     return gpt_dataset(str(prefix), seq_length, SEED, MegatronTokenizer(str(tokenizer)),
                        num_samples, cache)
@@ -215,7 +215,7 @@ def _samples(prefix, tokenizer: Path, seq_length: int, cache: Path,
 def test_each_document_is_prompt_own_answer_marker_reference(built, model_dir, data, questions):
     from transformers import LlamaForCausalLM
 
-    from token_objectives.gpt_data import loss_mask_prefix
+    from token_objectives.training.data import loss_mask_prefix
 
     model = LlamaForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
     prompts = _encode(data.tokenizer_path, [q["prompt"] for q in questions])
@@ -259,7 +259,7 @@ def bad_jsonl(tmp_path) -> Path:
 
 
 def test_bad_lines_are_reported_by_line_number(bad_jsonl):
-    from token_objectives.correction_data import read_examples
+    from token_objectives.correction.data import read_examples
 
     examples, bad = read_examples(bad_jsonl)
     assert [e.line for e in examples] == [1, 9]
@@ -271,7 +271,7 @@ def test_bad_lines_are_reported_by_line_number(bad_jsonl):
 
 
 def test_error_mode_names_the_lines_and_the_flag(bad_jsonl, model_dir, tmp_path, capsys):
-    from token_objectives.correction_data import build_correction_data
+    from token_objectives.correction.data import build_correction_data
 
     prefix = tmp_path / "out"
     assert _cli("--input", str(bad_jsonl), "--model", str(model_dir),
@@ -301,7 +301,7 @@ def test_skip_mode_skips_and_lists_every_line(bad_jsonl, model_dir, data, tmp_pa
 
 
 def test_no_room_for_the_answer_is_an_error_before_generation(model_dir, questions, tmp_path):
-    from token_objectives.correction_data import build_correction_data
+    from token_objectives.correction.data import build_correction_data
 
     jsonl = _write_jsonl(tmp_path / "qa.jsonl", questions[:3])
     # The model has 256 positions; the first prompt's tokens + 250 new ones do not fit.
@@ -329,7 +329,7 @@ def _expected_window(tokens_dataset, raw_tokens, raw_masks, index: int, seq_leng
 @pytest.mark.parametrize("epochs", [None, 3])
 def test_samples_carry_the_sidecar_aligned_with_the_labels(built, data, process_group, tmp_path,
                                                            epochs):
-    from token_objectives.gpt_data import LossMaskedDataset, loss_mask_prefix
+    from token_objectives.training.data import LossMaskedDataset, loss_mask_prefix
 
     seq_length = 16  # shorter than a document: samples start and end inside documents
     one_epoch = len(_samples(built, data.tokenizer_path, seq_length, tmp_path / "probe"))
@@ -371,7 +371,7 @@ def test_data_without_a_sidecar_is_unchanged(built, data, process_group, tmp_pat
 
 
 def test_a_broken_sidecar_is_a_clear_error(built, data, process_group, tmp_path):
-    from token_objectives.gpt_data import loss_mask_prefix
+    from token_objectives.training.data import loss_mask_prefix
 
     prefix = tmp_path / "data"
     for suffix in (".bin", ".idx"):
@@ -402,7 +402,7 @@ def _torchrun(*args: str) -> None:
 def _expected_per_step(built, seq_length: int, cache: Path, tokenizer_path: Path):
     """(mask ones, number-token labels among them) of each step's GLOBAL_BATCH samples, from
     the sidecar: sample k of step s is epoch[(s * GLOBAL_BATCH + k) % len(epoch)]."""
-    from token_objectives.vocab import NumberTable
+    from token_objectives.tables.numbers import NumberTable
 
     is_number = ~torch.isnan(NumberTable.from_tokenizer(tokenizer_path).values)
     epoch = _samples(built, tokenizer_path, seq_length, cache)

@@ -73,9 +73,9 @@ class CollectiveCounter:
 
 def _reference(trainer, path: Path) -> None:
     """No DeepSpeed: the plain model on the whole global batch, full logits, one process."""
-    from token_objectives.deepspeed_training import build_model
-    from token_objectives.gpt_data import micro_batches
-    from token_objectives.objectives import objective_loss
+    from token_objectives.objectives.loss import objective_loss
+    from token_objectives.training.data import micro_batches
+    from token_objectives.training.deepspeed import build_model
 
     model = build_model(trainer.engine.module.config, SEED)
     (batch,) = micro_batches(trainer.dataset, 0, GLOBAL_BATCH, 0, 1, 1)
@@ -94,7 +94,7 @@ def _one_step(config_path: Path, out: Path, name: str, reference: str | None,
     import deepspeed
     import torch.distributed as dist
 
-    from token_objectives.deepspeed_training import TrainArgs, Trainer
+    from token_objectives.training.deepspeed import TrainArgs, Trainer
 
     ds_config = json.loads(config_path.read_text())
     trainer = Trainer(TrainArgs(model_config=str(model_config),
@@ -165,7 +165,7 @@ def ds_config(data, directory: Path, name: str, **overrides) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from token_objectives.quickstart_data import build_quickstart_data
+    from token_objectives.quickstart.data import build_quickstart_data
 
     return build_quickstart_data(tmp_path_factory.mktemp("data"), num_documents=300)
 
@@ -330,7 +330,7 @@ def _section(**values) -> dict:
 def test_full_logits_are_not_mistaken_for_a_shard_without_tables():
     """ntl null and no PDL: no table tells V, the model's vocab_size does."""
     from token_objectives import ObjectiveConfig
-    from token_objectives.deepspeed import DeepSpeedObjectives
+    from token_objectives.integrations.deepspeed.section import DeepSpeedObjectives
 
     objectives = DeepSpeedObjectives(ObjectiveConfig(ntl=None), None, None, vocab_size=64)
     assert objectives._group(64) is None
@@ -339,8 +339,8 @@ def test_full_logits_are_not_mistaken_for_a_shard_without_tables():
 
 
 def test_fused_head_under_zero3_is_refused_with_the_fix():
-    from token_objectives.deepspeed import TokenObjectivesConfig
-    from token_objectives.deepspeed_training import uses_fused_head
+    from token_objectives.integrations.deepspeed.section import TokenObjectivesConfig
+    from token_objectives.training.deepspeed import uses_fused_head
 
     section = TokenObjectivesConfig(ntl=None, fused_lm_head=True)
     assert uses_fused_head(section, {"zero_optimization": {"stage": 2}})
@@ -351,14 +351,14 @@ def test_fused_head_under_zero3_is_refused_with_the_fix():
 
 
 def test_unknown_key_is_named():
-    from token_objectives.deepspeed import read_section
+    from token_objectives.integrations.deepspeed.section import read_section
 
     with pytest.raises(ValueError, match=r'token_objectives"\]: ntl_wieght: Extra inputs'):
         read_section(_section(ntl="was", ntl_wieght=0.3))
 
 
 def test_wrong_type_is_named():
-    from token_objectives.deepspeed import read_section
+    from token_objectives.integrations.deepspeed.section import read_section
 
     with pytest.raises(ValueError, match=r"ntl_weight: Input should be a valid number"):
         read_section(_section(ntl_weight="high"))
@@ -375,7 +375,7 @@ def test_section_keys_are_objective_config_fields_plus_its_own():
     from dataclasses import fields
 
     from token_objectives import ObjectiveConfig
-    from token_objectives.deepspeed import TokenObjectivesConfig
+    from token_objectives.integrations.deepspeed.section import TokenObjectivesConfig
 
     names = {f.name for f in fields(ObjectiveConfig)}
     assert set(TokenObjectivesConfig.model_fields) == names | SECTION_OWN_KEYS
@@ -392,7 +392,7 @@ def test_section_keys_are_objective_config_fields_plus_its_own():
     ("ntl", "none"), ("pdl_normalization", "mean"),
 ])
 def test_types_are_strict_and_the_key_is_named(key, value):
-    from token_objectives.deepspeed import read_section
+    from token_objectives.integrations.deepspeed.section import read_section
 
     with pytest.raises(ValueError, match=rf'^invalid ds_config\["token_objectives"\]: {key}: '):
         read_section(_section(**{key: value}))
@@ -400,7 +400,7 @@ def test_types_are_strict_and_the_key_is_named(key, value):
 
 def test_an_int_is_accepted_for_a_float_key():
     """JSON writes 1.0 as 1."""
-    from token_objectives.deepspeed import read_section
+    from token_objectives.integrations.deepspeed.section import read_section
 
     config = read_section(_section(ntl_weight=1, pdl_alpha=1, pdl_unseen=0, frequencies=None,
                                    z_loss=0)).objective_config()
@@ -409,7 +409,7 @@ def test_an_int_is_accepted_for_a_float_key():
 
 
 def test_range_errors_come_from_objective_config_and_name_the_key():
-    from token_objectives.deepspeed import read_section
+    from token_objectives.integrations.deepspeed.section import read_section
 
     with pytest.raises(ValueError, match=r'\]: pdl_eps: expected a number >= 0, got -1.0'):
         read_section(_section(pdl_eps=-1))
@@ -418,8 +418,8 @@ def test_range_errors_come_from_objective_config_and_name_the_key():
 def test_pdl_options_reach_the_weights(tmp_path):
     import numpy as np
 
-    from token_objectives.deepspeed import from_ds_config
-    from token_objectives.frequencies import pdl_weights, save_frequencies
+    from token_objectives.integrations.deepspeed.section import from_ds_config
+    from token_objectives.tables.frequencies import pdl_weights, save_frequencies
 
     counts = np.array([0, 7, 1, 0, 30, 2], dtype=np.int64)
     path = tmp_path / "freqs.safetensors"
@@ -438,8 +438,8 @@ def test_weighted_mean_divides_the_whole_loss_by_the_counted_pdl_weights():
     from cases import make_case
 
     from token_objectives import ObjectiveConfig
-    from token_objectives.deepspeed import DeepSpeedObjectives
-    from token_objectives.deepspeed_training import counted_denominator
+    from token_objectives.integrations.deepspeed.section import DeepSpeedObjectives
+    from token_objectives.training.deepspeed import counted_denominator
 
     config = ObjectiveConfig(ntl="mse", ntl_weight=0.5, reweigh=False, pdl_alpha=1.0,
                              pdl_normalization="weighted_mean", z_loss=1e-2)
@@ -478,7 +478,7 @@ def test_weighted_mean_divides_the_whole_loss_by_the_counted_pdl_weights():
                                 case.pdl_weights)
     assert counted_denominator([{"labels": labels, "loss_mask": mask}], token) == counted.sum()
     # The logs divide by the same N (the fractional mask included) and show what is trained.
-    from token_objectives.deepspeed import log_components
+    from token_objectives.integrations.deepspeed.section import log_components
 
     totals = out.totals().double()
     torch.testing.assert_close(totals[5], denominator, rtol=1e-6, atol=0)
@@ -488,8 +488,8 @@ def test_weighted_mean_divides_the_whole_loss_by_the_counted_pdl_weights():
 
 def test_weighted_mean_denominator_with_an_ignore_index_beyond_the_vocab():
     from token_objectives import ObjectiveConfig
-    from token_objectives.deepspeed import DeepSpeedObjectives
-    from token_objectives.deepspeed_training import counted_denominator
+    from token_objectives.integrations.deepspeed.section import DeepSpeedObjectives
+    from token_objectives.training.deepspeed import counted_denominator
 
     config = ObjectiveConfig(ntl=None, pdl_alpha=1.0, pdl_normalization="weighted_mean",
                              ignore_index=1000)
@@ -502,7 +502,7 @@ def test_weighted_mean_denominator_with_an_ignore_index_beyond_the_vocab():
 
 
 def test_missing_frequency_file_is_named(tmp_path):
-    from token_objectives.deepspeed import read_section
+    from token_objectives.integrations.deepspeed.section import read_section
 
     missing = tmp_path / "nowhere.safetensors"
     with pytest.raises(ValueError, match=rf"frequencies: .*{missing.name}' does not exist"):
@@ -512,7 +512,7 @@ def test_missing_frequency_file_is_named(tmp_path):
 def test_ntl_with_a_tokenizer_without_numbers_is_named(tmp_path):
     from tokenizer_fixtures import word_level_tokenizer
 
-    from token_objectives.deepspeed import numbers_from_section, read_section
+    from token_objectives.integrations.deepspeed.section import numbers_from_section, read_section
 
     path = tmp_path / "tokenizer.json"
     word_level_tokenizer(["the", "cat", "sat", "</s>"]).save(str(path))
@@ -528,7 +528,7 @@ def test_shipped_configs_are_valid():
     DeepSpeed reads."""
     from deepspeed.runtime.tensor_parallel.config import get_tensor_parallel_config
 
-    from token_objectives.deepspeed import read_section
+    from token_objectives.integrations.deepspeed.section import read_section
 
     for name in ("zero1", "zero2", "zero3", "autotp2"):
         config = json.loads((CONFIGS / f"{name}.json").read_text())
@@ -543,7 +543,7 @@ def test_llama32_3b_config_is_the_3b_shape():
     """3,212,749,824 parameters with tied embeddings (Llama-3.2-3B), on the meta device."""
     from transformers import LlamaForCausalLM
 
-    from token_objectives.deepspeed_training import llama_config
+    from token_objectives.training.deepspeed import llama_config
 
     config = llama_config(CONFIGS / "llama3.2-3b.json", tokenizer_vocab=128256)
     with torch.device("meta"):

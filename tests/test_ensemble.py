@@ -23,9 +23,9 @@ from ensemble_fixtures import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from token_objectives.cli import main
-from token_objectives.ensemble import EnsembleConfig, GaCEnsemble, ModelRunner, UnionVocab
-from token_objectives.ensemble_tokens import TokenTrack
-from token_objectives.ensemble_vocab import byte_level_char_to_byte
+from token_objectives.ensemble.generate import EnsembleConfig, GaCEnsemble, ModelRunner, UnionVocab
+from token_objectives.ensemble.tokens import TokenTrack
+from token_objectives.ensemble.vocab import byte_level_char_to_byte
 
 PROMPTS = ["The train to", "Alice bought 3"]
 

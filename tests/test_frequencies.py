@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from token_objectives.cli import main
-from token_objectives.frequencies import (
+from token_objectives.tables.frequencies import (
     FrequencyTable,
     count_indexed_dataset,
     count_text_files,
@@ -24,7 +24,7 @@ from token_objectives.frequencies import (
     pdl_weights,
     save_frequencies,
 )
-from token_objectives.vocab import tokenizer_identity
+from token_objectives.tables.numbers import tokenizer_identity
 
 VOCAB = 1000
 # Importing megatron-core warns about optional GPU libraries and its own deprecations.
@@ -363,7 +363,7 @@ def test_cli_count_text_equals_the_indexed_dataset_built_from_it(layout, corpus_
     in the .bin: every token and one EOD per document, so EOD is not an unseen token."""
     import json
 
-    from token_objectives.quickstart_data import write_indexed_dataset as write_documents
+    from token_objectives.quickstart.data import write_indexed_dataset as write_documents
 
     if layout == "lines":
         documents = corpus_lines[:120]

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from token_objectives import ObjectiveConfig
-from token_objectives.frequencies import save_frequencies
-from token_objectives.megatron import (
+from token_objectives.integrations.megatron.hook import (
     LossComponents,
     Objectives,
     add_objective_args,
@@ -22,7 +21,8 @@ from token_objectives.megatron import (
     loss_func,
     objective_config_from_args,
 )
-from token_objectives.train_config import RunConfig, load_config, padded_vocab_size
+from token_objectives.tables.frequencies import save_frequencies
+from token_objectives.training.config import RunConfig, load_config, padded_vocab_size
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def test_config_errors_name_the_key():
 
 
 def test_tp_that_does_not_divide_the_heads_is_a_clear_error():
-    from token_objectives.megatron_training import transformer_config
+    from token_objectives.training.megatron import transformer_config
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["parallel.tensor=3"])
     with pytest.raises(ValueError, match="tensor-parallel size 3 does not divide the 4 attention"):
@@ -130,8 +130,8 @@ def test_padded_vocab_size_follows_megatron():
 COUNT = """
 import tempfile, torch.distributed as dist
 dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
-from token_objectives.megatron_training import count_parameters
-from token_objectives.train_config import load_config
+from token_objectives.training.megatron import count_parameters
+from token_objectives.training.config import load_config
 print(count_parameters(load_config({path!r})))
 """
 
@@ -150,7 +150,7 @@ def test_3b_config_has_3_21b_parameters_counted_on_meta():
 
 
 def test_latest_complete_step_and_pruning(tmp_path):
-    from token_objectives import checkpointing
+    from token_objectives.training import checkpointing
 
     for step, complete in ((2, True), (4, True), (6, True), (8, False)):
         directory = checkpointing.step_dir(tmp_path, step)

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from token_objectives import ObjectiveConfig
-from token_objectives import megatron as tom
-from token_objectives.megatron import LossComponents
+from token_objectives.integrations.megatron import hook as tom
+from token_objectives.integrations.megatron.hook import LossComponents
 
 SPIKY_LOSS_FACTOR = 10  # pretrain_gpt.py
 
@@ -199,7 +199,7 @@ def test_a_step_without_number_tokens_logs_ntl_0():
     assert logged["lm loss"] == pytest.approx(_truth([b for r in ranks for b in r])["lm loss"],
                                               rel=1e-5)
     # Our own loss_func reports the bare [0, 0]; our loop guards the division.
-    from token_objectives.megatron_training import report_values
+    from token_objectives.training.megatron import report_values
 
     sums = dp_all_reduce([train_step_sums([tom.loss_func(mask, loss)[2] for loss, mask in r])
                           for r in ranks])
@@ -359,7 +359,7 @@ def hook_task(tokenizer_path: str, frequencies_path: str, argv: list[str]) -> di
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    from token_objectives import cpu_patches
+    from token_objectives.integrations.megatron import cpu_patches
 
     cpu_patches.apply()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
@@ -437,8 +437,8 @@ def hook_task(tokenizer_path: str, frequencies_path: str, argv: list[str]) -> di
 def gpt2_style_tokenizer(tmp_path_factory, corpus_lines):
     from tokenizer_fixtures import gpt2_style_bpe_tokenizer
 
-    from token_objectives.frequencies import save_frequencies
-    from token_objectives.tokenizer_io import tokenizer_identity
+    from token_objectives.tables.frequencies import save_frequencies
+    from token_objectives.tables.tokenizers import tokenizer_identity
 
     tokenizer = gpt2_style_bpe_tokenizer(corpus_lines, vocab_size=REAL_VOCAB)
     assert tokenizer.get_vocab_size() == REAL_VOCAB

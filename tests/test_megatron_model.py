@@ -16,9 +16,13 @@ def fused_head_task(seed: int) -> dict:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    from token_objectives import cpu_patches
-    from token_objectives.megatron import Objectives, attach_objectives, detach_objectives
-    from token_objectives.vocab import NumberTable
+    from token_objectives.integrations.megatron import cpu_patches
+    from token_objectives.integrations.megatron.hook import (
+        Objectives,
+        attach_objectives,
+        detach_objectives,
+    )
+    from token_objectives.tables.numbers import NumberTable
 
     cpu_patches.apply()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)

@@ -18,8 +18,8 @@ from torchrun_helpers import REPO, WORKER_ENV, free_port
 from torchrun_helpers import TINY_MEGATRON as TINY
 from torchrun_helpers import read_metrics as metrics
 
-from token_objectives.checkpointing import COMPLETE_MARKER, latest_complete_step, step_dir
-from token_objectives.quickstart_data import build_quickstart_data
+from token_objectives.quickstart.data import build_quickstart_data
+from token_objectives.training.checkpointing import COMPLETE_MARKER, latest_complete_step, step_dir
 
 
 @pytest.fixture(scope="module")

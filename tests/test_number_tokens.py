@@ -9,7 +9,7 @@ from cases import CONFIGS, make_case
 from tokenizer_fixtures import word_level_tokenizer
 
 from token_objectives import NumberTable, ObjectiveConfig, objective_loss
-from token_objectives.number_level import digit_runs
+from token_objectives.ops.number_level import digit_runs
 
 T, F_ = True, False
 SMAPE_EPS = torch.finfo(torch.float32).eps

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from token_objectives import ObjectiveConfig
-from token_objectives.frequencies import pdl_weights, pdl_weights_for
-from token_objectives.train_config import config_from_dict
+from token_objectives.objectives.pdl import pdl_weights_for
+from token_objectives.tables.frequencies import pdl_weights
+from token_objectives.training.config import config_from_dict
 
 COUNTS = np.array([0, 5, 1, 0, 40, 3, 0, 2], dtype=np.int64)
 

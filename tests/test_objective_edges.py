@@ -8,10 +8,10 @@ import pytest
 import torch
 from cases import CONFIGS, make_case, number_table
 from dist_pool import tp_group
+from reference import reference_objective_loss
 
 from token_objectives import ObjectiveConfig, objective_loss
-from token_objectives.number_level import digit_runs
-from token_objectives.reference import reference_objective_loss
+from token_objectives.ops.number_level import digit_runs
 
 
 @pytest.mark.parametrize("name", ["was", "was_squash", "mse", "huber", "number",

@@ -7,9 +7,9 @@ import torch
 import torch.distributed as dist
 from cases import CONFIGS, Case, all_cases, make_case
 from dist_pool import counted_collectives, tp_group
+from reference import reference_objective_loss
 
 from token_objectives import objective_loss
-from token_objectives.reference import reference_objective_loss
 
 TP_SIZES = (1, 2, 4)
 # (TP size, tokens per chunk): default chunking, plus small chunks that do not divide T = 48.

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import sentencepiece
 
-from token_objectives.frequencies import load_frequencies
-from token_objectives.quickstart_data import (
+from token_objectives.quickstart.data import (
     build_quickstart_data,
     generate_corpus,
     main,
     train_tokenizer,
     write_indexed_dataset,
 )
-from token_objectives.vocab import NumberTable, tokenizer_identity
+from token_objectives.tables.frequencies import load_frequencies
+from token_objectives.tables.numbers import NumberTable, tokenizer_identity
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Transformer Engine and Apex:UserWarning"),
@@ -266,7 +266,7 @@ def test_cli_prints_a_summary(build_copy, capsys):
 
 
 def test_interrupted_rebuild_leaves_no_manifest(built, build_copy, monkeypatch):
-    import token_objectives.quickstart_data as quickstart_data
+    import token_objectives.quickstart.data as quickstart_data
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

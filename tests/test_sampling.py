@@ -10,21 +10,21 @@ import torch
 import torch.distributed as dist
 from dist_pool import counted_collectives, tp_group
 
-from token_objectives.sampling import (
+from token_objectives.ops.sampling import (
     counter_uniform,
     deterministic_log,
     stream_seed,
     vocab_parallel_argmax,
     vocab_parallel_sample,
 )
-from token_objectives.sampling_mix import (
+from token_objectives.scheduled_sampling.mix import (
     ScheduledSampler,
     eligible_inputs,
     mix_inputs,
     sample_indices,
     select_inputs,
 )
-from token_objectives.sampling_schedule import ScheduledSamplingConfig
+from token_objectives.scheduled_sampling.schedule import ScheduledSamplingConfig
 
 TP_SIZES = (1, 2, 4)
 
@@ -374,7 +374,7 @@ def test_selection_rate_and_layout_independence():
 
 
 def test_sample_indices_follow_micro_batches():
-    from token_objectives.gpt_data import micro_batches
+    from token_objectives.training.data import micro_batches
 
     class Numbered:
         def __getitem__(self, index):
@@ -392,7 +392,7 @@ def test_sample_indices_follow_micro_batches():
 
 
 def test_yaml_section_is_typed_and_closed():
-    from token_objectives.train_config import config_from_dict, load_config
+    from token_objectives.training.config import config_from_dict, load_config
 
     config = config_from_dict({"scheduled_sampling": {
         "enabled": True, "schedule": "linear", "max_p": "2.5e-1", "c": 1, "warmup_steps": 3}})
@@ -410,7 +410,7 @@ def test_yaml_section_is_typed_and_closed():
 
 
 def test_ds_config_section_is_typed_and_closed():
-    from token_objectives.deepspeed import read_section
+    from token_objectives.integrations.deepspeed.section import read_section
 
     def section(values):
         return {"token_objectives": {"ntl": None, "scheduled_sampling": values}}

@@ -51,7 +51,7 @@ def train_megatron(data, out: Path, nproc: int, *overrides: str) -> None:
 def megatron_weights(out: Path, step: int) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from token_objectives.checkpointing import step_dir
+    from token_objectives.training.checkpointing import step_dir
 
     target = out / f"weights_{step}.pt"
     dcp_to_torch_save(step_dir(out / "checkpoints", step), target)
@@ -72,7 +72,7 @@ def tensorboard_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from token_objectives.quickstart_data import build_quickstart_data
+    from token_objectives.quickstart.data import build_quickstart_data
 
     return build_quickstart_data(tmp_path_factory.mktemp("data"), num_documents=300)
 
@@ -176,9 +176,9 @@ def megatron_probe(out: Path, overrides: list[str]) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from token_objectives.gpt_data import micro_batches
-    from token_objectives.megatron_training import Trainer
-    from token_objectives.train_config import load_config
+    from token_objectives.training.config import load_config
+    from token_objectives.training.data import micro_batches
+    from token_objectives.training.megatron import Trainer
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
     trainer = Trainer(cfg)
@@ -246,7 +246,7 @@ def deepspeed_probe(out: Path, configs: list[str]) -> None:
     """Two steps per ds_config in this process; per-step rows and the final weights saved."""
     import torch.distributed as dist
 
-    from token_objectives.deepspeed_training import TrainArgs, Trainer
+    from token_objectives.training.deepspeed import TrainArgs, Trainer
 
     for index, config in enumerate(configs):
         trainer = Trainer(TrainArgs(

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from slurm_cluster import FAKE_GPUS, Cluster, Unavailable, ensure_cluster
 
-from token_objectives.quickstart_data import build_quickstart_data
+from token_objectives.quickstart.data import build_quickstart_data
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "slurm"

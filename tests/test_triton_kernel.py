@@ -15,7 +15,7 @@ from test_fused_linear import run_fused
 from test_objective_tp import _gather, _reference, run_cases
 
 from token_objectives import objective_loss
-from token_objectives.functional import resolve_kernel
+from token_objectives.ops.statistics import resolve_kernel
 
 # Importing triton here would fix its interpreter switch off in this process: only look.
 if importlib.util.find_spec("triton") is None:
@@ -32,7 +32,7 @@ def first_group_only(task, tp_size: int, *args):
     disjoint, so the others may sit out its collectives). Blocks of 16 columns make the test
     vocabularies (16 to 64 columns a rank) span several blocks, as real ones do, so that the
     forward's online re-basing of the sums runs."""
-    from token_objectives import triton_kernels
+    from token_objectives.ops import triton_kernels
 
     triton_kernels.MAX_BLOCK = 16
     return task(tp_size, *args) if dist.get_rank() < tp_size else None

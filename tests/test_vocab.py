@@ -12,7 +12,7 @@ import torch
 from tokenizer_fixtures import word_level_tokenizer
 from tokenizers import Tokenizer
 
-from token_objectives.vocab import NumberTable, load_tokenizer, tokenizer_identity
+from token_objectives.tables.numbers import NumberTable, load_tokenizer, tokenizer_identity
 
 DIGITS = [str(d) for d in range(10)]
 

@@ -13,9 +13,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from cases import CONFIGS, Case, make_case
 from dist_pool import counted_collectives, in_tp_group, tp_group
+from reference import reference_objective_loss
 
 from token_objectives import fused_linear_objective_loss, objective_loss
-from token_objectives.reference import reference_objective_loss
 
 VOCAB, REAL = 61, 58
 NUMBER_IDS = [3, 9, 17, 22, 30, 38, 41, 47, 52, 56]

@@ -51,14 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--number-tokens", choices=("digit", "multi"), default="digit")
     inspect.add_argument("--vocab-size", type=int, help="the model's padded vocab size")
 
-    from token_objectives.correction_data import add_arguments as add_correction_arguments
+    from token_objectives.correction.data import add_arguments as add_correction_arguments
 
     add_correction_arguments(commands.add_parser(
         "build-correction-data",
         help="reference-answer correction data: the model's greedy answers + reference answers",
     ))
 
-    from token_objectives.ensemble_io import add_arguments as add_ensemble_arguments
+    from token_objectives.ensemble.cli import add_arguments as add_ensemble_arguments
 
     add_ensemble_arguments(commands.add_parser(
         "ensemble", help="GaC token-level ensemble of local models with different tokenizers"
@@ -69,12 +69,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _count_frequencies(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from token_objectives.frequencies import (
+    from token_objectives.tables.frequencies import (
         count_indexed_dataset,
         count_text_files,
         save_frequencies,
     )
-    from token_objectives.tokenizer_io import list_vocab, load_tokenizer, tokenizer_identity
+    from token_objectives.tables.tokenizers import list_vocab, load_tokenizer, tokenizer_identity
 
     if args.text and not args.tokenizer:
         parser.error("count-frequencies --text needs --tokenizer")
@@ -110,7 +110,7 @@ def _count_frequencies(args: argparse.Namespace, parser: argparse.ArgumentParser
 
 
 def _inspect_vocab(args: argparse.Namespace) -> int:
-    from token_objectives.vocab import NumberTable
+    from token_objectives.tables.numbers import NumberTable
 
     table = NumberTable.from_tokenizer(
         args.tokenizer, vocab_size=args.vocab_size, digit_level=args.number_tokens == "digit"
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `token-objectives` console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
-        from token_objectives.bench import main as bench_main
+        from token_objectives.bench.grid import main as bench_main
 
         result = bench_main(argv[1:])
         return 0 if result is None else int(result)
@@ -133,11 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "count-frequencies":
             return _count_frequencies(args, parser)
         if args.command == "build-correction-data":
-            from token_objectives.correction_data import run_from_args
+            from token_objectives.correction.data import run_from_args
 
             return run_from_args(args)
         if args.command == "ensemble":
-            from token_objectives.ensemble_io import run as run_ensemble
+            from token_objectives.ensemble.cli import run as run_ensemble
 
             return run_ensemble(args)
         return _inspect_vocab(args)

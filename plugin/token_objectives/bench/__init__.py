@@ -1,0 +1,1 @@
+"""`token-objectives bench`: the T x V x TP grid, its baselines and the measuring."""

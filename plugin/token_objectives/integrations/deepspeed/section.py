@@ -1,0 +1,320 @@
+"""DeepSpeed integration: the objectives switched on by a "token_objectives" ds_config section.
+
+    {
+      "train_micro_batch_size_per_gpu": 8,
+      "zero_optimization": {"stage": 2},
+      "token_objectives": {"ntl": "was", "ntl_weight": 0.3, "pdl_alpha": 0.2,
+                           "tokenizer": "tokenizer.model", "frequencies": "freqs.safetensors",
+                           "scheduled_sampling": {"enabled": true, "schedule": "linear",
+                                                  "max_p": 0.25, "c": 0.001}}
+    }
+
+DeepSpeed ignores unknown top-level sections, so ours is validated here with DeepSpeed's own
+pydantic base: an unknown key or a wrong type is an error that names it. `from_ds_config`
+returns `objectives(logits, labels)`; under AutoTP with a vocab-parallel lm_head the logits stay
+sharded [..., V/tp] and the vocab-parallel loss runs on the shard (two all-reduces, no gather).
+The optional "scheduled_sampling" object holds the keys of the Megatron YAML section of the same
+name (`sampling_schedule.ScheduledSamplingConfig`), checked the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import operator
+import typing
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import ConfigDict, Field, ValidationError, create_model, field_validator
+
+from token_objectives.objectives.fused_linear import fused_linear_objective_loss
+from token_objectives.objectives.loss import ObjectiveConfig, ObjectiveOutput, objective_loss
+from token_objectives.objectives.pdl import pdl_weights_for
+from token_objectives.objectives.sections import section_from_mapping
+from token_objectives.scheduled_sampling.schedule import ScheduledSamplingConfig
+from token_objectives.tables.frequencies import load_frequencies
+from token_objectives.tables.numbers import NumberTable
+
+SECTION = "token_objectives"
+
+
+def _base_model():
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    class StrictModel(DeepSpeedConfigModel):
+        # DeepSpeed's own strict=True only keeps "auto" values; pydantic's strict mode refuses
+        # "0.5" for a number and 1 or "true" for a bool (an int is still a float: JSON writes 1).
+        model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+    return StrictModel
+
+
+def _section_type(option, hint: Any) -> Any:
+    """The pydantic type of an ObjectiveConfig field: its choices as a Literal."""
+    choices = option.metadata.get("choices")
+    if not choices:
+        return hint
+    kinds = [kind for kind in typing.get_args(hint) or (hint,) if kind is not str]
+    return functools.reduce(operator.or_, kinds, Literal[choices])
+
+
+def _objective_section_fields() -> dict[str, Any]:
+    """Every ObjectiveConfig field as a section key, with its type, default and help."""
+    hints = typing.get_type_hints(ObjectiveConfig)
+    return {
+        option.name: (_section_type(option, hints[option.name]),
+                      Field(option.default, description=option.metadata["help"]))
+        for option in fields(ObjectiveConfig)
+    }
+
+
+_ObjectiveSection = create_model("_ObjectiveSection", __base__=_base_model(),
+                                 **_objective_section_fields())
+
+
+class TokenObjectivesConfig(_ObjectiveSection):
+    """The "token_objectives" section. Keys are ObjectiveConfig's (made from its fields), plus
+    where the tables come from: `tokenizer` (local path, for the number tokens), `number_tokens`
+    ("digit" | "multi") and `frequencies` (a `token-objectives count-frequencies` file, for PDL),
+    the `scheduled_sampling` object and `fused_lm_head`."""
+
+    tokenizer: str | None = None
+    number_tokens: Literal["digit", "multi"] = "digit"
+    frequencies: str | None = None
+    scheduled_sampling: dict[str, Any] | None = None
+    fused_lm_head: bool = False
+
+    @field_validator("tokenizer", "frequencies")
+    @classmethod
+    def _file_exists(cls, path: str | None, info) -> str | None:
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"{info.field_name} file {path!r} does not exist")
+        return path
+
+    def objective_config(self) -> ObjectiveConfig:
+        names = {f.name for f in fields(ObjectiveConfig)}
+        return ObjectiveConfig(**{k: v for k, v in self.model_dump().items() if k in names})
+
+    def sampling_config(self) -> ScheduledSamplingConfig:
+        """The "scheduled_sampling" object (disabled when absent); ValueError names a bad key."""
+        return section_from_mapping(ScheduledSamplingConfig, "scheduled_sampling",
+                                    self.scheduled_sampling or {})
+
+
+def _load_ds_config(ds_config: Mapping[str, Any] | str | Path) -> Mapping[str, Any]:
+    if isinstance(ds_config, Mapping):
+        return ds_config
+    with open(ds_config, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def read_section(ds_config: Mapping[str, Any] | str | Path) -> TokenObjectivesConfig | None:
+    """The validated "token_objectives" section of a ds_config (dict or JSON path), or None.
+
+    Raises ValueError naming the offending key (unknown key, wrong type, missing file).
+    """
+    raw = _load_ds_config(ds_config).get(SECTION)
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ValueError(f'ds_config["{SECTION}"] must be an object, got {raw!r}')
+    try:
+        section = TokenObjectivesConfig(strict=True, **raw)
+        section.objective_config()  # the cross-field checks (squash_factor, ranges, ...)
+        section.sampling_config()
+    except ValidationError as error:
+        # One entry per key: a union type (pdl_unseen) reports each alternative it tried.
+        by_key: dict[str, list[str]] = {}
+        for e in error.errors():
+            by_key.setdefault(str(e["loc"][0]) if e["loc"] else SECTION, []).append(e["msg"])
+        problems = "; ".join(f"{key}: {' or '.join(msgs)}" for key, msgs in by_key.items())
+        raise ValueError(f'invalid ds_config["{SECTION}"]: {problems}') from None
+    except (TypeError, ValueError) as error:
+        raise ValueError(f'invalid ds_config["{SECTION}"]: {error}') from None
+    return section
+
+
+def tensor_parallel_group() -> dist.ProcessGroup | None:
+    """DeepSpeed's AutoTP group when one is set up with more than one rank, else None."""
+    try:
+        from deepspeed.utils import groups
+
+        group = groups.get_tensor_model_parallel_group()
+    except (AssertionError, AttributeError, ImportError):
+        return None
+    if group is None or dist.get_world_size(group) == 1:
+        return None
+    return group
+
+
+def vocab_parallel_head_shard(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(vocab_start, width) of this rank's shard of AutoTP's vocab-parallel lm_head inside
+    `module`, or None when the model has none. AutoTP shards unevenly when TP does not divide
+    the vocab (V = 9 at TP = 2: 5 and 4 rows), so the layout is read, never inferred."""
+    for child in module.modules():
+        if getattr(child, "is_vocab_parallel_lm_head", False):
+            start, end = int(child.vocab_start_index), int(child.vocab_end_index)
+            return start, end - start
+    return None
+
+
+class DeepSpeedObjectives:
+    """`objectives(logits, labels, loss_mask=None)` -> ObjectiveOutput, per token.
+
+    logits: [..., V] (full vocab) or [..., w] (this rank's AutoTP vocab-parallel lm_head shard,
+    columns [vocab_start, vocab_start + w)); which one is read from the width against the
+    model's vocab size. labels: [...] global ids. `use_head_shard(start, width)` states the
+    shard (the trainer reads it from the model with `vocab_parallel_head_shard`); without it a
+    shard is taken to be the even one, and the objective's layout check refuses uneven shards.
+    real_vocab_size: the tokenizer's size; columns past it are padding (default: the table's).
+    """
+
+    def __init__(self, config: ObjectiveConfig, numbers: NumberTable | None,
+                 pdl_weights: torch.Tensor | None = None, vocab_size: int | None = None,
+                 real_vocab_size: int | None = None) -> None:
+        self.config = config
+        self.numbers = numbers
+        self.pdl_weights = pdl_weights
+        if vocab_size is None and numbers is not None:
+            vocab_size = numbers.vocab_size
+        if vocab_size is None and pdl_weights is not None:
+            vocab_size = pdl_weights.numel()
+        self.vocab_size = vocab_size  # the model's padded vocab; None: unknown (plain CE)
+        if real_vocab_size is None and numbers is not None:
+            real_vocab_size = numbers.valid_vocab_size
+        self.real_vocab_size = real_vocab_size
+        self.head_shard: tuple[int, int] | None = None
+
+    def use_head_shard(self, shard: tuple[int, int] | None) -> None:
+        """(vocab_start, width) of this rank's lm_head shard, or None for the even layout."""
+        self.head_shard = shard
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor,
+                 loss_mask: torch.Tensor | None = None) -> ObjectiveOutput:
+        group, layout = self._layout(logits.shape[-1])
+        return objective_loss(logits, labels, self.config, self.numbers, self.pdl_weights,
+                              group, loss_mask=loss_mask, **layout)
+
+    def fused(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+              loss_mask: torch.Tensor | None = None) -> ObjectiveOutput:
+        """The same from hidden states [..., h] and the lm_head weight [V or w, h], with no
+        logits held (fused_linear_objective_loss); gradients go to hidden and weight."""
+        group, layout = self._layout(weight.shape[0])
+        return fused_linear_objective_loss(hidden, weight, labels, self.config, self.numbers,
+                                           self.pdl_weights, group, loss_mask=loss_mask,
+                                           **layout)
+
+    def _group(self, width: int):
+        """The AutoTP group when `width` vocab columns are a shard of the model's vocab."""
+        return self._layout(width)[0]
+
+    def _layout(self, width: int) -> tuple[dist.ProcessGroup | None, dict[str, int | None]]:
+        """(group, the objective's layout keywords) for logits `width` columns wide."""
+        vocab = self.vocab_size
+        # A table states the real vocab itself; a second figure could only disagree with it.
+        real = self.real_vocab_size if self.numbers is None else None
+        sizes = {"vocab_size": vocab, "real_vocab_size": real}
+        if vocab is not None and width == vocab:
+            return None, sizes
+        group = tensor_parallel_group()
+        if group is None and vocab is not None:
+            raise ValueError(
+                f"logits have {width} vocab columns but the tables have {vocab} and no AutoTP "
+                f"group is set up; build the NumberTable with vocab_size={width}"
+            )
+        if self.head_shard is None:
+            return group, sizes
+        start, shard_width = self.head_shard
+        if shard_width != width:
+            raise ValueError(
+                f"logits have {width} vocab columns but this rank's lm_head shard holds "
+                f"{shard_width} (ids [{start}, {start + shard_width})); pass the model's own "
+                f"logits or its lm_head weight"
+            )
+        return group, dict(sizes, vocab_start=start)
+
+
+def from_ds_config(
+    ds_config: Mapping[str, Any] | str | Path,
+    numbers: NumberTable | None,
+    pdl_weights: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    real_vocab_size: int | None = None,
+) -> DeepSpeedObjectives:
+    """Validate the "token_objectives" section and return the loss callable.
+
+    numbers: the number table over the model's (padded) vocab; None only with ntl null.
+    vocab_size: the model's padded vocab, which tells full logits from an AutoTP shard when
+    there is no table to tell it (ntl null, no PDL); default: the tables' size.
+    real_vocab_size: the tokenizer's size, so that without a table the padding columns still
+    leave the softmax (a table states its own).
+    pdl_weights: [V] weights; when None and the section has pdl_alpha > 0, they are built from
+    the section's `frequencies` file (checked against numbers.vocab_size).
+    """
+    section = read_section(ds_config)
+    if section is None:
+        raise ValueError(f'the ds_config has no "{SECTION}" section')
+    config = section.objective_config()
+    if config.pdl_alpha > 0 and pdl_weights is None:
+        if section.frequencies is None:
+            raise ValueError(
+                f'ds_config["{SECTION}"].pdl_alpha > 0 needs "frequencies": the output of '
+                "`token-objectives count-frequencies`"
+            )
+        vocab = numbers.vocab_size if numbers is not None else None
+        table = load_frequencies(section.frequencies, vocab_size=vocab)
+        pdl_weights = pdl_weights_for(config, table.counts)
+    return DeepSpeedObjectives(config, numbers, pdl_weights, vocab_size, real_vocab_size)
+
+
+def numbers_from_section(section: TokenObjectivesConfig, vocab_size: int) -> NumberTable | None:
+    """The NumberTable the section asks for, over `vocab_size` ids (None without NTL)."""
+    if section.ntl is None:
+        return None
+    if section.tokenizer is None:
+        raise ValueError(f'ds_config["{SECTION}"].ntl = {section.ntl!r} needs "tokenizer"')
+    try:
+        return NumberTable.from_tokenizer(section.tokenizer, vocab_size=vocab_size,
+                                          digit_level=section.number_tokens == "digit")
+    except ValueError as error:
+        raise ValueError(
+            f'ds_config["{SECTION}"].ntl = {section.ntl!r} with tokenizer '
+            f"{section.tokenizer!r} (number_tokens {section.number_tokens!r}): {error}"
+        ) from None
+
+
+def log_components(engine, output: ObjectiveOutput, step: int,
+                   config: ObjectiveConfig | None = None) -> dict[str, float]:
+    """Per-component means over the global batch (reduced over DP), written to DeepSpeed's
+    monitor (its "tensorboard" / "csv_monitor" sections). Returns them.
+
+    "lm loss" is what is trained: the loss sum over the counted tokens, or over the sum of
+    their PDL weights with config.pdl_normalization="weighted_mean"."""
+    totals = output.totals().detach().to(torch.float64)
+    group = None
+    try:
+        from deepspeed.utils import groups
+
+        group = groups._get_data_parallel_group()
+    except (AssertionError, AttributeError, ImportError):
+        group = None
+    if dist.is_initialized():
+        dist.all_reduce(totals, group=group)
+    loss, tokens, ce, ntl, numbers, weight = totals.tolist()
+    weighted = config is not None and config.pdl_normalization == "weighted_mean"
+    values = {
+        "lm loss": loss / (weight if weighted and weight > 0 else max(tokens, 1)),
+        "ce": ce / max(tokens, 1),
+        "ntl": ntl / max(numbers, 1),
+        "number tokens": numbers / max(tokens, 1),
+        "pdl weight": weight / max(tokens, 1),
+    }
+    monitor = getattr(engine, "monitor", None)
+    if monitor is not None and getattr(monitor, "enabled", False) and dist.get_rank() == 0:
+        monitor.write_events([(f"Train/{name}", value, step) for name, value in values.items()])
+    return values

@@ -1,0 +1,541 @@
+"""Megatron-Core integration: the objectives inside a GPTModel, a loss_func, and CLI arguments.
+
+No math lives here. `attach_objectives(model, objectives)` makes a megatron-core `GPTModel`
+compute its per-token loss with `objective_loss` on the vocab-sharded logits [s, b, V/tp]; the
+logits are never gathered. The per-token components travel on the returned loss tensor (not in
+a global), and `loss_func` turns them into Megatron's (loss sum, token count, report) triple, so
+the training loop normalises by the GLOBAL token count across DP and micro-batches.
+
+For Megatron-LM's `pretrain_gpt.py` (core_v0.16.1), after its own `loss_func` is defined:
+
+    from token_objectives.integrations.megatron import hook as token_objectives_megatron
+    model_provider = token_objectives_megatron.wrap_model_provider(model_provider)
+    loss_func = token_objectives_megatron.wrap_loss_func(loss_func)
+    # and pretrain(..., extra_args_provider=token_objectives_megatron.chain_args_provider(
+    #     add_modelopt_args if has_nvidia_modelopt else None), ...)
+
+run with --calculate-per-token-loss (and --objective-tokenizer when NTL is on). `wrap_loss_func`
+keeps Megatron-LM's own loss_func (its NaN/Inf/spiky-loss checks and ModelOpt branch) and adds
+the component entries to its report; `loss_func` is the same contract for loops without
+Megatron-LM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from token_objectives.objectives.fused_linear import fused_linear_objective_loss
+from token_objectives.objectives.loss import ObjectiveConfig, ObjectiveOutput, objective_loss
+from token_objectives.objectives.pdl import pdl_weights_for
+from token_objectives.tables.frequencies import load_frequencies
+from token_objectives.tables.numbers import NumberTable
+from token_objectives.tables.tokenizers import as_tokenizer, list_vocab, tokenizer_identity
+
+_COMPONENTS_ATTR = "token_objectives_components"
+_ATTACHED_ATTR = "_token_objectives_attached"
+
+
+@dataclass(frozen=True)
+class LossComponents:
+    """Per-token parts of the loss, each [b, s] fp32, before the loss mask.
+
+    ce: plain cross-entropy. ce_part: everything but the NTL term (PDL-weighted, smoothed CE
+    plus z-loss). ntl: the NTL term before ntl_weight. is_number: where NTL is counted.
+    weight: the PDL weight of each target.
+    """
+
+    ce: torch.Tensor
+    ce_part: torch.Tensor
+    ntl: torch.Tensor
+    is_number: torch.Tensor
+    weight: torch.Tensor
+
+
+@dataclass
+class Objectives:
+    """What a model needs to compute the objectives: the config and the per-token tables.
+
+    vocab_size: the output layer's padded vocab V (rows over all TP shards); None: the shards'.
+    real_vocab_size: the tokenizer's size; columns [real_vocab_size, V) are padding and stay out
+        of the softmax. None: the NumberTable's valid_vocab_size, else no padding.
+    """
+
+    config: ObjectiveConfig
+    numbers: NumberTable | None
+    pdl_weights: torch.Tensor | None = None
+    vocab_size: int | None = None
+    real_vocab_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.config.pdl_normalization != "token":
+            raise ValueError(
+                "Megatron normalises by an integer token count: use pdl_normalization='token' "
+                "(the weight table is already normalised to a corpus mean of 1)"
+            )
+        if self.real_vocab_size is None and self.numbers is not None:
+            self.real_vocab_size = self.numbers.valid_vocab_size
+        if (self.vocab_size is not None and self.real_vocab_size is not None
+                and self.real_vocab_size > self.vocab_size):
+            raise ValueError(
+                f"real_vocab_size {self.real_vocab_size} exceeds the padded vocab size "
+                f"{self.vocab_size}: the output layer must have a row for every tokenizer id"
+            )
+
+    @classmethod
+    def build(
+        cls,
+        config: ObjectiveConfig,
+        padded_vocab_size: int,
+        tokenizer: Any = None,
+        number_tokens: str = "digit",
+        frequencies_path: str | None = None,
+        real_vocab_size: int | None = None,
+    ) -> Objectives:
+        """Tables for a model whose output layer has `padded_vocab_size` rows.
+
+        tokenizer: a local path or tokenizer object (needed for NTL; without NTL it only pins the
+            vocab size and the frequency table's identity, and needs no digit tokens).
+        frequencies_path: a `token-objectives count-frequencies` file (needed for PDL).
+        real_vocab_size: the tokenizer's size as the trainer knows it (Megatron-LM's
+            `get_tokenizer().vocab_size`); must equal `tokenizer`'s with NTL, and be at least it
+            without.
+        """
+        if number_tokens not in ("digit", "multi"):
+            raise ValueError(f"number_tokens must be 'digit' or 'multi', got {number_tokens!r}")
+        numbers = None
+        identity = None
+        listed_size = None
+        if config.uses_numbers:
+            if tokenizer is None:
+                raise ValueError(f"ntl={config.ntl!r} needs the tokenizer to find number tokens")
+            numbers = NumberTable.from_tokenizer(
+                tokenizer, vocab_size=padded_vocab_size, digit_level=number_tokens == "digit"
+            )
+            identity, listed_size = numbers.tokenizer_identity, numbers.valid_vocab_size
+        elif tokenizer is not None:
+            # CE and PDL never look at digits: no NumberTable, so any vocabulary works.
+            loaded = as_tokenizer(tokenizer)
+            identity, listed_size = tokenizer_identity(loaded), list_vocab(loaded).size
+        # Without a NumberTable the trainer's tokenizer may add ids past the file's (Megatron-LM's
+        # SentencePieceTokenizer adds special tokens); the NumberTable must cover them all.
+        short = numbers is None and real_vocab_size is not None and listed_size is not None \
+            and real_vocab_size > listed_size
+        if real_vocab_size is not None and listed_size is not None \
+                and real_vocab_size != listed_size and not short:
+            raise ValueError(
+                f"the trainer's tokenizer has {real_vocab_size} ids but {identity} has "
+                f"{listed_size}: point --objective-tokenizer at the tokenizer the data was built "
+                f"with"
+            )
+        real_vocab_size = listed_size if real_vocab_size is None else real_vocab_size
+        weights = None
+        if config.pdl_alpha > 0:
+            if frequencies_path is None:
+                raise ValueError(
+                    "pdl_alpha > 0 needs a token-frequency table: run `token-objectives "
+                    f"count-frequencies --vocab-size {padded_vocab_size} ...` and pass its path"
+                )
+            table = load_frequencies(frequencies_path, vocab_size=padded_vocab_size,
+                                     tokenizer_identity=identity)
+            weights = pdl_weights_for(config, table.counts)
+        return cls(config, numbers, weights, vocab_size=padded_vocab_size,
+                   real_vocab_size=real_vocab_size)
+
+    def per_token_loss(
+        self, labels: torch.Tensor, logits: torch.Tensor, tp_group, weight=None
+    ) -> torch.Tensor:
+        """labels [b, s], logits [s, b, V/tp] -> loss [b, s] fp32 carrying its LossComponents.
+
+        With `weight` (the output layer's shard [V/tp, h]), `logits` are the hidden states
+        [s, b, h] and the fused LM head + loss runs instead.
+        """
+        labels_sb = labels.transpose(0, 1)
+        layout = {"vocab_size": self.vocab_size, "real_vocab_size": self.real_vocab_size}
+        if weight is None:
+            out = objective_loss(logits, labels_sb, self.config, self.numbers,
+                                 self.pdl_weights, tp_group, seq_dim=0, **layout)
+        else:
+            out = fused_linear_objective_loss(logits, weight, labels_sb, self.config,
+                                              self.numbers, self.pdl_weights, tp_group,
+                                              seq_dim=0, **layout)
+        return self._with_components(out)
+
+    def _with_components(self, out: ObjectiveOutput) -> torch.Tensor:
+        def to_bs(x: torch.Tensor) -> torch.Tensor:
+            return x.transpose(0, 1).contiguous()
+
+        loss = to_bs(out.loss)
+        ntl = to_bs(out.ntl)
+        components = LossComponents(
+            ce=to_bs(out.ce).detach(),
+            ce_part=(loss - self.config.ntl_weight * ntl).detach(),
+            ntl=ntl.detach(),
+            is_number=to_bs(out.is_number),
+            weight=to_bs(out.weight).detach(),
+        )
+        setattr(loss, _COMPONENTS_ATTR, components)
+        return loss
+
+
+def components_of(output_tensor: torch.Tensor) -> LossComponents | None:
+    """The LossComponents a model attached to its per-token loss, if any."""
+    return getattr(output_tensor, _COMPONENTS_ATTR, None)
+
+
+class _FusedHead:
+    """Stands in for a GPTModel's output layer while labels are given: hands the hidden states
+    through and remembers the weight, so the loss can run the fused LM head + objectives.
+    Without labels (generation) the real output layer runs."""
+
+    def __init__(self, output_layer) -> None:
+        self.output_layer = output_layer
+        self.original_forward = output_layer.forward  # bound before it is replaced
+        self.active = False
+        self.weight = None
+
+    def __call__(self, hidden, weight=None, runtime_gather_output=None):
+        if not self.active:
+            return self.original_forward(hidden, weight=weight,
+                                         runtime_gather_output=runtime_gather_output)
+        self.weight = self.output_layer.weight if weight is None else weight
+        return hidden, None
+
+
+def attach_objectives(model, objectives: Objectives, fused_head: bool = False):
+    """Make a megatron-core GPTModel (or any LanguageModule) compute `objectives` as its loss.
+
+    fused_head: skip the output layer's forward when labels are given and compute the loss
+    from the hidden states and the output weight (with tied embeddings, the word-embedding
+    shard, which gets the gradient), never materialising the [s, b, V/tp] logits.
+    Idempotent: attaching again replaces the objectives. `detach_objectives` undoes it.
+    Returns the model.
+    """
+    detach_objectives(model)
+    head = _FusedHead(model.output_layer) if fused_head else None
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor):
+        weight = None
+        if head is not None and head.active:
+            weight, head.weight = head.weight, None
+        return getattr(self, _ATTACHED_ATTR).per_token_loss(labels, logits,
+                                                            self.pg_collection.tp, weight)
+
+    setattr(model, _ATTACHED_ATTR, objectives)
+    model.compute_language_model_loss = types.MethodType(compute_language_model_loss, model)
+    if head is not None:
+        original_forward = model.forward
+
+        def forward(*args, **kwargs):
+            head.active = kwargs.get("labels") is not None
+            try:
+                return original_forward(*args, **kwargs)
+            finally:
+                head.active = False
+
+        model.output_layer.forward = head.__call__
+        model.forward = forward
+        model._token_objectives_head = (head, original_forward)
+    return model
+
+
+def detach_objectives(model):
+    """Restore the model's own output layer and cross-entropy loss."""
+    if hasattr(model, _ATTACHED_ATTR):
+        delattr(model, _ATTACHED_ATTR)
+        del model.compute_language_model_loss
+    if hasattr(model, "_token_objectives_head"):
+        del model.output_layer.forward
+        del model.forward
+        del model._token_objectives_head
+    return model
+
+
+def component_report(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> dict:
+    """The objectives' entries of a loss_func report: name -> fp32 [2] (sum, count).
+
+    loss_mask [b, s], output_tensor: the model's per-token loss [b, s]. Counted tokens are
+    `loss_mask != 0`; sums are weighted by the mask. Empty when the tensor carries no
+    LossComponents. A micro-batch without number tokens gives "ntl" = [0, 0], so the pairs'
+    sum over micro-batches and DP ranks is exact.
+    """
+    parts = components_of(output_tensor)
+    if parts is None:
+        return {}
+    mask = loss_mask.reshape(-1).float()
+    tokens = (mask != 0).sum(dtype=torch.float32)
+    numbers = (parts.is_number.reshape(-1) & (mask != 0)).sum(dtype=torch.float32)
+    ntl_sum = (parts.ntl.reshape(-1) * mask).sum()
+
+    def masked(x: torch.Tensor) -> torch.Tensor:
+        return (x.reshape(-1).float() * mask).sum()
+
+    return {
+        "ce part": torch.stack([masked(parts.ce_part), tokens]),
+        "ntl part": torch.stack([ntl_sum, tokens]),
+        "ce": torch.stack([masked(parts.ce), tokens]),
+        "ntl": torch.stack([ntl_sum, numbers]),
+        "number tokens": torch.stack([numbers, tokens]),
+        "pdl weight": torch.stack([masked(parts.weight), tokens]),
+    }
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None):
+    """Megatron's loss_func contract with per-token normalisation, for loops without Megatron-LM.
+
+    loss_mask [b, s], output_tensor: the model's per-token loss [b, s].
+    Returns (loss sum, token count (int), report); each report value is a [sum, count] pair that
+    the training loop all-reduces over DP and logs as sum / count:
+      "lm loss" = "ce part" + ntl_weight * "ntl part" (both per counted token), "ce" (plain
+      cross-entropy), "ntl" (per number token), "number tokens" (fraction), "pdl weight"
+      (mean); "ce part" is the PDL-weighted cross-entropy. A loop that divides must guard
+      a count of 0 (a step without number tokens has "ntl" = [0, 0]).
+    With Megatron-LM's pretrain_gpt.py use `wrap_loss_func(loss_func)` instead, which keeps its
+    NaN/Inf/spiky-loss checks.
+    """
+    mask = loss_mask.reshape(-1).float()
+    losses = output_tensor.reshape(-1).float()
+    tokens = (mask != 0).sum(dtype=torch.float32)
+    loss_sum = (losses * mask).sum()
+    report = {"lm loss": torch.stack([loss_sum.detach(), tokens])}
+    report.update(component_report(loss_mask, output_tensor))
+    return loss_sum, tokens.to(torch.int), report
+
+
+_WRAPPED_ATTR = "_token_objectives_loss_func"
+# Megatron-LM's train_step logs sum / count unguarded, and training_log adds the value into the
+# whole logging interval: a step without number tokens would make "ntl" NaN for the interval.
+# A count of n + 2**-100 sums to exactly n in fp32 once any number token exists (the floor is
+# far below half an ulp of 1), and a step without any logs 0 / tiny = 0.
+_COUNT_FLOOR = 2.0**-100
+
+
+def wrap_loss_func(original):
+    """Megatron-LM: `original` (pretrain_gpt.py's loss_func) plus the objectives' report entries.
+
+    The returned function has the original's signature, `(loss_mask, output_tensor, model=None)`
+    in core_v0.16.1, and returns what the original returns, (loss, num_tokens, report), or the
+    legacy (loss, report), with `component_report`'s pairs added to the report ("ntl"'s count
+    floored at 2**-100, so a step without number tokens logs 0, not NaN). The original
+    still computes the loss from the combined per-token loss, so its rerun-state-machine NaN,
+    Inf and spiky-loss checks and its ModelOpt branch run on what is trained. Idempotent.
+    """
+    if getattr(original, _WRAPPED_ATTR, False):
+        return original
+
+    @functools.wraps(original)
+    def wrapped(loss_mask: torch.Tensor, output_tensor: torch.Tensor, *args, **kwargs):
+        outputs = original(loss_mask, output_tensor, *args, **kwargs)
+        if not isinstance(outputs, tuple) or len(outputs) not in (2, 3) \
+                or not isinstance(outputs[-1], dict):
+            raise TypeError(
+                "wrap_loss_func expects Megatron-LM's loss_func, returning (loss, num_tokens, "
+                f"report) or (loss, report); got {type(outputs).__name__}"
+            )
+        report = dict(outputs[-1])
+        for name, pair in component_report(loss_mask, output_tensor).items():
+            if name == "ntl":
+                pair = torch.stack([pair[0], pair[1] + _COUNT_FLOOR])
+            report.setdefault(name, pair)
+        return (*outputs[:-1], report)
+
+    setattr(wrapped, _WRAPPED_ATTR, True)
+    return wrapped
+
+
+NTL_CHOICES = ("was", "mse", "l1", "huber", "number", "none")
+# ObjectiveConfig field -> flag; any other field gets --objective-<field> (--objective-no-<field>
+# for a bool that is on by default). The fields and their metadata are the one source.
+_FLAGS = {
+    "ntl": "--ntl",
+    "ntl_weight": "--ntl-weight",
+    "squash_factor": "--ntl-squash-factor",
+    "reweigh": "--ntl-no-reweigh",
+    "huber_delta": "--ntl-huber-delta",
+    "number_level_float": "--ntl-number-level-float",
+    "max_number_length": "--ntl-max-number-length",
+    "pdl_alpha": "--pdl-alpha",
+    "pdl_eps": "--pdl-eps",
+    "pdl_unseen": "--pdl-unseen",
+    "pdl_normalize_table": "--pdl-no-normalize-table",
+    "label_smoothing": "--label-smoothing",
+    "z_loss": "--objective-z-loss",
+}
+# Fixed under Megatron: it divides by an integer token count and has no ignore_index.
+_NOT_FLAGS = ("pdl_normalization", "ignore_index")
+
+
+def _str_or_float(text: str) -> str | float:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _flag_type(name: str, hint: Any):
+    kinds = {t for t in typing.get_args(hint) or (hint,) if t is not type(None)}
+    for kind in (bool, int, float, str):
+        if kinds == {kind}:
+            return kind
+    if kinds == {str, float}:
+        return _str_or_float
+    raise TypeError(
+        f"ObjectiveConfig.{name}: {hint} has no command-line form; give it one in "
+        f"megatron._flag_type or list it in megatron._NOT_FLAGS"
+    )
+
+
+def _dest(field: dataclasses.Field, flag: str) -> str:
+    dest = flag.lstrip("-").replace("-", "_")
+    # A store_false flag (--ntl-no-reweigh) holds the field's own sense (ntl_reweigh).
+    return dest.replace("no_", "", 1) if field.default is True else dest
+
+
+def _config_options() -> list[tuple[dataclasses.Field, str, Any]]:
+    """(field, flag, argparse type) for each ObjectiveConfig field that is a flag."""
+    hints = typing.get_type_hints(ObjectiveConfig)
+    options = []
+    for field in dataclasses.fields(ObjectiveConfig):
+        if field.name in _NOT_FLAGS:
+            continue
+        kind = _flag_type(field.name, hints[field.name])
+        prefix = "--objective-no-" if field.default is True else "--objective-"
+        flag = _FLAGS.get(field.name, prefix + field.name.replace("_", "-"))
+        options.append((field, flag, kind))
+    return options
+
+
+def add_objective_args(
+    parser: argparse.ArgumentParser, chain=None
+) -> argparse.ArgumentParser:
+    """Megatron-LM `extra_args_provider`: the objectives' command-line flags.
+
+    chain: another extra_args_provider (pretrain_gpt.py passes ModelOpt's `add_modelopt_args`
+    when ModelOpt is installed) that runs first; see `chain_args_provider`. Every
+    ObjectiveConfig field but `_NOT_FLAGS` is a flag, its help text from the field's metadata
+    (`_FLAGS` names the ones not called --objective-<field>). Megatron-LM core_v0.16.1 has no
+    --label-smoothing; a parser that already has one (a fork, or a later version) keeps it and
+    the objectives read it.
+    """
+    if chain is not None:
+        parser = chain(parser)
+    taken = set(parser._option_string_actions)
+    group = parser.add_argument_group("token objectives")
+    for field, flag, kind in _config_options():
+        if flag in taken:
+            continue
+        help_text = f"{field.metadata.get('help', field.name)}; {field.metadata.get('accepts')}"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
+        if field.name == "ntl":
+            group.add_argument(flag, choices=NTL_CHOICES, default=field.default or "none",
+                               help=f"{help_text}; 'none' for CE only (no digit tokens needed)")
+        elif kind is bool:
+            action = "store_false" if field.default else "store_true"
+            group.add_argument(flag, action=action, dest=_dest(field, flag), help=help_text)
+        else:
+            group.add_argument(flag, type=kind, default=field.default,
+                               help=f"{help_text} (default {field.default})")
+    group.add_argument("--number-tokens", choices=("digit", "multi"), default="digit")
+    group.add_argument("--pdl-frequencies", type=str, default=None,
+                       help="token-frequency file from `token-objectives count-frequencies`")
+    group.add_argument("--objective-tokenizer", type=str, default=None,
+                       help="local tokenizer (HF directory, tokenizer.json or SentencePiece "
+                            "model) for the number tokens; required when NTL is on unless "
+                            "--tokenizer-model is one")
+    group.add_argument("--objective-fused-lm-head", action="store_true",
+                       help="compute the loss from the hidden states and the output weight, "
+                            "never materialising the logits (not with --sequence-parallel yet)")
+    return parser
+
+
+def chain_args_provider(other=None):
+    """An extra_args_provider that runs `other` (None: nothing), then `add_objective_args`."""
+    return functools.partial(add_objective_args, chain=other)
+
+
+def objective_config_from_args(args: argparse.Namespace) -> ObjectiveConfig:
+    """The ObjectiveConfig that `add_objective_args`' flags describe."""
+    options = {}
+    for field, flag, _ in _config_options():
+        value = getattr(args, _dest(field, flag), field.default)
+        if field.name == "ntl" and value == "none":
+            value = None
+        if field.name == "label_smoothing":
+            value = value or 0.0
+        options[field.name] = value
+    return ObjectiveConfig(**options)
+
+
+def objectives_from_args(
+    args: argparse.Namespace, real_vocab_size: int | None = None
+) -> Objectives:
+    """Objectives from Megatron-LM's parsed args (needs args.padded_vocab_size).
+
+    real_vocab_size: the tokenizer's size (Megatron-LM's `get_tokenizer().vocab_size`).
+    """
+    config = objective_config_from_args(args)
+    tokenizer = args.objective_tokenizer or getattr(args, "tokenizer_model", None)
+    if config.uses_numbers and tokenizer is None:
+        raise ValueError(
+            f"--ntl {config.ntl} needs the tokenizer's number tokens: pass --objective-tokenizer "
+            f"PATH (a local HF tokenizer directory, tokenizer.json or SentencePiece model; "
+            f"--tokenizer-model is used when set), or turn NTL off with --ntl none"
+        )
+    return Objectives.build(
+        config,
+        padded_vocab_size=args.padded_vocab_size,
+        tokenizer=tokenizer,
+        number_tokens=args.number_tokens,
+        frequencies_path=args.pdl_frequencies,
+        real_vocab_size=real_vocab_size,
+    )
+
+
+def check_megatron_lm_args(args: argparse.Namespace) -> None:
+    """Refuse Megatron-LM settings under which the objectives would not be what they say."""
+    if not getattr(args, "calculate_per_token_loss", False):
+        raise ValueError(
+            "token objectives need --calculate-per-token-loss: without it Megatron-LM divides "
+            "each micro-batch's loss by its own token count and averages the micro-batches, so "
+            "the gradient is not the per-token mean over the global batch (micro-batches with "
+            "more tokens, or more number tokens, weigh less). Add --calculate-per-token-loss"
+        )
+    if getattr(args, "objective_fused_lm_head", False) and getattr(args, "sequence_parallel",
+                                                                   False):
+        raise ValueError(
+            "--objective-fused-lm-head does not support --sequence-parallel yet (the hidden "
+            "states are sequence-sharded); drop --sequence-parallel or --objective-fused-lm-head"
+        )
+
+
+def wrap_model_provider(model_provider):
+    """Megatron-LM: wrap `model_provider` so that each GPTModel it builds uses the objectives.
+
+    Reads the flags of `add_objective_args` from `megatron.training.get_args()` and the real vocab
+    size from `get_tokenizer().vocab_size` (columns past it are padding, outside the softmax);
+    checks them with `check_megatron_lm_args`. `--objective-fused-lm-head` attaches the fused
+    LM head.
+    """
+
+    def provider(*args, **kwargs):
+        from megatron.training import get_args, get_tokenizer  # Megatron-LM, not megatron-core
+
+        megatron_args = get_args()
+        check_megatron_lm_args(megatron_args)
+        model = model_provider(*args, **kwargs)
+        if getattr(model, "post_process", True):
+            objectives = objectives_from_args(megatron_args,
+                                              real_vocab_size=get_tokenizer().vocab_size)
+            attach_objectives(model, objectives,
+                              fused_head=getattr(megatron_args, "objective_fused_lm_head", False))
+        return model
+
+    provider.__wrapped__ = model_provider
+    return provider

@@ -1,0 +1,461 @@
+"""ObjectiveConfig and objective_loss: CE + NTL + PDL composed on the fused statistics.
+
+Per token t with target y (global id) and PDL weight w[y] (1 without PDL):
+
+    loss_t = w[y] * ((1 - eps) * ce + eps * smooth) + z * lse**2 + lambda * [y is a number] * ntl
+
+ce = lse - z_y; smooth = lse - mean_j z_j over the real vocab (PyTorch's label smoothing, taken
+over the GLOBAL vocab, so it is the same at every TP size); ntl is one of ntloss's flavours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from token_objectives.objectives.config import ObjectiveConfig
+from token_objectives.ops.layout import VocabLayout, layout_problem, resolve_layout
+from token_objectives.ops.number_level import digit_runs
+from token_objectives.ops.statistics import (
+    Columns,
+    Distance,
+    LabelCheck,
+    VocabShard,
+    vocab_parallel_statistics,
+    vocab_shard,
+)
+from token_objectives.tables.numbers import NumberTable
+
+# ntloss's symmetric-MAPE denominator guard: float32 machine epsilon, whatever the dtype.
+SMAPE_EPS = torch.finfo(torch.float32).eps
+REWEIGH_MARGIN = 1.01
+
+
+@dataclass(frozen=True)
+class ObjectiveOutput:
+    """Per-token results, each of labels' shape [...]; zero where the token is not counted.
+
+    loss: the combined per-token loss to sum. ce: plain cross-entropy (no smoothing, z-loss or
+    PDL weight), for perplexity. ntl: the NTL term before lambda, 0 where the target is not a
+    number. is_number: bool, where an NTL term is counted (for "number": the first digit of each
+    number). weight: the PDL weight w[y] (1 without PDL), not scaled by loss_mask. counted:
+    bool, the tokens counted (a target and loss_mask != 0).
+
+    With NTL on (None otherwise), from the statistics the loss already gathered (no further
+    collective), at every counted token whatever its target, 0 elsewhere and not scaled by the
+    loss mask:
+    predicted_number: the expected value y-hat = sum_j pN_j v_j under the softmax over the
+        number tokens only (ntloss's `predict_numbers`; per digit for digit-level tokens).
+    number_mass: the probability the full softmax puts on number tokens.
+    """
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    ntl: torch.Tensor
+    is_number: torch.Tensor
+    weight: torch.Tensor
+    counted: torch.Tensor
+    predicted_number: torch.Tensor | None = None
+    number_mass: torch.Tensor | None = None
+
+    TOTAL_NAMES = ("loss", "tokens", "ce", "ntl", "number_tokens", "weight")
+
+    def totals(self) -> torch.Tensor:
+        """fp32 [6]: sums of loss, counted tokens, ce, ntl, number tokens, weight.
+
+        Counted tokens are positions with a target and loss_mask != 0, the one definition of a
+        counted token that both loops normalise by; loss, ce and ntl are scaled by loss_mask,
+        the weight is not, so its sum is the weighted_mean denominator: w summed over the
+        counted tokens.
+
+        One all-reduce of this vector over DP gives every global normaliser.
+        """
+        return torch.stack(
+            [
+                self.loss.sum(dtype=torch.float32),
+                self.counted.sum(dtype=torch.float32),
+                self.ce.sum(dtype=torch.float32),
+                self.ntl.sum(dtype=torch.float32),
+                self.is_number.sum(dtype=torch.float32),
+                self.weight.sum(dtype=torch.float32),
+            ]
+        )
+
+
+_SHARD_CACHE: dict[tuple, tuple[torch.Tensor, VocabShard]] = {}
+
+
+def _cached_shard(
+    numbers: NumberTable | None, layout: VocabLayout, device: torch.device
+) -> VocabShard:
+    if numbers is None:
+        return vocab_shard(None, layout, device)
+    key = (id(numbers.values), layout, str(device))
+    hit = _SHARD_CACHE.get(key)
+    # Holding the values tensor keeps its id from being reused by another table.
+    if hit is not None and hit[0] is numbers.values:
+        return hit[1]
+    shard = vocab_shard(numbers.values, layout, device)
+    if len(_SHARD_CACHE) > 64:
+        _SHARD_CACHE.clear()
+    _SHARD_CACHE[key] = (numbers.values, shard)
+    return shard
+
+
+def _number_values(numbers: NumberTable) -> torch.Tensor:
+    """[N] the values of the table's number tokens."""
+    return numbers.values[numbers.is_number]
+
+
+def _check_labels(labels: torch.Tensor, ignored: torch.Tensor, real_vocab: int, padded: int,
+                  raise_now: bool) -> LabelCheck:
+    """Labels must be real token ids or ignore_index. Without TP (raise_now) a bad label raises
+    here; under TP the check travels to the MAX all-reduce and raises on every rank there."""
+    bad = ~ignored & ((labels < 0) | (labels >= real_vocab))
+    if labels.is_cuda:
+        # No host sync on the GPU; the error surfaces at the next synchronisation.
+        if raise_now:
+            torch._assert_async(~bad.any(), f"labels must be in [0, {real_vocab}) or ignore_index")
+            return LabelCheck()
+        return LabelCheck(bad=bad.any())
+    if not bad.any():
+        return LabelCheck()
+    value = int(labels[bad][0])
+    where = "in the vocab padding" if real_vocab <= value < padded else "out of range"
+    message = (
+        f"label {value} is {where}: labels must be token ids in [0, {real_vocab}) or "
+        f"ignore_index; check the tokenizer/vocab size the data was built with, and mark "
+        f"positions without a target with ignore_index"
+    )
+    if raise_now:
+        raise ValueError(message)
+    return LabelCheck(bad=torch.ones((), dtype=torch.float32), message=message)
+
+
+def _ntl_term(
+    config: ObjectiveConfig,
+    numbers: NumberTable,
+    distance: Distance,
+    yhat: torch.Tensor,
+    was: torch.Tensor,
+    mass: torch.Tensor,
+    target_values: torch.Tensor,
+    is_number: torch.Tensor,
+    labels: torch.Tensor,
+    targets: torch.Tensor,
+    seq_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ntl [...], positions bool [...]) before lambda; ntl is 0 outside positions."""
+    if config.ntl == "was":
+        raw, max_distance = was, distance.max_distance(_number_values(numbers))
+    elif config.ntl == "number":
+        return _number_level_term(
+            config, numbers, yhat, mass, target_values, is_number, labels, targets, seq_dim
+        )
+    else:
+        values = numbers.values[numbers.is_number].to(yhat.dtype)
+        low, high = values.min(), values.max()
+        raw = _pointwise(config, yhat, target_values)
+        max_distance = torch.maximum(
+            _pointwise(config, low, high).abs(), _pointwise(config, high, low).abs()
+        )
+    if config.reweigh:
+        raw = raw * mass + REWEIGH_MARGIN * max_distance * (1 - mass)
+    return torch.where(is_number, raw, torch.zeros_like(raw)), is_number
+
+
+def _pointwise(config: ObjectiveConfig, prediction: torch.Tensor, target: torch.Tensor):
+    if config.ntl == "mse":
+        return (prediction - target) ** 2
+    if config.ntl == "l1":
+        return (prediction - target).abs()
+    return F.huber_loss(prediction, target, reduction="none", delta=config.huber_delta)
+
+
+def _number_level_term(config, numbers, yhat, mass, target_values, is_number, labels, targets,
+                       seq_dim):
+    if not numbers.digit_level:
+        raise ValueError(
+            "ntl='number' assembles numbers from single digits: build the NumberTable with "
+            "digit_level=True (--number-tokens digit)"
+        )
+    if config.number_level_float and numbers.dot_id is None:
+        raise ValueError(
+            "number_level_float needs a '.' token in the vocabulary; the tokenizer has none"
+        )
+    if yhat.numel() == 0:
+        return torch.zeros_like(yhat), torch.zeros_like(is_number)
+    to_rows = lambda x: x.movedim(seq_dim, -1)  # noqa: E731
+    flat = lambda x: to_rows(x).reshape(-1, x.shape[seq_dim])  # noqa: E731
+    # labels, not targets: an ignored position is never a dot, whatever the dot's id.
+    is_dot = flat(labels == numbers.dot_id) if config.number_level_float else None
+    word_start = None
+    if numbers.word_start is not None:
+        word_start = flat(numbers.word_start.to(labels.device)[targets] & is_number)
+    runs = digit_runs(flat(is_number), is_dot, config.max_number_length, word_start)
+    truth = runs.assemble(flat(target_values).to(yhat.dtype))
+    guess = runs.assemble(flat(yhat))
+    raw = (guess - truth).abs() / (guess.abs() + truth.abs() + SMAPE_EPS)
+    if config.reweigh:
+        raw = raw * flat(mass) + REWEIGH_MARGIN * (1 - flat(mass))
+    raw = torch.where(runs.starts, raw, torch.zeros_like(raw))
+    shape = to_rows(yhat).shape
+    back = lambda x: x.reshape(shape).movedim(-1, seq_dim)  # noqa: E731
+    return back(raw), back(runs.starts)
+
+
+def objective_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    config: ObjectiveConfig,
+    numbers: NumberTable | None,
+    pdl_weights: torch.Tensor | None = None,
+    tp_group: dist.ProcessGroup | None = None,
+    *,
+    loss_mask: torch.Tensor | None = None,
+    seq_dim: int = -1,
+    rows_per_chunk: int | None = None,
+    kernel: str | None = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    real_vocab_size: int | None = None,
+) -> ObjectiveOutput:
+    """CE + NTL + PDL per token, vocab-parallel.
+
+    logits: this rank's shard [..., w] of the global vocab: columns [vocab_start,
+        vocab_start + w), any float dtype; Megatron passes [s, b, V/tp].
+    labels: global target ids [...] (logits' leading shape), or config.ignore_index.
+    numbers: NumberTable over the padded vocab V (None only when ntl is None).
+    pdl_weights: fp32 [V] per-token weights (frequencies.pdl_weights), needs pdl_alpha > 0.
+    tp_group: the tensor-parallel group; None means the logits hold the whole vocab.
+    loss_mask: float [...] multiplies every per-token output (Megatron's loss_mask).
+    seq_dim: the sequence axis of labels, for ntl="number" (which reads digit runs along it).
+    rows_per_chunk: tokens per chunk; the fp32 working set is [rows, V/tp] (default ~4 MiB).
+    kernel: "auto" (Triton on CUDA, else torch), "torch" or "triton"; None reads
+        $TOKEN_OBJECTIVES_KERNEL (functional.resolve_kernel).
+    vocab_start: the global id of this rank's first column (default tp_rank * w, even shards).
+    vocab_size: the global padded vocab V (default: the NumberTable's size, else w * tp).
+    real_vocab_size: the tokenizer's size; columns at or past it are padding, excluded from the
+        softmax and the label-smoothing mean (default: the NumberTable's valid_vocab_size, else
+        V). The shards must tile [0, V): every rank's layout rides on the MAX all-reduce and a
+        gap, an overlap or a bad label raises the same error on every rank.
+
+    Two all-reduces on tp_group in forward, none in backward. Returns ObjectiveOutput, whose
+    tensors have labels' shape; reduce them with ObjectiveOutput.totals().
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: logits "
+            f"must be labels' shape plus the vocab shard (transpose Megatron's [b, s] labels to "
+            f"[s, b] for [s, b, V/tp] logits)"
+        )
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    width = logits.shape[-1]
+    if tp_group is not None and dist.get_world_size(tp_group) == 1:
+        tp_group = None
+    prep = prepare_targets(labels, config, numbers, pdl_weights, tp_group, width, logits.device,
+                           loss_mask, vocab_start=vocab_start, vocab_size=vocab_size,
+                           real_vocab_size=real_vocab_size)
+    stats = vocab_parallel_statistics(
+        logits.reshape(-1, width),
+        prep.targets.flatten(),
+        prep.target_values.flatten(),
+        prep.shard,
+        prep.columns,
+        prep.distance,
+        prep.real_vocab,
+        tp_group,
+        rows_per_chunk,
+        kernel,
+        prep.label_check,
+    )
+    return compose(stats, prep, labels, config, numbers, pdl_weights, loss_mask, seq_dim)
+
+
+@dataclass(frozen=True)
+class PreparedTargets:
+    """Targets checked and looked up once, for the fused statistics and the composition."""
+
+    shard: VocabShard
+    real_vocab: int
+    columns: Columns
+    distance: Distance
+    targets: torch.Tensor  # long [...], ignored positions -> 0
+    target_values: torch.Tensor  # [...] value of the target, 0 where not a number
+    is_number_target: torch.Tensor  # bool [...]
+    counted: torch.Tensor  # bool [...]
+    label_check: LabelCheck = LabelCheck()  # raised after the MAX all-reduce under TP
+
+
+def prepare_targets(
+    labels: torch.Tensor,
+    config: ObjectiveConfig,
+    numbers: NumberTable | None,
+    pdl_weights: torch.Tensor | None,
+    tp_group: dist.ProcessGroup | None,
+    width: int,
+    device: torch.device,
+    loss_mask: torch.Tensor | None,
+    *,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    real_vocab_size: int | None = None,
+) -> PreparedTargets:
+    """Validate the inputs against a vocab shard `width` columns wide; look the targets up.
+
+    tp_group: a group of more than one rank, or None. Without one, a bad layout or label raises
+    here; under TP both are checked on the gathered layouts after the MAX all-reduce.
+    """
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if config.uses_numbers and numbers is None:
+        raise ValueError(f"ntl={config.ntl!r} needs a NumberTable; pass numbers= or set ntl=None")
+    if config.pdl_alpha > 0 and pdl_weights is None:
+        raise ValueError(
+            "pdl_alpha > 0 needs pdl_weights: build them with "
+            "token_objectives.tables.frequencies.pdl_weights(load_frequencies(path).counts, alpha)"
+        )
+    if pdl_weights is not None and config.pdl_alpha == 0:
+        raise ValueError(
+            "pdl_weights were given but pdl_alpha is 0: set pdl_alpha to the table's alpha, "
+            "or drop pdl_weights"
+        )
+    tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
+    tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
+    layout = resolve_layout(
+        width, tp_rank, tp_size, vocab_start=vocab_start, vocab_size=vocab_size,
+        real_vocab_size=real_vocab_size,
+        table_size=numbers.vocab_size if numbers is not None else None,
+        table_real=numbers.valid_vocab_size if numbers is not None else None,
+    )
+    if tp_group is None:
+        problem = layout_problem([[layout.vocab_start, layout.width, layout.vocab_size,
+                                   layout.real_vocab, 0]], layout.source)
+        if problem is not None:
+            raise ValueError(problem)
+    shard = _cached_shard(numbers, layout, device)
+    padded_vocab, real_vocab = layout.vocab_size, layout.real_vocab
+    if pdl_weights is not None and pdl_weights.numel() != padded_vocab:
+        raise ValueError(
+            f"pdl_weights has {pdl_weights.numel()} entries but the vocab has {padded_vocab}; "
+            f"count frequencies with --vocab-size {padded_vocab}"
+        )
+
+    ignored = labels == config.ignore_index
+    label_check = _check_labels(labels, ignored, real_vocab, padded_vocab,
+                                raise_now=tp_group is None)
+    counted = ~ignored
+    if loss_mask is not None:
+        _check_loss_mask(loss_mask, labels)
+        counted = counted & (loss_mask != 0)
+    targets = torch.where(ignored, torch.zeros_like(labels), labels).long()
+
+    if config.uses_numbers:
+        values = numbers.values.to(device)[targets]
+        is_number_target = ~torch.isnan(values) & ~ignored
+        target_values = torch.where(is_number_target, values, torch.zeros_like(values))
+    else:
+        is_number_target = torch.zeros_like(ignored)
+        target_values = torch.zeros(labels.shape, device=device)
+    columns = Columns(
+        numbers=config.uses_numbers,
+        wasserstein=config.ntl == "was",
+        mean_logit=config.label_smoothing > 0,
+    )
+    distance = Distance()
+    if config.uses_numbers:
+        distance = Distance.for_values(_number_values(numbers), config.squash_factor)
+    return PreparedTargets(shard, real_vocab, columns, distance, targets, target_values,
+                           is_number_target, counted, label_check)
+
+
+def _check_loss_mask(loss_mask: torch.Tensor, labels: torch.Tensor) -> None:
+    if loss_mask.shape != labels.shape:
+        raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have labels' shape")
+    if loss_mask.dtype == torch.bool:
+        return
+    # NaN fails the comparison too: a mask must be a finite weight >= 0.
+    bad = ~(loss_mask >= 0) | torch.isinf(loss_mask)
+    message = ("loss_mask must hold finite weights >= 0 (1 counts a token, 0 skips it); a "
+               "negative or NaN entry would subtract or poison the loss")
+    if loss_mask.is_cuda:
+        torch._assert_async(~bad.any(), message)
+    elif bad.any():
+        value = loss_mask[bad][0].item()
+        raise ValueError(f"{message}; got {value}")
+
+
+def compose(
+    stats: torch.Tensor,
+    prep: PreparedTargets,
+    labels: torch.Tensor,
+    config: ObjectiveConfig,
+    numbers: NumberTable | None,
+    pdl_weights: torch.Tensor | None,
+    loss_mask: torch.Tensor | None,
+    seq_dim: int,
+) -> ObjectiveOutput:
+    """Statistics [T, 6] -> the per-token objectives of labels' shape (plain torch, autograd)."""
+    lse, target_logit, mean_logit, yhat, was, mass = (
+        s.reshape(labels.shape) for s in stats.unbind(-1)
+    )
+    zero = torch.zeros((), dtype=stats.dtype, device=stats.device)
+    counted, targets = prep.counted, prep.targets
+
+    ce = lse - target_logit
+    trained_ce = ce
+    if config.label_smoothing > 0:
+        eps = config.label_smoothing
+        trained_ce = (1 - eps) * ce + eps * (lse - mean_logit)
+    if pdl_weights is not None:
+        weight = pdl_weights.to(device=stats.device, dtype=stats.dtype)[targets]
+        loss = weight * trained_ce
+    else:
+        weight = torch.ones_like(ce)
+        loss = trained_ce
+    if config.z_loss > 0:
+        loss = loss + config.z_loss * torch.where(counted, lse, 0.0).square()
+
+    if config.uses_numbers:
+        ntl, ntl_positions = _ntl_term(
+            config,
+            numbers,
+            prep.distance,
+            yhat,
+            was,
+            mass,
+            prep.target_values.to(stats.dtype),
+            prep.is_number_target,
+            labels,
+            targets,
+            seq_dim,
+        )
+        loss = loss + config.ntl_weight * ntl
+    else:
+        ntl, ntl_positions = torch.zeros_like(ce), prep.is_number_target
+
+    scale = loss_mask.to(stats.dtype) if loss_mask is not None else None
+
+    def keep(x: torch.Tensor) -> torch.Tensor:
+        # where(), not a product: an ignored token's statistics may be inf.
+        x = torch.where(counted, x, zero)
+        return x * scale if scale is not None else x
+
+    predicted = mass_out = None
+    if config.uses_numbers:
+        predicted = torch.where(counted, yhat, zero)
+        mass_out = torch.where(counted, mass, zero)
+    return ObjectiveOutput(
+        loss=keep(loss),
+        ce=keep(ce),
+        ntl=keep(ntl),
+        is_number=ntl_positions & counted,
+        weight=torch.where(counted, weight, zero),
+        counted=counted,
+        predicted_number=predicted,
+        number_mass=mass_out,
+    )

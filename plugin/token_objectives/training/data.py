@@ -1,0 +1,176 @@
+"""Data for the training loops: megatron-core's GPTDataset over .bin/.idx, and the order in
+which data-parallel ranks and micro-batches read it.
+
+A prefix may come with a loss-mask sidecar, `<prefix>_loss_mask.bin/.idx` (written by
+`correction_data`): an indexed dataset with the same document lengths holding 0/1 per token.
+Then only the positions whose label token has a 1 there count in the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy
+import torch
+import torch.distributed as dist
+
+from token_objectives.tables.tokenizers import end_of_document_id, list_vocab, load_tokenizer
+
+
+class MegatronTokenizer:
+    """What megatron-core's GPTDataset asks of a tokenizer: eod, pad and vocab_size."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._tokenizer = load_tokenizer(path)
+        listing = list_vocab(self._tokenizer)
+        self.vocab_size = listing.size
+        self.eod = end_of_document_id(self._tokenizer)
+        self.pad = -1
+        # Part of the dataset cache key: a different tokenizer must not reuse the cached index.
+        self.unique_identifiers = {"class": type(self).__name__, "path": str(path),
+                                   "vocab_size": self.vocab_size}
+
+
+LOSS_MASK_SUFFIX = "_loss_mask"
+
+
+def loss_mask_prefix(prefix: str | Path) -> str:
+    """The loss-mask sidecar's .bin/.idx prefix of a dataset prefix."""
+    return f"{prefix}{LOSS_MASK_SUFFIX}"
+
+
+def _sidecar(prefix: str) -> str | None:
+    """The loss-mask sidecar prefix of `prefix` (checked against it), or None without one."""
+    mask = loss_mask_prefix(prefix)
+    present = [Path(mask + suffix).is_file() for suffix in (".bin", ".idx")]
+    if not any(present):
+        return None
+    if not all(present):
+        raise FileNotFoundError(
+            f"the loss-mask sidecar {mask}.bin/.idx is incomplete (only one of the two files "
+            f"exists); rebuild it (token-objectives build-correction-data) or delete it"
+        )
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    # Both datasets stay referenced: their lengths are views of memory maps closed on deletion.
+    token_data, mask_data = IndexedDataset(prefix), IndexedDataset(mask)
+    token_lengths, mask_lengths = token_data.sequence_lengths, mask_data.sequence_lengths
+    if not numpy.array_equal(token_lengths, mask_lengths):
+        raise ValueError(
+            f"the loss-mask sidecar {mask}.bin/.idx does not match {prefix}.bin/.idx "
+            f"({len(mask_lengths)} vs {len(token_lengths)} documents, or other lengths); "
+            f"rebuild both with token-objectives build-correction-data"
+        )
+    return mask
+
+
+def gpt_dataset(prefix: str | None, seq_length: int, seed: int, tokenizer: MegatronTokenizer,
+                num_samples: int | None, cache: Path):
+    """megatron-core's GPTDataset over one .bin/.idx prefix: `num_samples` sequences, or one
+    epoch for None. With a loss-mask sidecar next to the prefix, a `LossMaskedDataset` over
+    both instead; without one, the GPTDataset itself."""
+    if prefix is None:
+        raise ValueError("data.train_prefix is not set: point it at a Megatron .bin/.idx prefix")
+    prefix = str(prefix)
+    mask_prefix = _sidecar(prefix)
+    built = mask = None
+    # Rank 0 writes the index cache first; the others then read it.
+    for turn in (0, 1):
+        if (dist.get_rank() == 0) == (turn == 0):
+            built = _build(prefix, seq_length, seed, tokenizer, num_samples, cache)
+            if mask_prefix is not None:
+                # Same config, other path: the cache key differs, the indices do not.
+                mask = _build(mask_prefix, seq_length, seed, tokenizer, num_samples, cache)
+        dist.barrier()
+    return built if mask is None else LossMaskedDataset(built, mask)
+
+
+def _build(prefix: str, seq_length: int, seed: int, tokenizer: MegatronTokenizer,
+           num_samples: int | None, cache: Path):
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=([prefix], None),
+        split="100,0,0",
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        path_to_cache=str(cache),
+    )
+    return BlendedMegatronDatasetBuilder(
+        GPTDataset, [num_samples, None, None], lambda: True, config
+    ).build()[0]
+
+
+class LossMaskedDataset:
+    """GPTDataset samples whose loss_mask also needs a 1 in the loss-mask sidecar.
+
+    tokens, mask: GPTDatasets over `prefix` and `<prefix>_loss_mask`, built with one config.
+    Their document, sample and shuffle indices depend only on the document lengths, the seed,
+    the sequence length, the split and the number of samples, so sample k spans the same token
+    positions in both. labels[i] is text[i + 1], so the mask sample's own labels (stream element
+    i + 1, padding read as 0) line up with the token sample's labels. Samples are dicts of
+    [seq_length] tensors, as the GPTDataset's.
+    """
+
+    def __init__(self, tokens, mask) -> None:
+        if len(tokens) != len(mask):
+            raise ValueError(f"{len(tokens)} token samples but {len(mask)} loss-mask samples")
+        self.tokens = tokens
+        self.mask = mask
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = dict(self.tokens[index])
+        # Only a 1 counts: GPTDataset pads with the pad id and maps it to 0, never 1.
+        keep = self.mask[index]["labels"] == 1
+        sample["loss_mask"] = sample["loss_mask"] * keep.to(sample["loss_mask"].dtype)
+        return sample
+
+
+class Repeated:
+    """One seeded epoch of a dataset, repeated: sample k is epoch[k % len].
+
+    The order does not depend on the number of steps, so a run can be resumed with more steps
+    and still see the samples a straight run would.
+    """
+
+    def __init__(self, epoch) -> None:
+        if len(epoch) == 0:
+            raise ValueError("the dataset has no sample of the sequence length")
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.epoch[index % len(self.epoch)]
+
+
+def micro_batches(dataset, step: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                  num_micro: int) -> Iterator[dict]:
+    """This DP rank's micro-batches of global step `step` (0-based).
+
+    Global sample order: step * global_batch + micro * (mbs * dp) + dp_rank * mbs + i, so DP=2 and
+    DP=1 with twice the micro-batches see the same samples.
+    """
+    mbs = micro_batch_size
+    base = step * mbs * dp_size * num_micro
+    for micro in range(num_micro):
+        first = base + micro * mbs * dp_size + dp_rank * mbs
+        samples = [dataset[first + i] for i in range(mbs)]
+        yield {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
+               for key in ("tokens", "labels", "loss_mask", "position_ids")}
+
+

@@ -1,0 +1,491 @@
+"""Pretraining a Hugging Face Llama under DeepSpeed (ZeRO-1/2/3, AutoTP) with the objectives.
+
+`run(args)` is the loop `launch/pretrain_deepspeed.py` starts under torchrun or the `deepspeed`
+launcher. The model is `LlamaForCausalLM` from a local config JSON (nothing is downloaded); the
+data is megatron-core's GPTDataset over .bin/.idx; the loss is the ds_config's
+"token_objectives" section (`deepspeed.from_ds_config`) on `engine(input_ids).logits`, never
+HF's built-in loss. Under AutoTP with `vocab_parallel_lm_head` the logits stay [b, s, V/tp].
+With the section's `fused_lm_head` the decoder's hidden states and the lm_head weight go to
+`fused_linear_objective_loss` instead, and no logits are made (ZeRO-1/2, with or without AutoTP).
+The optimizer is torch's AdamW from the ds_config's "optimizer" params, passed as DeepSpeed's
+client optimizer (nothing JIT-built; see deepspeed_cpu for the other CPU workarounds).
+
+Normalisation. Each micro-batch's backward loss is
+
+    sum_t loss_t * mask_t * (dp_size * gas) / N
+
+where N is the GLOBAL count of counted tokens of the step (all micro-batches, all DP ranks; the
+sum of PDL weights with pdl_normalization="weighted_mean"). DeepSpeed divides by gas in
+`engine.backward` and averages gradients over DP, so the gradient is that of sum(loss) / N.
+
+Batch-scheduled sampling (`"scheduled_sampling"` inside the "token_objectives" section, see
+docs/sampling.md): when p > 0, each micro-batch first runs through `engine(...)` under
+torch.no_grad() in eval mode; its logits ([b, s, V/tp] under AutoTP with a vocab-parallel
+lm_head) become ids without a vocab gather, and the training pass runs on the mixed inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from token_objectives.integrations.deepspeed import cpu as deepspeed_cpu
+from token_objectives.integrations.deepspeed.section import (
+    DeepSpeedObjectives,
+    from_ds_config,
+    log_components,
+    numbers_from_section,
+    read_section,
+    tensor_parallel_group,
+    vocab_parallel_head_shard,
+)
+from token_objectives.objectives.loss import ObjectiveOutput
+from token_objectives.scheduled_sampling.mix import ScheduledSampler, sample_indices
+from token_objectives.training import checkpointing
+from token_objectives.training.data import MegatronTokenizer, Repeated, gpt_dataset, micro_batches
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+VOCAB_MULTIPLE = 64  # the model vocab is the tokenizer's, padded to a multiple of this
+_OPTIMIZER_KEYS = {"lr", "betas", "eps", "weight_decay"}
+
+
+@dataclass
+class TrainArgs:
+    """What one run needs (the CLI's flags). ds_config: the parsed ds_config dict."""
+
+    model_config: str
+    data_prefix: str
+    ds_config: dict
+    output_dir: str
+    steps: int = 100
+    save_interval: int = 0
+    seed: int = 1234
+    seq_length: int = 128
+
+
+@dataclass
+class RunResult:
+    last_step: int = 0
+    resumed_from: int | None = None
+    stopped_by_signal: bool = False
+    logs: list[dict] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------ ds_config
+
+
+def set_key(config: dict, assignment: str) -> None:
+    """Apply one `a.b.c=VALUE` override in place; VALUE is JSON (`false`, `2`, `"x"`) or a string.
+
+    e.g. `bf16.enabled=false`, `token_objectives.tokenizer=data/quickstart/tokenizer.model`.
+    """
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {assignment!r} is not KEY=VALUE (e.g. bf16.enabled=false)")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    *parents, last = key.split(".")
+    node = config
+    for name in parents:
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"override {assignment!r}: {name!r} is not an object in the ds_config")
+        node = child
+    node[last] = value
+
+
+def load_ds_config(path: str | Path, overrides: list[str] = ()) -> dict:
+    """The ds_config JSON at `path` with `set_key` overrides applied."""
+    with open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    for assignment in overrides:
+        set_key(config, assignment)
+    return config
+
+
+def split_optimizer(ds_config: Mapping[str, Any]) -> tuple[Callable, dict]:
+    """(a factory params -> torch.optim.AdamW, the ds_config without its "optimizer" section).
+
+    The section's params (lr, betas, eps, weight_decay) configure torch's AdamW, which DeepSpeed
+    takes as the client optimizer: nothing is JIT-built (see deepspeed_cpu). A factory rather
+    than an instance, so it sees the parameters after AutoTP / ZeRO-3 have replaced them.
+    """
+    config = copy.deepcopy(dict(ds_config))
+    section = config.pop("optimizer", None) or {"type": "AdamW", "params": {}}
+    kind = str(section.get("type", "AdamW")).lower()
+    if kind not in ("adam", "adamw"):
+        raise ValueError(f'ds_config["optimizer"].type must be "AdamW" (torch\'s), got {kind!r}')
+    params = dict(section.get("params", {}))
+    unknown = sorted(set(params) - _OPTIMIZER_KEYS)
+    if unknown:
+        raise ValueError(f'unknown key(s) {unknown} in ds_config["optimizer"].params; valid: '
+                         f"{sorted(_OPTIMIZER_KEYS)}")
+    params.setdefault("lr", 1e-3)
+    params["betas"] = tuple(params.get("betas", (0.9, 0.95)))
+
+    def factory(parameters) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(parameters, **params)
+
+    return factory, config
+
+
+def uses_fused_head(section, ds_config: Mapping[str, Any]) -> bool:
+    """Whether the "token_objectives" section asks for the fused LM head, which needs the
+    lm_head weight (or its AutoTP shard) whole on each rank."""
+    zero = ds_config.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0)) if isinstance(zero, Mapping) else 0
+    if section.fused_lm_head and stage == 3:
+        raise ValueError(
+            'ds_config["token_objectives"].fused_lm_head needs the whole lm_head weight on each '
+            "rank, which ZeRO stage 3 partitions: use stage 1 or 2 (with AutoTP for a "
+            "vocab-parallel head), or set fused_lm_head to false"
+        )
+    return section.fused_lm_head
+
+
+def with_output_paths(ds_config: dict, output_dir: str | Path) -> dict:
+    """An empty tensorboard/csv_monitor output_path means `<output_dir>/tensorboard` (csv)."""
+    config = copy.deepcopy(ds_config)
+    for name, folder in (("tensorboard", "tensorboard"), ("csv_monitor", "csv")):
+        section = config.get(name)
+        if isinstance(section, dict) and section.get("enabled") and not section.get("output_path"):
+            section["output_path"] = str(Path(output_dir) / folder)
+    return config
+
+
+# ---------------------------------------------------------------------------------------- model
+
+
+def llama_config(path: str | Path, tokenizer_vocab: int):
+    """LlamaConfig from a local JSON; a null/absent vocab_size is the tokenizer's, padded."""
+    from transformers import LlamaConfig
+
+    with open(path, encoding="utf-8") as handle:
+        values = json.load(handle)
+    if values.get("vocab_size") is None:
+        values["vocab_size"] = -(-tokenizer_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if values["vocab_size"] < tokenizer_vocab:
+        raise ValueError(f"{path}: vocab_size {values['vocab_size']} is smaller than the "
+                         f"tokenizer's {tokenizer_vocab} ids; raise it or set it to null")
+    return LlamaConfig(**values)
+
+
+def build_model(config, seed: int) -> torch.nn.Module:
+    """LlamaForCausalLM with weights drawn from `seed` (the same on every rank and layout)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    return model.float()  # DeepSpeed casts to bf16/fp16 when the ds_config asks for it
+
+
+# ------------------------------------------------------------------------------------ parallel
+
+
+def data_parallel() -> tuple[int, int]:
+    """(rank, size) in the data-parallel group: DeepSpeed's when AutoTP is on, else the world."""
+    from deepspeed.utils import groups
+
+    try:
+        group = groups._get_data_parallel_group()
+    except (AssertionError, AttributeError):
+        group = None
+    if group is None:
+        return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def counted_denominator(batches: list[dict], objectives: DeepSpeedObjectives) -> torch.Tensor:
+    """This rank's share of N: counted tokens (or their PDL weights) over its micro-batches.
+
+    A token is counted where loss_mask != 0 and label != ignore_index, as ObjectiveOutput.counted.
+    With pdl_normalization="weighted_mean" N is the sum of w[label] over the counted tokens,
+    whatever their mask value; the numerator, sum(loss * mask), holds the NTL and z-loss terms
+    too, so they are divided by that sum of weights as well (ObjectiveConfig's docstring).
+    """
+    total = torch.zeros((), dtype=torch.float64, device=batches[0]["labels"].device)
+    ignore = objectives.config.ignore_index
+    weighted = (objectives.config.pdl_normalization == "weighted_mean"
+                and objectives.pdl_weights is not None)
+    for batch in batches:
+        labels = batch["labels"]
+        counted = (batch["loss_mask"] != 0) & (labels != ignore)
+        if weighted:
+            targets = torch.where(counted, labels, torch.zeros_like(labels))
+            weights = objectives.pdl_weights.to(total.device)[targets]
+            total += (weights * counted).sum(dtype=torch.float64)
+        else:
+            total += counted.sum(dtype=torch.float64)
+    return total
+
+
+def concat_outputs(outputs: list[ObjectiveOutput]) -> ObjectiveOutput:
+    """One ObjectiveOutput over all micro-batches (flattened, detached), for the logs."""
+    names = ("loss", "ce", "ntl", "is_number", "weight", "counted")
+    return ObjectiveOutput(**{name: torch.cat([getattr(o, name).detach().reshape(-1)
+                                               for o in outputs]) for name in names})
+
+
+# -------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """The engine, objectives and data of one run (every rank builds one)."""
+
+    def __init__(self, args: TrainArgs) -> None:
+        import deepspeed
+
+        self.args = args
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        deepspeed_cpu.init_distributed()
+        section = read_section(args.ds_config)
+        if section is None:
+            raise ValueError('the ds_config has no "token_objectives" section')
+        if section.tokenizer is None:
+            raise ValueError('ds_config["token_objectives"].tokenizer is needed (the data\'s '
+                             "end-of-document id and the number tokens)")
+        self.tokenizer = MegatronTokenizer(section.tokenizer)
+        model_config = llama_config(args.model_config, self.tokenizer.vocab_size)
+        self.vocab_size = model_config.vocab_size
+        numbers = numbers_from_section(section, self.vocab_size)
+        self.objectives = from_ds_config(args.ds_config, numbers, vocab_size=self.vocab_size,
+                                         real_vocab_size=self.tokenizer.vocab_size)
+        sampling = section.sampling_config()
+        self.sampler = None
+        if sampling.enabled:
+            self.sampler = ScheduledSampler(sampling, args.seed, self.tokenizer.eod,
+                                            real_vocab=self.tokenizer.vocab_size,
+                                            pad_id=self.tokenizer.pad)
+
+        self.fused_head = uses_fused_head(section, args.ds_config)
+        optimizer, ds_config = split_optimizer(args.ds_config)
+        ds_config = with_output_paths(ds_config, args.output_dir)
+        model = build_model(model_config, args.seed)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                    config=ds_config)
+        self.head_shard = vocab_parallel_head_shard(self.engine.module)
+        self.objectives.use_head_shard(self.head_shard)
+        self.dp_rank, self.dp_size = data_parallel()
+        self.gas = self.engine.gradient_accumulation_steps()
+        self.micro_batch_size = self.engine.train_micro_batch_size_per_gpu()
+        self.global_batch = self.micro_batch_size * self.gas * self.dp_size
+        out = Path(args.output_dir)
+        self.checkpoint_dir = out / CHECKPOINTS
+        self.metrics_path = out / METRICS
+        self.dataset = Repeated(gpt_dataset(args.data_prefix, args.seq_length, args.seed,
+                                            self.tokenizer, None, out / "data_cache"))
+        self.step = 0
+
+    # ------------------------------------------------------------------ data and loss
+    def step_batches(self, step: int) -> list[dict]:
+        """This DP rank's `gas` micro-batches of global step `step` (0-based), on the device."""
+        device = self.engine.device
+        return [{k: v.to(device) for k, v in batch.items()}
+                for batch in micro_batches(self.dataset, step, self.micro_batch_size,
+                                           self.dp_rank, self.dp_size, self.gas)]
+
+    def scheduled_inputs(self, batches: list[dict]) -> tuple[list[dict], dict[str, float]]:
+        """The step's micro-batches with scheduled-sampling inputs, and the values to log.
+
+        p = 0 (warm-up, max_p 0): the batches come back untouched and no pass runs.
+        """
+        p = self.sampler.probability(self.step)
+        if p == 0.0:
+            return batches, self.sampler.log_values(p, None)
+        ids = sample_indices(self.step, self.micro_batch_size, self.dp_rank, self.dp_size,
+                             self.gas)
+        mixed, total = [], None
+        # eval(): the prediction is the model's inference behaviour (no dropout); the tiny and
+        # 3B configs have none, so this only matters for models that do.
+        self.engine.eval()
+        try:
+            for batch, sample_ids in zip(batches, ids, strict=True):
+                with torch.no_grad():
+                    logits = self.engine(input_ids=batch["tokens"]).logits  # [b, s, V or V/tp]
+                sharded = logits.shape[-1] != self.vocab_size
+                group = tensor_parallel_group() if sharded else None
+                if sharded and group is None:
+                    raise ValueError(f"logits have {logits.shape[-1]} vocab columns, the model "
+                                     f"{self.vocab_size}, and no AutoTP group is set up")
+                start = self.head_shard[0] if sharded and self.head_shard else None
+                prediction = self.sampler.predict(logits, group, self.step, sample_ids, start)
+                del logits
+                batch, counts = self.sampler.mix(batch, prediction, self.step, sample_ids)
+                mixed.append(batch)
+                total = counts if total is None else total + counts
+        finally:
+            self.engine.train()
+        dist.all_reduce(total, group=self._data_parallel_group())
+        return mixed, self.sampler.log_values(p, total)
+
+    @staticmethod
+    def _data_parallel_group():
+        """DeepSpeed's DP group (None: the world)."""
+        from deepspeed.utils import groups
+
+        try:
+            return groups._get_data_parallel_group()
+        except (AssertionError, AttributeError):
+            return None
+
+    def global_denominator(self, batches: list[dict]) -> float:
+        """N of the step: all-reduced over DP (TP ranks hold the same batch)."""
+        total = counted_denominator(batches, self.objectives)
+        dist.all_reduce(total, group=self._data_parallel_group())
+        return max(float(total.item()), 1.0)
+
+    def batch_objectives(self, batch: dict) -> ObjectiveOutput:
+        """The objectives of one micro-batch: from the logits [b, s, V or V/tp], or with
+        fused_lm_head from the decoder's hidden states [b, s, h] and the lm_head weight shard,
+        bypassing the lm_head module (the fused loss all-reduces grad_hidden over AutoTP
+        itself, as the column-parallel head would)."""
+        if not self.fused_head:
+            logits = self.engine(input_ids=batch["tokens"]).logits
+            return self.objectives(logits, batch["labels"], loss_mask=batch["loss_mask"])
+        # Through engine(...), not the inner module: DeepSpeed's forward arms its backward
+        # prologue (gradient clearing and the accumulation boundary of its optimizers). The
+        # head runs on the last position only; the loss takes the final (normed) hidden states.
+        outputs = self.engine(input_ids=batch["tokens"], output_hidden_states=True,
+                              logits_to_keep=1)
+        return self.objectives.fused(outputs.hidden_states[-1], self.engine.module.lm_head.weight,
+                                     batch["labels"], loss_mask=batch["loss_mask"])
+
+    def forward_backward(self, batches: list[dict]) -> ObjectiveOutput:
+        """Forward + backward of every micro-batch; gradients ready, optimizer not stepped.
+
+        Returns the per-token outputs of all micro-batches (detached, flattened).
+        """
+        scale = self.dp_size * self.gas / self.global_denominator(batches)
+        outputs = []
+        for batch in batches:
+            out = self.batch_objectives(batch)
+            self.engine.backward(out.loss.sum(dtype=torch.float32) * scale)
+            outputs.append(out)
+            if len(outputs) < len(batches):
+                self.engine.step()  # inside the accumulation window: no update, counters only
+        return concat_outputs(outputs)
+
+    def train_step(self) -> dict:
+        start = time.perf_counter()
+        batches = self.step_batches(self.step)
+        sampling = {}
+        if self.sampler is not None:
+            batches, sampling = self.scheduled_inputs(batches)
+        output = self.forward_backward(batches)
+        self.engine.step()
+        self.step += 1
+        values = {**log_components(self.engine, output, self.step, self.objectives.config),
+                  **sampling}
+        monitor = getattr(self.engine, "monitor", None)
+        if sampling and monitor is not None and getattr(monitor, "enabled", False) and (
+                dist.get_rank() == 0):
+            monitor.write_events([(f"Train/{name}", value, self.step)
+                                  for name, value in sampling.items()])
+        elapsed = time.perf_counter() - start
+        grad_norm = self.engine.get_global_grad_norm()
+        row = {"step": self.step, **values, "lr": self.engine.get_lr()[0],
+               "grad_norm": float(grad_norm) if grad_norm is not None else None,
+               "tokens_per_s": self.global_batch * self.args.seq_length / elapsed}
+        if dist.get_rank() == 0:
+            with open(self.metrics_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+        return row
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> None:
+        """Collective. `latest` names the new tag only once every rank has written its part.
+
+        DeepSpeed's own `latest` is written by rank 0 without waiting for the other ranks'
+        optimizer shards, so it is written here instead: after a barrier, and atomically.
+        """
+        tag = f"global_step{self.step}"
+        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag,
+                                    client_state={"step": self.step}, save_latest=False)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            partial = self.checkpoint_dir / "latest.partial"
+            with open(partial, "w", encoding="utf-8") as handle:
+                handle.write(tag)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, self.checkpoint_dir / "latest")
+        dist.barrier()
+
+    def resume(self) -> int | None:
+        """Load the checkpoint DeepSpeed's `latest` names, if any; returns its step."""
+        if not (self.checkpoint_dir / "latest").is_file():
+            return None
+        path, state = self.engine.load_checkpoint(str(self.checkpoint_dir))
+        if path is None:
+            raise ValueError(f"{self.checkpoint_dir}: `latest` names a checkpoint that could not "
+                             f"be loaded; delete `latest` or point it at an earlier tag")
+        self.step = int(state["step"])
+        self._forget_logs_after(self.step)
+        return self.step
+
+    def _forget_logs_after(self, step: int) -> None:
+        """Steps after the checkpoint are done again: drop their old metrics lines."""
+        if dist.get_rank() == 0 and self.metrics_path.exists():
+            lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        dist.barrier()
+
+
+def run(args: TrainArgs, printer=print) -> RunResult:
+    """Train to args.steps, resuming from `latest`; saves every save_interval steps, at the end,
+    and on SIGUSR1 / SIGTERM (then returns with stopped_by_signal)."""
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    flag = checkpointing.PreemptionFlag().install()  # before the slow start-up
+    try:
+        trainer = Trainer(args)
+        result = RunResult(resumed_from=trainer.resume())
+        saved = trainer.step
+        while trainer.step < args.steps:
+            row = trainer.train_step()
+            result.logs.append(row)
+            if printer and dist.get_rank() == 0:
+                printer(format_row(row, args.steps))
+            if any_rank_signalled(flag, trainer.engine.device):
+                trainer.save()
+                saved = trainer.step
+                result.stopped_by_signal = True
+                break
+            if args.save_interval and trainer.step % args.save_interval == 0:
+                trainer.save()
+                saved = trainer.step
+        if saved != trainer.step:
+            trainer.save()
+        result.last_step = trainer.step
+        return result
+    finally:
+        flag.uninstall()
+
+
+def any_rank_signalled(flag: checkpointing.PreemptionFlag, device: torch.device) -> bool:
+    """Collective: True on every rank when any rank got SIGUSR1/SIGTERM (a device tensor, so
+    NCCL can carry it too)."""
+    got = torch.tensor([0 if flag.received is None else 1], device=device)
+    dist.all_reduce(got, op=dist.ReduceOp.MAX)
+    return bool(got.item())
+
+
+def format_row(row: dict, total: int) -> str:
+    parts = [f"step {row['step']:>5}/{total}"]
+    for name in ("lm loss", "ce", "ntl"):
+        parts.append(f"{name} {row[name]:.4f}")
+    parts.append(f"{row['tokens_per_s']:.0f} tok/s")
+    return " | ".join(parts)

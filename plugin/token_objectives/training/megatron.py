@@ -1,0 +1,593 @@
+"""Pretraining a megatron-core GPTModel with the objectives: TP, PP and DP, checkpoints, logs.
+
+`run(config)` is the loop `launch/pretrain_megatron.py` starts under torchrun; tests call it in
+processes that already hold a gloo process group. Built from megatron-core pieces: parallel_state,
+GPTModel (local layer spec), GPTDataset, DistributedDataParallel, the Megatron optimizer and its
+LR scheduler, get_forward_backward_func, finalize_model_grads and dist_checkpointing.
+
+Normalisation: the config sets calculate_per_token_loss, so `loss_func` returns sums and token
+counts; the schedule adds up the counts over micro-batches and finalize_model_grads divides the
+gradients by the GLOBAL count (all-reduced over DP).
+
+Batch-scheduled sampling (the `scheduled_sampling` section, docs/sampling.md): when p > 0, a
+no-grad forward-only pass of megatron-core's schedule over the step's ground-truth micro-batches
+gives the vocab-sharded logits on the last stage, `ScheduledSampler.predict` turns them into ids
+(one TP all-reduce, no vocab gather), the ids are broadcast from the last to every pipeline stage
+(PP > 1), and the training pass runs on the mixed inputs. With p = 0 that pass is skipped.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from token_objectives.integrations.megatron import cpu_patches
+from token_objectives.integrations.megatron.hook import Objectives, attach_objectives, loss_func
+from token_objectives.scheduled_sampling.mix import ScheduledSampler, sample_indices
+from token_objectives.training import checkpointing
+from token_objectives.training.config import RunConfig, padded_vocab_size
+from token_objectives.training.data import MegatronTokenizer, Repeated, gpt_dataset, micro_batches
+
+
+@dataclass
+class StepLog:
+    step: int
+    values: dict[str, float]  # report name -> sum / count over the global batch
+    lr: float
+    grad_norm: float
+    tokens_per_s: float
+    sampling: dict[str, float] = field(default_factory=dict)  # sampling_mix.LOG_NAMES values
+
+
+@dataclass
+class RunResult:
+    logs: list[StepLog] = field(default_factory=list)
+    last_step: int = 0
+    stopped_by_signal: bool = False
+    resumed_from: int | None = None
+
+
+def init_distributed() -> None:
+    """torchrun's environment -> a default process group (gloo without a GPU)."""
+    if dist.is_initialized():
+        return
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # CUDA tensors over NCCL; the few CPU flags and counters over gloo.
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+
+
+def transformer_config(cfg: RunConfig, initialize: bool = True):
+    from megatron.core.transformer import TransformerConfig
+
+    model, parallel = cfg.model, cfg.parallel
+    if model.num_attention_heads % parallel.tensor:
+        raise ValueError(
+            f"tensor-parallel size {parallel.tensor} does not divide the "
+            f"{model.num_attention_heads} attention heads; choose parallel.tensor among the "
+            f"divisors of model.num_attention_heads"
+        )
+    groups = model.num_query_groups or model.num_attention_heads
+    if groups % parallel.tensor:
+        raise ValueError(
+            f"tensor-parallel size {parallel.tensor} does not divide the {groups} query groups"
+        )
+    if model.num_layers % parallel.pipeline:
+        raise ValueError(
+            f"pipeline-parallel size {parallel.pipeline} does not divide {model.num_layers} layers"
+        )
+    dtype = torch.bfloat16 if model.dtype == "bf16" else torch.float32
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=model.swiglu,
+        activation_func=F.silu if model.swiglu else F.gelu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=model.dtype == "bf16",
+        sequence_parallel=False,
+        gradient_accumulation_fusion=False,
+        # The full weight is drawn on the CPU and then split: the same weights at every TP size.
+        use_cpu_initialization=True,
+        perform_initialization=initialize,
+        calculate_per_token_loss=True,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,  # its CUDA kernel comes with Apex, not with megatron-core
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        cross_entropy_loss_fusion=False,
+        recompute_granularity="full" if model.recompute_activations else None,
+        recompute_method="uniform" if model.recompute_activations else None,
+        recompute_num_layers=1 if model.recompute_activations else None,
+    )
+
+
+def build_model(cfg: RunConfig, vocab_size: int, objectives: Objectives | None,
+                initialize: bool = True):
+    """One GPTModel chunk for this pipeline stage; the objectives attached on the last stage."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    config = transformer_config(cfg, initialize)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization=cfg.model.normalization),
+        vocab_size=vocab_size,
+        max_sequence_length=cfg.model.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.model.rotary_base),
+        parallel_output=True,
+    )
+    if initialize:
+        layout_independent_init(model, cfg)
+    if model.post_process and objectives is not None:
+        attach_objectives(model, objectives, fused_head=cfg.model.fused_lm_head)
+    return model
+
+
+_LAYER = re.compile(r"(decoder\.layers\.)(\d+)(\.)")
+
+
+def layout_independent_init(model, cfg: RunConfig) -> None:
+    """Redraw every weight matrix from a generator seeded by its GLOBAL name, so that a model
+    starts from the same weights at every TP and PP size (megatron-core's own CPU init is
+    TP-independent, but draws the layers of each pipeline stage from a different stream).
+
+    Same distributions as megatron-core: N(0, std), and std / sqrt(2 * layers) for the output
+    projections (linear_proj, linear_fc2). Norm weights (1-D) keep their ones.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    std = cfg.model.init_method_std
+    scaled = std / math.sqrt(2.0 * cfg.model.num_layers)
+    offset = get_transformer_layer_offset(model.config)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    for name, param in model.named_parameters():
+        if param.dim() != 2:
+            continue
+        global_name = _LAYER.sub(lambda m: f"{m[1]}{int(m[2]) + offset}{m[3]}", name)
+        if global_name == "output_layer.weight" and cfg.model.tie_embeddings:
+            global_name = "embedding.word_embeddings.weight"  # the last stage's tied copy
+        sigma = scaled if global_name.endswith(("linear_proj.weight", "linear_fc2.weight")) else std
+        shape = list(param.shape)
+        dim = getattr(param, "partition_dim", 0)
+        split = getattr(param, "tensor_model_parallel", False) and tp_size > 1
+        if split:
+            shape[dim] *= tp_size
+        seed = int.from_bytes(hashlib.sha256(f"{cfg.train.seed}:{global_name}".encode())
+                              .digest()[:8], "little") & (2**63 - 1)
+        full = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * sigma
+        if split:  # the layout of megatron-core's _initialize_affine_weight_cpu
+            stride = getattr(param, "partition_stride", 1)
+            pieces = torch.split(full, shape[dim] // (tp_size * stride), dim=dim)
+            full = torch.cat(pieces[tp_rank::tp_size], dim=dim)
+        with torch.no_grad():
+            param.copy_(full.to(param.dtype))
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    if torch.cuda.is_available():
+        batch = {key: value.cuda(non_blocking=True) for key, value in batch.items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                   loss_mask=batch["loss_mask"])
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def _reduce_reports(reports: list[dict]) -> dict[str, float]:
+    """Sum the [sum, count] pairs over micro-batches and DP ranks; value = sum / count."""
+    from megatron.core import parallel_state
+
+    if not reports:
+        return {}
+    names = sorted(reports[0])
+    totals = torch.stack([torch.stack([r[name].float() for r in reports]).sum(0) for name in names])
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return report_values(dict(zip(names, totals, strict=True)))
+
+
+def report_values(totals: dict[str, torch.Tensor]) -> dict[str, float]:
+    """name -> sum / count from the global [sum, count] pairs; 0.0 where the count is 0.
+
+    loss_func's pairs count only what exists ("ntl" counts number tokens), so a step without
+    any number token has "ntl" = [0, 0]: it logs 0, not NaN and not a diluted mean.
+    """
+    return {name: (t[0] / t[1]).item() if t[1] > 0 else 0.0 for name, t in totals.items()}
+
+
+def _broadcast_from_last_stage(values: dict[str, float], names: list[str]) -> dict[str, float]:
+    """Every rank gets the last pipeline stage's logged values (for the logger and tests)."""
+    from megatron.core import parallel_state
+
+    last = parallel_state.is_pipeline_last_stage()
+    vector = torch.tensor([values.get(n, 0.0) if last else 0.0 for n in names],
+                          dtype=torch.float64)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(vector, group=parallel_state.get_pipeline_model_parallel_group())
+    return dict(zip(names, vector.tolist(), strict=True))
+
+
+REPORT_NAMES = ["lm loss", "ce part", "ntl part", "ce", "ntl", "number tokens",
+                "pdl weight"]
+
+
+class Trainer:
+    """Holds the model chunks, optimizer, scheduler and data of one run."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from megatron.core import parallel_state, tensor_parallel
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.cfg = cfg
+        init_distributed()
+        if cpu_patches.needed():
+            cpu_patches.apply()
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.parallel.tensor,
+            pipeline_model_parallel_size=cfg.parallel.pipeline,
+        )
+        torch.manual_seed(cfg.train.seed)
+        if torch.cuda.is_available():
+            tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        mbs = cfg.parallel.micro_batch_size
+        global_batch = cfg.parallel.global_batch_size or mbs * self.dp_size
+        if global_batch % (mbs * self.dp_size):
+            raise ValueError(
+                f"global_batch_size {global_batch} is not a multiple of micro_batch_size {mbs} x "
+                f"data-parallel size {self.dp_size}"
+            )
+        self.global_batch = global_batch
+        self.num_micro = global_batch // (mbs * self.dp_size)
+
+        if cfg.data.tokenizer is None:
+            raise ValueError("data.tokenizer is not set: point it at a local tokenizer")
+        self.tokenizer = MegatronTokenizer(cfg.data.tokenizer)
+        vocab = cfg.model.vocab_size or self.tokenizer.vocab_size
+        self.vocab_size = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
+                                            cfg.parallel.tensor)
+        objectives = Objectives.build(
+            cfg.objectives,
+            padded_vocab_size=self.vocab_size,
+            tokenizer=self.tokenizer._tokenizer,
+            number_tokens=cfg.data.number_tokens,
+            frequencies_path=cfg.data.frequencies,
+        )
+        self.sampler = None
+        if cfg.scheduled_sampling.enabled:
+            self.sampler = ScheduledSampler(cfg.scheduled_sampling, cfg.train.seed,
+                                            self.tokenizer.eod,
+                                            real_vocab=self.tokenizer.vocab_size,
+                                            pad_id=self.tokenizer.pad)
+        module = build_model(cfg, self.vocab_size, objectives)
+        if torch.cuda.is_available():
+            module.cuda(torch.cuda.current_device())  # built on the CPU (use_cpu_initialization)
+        config = module.config
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                   overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=False,
+                                                   check_for_nan_in_grad=True)
+        self.model = DistributedDataParallel(config, ddp_config, module)
+        config.finalize_model_grads_func = finalize_model_grads
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=cfg.train.lr, min_lr=cfg.train.min_lr,
+                            weight_decay=cfg.train.weight_decay, adam_beta1=cfg.train.adam_beta1,
+                            adam_beta2=cfg.train.adam_beta2, clip_grad=cfg.train.clip_grad,
+                            bf16=cfg.model.dtype == "bf16", params_dtype=config.params_dtype),
+            [self.model],
+        )
+        steps = cfg.train.steps
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=cfg.train.lr, min_lr=cfg.train.min_lr,
+            lr_warmup_steps=cfg.train.warmup_steps * global_batch,
+            lr_decay_steps=max(steps, 1) * global_batch, lr_decay_style=cfg.train.lr_decay_style,
+            start_wd=cfg.train.weight_decay, end_wd=cfg.train.weight_decay,
+            wd_incr_steps=max(steps, 1) * global_batch, wd_incr_style="constant",
+        )
+        out = Path(cfg.output.dir)
+        self.checkpoint_root = out / "checkpoints"
+        # One seeded epoch, repeated: the samples of a step do not depend on train.steps.
+        self.dataset = Repeated(gpt_dataset(cfg.data.train_prefix, cfg.model.seq_length,
+                                            cfg.train.seed, self.tokenizer, None,
+                                            out / "data_cache"))
+        self.step = 0
+        self.writer = None
+        self.metrics_path = out / "metrics.jsonl"
+        if cfg.output.tensorboard and self._is_logging_rank():
+            from torch.utils.tensorboard import SummaryWriter
+
+            # One run directory for the whole job: a resumed run appends to the same one.
+            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+
+    @staticmethod
+    def _is_logging_rank() -> bool:
+        from megatron.core import parallel_state
+
+        return (parallel_state.is_pipeline_last_stage()
+                and parallel_state.get_tensor_model_parallel_rank() == 0
+                and parallel_state.get_data_parallel_rank() == 0)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _sharded_state(self, is_loading: bool = False) -> dict:
+        model_state = self.model.module.sharded_state_dict()
+        return {
+            "model": model_state,
+            "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+        }
+
+    def save(self) -> Path:
+        return checkpointing.save(self._sharded_state(), self.checkpoint_root, self.step,
+                                  keep=self.cfg.train.keep_checkpoints)
+
+    def resume(self) -> int | None:
+        """Load the latest complete checkpoint, if there is one; returns its step."""
+        latest = checkpointing.latest_complete_step(self.checkpoint_root)
+        found = torch.tensor([-1 if latest is None else latest])
+        dist.all_reduce(found, op=dist.ReduceOp.MIN)  # every rank must see the same one
+        if found.item() < 0:
+            self._forget_logs_after(0)  # a run that never saved starts its logs afresh
+            return None
+        state = checkpointing.load(self._sharded_state(is_loading=True), self.checkpoint_root,
+                                   int(found.item()))
+        self.model.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self._forget_logs_after(self.step)
+        return self.step
+
+    def _forget_logs_after(self, step: int) -> None:
+        """Steps after the checkpoint are done again: drop their old log lines (no repeats)."""
+        if self._is_logging_rank() and self.metrics_path.exists():
+            kept = []
+            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line)
+                except (ValueError, KeyError):
+                    continue  # a line cut short by a kill
+            self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        if self.writer is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer.close()
+            self.writer = SummaryWriter(log_dir=self.writer.log_dir, purge_step=step + 1)
+
+    # ------------------------------------------------------------------ scheduled sampling
+    def scheduled_inputs(self, batches: list[dict]) -> tuple[list[dict], dict[str, float]]:
+        """This step's micro-batches with scheduled-sampling inputs, and the values to log.
+
+        p = 0 (warm-up, max_p 0): the batches come back untouched and no pass runs.
+        Collectives when p > 0: those of a forward-only pass, one TP all-reduce per
+        micro-batch on the last stage, one PP broadcast (PP > 1), one DP all-reduce (counts).
+        """
+        from megatron.core import parallel_state
+
+        p = self.sampler.probability(self.step)
+        if p == 0.0:
+            return batches, self.sampler.log_values(p, None)
+        ids = sample_indices(self.step, self.cfg.parallel.micro_batch_size, self.dp_rank,
+                             self.dp_size, self.num_micro)
+        predictions = self._predict(batches, ids)
+        mixed, total = [], None
+        for batch, prediction, sample_ids in zip(batches, predictions, ids, strict=True):
+            batch, counts = self.sampler.mix(batch, prediction, self.step, sample_ids)
+            mixed.append(batch)
+            total = counts if total is None else total + counts
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        return mixed, self.sampler.log_values(p, total)
+
+    def _predict(self, batches: list[dict], ids: torch.Tensor) -> list[torch.Tensor]:
+        """Predicted ids [mbs, s] per micro-batch, on every pipeline stage."""
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        tp_group = (parallel_state.get_tensor_model_parallel_group()
+                    if parallel_state.get_tensor_model_parallel_world_size() > 1 else None)
+        step = self.step
+
+        def predict_step(data_iterator, model):
+            batch, sample_ids = next(data_iterator)
+            if torch.cuda.is_available():
+                batch = {key: value.cuda(non_blocking=True) for key, value in batch.items()}
+            # Without labels the model returns the logits [b, s, V/tp] (last stage) or the
+            # hidden states (other stages); the fused LM head is bypassed then.
+            output = model(batch["tokens"], batch["position_ids"], None)
+
+            def choose(logits, non_loss_data=True):
+                return self.sampler.predict(logits, tp_group, step, sample_ids)
+
+            return output, choose
+
+        cfg = self.cfg
+        # eval(): the prediction is the model's inference behaviour (no dropout). The configs
+        # here have no dropout, so the choice only matters for models that do.
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                chosen = get_forward_backward_func()(
+                    forward_step_func=predict_step,
+                    data_iterator=iter(list(zip(batches, ids, strict=True))),
+                    model=[self.model],
+                    num_microbatches=self.num_micro,
+                    seq_length=cfg.model.seq_length,
+                    micro_batch_size=cfg.parallel.micro_batch_size,
+                    forward_only=True,
+                    collect_non_loss_data=True,
+                )
+        finally:
+            self.model.train()
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            return chosen
+        shape = (self.num_micro, cfg.parallel.micro_batch_size, cfg.model.seq_length)
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        stacked = (torch.stack(chosen) if parallel_state.is_pipeline_last_stage()
+                   else torch.empty(shape, dtype=torch.int64, device=device))
+        dist.broadcast(stacked, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+        return list(stacked.unbind(0))
+
+    # ------------------------------------------------------------------ training
+    def train_step(self) -> StepLog:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        cfg = self.cfg
+        start = time.perf_counter()
+        batches = micro_batches(self.dataset, self.step, cfg.parallel.micro_batch_size,
+                                self.dp_rank, self.dp_size, self.num_micro)
+        sampling = {}
+        if self.sampler is not None:
+            batches, sampling = self.scheduled_inputs(list(batches))
+            batches = iter(batches)
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=batches,
+            model=[self.model],
+            num_microbatches=self.num_micro,
+            seq_length=cfg.model.seq_length,
+            micro_batch_size=cfg.parallel.micro_batch_size,
+            forward_only=False,
+        )
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+        _, grad_norm, _ = self.optimizer.step()
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            raise FloatingPointError(
+                f"step {self.step + 1}: the gradient norm is {grad_norm}; the update was not "
+                f"applied. Resume from the last checkpoint with a lower train.lr or clip_grad"
+            )
+        self.scheduler.step(increment=self.global_batch)
+        values = _broadcast_from_last_stage(
+            _reduce_reports(reports) if reports else {}, REPORT_NAMES)
+        elapsed = time.perf_counter() - start
+        self.step += 1
+        tokens = self.global_batch * cfg.model.seq_length
+        log = StepLog(self.step, values, lr, float(grad_norm or 0.0), tokens / elapsed, sampling)
+        if self._is_logging_rank():
+            with open(self.metrics_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": log.step, **values, **sampling, "lr": lr,
+                                         "grad_norm": log.grad_norm,
+                                         "tokens_per_s": log.tokens_per_s}) + "\n")
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"loss/{name}", value, self.step)
+            for name, value in sampling.items():
+                self.writer.add_scalar(name, value, self.step)
+            self.writer.add_scalar("train/lr", lr, self.step)
+            self.writer.add_scalar("train/grad_norm", log.grad_norm, self.step)
+            self.writer.add_scalar("train/tokens_per_s", log.tokens_per_s, self.step)
+        return log
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def count_parameters(cfg: RunConfig) -> int:
+    """Parameters of the model `cfg` describes, built on the meta device (nothing allocated).
+
+    Needs an initialised default process group; sets up TP = PP = 1 model parallelism.
+    """
+    from megatron.core import parallel_state
+
+    if cpu_patches.needed():
+        cpu_patches.apply()
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(1, 1)
+    one_rank = RunConfig(model=cfg.model, parallel=type(cfg.parallel)(tensor=1, pipeline=1))
+    vocab = padded_vocab_size(cfg.model.vocab_size or 0, cfg.model.make_vocab_size_divisible_by, 1)
+    with torch.device("meta"):
+        model = build_model(one_rank, vocab, None, initialize=False)
+    parallel_state.destroy_model_parallel()
+    return sum(p.numel() for p in model.parameters())
+
+
+def run(cfg: RunConfig, stop_after: int | None = None, printer=print) -> RunResult:
+    """Train to cfg.train.steps (or `stop_after` more steps), resuming from the latest complete
+    checkpoint; saves every save_interval steps, at the end, and on SIGUSR1/SIGTERM."""
+    flag = checkpointing.PreemptionFlag().install()  # before the slow start-up
+    trainer = Trainer(cfg)
+    result = RunResult(resumed_from=trainer.resume())
+    try:
+        done = 0
+        while trainer.step < cfg.train.steps and (stop_after is None or done < stop_after):
+            log = trainer.train_step()
+            done += 1
+            result.logs.append(log)
+            if printer and dist.get_rank() == dist.get_world_size() - 1 and (
+                    log.step % cfg.train.log_interval == 0):
+                printer(format_log(log, cfg.train.steps))
+            if flag.any_rank_received():
+                trainer.save()
+                result.stopped_by_signal = True
+                break
+            if cfg.train.exit_interval and trainer.step % cfg.train.exit_interval == 0:
+                if trainer.step < cfg.train.steps:
+                    trainer.save()
+                    break
+            if cfg.train.save_interval and trainer.step % cfg.train.save_interval == 0:
+                trainer.save()
+        else:
+            if done and (not cfg.train.save_interval or trainer.step % cfg.train.save_interval):
+                trainer.save()
+        result.last_step = trainer.step
+        return result
+    finally:
+        flag.uninstall()
+        trainer.close()
+
+
+def format_log(log: StepLog, total: int) -> str:
+    parts = [f"step {log.step:>5}/{total}"]
+    for name in ("lm loss", "ce", "ntl", "ce part", "ntl part"):
+        if name in log.values and not math.isnan(log.values[name]):
+            parts.append(f"{name} {log.values[name]:.4f}")
+    if log.sampling:
+        parts.append(f"sampling p {log.sampling['sampling/p']:.3f} replaced "
+                     f"{log.sampling['sampling/replaced_of_all']:.3f}")
+    parts.append(f"lr {log.lr:.2e}")
+    parts.append(f"grad norm {log.grad_norm:.3f}")
+    parts.append(f"{log.tokens_per_s:,.0f} tok/s")
+    return " | ".join(parts)
+
+

@@ -1,0 +1,196 @@
+"""A plain float64 single-process reference of objective_loss, on the full vocab.
+
+Written for clarity, not speed, and independently of functional.py: log_softmax over the real
+vocab, an explicit distance table as ntloss builds it, and a Python loop over digit runs. The
+tests hold every distributed and fused result against it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from token_objectives.objectives.loss import ObjectiveConfig, ObjectiveOutput
+from token_objectives.tables.numbers import NumberTable
+
+
+def _distance_table(values: torch.Tensor, squash_factor: float | None) -> torch.Tensor:
+    """[N, N] distances between number values; ntloss's squashed lookup when asked."""
+    diff = (values[:, None] - values[None, :]).abs()
+    if squash_factor is None:
+        return diff
+    smallest = diff[diff > 0].min()
+    largest = diff.max()
+    scale = (squash_factor - 1) / (largest - smallest) if largest > smallest else 0.0
+    table = 1 + (diff - smallest) * scale
+    table[diff == 0] = 0
+    return table
+
+
+def _pointwise(config: ObjectiveConfig, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if config.ntl == "mse":
+        return F.mse_loss(a, b, reduction="none")
+    if config.ntl == "l1":
+        return F.l1_loss(a, b, reduction="none")
+    return F.huber_loss(a, b, reduction="none", delta=config.huber_delta)
+
+
+def _digit_runs(digits: list[bool], dots: list[bool], float_mode: bool,
+                starts_word: list[bool]) -> list[list[int]]:
+    """One row: the digit positions of each number, walking the sequence left to right. A digit
+    that starts a word ("▁3") always opens a new number."""
+    runs, t, n = [], 0, len(digits)
+    while t < n:
+        if not digits[t]:
+            t += 1
+            continue
+        members, u = [t], t + 1
+        while u < n:
+            if digits[u] and not starts_word[u]:
+                members.append(u)
+                u += 1
+            elif (float_mode and dots[u] and u + 1 < n and digits[u + 1]
+                  and not starts_word[u + 1]):
+                u += 1  # the dot joins the run but adds nothing
+            else:
+                break
+        runs.append(members)
+        t = u
+    return runs
+
+
+def _whole_number(per_digit: torch.Tensor, members: list[int], max_len: int) -> torch.Tensor:
+    count = len(members)
+    return sum(
+        per_digit[p] * 10.0 ** min(count - 1 - i, max_len - 1) for i, p in enumerate(members)
+    )
+
+
+def reference_objective_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    config: ObjectiveConfig,
+    numbers: NumberTable | None,
+    pdl_weights: torch.Tensor | None = None,
+    loss_mask: torch.Tensor | None = None,
+    seq_dim: int = -1,
+    real_vocab_size: int | None = None,
+) -> ObjectiveOutput:
+    """logits [..., V] (the whole vocab), labels [...]; float64 results, ObjectiveOutput.
+
+    Columns at or past the real vocab (the table's valid_vocab_size, else real_vocab_size, else
+    V) are padding and left out of every softmax."""
+    x = logits.double()
+    vocab = x.shape[-1]
+    if numbers is not None:
+        real = numbers.valid_vocab_size
+    else:
+        real = real_vocab_size if real_vocab_size is not None else vocab
+    ignored = labels == config.ignore_index
+    target = labels.masked_fill(ignored, 0).long()
+    x_real = x[..., :real]
+    log_probs = torch.log_softmax(x_real, dim=-1)
+    ce = -log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    trained = ce
+    if config.label_smoothing > 0:
+        trained = F.cross_entropy(
+            x_real.reshape(-1, real),
+            target.flatten(),
+            reduction="none",
+            label_smoothing=config.label_smoothing,
+        ).reshape(labels.shape)
+    weight = torch.ones_like(ce)
+    if pdl_weights is not None:
+        weight = pdl_weights.double()[target]
+    loss = weight * trained
+    if config.z_loss > 0:
+        loss = loss + config.z_loss * torch.logsumexp(x_real, dim=-1) ** 2
+
+    ntl = torch.zeros_like(ce)
+    positions = torch.zeros_like(ignored)
+    if config.ntl is not None:
+        ids = numbers.number_ids
+        values = numbers.values[ids].double()
+        p_numbers = torch.softmax(x[..., ids], dim=-1)
+        mass = torch.softmax(x_real, dim=-1)[..., ids].sum(-1)
+        yhat = p_numbers @ values
+        u = numbers.values.double()[target]
+        is_num = ~torch.isnan(u) & ~ignored
+        u = torch.where(is_num, u, 0.0)
+        if config.ntl == "was":
+            table = _distance_table(values, config.squash_factor)
+            column = {v: i for i, v in enumerate(values.tolist())}
+            rows = torch.stack(
+                [
+                    table[column[float(v)]] if ok else torch.zeros_like(values)
+                    for v, ok in zip(u.flatten().tolist(), is_num.flatten().tolist(), strict=True)
+                ]
+            )
+            raw = (p_numbers.reshape(-1, len(ids)) * rows).sum(-1).reshape(labels.shape)
+            max_d = table.max()
+            positions = is_num
+        elif config.ntl in ("mse", "l1", "huber"):
+            raw = _pointwise(config, yhat, u)
+            lo, hi = values.min(), values.max()
+            max_d = torch.maximum(
+                _pointwise(config, lo, hi).abs(), _pointwise(config, hi, lo).abs()
+            )
+            positions = is_num
+        else:
+            lab = labels.movedim(seq_dim, -1)
+            shape = lab.shape
+            flat_num = is_num.movedim(seq_dim, -1).reshape(-1, shape[-1])
+            flat_u = u.movedim(seq_dim, -1).reshape(-1, shape[-1])
+            flat_yhat = yhat.movedim(seq_dim, -1).reshape(-1, shape[-1])
+            flat_lab = lab.reshape(-1, shape[-1])
+            raw_rows = torch.zeros_like(flat_u)
+            pos_rows = torch.zeros_like(flat_num)
+            for r in range(flat_u.shape[0]):
+                dots = [
+                    numbers.dot_id is not None and int(v) == numbers.dot_id
+                    for v in flat_lab[r].tolist()
+                ]
+                starts = [
+                    bool(ok) and numbers.word_start is not None
+                    and bool(numbers.word_start[int(v)])
+                    for v, ok in zip(flat_lab[r].tolist(), flat_num[r].tolist(), strict=True)
+                ]
+                runs = _digit_runs(flat_num[r].tolist(), dots, config.number_level_float, starts)
+                for members in runs:
+                    true = _whole_number(flat_u[r], members, config.max_number_length)
+                    guess = _whole_number(flat_yhat[r], members, config.max_number_length)
+                    raw_rows[r, members[0]] = (guess - true).abs() / (
+                        guess.abs() + true.abs() + torch.finfo(torch.float32).eps
+                    )
+                    pos_rows[r, members[0]] = True
+            raw = raw_rows.reshape(shape).movedim(-1, seq_dim)
+            positions = pos_rows.reshape(shape).movedim(-1, seq_dim)
+            max_d = torch.tensor(1.0, dtype=torch.float64)
+        if config.reweigh:
+            raw = raw * mass + 1.01 * max_d * (1 - mass)
+        ntl = torch.where(positions, raw, 0.0)
+        loss = loss + config.ntl_weight * ntl
+
+    counted = ~ignored
+    scale = torch.ones_like(ce)
+    if loss_mask is not None:
+        counted = counted & (loss_mask != 0)
+        scale = loss_mask.double()
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        return torch.where(counted, t, 0.0) * scale
+
+    predicted = mass_kept = None
+    if config.ntl is not None:
+        predicted = torch.where(counted, yhat, 0.0)
+        mass_kept = torch.where(counted, mass, 0.0)
+    return ObjectiveOutput(
+        loss=keep(loss),
+        ce=keep(ce),
+        ntl=keep(ntl),
+        is_number=positions & counted,
+        weight=torch.where(counted, weight, 0.0),
+        counted=counted,
+        predicted_number=predicted,
+        number_mass=mass_kept,
+    )
