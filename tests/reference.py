@@ -188,7 +188,7 @@ def reference_objective_loss(
         loss=keep(loss),
         ce=keep(ce),
         ntl=keep(ntl),
-        is_number=positions & counted,
+        ntl_positions=positions & counted,
         weight=torch.where(counted, weight, 0.0),
         counted=counted,
         predicted_number=predicted,

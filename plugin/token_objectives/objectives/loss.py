@@ -40,7 +40,7 @@ class ObjectiveOutput:
 
     loss: the combined per-token loss to sum. ce: plain cross-entropy (no smoothing, z-loss or
     PDL weight), for perplexity. ntl: the NTL term before lambda, 0 where the target is not a
-    number. is_number: bool, where an NTL term is counted (for "number": the first digit of each
+    number. ntl_positions: bool, where an NTL term is counted (for "number": the first digit of each
     number). weight: the PDL weight w[y] (1 without PDL), not scaled by loss_mask. counted:
     bool, the tokens counted (a target and loss_mask != 0).
 
@@ -55,13 +55,19 @@ class ObjectiveOutput:
     loss: torch.Tensor
     ce: torch.Tensor
     ntl: torch.Tensor
-    is_number: torch.Tensor
+    ntl_positions: torch.Tensor
     weight: torch.Tensor
     counted: torch.Tensor
     predicted_number: torch.Tensor | None = None
     number_mass: torch.Tensor | None = None
 
     TOTAL_NAMES = ("loss", "tokens", "ce", "ntl", "number_tokens", "weight")
+
+    @property
+    def is_number(self) -> torch.Tensor:
+        """The former name of `ntl_positions` (for ntl="number" it marks numbers, not number
+        tokens); kept for code written against it."""
+        return self.ntl_positions
 
     def totals(self) -> torch.Tensor:
         """fp32 [6]: sums of loss, counted tokens, ce, ntl, number tokens, weight.
@@ -79,7 +85,7 @@ class ObjectiveOutput:
                 self.counted.sum(dtype=torch.float32),
                 self.ce.sum(dtype=torch.float32),
                 self.ntl.sum(dtype=torch.float32),
-                self.is_number.sum(dtype=torch.float32),
+                self.ntl_positions.sum(dtype=torch.float32),
                 self.weight.sum(dtype=torch.float32),
             ]
         )
@@ -453,7 +459,7 @@ def compose(
         loss=keep(loss),
         ce=keep(ce),
         ntl=keep(ntl),
-        is_number=ntl_positions & counted,
+        ntl_positions=ntl_positions & counted,
         weight=torch.where(counted, weight, zero),
         counted=counted,
         predicted_number=predicted,

@@ -8,7 +8,6 @@ take YAML values.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,10 +155,6 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: a run config is a mapping of sections")
     return config_from_dict(apply_overrides(raw, overrides))
-
-
-def config_to_dict(config: RunConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:

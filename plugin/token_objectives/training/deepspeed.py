@@ -233,7 +233,7 @@ def counted_denominator(batches: list[dict], objectives: DeepSpeedObjectives) ->
 
 def concat_outputs(outputs: list[ObjectiveOutput]) -> ObjectiveOutput:
     """One ObjectiveOutput over all micro-batches (flattened, detached), for the logs."""
-    names = ("loss", "ce", "ntl", "is_number", "weight", "counted")
+    names = ("loss", "ce", "ntl", "ntl_positions", "weight", "counted")
     return ObjectiveOutput(**{name: torch.cat([getattr(o, name).detach().reshape(-1)
                                                for o in outputs]) for name in names})
 

@@ -178,7 +178,7 @@ class Objectives:
             ce=to_bs(out.ce).detach(),
             ce_part=(loss - self.config.ntl_weight * ntl).detach(),
             ntl=ntl.detach(),
-            is_number=to_bs(out.is_number),
+            is_number=to_bs(out.ntl_positions),
             weight=to_bs(out.weight).detach(),
         )
         setattr(loss, _COMPONENTS_ATTR, components)
@@ -242,7 +242,7 @@ def attach_objectives(model, objectives: Objectives, fused_head: bool = False):
 
         model.output_layer.forward = head.__call__
         model.forward = forward
-        model._token_objectives_head = (head, original_forward)
+        model._token_objectives_head = head
     return model
 
 
