@@ -1,6 +1,6 @@
 """A plain float64 single-process reference of objective_loss, on the full vocab.
 
-Written for clarity, not speed, and independently of functional.py: log_softmax over the real
+Written for clarity, not speed, and independently of ops/statistics.py: log_softmax over the real
 vocab, an explicit distance table as ntloss builds it, and a Python loop over digit runs. The
 tests hold every distributed and fused result against it.
 """
