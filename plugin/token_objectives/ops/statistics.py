@@ -194,7 +194,7 @@ def finish_statistics(
     """This rank's partials [T, 2] / [T, 7] -> (statistics [T, 6], log_q [T]).
 
     The only communication of the objective: a MAX all-reduce of the maxima, which also carries
-    every rank's vocab layout and label check (`vocab_layout.layout_rows`, 5 numbers per rank),
+    every rank's vocab layout and label check (`layout.layout_rows`, 5 numbers per rank),
     then one SUM all-reduce of the summed columns the plan needs, whatever the number of chunks.
     A bad layout or label raises on every rank between the two.
     """
