@@ -15,7 +15,7 @@ from test_fused_linear import run_fused
 from test_objective_tp import _gather, _reference, run_cases
 
 from token_objectives import objective_loss
-from token_objectives.ops.statistics import resolve_kernel
+from token_objectives.ops.plan import resolve_kernel
 
 # Importing triton here would fix its interpreter switch off in this process: only look.
 if importlib.util.find_spec("triton") is None:

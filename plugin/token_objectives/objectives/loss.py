@@ -19,14 +19,8 @@ import torch.nn.functional as F
 from token_objectives.objectives.config import ObjectiveConfig
 from token_objectives.ops.layout import VocabLayout, layout_problem, resolve_layout
 from token_objectives.ops.number_level import digit_runs
-from token_objectives.ops.statistics import (
-    Columns,
-    Distance,
-    LabelCheck,
-    VocabShard,
-    vocab_parallel_statistics,
-    vocab_shard,
-)
+from token_objectives.ops.plan import Columns, Distance, LabelCheck, VocabShard, vocab_shard
+from token_objectives.ops.statistics import vocab_parallel_statistics
 from token_objectives.tables.numbers import NumberTable
 
 # ntloss's symmetric-MAPE denominator guard: float32 machine epsilon, whatever the dtype.
@@ -241,7 +235,7 @@ def objective_loss(
     seq_dim: the sequence axis of labels, for ntl="number" (which reads digit runs along it).
     rows_per_chunk: tokens per chunk; the fp32 working set is [rows, V/tp] (default ~4 MiB).
     kernel: "auto" (Triton on CUDA, else torch), "torch" or "triton"; None reads
-        $TOKEN_OBJECTIVES_KERNEL (functional.resolve_kernel).
+        $TOKEN_OBJECTIVES_KERNEL (ops.plan.resolve_kernel).
     vocab_start: the global id of this rank's first column (default tp_rank * w, even shards).
     vocab_size: the global padded vocab V (default: the NumberTable's size, else w * tp).
     real_vocab_size: the tokenizer's size; columns at or past it are padding, excluded from the

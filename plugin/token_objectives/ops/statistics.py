@@ -1,8 +1,9 @@
 """The fused vocab-parallel objective: per-token statistics over a logits shard.
 
-Tensor-parallel rank r holds logits z[t, j] for the global vocab ids j in [r*V/tp, (r+1)*V/tp)
-(Megatron's layout: logits [s, b, V/tp], flattened here to [T, V/tp]). Per token t with target y
-and, when y is a number token, target value u, `VocabParallelStatistics` returns
+Tensor-parallel rank r holds logits z[t, j] for the global vocab ids j in [vocab_start,
+vocab_start + V/tp) (Megatron's layout: logits [s, b, V/tp], flattened here to [T, V/tp]). Per
+token t with target y and, when y is a number token, target value u, `VocabParallelStatistics`
+returns [T, 6]:
 
     lse      log sum_j exp(z_j)                     over the real (unpadded) vocab
     target   z_y                                    the target logit
@@ -11,212 +12,46 @@ and, when y is a number token, target value u, `VocabParallelStatistics` returns
     was      sum_{j in N} pN_j D(v_j, u)            Wasserstein-1 to the one-hot target
     mass     sum_{j in N} softmax_j                 probability mass on number tokens
 
-Communication: forward makes exactly two all-reduces on the TP group, a MAX of [T, 2] and a SUM
-of [T, k] with k <= 7 columns; backward makes none. Gradients flow through every statistic, so
-the objectives are composed on top in plain torch (see objectives.py).
+Communication: forward makes exactly two all-reduces on the TP group, a MAX of [T, 2] (plus the
+layout rows) and a SUM of [T, k] with k <= 7 columns; backward makes none. Gradients flow
+through every statistic, so the objectives are composed on top in plain torch
+(objectives/loss.py).
 
-The math lives in small stage functions (`local_maxima`, `local_sums`, `combine_sums`,
-`local_gradient`) that the autograd Function is a thin sequence of.
+The math lives in small stage functions that both autograd Functions (this one on the logits,
+`fused_head.FusedLinearStatistics` on hidden @ weight.T) are thin sequences of:
+`local_partials` -> `finish_statistics` (`rescale_partials`, `combine_sums`) forward, and
+`local_gradient` backward; `chunked_partials` and `chunked_gradient` walk the row chunks and pick
+the torch stage or the Triton kernel (`triton_kernels`, imported only when plan.kernel is
+"triton", triton being optional) for each.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
-from token_objectives.ops.layout import VocabLayout, check_gathered, layout_rows
-
-NUM_STATISTICS = 6
-
-
-@dataclass(frozen=True)
-class Distance:
-    """Ground distance D(v, u) of the Wasserstein term between number values v and the target u.
-
-    Plain |v - u| by default. With ntloss's `squash_factor` s, non-zero distances are mapped
-    affinely from [d_min, d_max] (the smallest non-zero and the largest distance between any two
-    number values) onto [1, s], so the farthest number costs s times the nearest wrong one.
-    """
-
-    squash_min: float | None = None
-    squash_scale: float = 1.0
-
-    @classmethod
-    def for_values(cls, number_values: torch.Tensor, squash_factor: float | None) -> Distance:
-        """number_values: [N] the values of the number tokens (a NumberTable's finite ones)."""
-        if squash_factor is None:
-            return cls()
-        values = number_values.double().unique()
-        if values.numel() < 2:
-            raise ValueError("squash_factor needs at least two distinct number values")
-        diffs = (values[:, None] - values[None, :]).abs()
-        d_min = diffs[diffs > 0].min().item()
-        d_max = diffs.max().item()
-        if d_max == d_min:
-            # Every pair is equally far apart: ntloss divides by zero here; all distances are 1.
-            return cls(squash_min=d_min, squash_scale=0.0)
-        return cls(squash_min=d_min, squash_scale=(squash_factor - 1.0) / (d_max - d_min))
-
-    def __call__(self, values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """values [..., n], targets [..., 1] -> distances [..., n]."""
-        diff = (values - targets).abs()
-        if self.squash_min is None:
-            return diff
-        squashed = 1.0 + (diff - self.squash_min) * self.squash_scale
-        return torch.where(diff == 0, torch.zeros_like(diff), squashed)
-
-    def max_distance(self, number_values: torch.Tensor) -> float:
-        """The largest distance between two of the number values [N]."""
-        values = number_values.double()
-        spread = (values.max() - values.min()).reshape(1)
-        return float(self(spread, torch.zeros(1, dtype=spread.dtype)).item())
-
-
-@dataclass(frozen=True)
-class VocabShard:
-    """What one TP rank needs to know about its slice of the vocabulary.
-
-    layout: which global ids the shard holds, the global padded and real vocab sizes.
-    real_width: local columns that are real tokens; [real_width, width) is vocab padding.
-    number_cols: long [n] local column ids of number tokens; number_values: float32 [n].
-    """
-
-    layout: VocabLayout
-    number_cols: torch.Tensor
-    number_values: torch.Tensor
-
-    @property
-    def vocab_start(self) -> int:
-        return self.layout.vocab_start
-
-    @property
-    def width(self) -> int:
-        return self.layout.width
-
-    @property
-    def real_width(self) -> int:
-        return self.layout.real_width
-
-
-def vocab_shard(
-    values: torch.Tensor | None, layout: VocabLayout, device: torch.device
-) -> VocabShard:
-    """The number tokens inside this rank's `layout`. values: [V] a value per global id, NaN
-    for non-numbers (NumberTable.values); None: no number tokens."""
-    if values is None:
-        empty = torch.empty(0, dtype=torch.long, device=device)
-        return VocabShard(layout, empty, empty.float())
-    local_values = values[layout.vocab_start : layout.vocab_start + layout.width]
-    cols = torch.nonzero(~torch.isnan(local_values)).flatten()
-    return VocabShard(
-        layout=layout,
-        number_cols=cols.to(device),
-        number_values=local_values[cols].to(device=device, dtype=torch.float32),
-    )
-
-
-@dataclass(frozen=True)
-class Columns:
-    """Which optional statistics to compute; the SUM all-reduce carries only these."""
-
-    numbers: bool = False  # yhat and mass (and the denominators they need)
-    wasserstein: bool = False
-    mean_logit: bool = False
-
-    def summed(self) -> list[int]:
-        """Indices of the [T, 7] partial-sum columns that these statistics need."""
-        needed = [0, 1]
-        if self.mean_logit:
-            needed.append(2)
-        if self.numbers:
-            needed += [3, 4, 5, 6] if self.wasserstein else [3, 4, 6]
-        return sorted(needed)
-
-
-@dataclass(frozen=True)
-class LabelCheck:
-    """The outcome of this rank's label check, raised after the MAX all-reduce under TP so that
-    every rank raises it together. bad: 0-dim, 1 where a label is out of range (no host sync on
-    the GPU); message: the error (CPU only; None when the labels are fine)."""
-
-    bad: torch.Tensor | None = None
-    message: str | None = None
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Everything about one call but the tensors: this rank's shard, the statistics to compute,
-    the Wasserstein distance, the real (unpadded) vocab size and the rows per chunk."""
-
-    shard: VocabShard
-    columns: Columns
-    distance: Distance
-    real_vocab: int
-    rows: int
-    kernel: str = "torch"  # "torch" stages or the "triton" kernels (see resolve_kernel)
-    labels: LabelCheck = LabelCheck()
-
-
-KERNELS = ("auto", "torch", "triton")
-KERNEL_ENV = "TOKEN_OBJECTIVES_KERNEL"
-
-
-def resolve_kernel(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """"torch" or "triton" for logits on `device` in `dtype`.
-
-    requested None reads $TOKEN_OBJECTIVES_KERNEL (default "auto"). "auto" takes the Triton
-    kernels on CUDA when triton is importable and the logits are not fp64, else the torch
-    stages. "triton" insists, and also runs on CPU under Triton's interpreter
-    (TRITON_INTERPRET=1, for tests).
-    """
-    requested = requested or os.environ.get(KERNEL_ENV) or "auto"
-    if requested not in KERNELS:
-        raise ValueError(
-            f"unknown kernel {requested!r}: pass kernel= (or set ${KERNEL_ENV}) to one of "
-            f"{', '.join(KERNELS)}"
-        )
-    if requested == "torch":
-        return "torch"
-    has_triton = importlib.util.find_spec("triton") is not None
-    runs_here = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    if requested == "auto":
-        usable = has_triton and device.type == "cuda" and dtype != torch.float64
-        return "triton" if usable else "torch"
-    if dtype == torch.float64:
-        raise ValueError("the Triton kernels accumulate in fp32: use kernel='torch' for fp64")
-    if not has_triton:
-        raise ValueError("kernel='triton' needs the triton package: pip install triton")
-    if not runs_here:
-        raise ValueError(
-            f"kernel='triton' with logits on {device.type}: Triton runs on CUDA, or on CPU "
-            f"under its interpreter (set TRITON_INTERPRET=1); else use kernel='torch'"
-        )
-    return "triton"
-
+from token_objectives.ops.layout import check_gathered, layout_rows
+from token_objectives.ops.plan import (
+    SUM_COLUMNS,
+    Columns,
+    Distance,
+    LabelCheck,
+    Plan,
+    RowChunk,
+    VocabShard,
+    accumulation_dtype,
+    chunk_rows,
+    resolve_kernel,
+    row_chunks,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Stages. Each works on one rank's shard: logits [t, V/tp] in any float dtype (a chunk of rows),
 # everything else in the accumulation dtype (fp32; fp64 for fp64 logits).
 # ----------------------------------------------------------------------------------------------
-
-# Rows per chunk are chosen so that a chunk's fp32 working copy stays near this many elements
-# (4 MiB in fp32): large enough that per-chunk overhead is small, small enough to stay in cache.
-CHUNK_ELEMENTS = 1 << 20
-SUM_COLUMNS = 7
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for fp32/bf16/fp16 logits; fp64 stays fp64 (for gradcheck and references)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def chunk_rows(width: int, rows: int | None = None, elements: int = CHUNK_ELEMENTS) -> int:
-    """Rows per chunk: `rows` if given, else as many as fit `elements` (at least 1)."""
-    return max(1, rows if rows is not None else elements // max(width, 1))
 
 
 def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
@@ -224,30 +59,26 @@ def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
-def shard_partials(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    target_values: torch.Tensor,
-    plan: Plan,
-    scratch: torch.Tensor,
+def local_partials(
+    logits: torch.Tensor, rows: RowChunk, plan: Plan, scratch: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass over a chunk of this shard: (maxima [t, 2], sums [t, 7]), relative to the
-    shard's OWN maxima (see `rescale_partials`).
+    """The torch stage of the forward, one pass over a chunk of this shard: logits [t, V/tp] ->
+    (maxima [t, 2], sums [t, 7]), relative to the shard's OWN maxima (see `rescale_partials`).
 
     maxima: m_r over the real columns, n_r over the number columns (-inf if none).
     sums: S = sum exp(z - m_r), z_y (0 off-shard), sum z, Q = sum_N exp(z - n_r),
     E = sum_N exp(z - n_r) v, W = sum_N exp(z - n_r) D(v, u), M = sum_N exp(z - m_r).
-    targets: long [t] global ids (in range); target_values [t] (0 where not a number).
+    rows: the chunk's targets and target_values.
     scratch: a reusable [>= t, real_width] buffer in the accumulation dtype.
     """
     shard, columns = plan.shard, plan.columns
-    rows = logits.shape[0]
+    tokens = logits.shape[0]
     acc = scratch.dtype
-    maxima = torch.full((rows, 2), float("-inf"), dtype=acc, device=logits.device)
-    sums = torch.zeros((rows, SUM_COLUMNS), dtype=acc, device=logits.device)
+    maxima = torch.full((tokens, 2), float("-inf"), dtype=acc, device=logits.device)
+    sums = torch.zeros((tokens, SUM_COLUMNS), dtype=acc, device=logits.device)
     if shard.real_width > 0:
         real = logits[:, : shard.real_width]
-        work = scratch[:rows]
+        work = scratch[:tokens]
         if real.dtype == acc:
             maxima[:, 0] = real.amax(dim=-1)
             if columns.mean_logit:
@@ -261,7 +92,7 @@ def shard_partials(
             work.sub_(_finite_or_zero(maxima[:, 0]).unsqueeze(-1))
         sums[:, 0] = work.exp_().sum(dim=-1)
 
-    local_targets = targets - shard.vocab_start
+    local_targets = rows.targets - shard.vocab_start
     on_shard = (local_targets >= 0) & (local_targets < shard.real_width)
     gathered = logits.gather(1, local_targets.clamp(0, shard.width - 1).unsqueeze(-1)).squeeze(-1)
     sums[:, 1] = torch.where(on_shard, gathered.to(acc), torch.zeros_like(sums[:, 1]))
@@ -274,7 +105,7 @@ def shard_partials(
         sums[:, 3] = weights.sum(dim=-1)
         sums[:, 4] = weights @ values
         if columns.wasserstein:
-            dist_to_target = plan.distance(values, target_values.to(acc).unsqueeze(-1))
+            dist_to_target = plan.distance(values, rows.target_values.to(acc).unsqueeze(-1))
             sums[:, 5] = (weights * dist_to_target).sum(dim=-1)
         shift = _finite_or_zero(maxima[:, 0]).unsqueeze(-1)
         sums[:, 6] = (number_logits - shift).exp().sum(dim=-1)
@@ -313,28 +144,20 @@ def number_log_normaliser(sums: torch.Tensor, maxima: torch.Tensor) -> torch.Ten
     )
 
 
-def local_gradient(
-    logits: torch.Tensor,
-    stats: torch.Tensor,
-    log_q: torch.Tensor,
-    grads: torch.Tensor,
-    targets: torch.Tensor,
-    target_values: torch.Tensor,
-    plan: Plan,
-    out: torch.Tensor,
-) -> None:
-    """Writes d(sum_t sum_k grads[t, k] * stats[t, k]) / d logits into `out` [t, real_width]
-    (the accumulation dtype; the caller zeroes the padding columns).
+def local_gradient(logits: torch.Tensor, rows: RowChunk, plan: Plan, out: torch.Tensor) -> None:
+    """The torch stage of the backward: writes d(sum_t sum_k grads[t, k] * stats[t, k]) / d logits
+    for the chunk's logits [t, V/tp] into `out` [t, real_width] (the accumulation dtype; the
+    caller zeroes the padding columns). rows: the chunk with its stats, log_q and grads.
 
     softmax_j = exp(z_j - lse); pN_j = exp(z_j - log_q) on number columns:
       d lse = softmax;  d z_y = onehot(y);  d mean = 1/V;  d mass = softmax ([j in N] - mass)
       d yhat = pN (v - yhat);  d was = pN (D(v, u) - was).
     """
     shard, columns = plan.shard, plan.columns
-    lse, _, _, yhat, was, mass = stats.unbind(-1)
+    lse, _, _, yhat, was, mass = rows.stats.unbind(-1)
     # A row of -inf logits has lse = -inf: exp(-inf - (+inf)) = 0 instead of exp(NaN).
     lse = torch.where(torch.isfinite(lse), lse, torch.inf)
-    g_lse, g_target, g_mean, g_yhat, g_was, g_mass = grads.unbind(-1)
+    g_lse, g_target, g_mean, g_yhat, g_was, g_mass = rows.grads.unbind(-1)
     torch.sub(logits[:, : shard.real_width], lse.unsqueeze(-1), out=out)
     out.exp_().mul_((g_lse - g_mass * mass).unsqueeze(-1))
     if columns.mean_logit:
@@ -342,7 +165,7 @@ def local_gradient(
 
     if shard.real_width == 0:
         return  # a shard of vocab padding only: no target and no number lives here
-    local_targets = targets - shard.vocab_start
+    local_targets = rows.targets - shard.vocab_start
     on_shard = (local_targets >= 0) & (local_targets < shard.real_width)
     out.scatter_add_(
         1,
@@ -352,11 +175,13 @@ def local_gradient(
 
     if columns.numbers and shard.number_cols.numel() > 0:
         number_logits = logits.index_select(1, shard.number_cols).to(out.dtype)
-        p_number = (number_logits - log_q.unsqueeze(-1)).exp()
+        p_number = (number_logits - rows.log_q.unsqueeze(-1)).exp()
         values = shard.number_values.to(out.dtype)
         number_grad = p_number * (g_yhat.unsqueeze(-1) * (values - yhat.unsqueeze(-1)))
         if columns.wasserstein:
-            dist_to_target = plan.distance(values, target_values.to(out.dtype).unsqueeze(-1))
+            dist_to_target = plan.distance(
+                values, rows.target_values.to(out.dtype).unsqueeze(-1)
+            )
             number_grad += p_number * g_was.unsqueeze(-1) * (dist_to_target - was.unsqueeze(-1))
         softmax_numbers = (number_logits - lse.unsqueeze(-1)).exp()
         number_grad += softmax_numbers * g_mass.unsqueeze(-1)
@@ -369,7 +194,7 @@ def finish_statistics(
     """This rank's partials [T, 2] / [T, 7] -> (statistics [T, 6], log_q [T]).
 
     The only communication of the objective: a MAX all-reduce of the maxima, which also carries
-    every rank's vocab layout and label check (`vocab_layout.layout_rows`, 5 numbers per rank),
+    every rank's vocab layout and label check (`layout.layout_rows`, 5 numbers per rank),
     then one SUM all-reduce of the summed columns the plan needs, whatever the number of chunks.
     A bad layout or label raises on every rank between the two.
     """
@@ -392,14 +217,15 @@ def finish_statistics(
 
 
 def chunked_partials(
-    logits_of, like: torch.Tensor, targets: torch.Tensor, target_values: torch.Tensor, plan: Plan
+    logits_of: Callable[[slice], torch.Tensor], like: torch.Tensor, rows: RowChunk, plan: Plan
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's partials (maxima [T, 2], sums [T, 7]), chunk by chunk of rows.
+    """This rank's partials (maxima [T, 2], sums [T, 7]), chunk by chunk of plan.rows rows.
 
-    logits_of(chunk) gives the chunk's logits [rows, V/tp] (a slice of stored logits, or a
-    matmul for the fused LM head); `like` [T, ...] sets the token count, device and dtype.
+    logits_of(chunk) gives the chunk's logits [t, V/tp] (a slice of stored logits, or a matmul
+    for the fused LM head); `like` [T, ...] sets the device and the dtype; rows: the whole
+    batch's targets. No communication.
     """
-    tokens = like.shape[0]
+    tokens = len(rows)
     acc = accumulation_dtype(like.dtype)
     maxima = like.new_empty((tokens, 2), dtype=acc)
     sums = like.new_empty((tokens, SUM_COLUMNS), dtype=acc)
@@ -408,58 +234,96 @@ def chunked_partials(
 
         values = triton_kernels.dense_number_values(plan, like.device)
         for chunk in row_chunks(tokens, plan.rows):
-            maxima[chunk], sums[chunk] = triton_kernels.shard_partials(
-                logits_of(chunk), targets[chunk], target_values[chunk], plan, values
+            maxima[chunk], sums[chunk] = triton_kernels.triton_partials(
+                logits_of(chunk), rows[chunk], plan, values
             )
         return maxima, sums
     scratch = like.new_empty((min(plan.rows, tokens), plan.shard.real_width), dtype=acc)
     for chunk in row_chunks(tokens, plan.rows):
-        maxima[chunk], sums[chunk] = shard_partials(
-            logits_of(chunk), targets[chunk], target_values[chunk], plan, scratch
-        )
+        maxima[chunk], sums[chunk] = local_partials(logits_of(chunk), rows[chunk], plan, scratch)
     return maxima, sums
 
 
 def chunk_gradient(
     logits: torch.Tensor,
-    stats: torch.Tensor,
-    log_q: torch.Tensor,
-    grads: torch.Tensor,
-    targets: torch.Tensor,
-    target_values: torch.Tensor,
+    rows: RowChunk,
     plan: Plan,
     dtype: torch.dtype,
-    workspace: torch.Tensor,
+    workspace: torch.Tensor | None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The logit gradient of one chunk of rows, [t, real_width] in `dtype`, by plan.kernel.
+    """The logit gradient of one chunk of t rows, [t, real_width] in `dtype`, by plan.kernel.
 
-    workspace: from `gradient_workspace` (torch: a [>= t, real_width] buffer in the
-    accumulation dtype; triton: the dense number values).
+    out: [t, V/tp] in `dtype` to write it into, padding columns zeroed (the result is a view of
+    it); None: the torch stage returns its workspace rounded to `dtype`, the kernel a new tensor.
+    workspace: from `gradient_workspace` (torch: a [>= t, real_width] buffer in the accumulation
+    dtype, None when out is in that dtype; triton: the dense number values).
     """
+    real = plan.shard.real_width
     if plan.kernel == "triton":
         from token_objectives.ops import triton_kernels
 
-        grad = triton_kernels.logit_gradient(logits, stats, log_q, grads, targets,
-                                             target_values, plan, workspace, dtype)
-        return grad[:, : plan.shard.real_width]
-    out = workspace[: logits.shape[0]]
-    local_gradient(logits, stats, log_q, grads, targets, target_values, plan, out)
-    return out.to(dtype)
+        if out is None:
+            out = logits.new_empty((logits.shape[0], plan.shard.width), dtype=dtype)
+        triton_kernels.triton_gradient(logits, rows, plan, workspace, out)
+        return out[:, :real]
+    if out is None:
+        scratch = workspace[: logits.shape[0]]
+        local_gradient(logits, rows, plan, scratch)
+        return scratch.to(dtype)
+    out[:, real:] = 0
+    if workspace is None:
+        local_gradient(logits, rows, plan, out[:, :real])
+    else:  # bf16/fp16: compute the chunk in fp32, then round it once into out
+        scratch = workspace[: logits.shape[0]]
+        local_gradient(logits, rows, plan, scratch)
+        out[:, :real].copy_(scratch)
+    return out[:, :real]
 
 
-def gradient_workspace(plan: Plan, tokens: int, like: torch.Tensor) -> torch.Tensor:
-    """What `chunk_gradient` reuses across the chunks of one backward."""
+def gradient_workspace(
+    plan: Plan, tokens: int, like: torch.Tensor, into: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """What `chunk_gradient` reuses across the chunks of one backward; `like` [T, ...] sets the
+    device and the dtype. None when the torch stage can write straight into `into`."""
     if plan.kernel == "triton":
         from token_objectives.ops import triton_kernels
 
         return triton_kernels.dense_number_values(plan, like.device)
     acc = accumulation_dtype(like.dtype)
+    if into is not None and into.dtype == acc:
+        return None
     return like.new_empty((min(plan.rows, tokens), plan.shard.real_width), dtype=acc)
 
 
-def row_chunks(total: int, rows: int):
-    for start in range(0, total, rows):
-        yield slice(start, min(start + rows, total))
+def chunked_gradient(
+    logits_of: Callable[[slice], torch.Tensor],
+    like: torch.Tensor,
+    rows: RowChunk,
+    plan: Plan,
+    dtype: torch.dtype,
+    *,
+    into: torch.Tensor | None = None,
+    fold: Callable[[slice, torch.Tensor], None] | None = None,
+) -> None:
+    """The backward of both autograd Functions: the logit gradient of every row, chunk by chunk
+    of plan.rows rows, handed to the caller's sink. No communication.
+
+    logits_of(chunk) gives the chunk's logits [t, V/tp] (the stored slice, or hidden[chunk] @
+    weight.T recomputed); `like` [T, ...] sets the device and the accumulation dtype; rows: the
+    whole batch with its stats, log_q and grads. Each chunk's gradient [t, real_width] in
+    `dtype`, by plan.kernel, goes to
+      into: [T, V/tp] in `dtype`, the whole gradient, written in place (padding columns 0), and
+      fold(chunk, grad): e.g. into grad_hidden and grad_weight (grad is valid until the next
+        chunk, and a view of into[chunk] when into is given).
+    """
+    tokens = len(rows)
+    workspace = gradient_workspace(plan, tokens, like, into)
+    for chunk in row_chunks(tokens, plan.rows):
+        out = None if into is None else into[chunk]
+        grad = chunk_gradient(logits_of(chunk), rows[chunk], plan, dtype, workspace, out)
+        if fold is not None:
+            fold(chunk, grad)
 
 
 class VocabParallelStatistics(torch.autograd.Function):
@@ -467,7 +331,8 @@ class VocabParallelStatistics(torch.autograd.Function):
 
     Works through the rows in chunks, one pass over the logits forward, one read and one write
     backward. Saves the logits in their own dtype plus O(T) statistics, never a [T, V] fp32
-    copy; the backward recomputes the softmax from them with no communication.
+    copy; the backward recomputes the softmax from them with no communication, into one
+    gradient in the logits' dtype.
     """
 
     @staticmethod
@@ -481,9 +346,8 @@ class VocabParallelStatistics(torch.autograd.Function):
     ) -> torch.Tensor:
         if plan.kernel == "triton":  # no fp32 working set to bound: one launch for all rows
             plan = replace(plan, rows=max(logits.shape[0], 1))
-        maxima, sums = chunked_partials(
-            lambda chunk: logits[chunk], logits, targets, target_values, plan
-        )
+        rows = RowChunk(targets, target_values)
+        maxima, sums = chunked_partials(lambda chunk: logits[chunk], logits, rows, plan)
         stats, log_q = finish_statistics(maxima, sums, plan, tp_group)
         ctx.save_for_backward(logits, targets, target_values, stats, log_q)
         ctx.plan = plan
@@ -492,37 +356,10 @@ class VocabParallelStatistics(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_stats: torch.Tensor):
         logits, targets, target_values, stats, log_q = ctx.saved_tensors
-        plan = ctx.plan
-        real_width = plan.shard.real_width
-        grads = grad_stats.to(stats.dtype)
-        if plan.kernel == "triton":  # one read of the logits, one write of the gradient
-            from token_objectives.ops import triton_kernels
-
-            values = triton_kernels.dense_number_values(plan, logits.device)
-            grad = triton_kernels.logit_gradient(logits, stats, log_q, grads, targets,
-                                                 target_values, plan, values, logits.dtype)
-            return grad, None, None, None, None
+        rows = RowChunk(targets, target_values, stats, log_q, grad_stats.to(stats.dtype))
         grad = torch.empty_like(logits)
-        grad[:, real_width:] = 0
-        direct = grad.dtype == stats.dtype
-        if not direct:  # bf16/fp16: compute a chunk in fp32, then round it once into grad
-            scratch = logits.new_empty(
-                (min(plan.rows, logits.shape[0]), real_width), dtype=stats.dtype
-            )
-        for chunk in row_chunks(logits.shape[0], plan.rows):
-            out = grad[chunk, :real_width] if direct else scratch[: chunk.stop - chunk.start]
-            local_gradient(
-                logits[chunk],
-                stats[chunk],
-                log_q[chunk],
-                grads[chunk],
-                targets[chunk],
-                target_values[chunk],
-                plan,
-                out,
-            )
-            if not direct:
-                grad[chunk, :real_width].copy_(out)
+        chunked_gradient(lambda chunk: logits[chunk], logits, rows, ctx.plan, logits.dtype,
+                         into=grad)
         return grad, None, None, None, None
 
 
@@ -537,19 +374,19 @@ def vocab_parallel_statistics(
     tp_group: dist.ProcessGroup | None = None,
     rows_per_chunk: int | None = None,
     kernel: str | None = None,
-    labels: LabelCheck = LabelCheck(),
+    labels: LabelCheck | None = None,
 ) -> torch.Tensor:
     """logits [T, V/tp] (local shard), targets long [T] (global ids, in range), target_values
     [T] (0 where the target is not a number) -> statistics [T, 6], differentiable.
 
     tp_group None (or of size 1) means the logits hold the whole vocab and nothing is sent.
     rows_per_chunk bounds the fp32 working set to [rows, V/tp] (default: CHUNK_ELEMENTS).
-    kernel: "auto" | "torch" | "triton" (see resolve_kernel). labels: this rank's label check,
-    raised on every rank after the MAX all-reduce.
+    kernel: "auto" | "torch" | "triton" (see plan.resolve_kernel). labels: this rank's label
+    check, raised on every rank after the MAX all-reduce (None: no check).
     """
     if tp_group is not None and dist.get_world_size(tp_group) == 1:
         tp_group = None
     rows = chunk_rows(logits.shape[-1], rows_per_chunk)
     plan = Plan(shard, columns, distance, real_vocab, rows,
-                resolve_kernel(kernel, logits.device, logits.dtype), labels)
+                resolve_kernel(kernel, logits.device, logits.dtype), labels or LabelCheck())
     return VocabParallelStatistics.apply(logits, targets, target_values, plan, tp_group)

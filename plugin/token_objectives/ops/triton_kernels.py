@@ -1,12 +1,13 @@
 """Triton kernels for the objective's two per-shard stages: the forward partial sums
-(`functional.shard_partials`) and the logit gradient (`functional.local_gradient`).
+(`triton_partials`, the kernel of `statistics.local_partials`) and the logit gradient
+(`triton_gradient`, the kernel of `statistics.local_gradient`).
 
 One program per token row. Forward reads the row once with an online max (the running sums are
 re-based whenever the row's max grows); backward reads it once and writes the gradient once, in
 the logits' dtype, padding columns included. Accumulation is fp32 whatever the logits' dtype.
 The math, the column layout of the [T, 7] sums and the [T, 6] statistics are those of
-functional.py, whose torch stages are the reference these kernels are tested against (on CPU
-with TRITON_INTERPRET=1).
+statistics.py, whose torch stages are the reference these kernels are tested against (on CPU
+with TRITON_INTERPRET=1). No communication here; imports torch, triton and `plan` only.
 
 Number tokens are read from a dense [V/tp] value row (NaN = not a number), so the kernels need
 no gather and the number terms ride along the same pass over the logits.
@@ -18,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from token_objectives.ops.statistics import NUM_STATISTICS, SUM_COLUMNS, Plan
+from token_objectives.ops.plan import NUM_STATISTICS, SUM_COLUMNS, Plan, RowChunk
 
 # Columns per block: a power of two, large enough to keep each row's loop short on 128k vocabs.
 MAX_BLOCK = 4096
@@ -55,7 +56,7 @@ def _distance(values, target, SQUASH: tl.constexpr, squash_min, squash_scale):
 @triton.jit
 def _partials_kernel(
     logits_ptr, row_stride, targets_ptr, target_values_ptr, values_ptr, maxima_ptr, sums_ptr,
-    vocab_start, width, real_width, squash_min, squash_scale,
+    vocab_start, real_width, squash_min, squash_scale,
     NUMBERS: tl.constexpr, WASSERSTEIN: tl.constexpr, MEAN_LOGIT: tl.constexpr,
     SQUASH: tl.constexpr, SUMS: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -187,58 +188,54 @@ def _flags(plan: Plan) -> dict:
     }
 
 
-def shard_partials(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    target_values: torch.Tensor,
-    plan: Plan,
-    number_values: torch.Tensor,
+def triton_partials(
+    logits: torch.Tensor, rows: RowChunk, plan: Plan, number_values: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As functional.shard_partials: logits [t, V/tp] (row-contiguous) -> maxima fp32 [t, 2],
-    sums fp32 [t, 7]. number_values: `dense_number_values(plan, device)`."""
-    rows = logits.shape[0]
-    maxima = torch.empty((rows, 2), dtype=torch.float32, device=logits.device)
-    sums = torch.empty((rows, SUM_COLUMNS), dtype=torch.float32, device=logits.device)
-    if rows == 0:
+    """As statistics.local_partials: logits [t, V/tp] -> maxima fp32 [t, 2], sums fp32 [t, 7].
+    rows: the chunk's targets and target_values. number_values: `dense_number_values`."""
+    tokens = logits.shape[0]
+    maxima = torch.empty((tokens, 2), dtype=torch.float32, device=logits.device)
+    sums = torch.empty((tokens, SUM_COLUMNS), dtype=torch.float32, device=logits.device)
+    if tokens == 0:
         return maxima, sums
     logits = _rows_contiguous(logits)
     _, squash_min, squash_scale = _squash(plan)
     shard = plan.shard
-    _partials_kernel[(rows,)](
-        logits, logits.stride(0), targets, target_values, number_values, maxima, sums,
-        shard.vocab_start, shard.width, shard.real_width, squash_min, squash_scale,
+    _partials_kernel[(tokens,)](
+        logits, logits.stride(0), rows.targets, rows.target_values, number_values, maxima, sums,
+        shard.vocab_start, shard.real_width, squash_min, squash_scale,
         SUMS=SUM_COLUMNS, **_flags(plan),
     )
     return maxima, sums
 
 
-def logit_gradient(
+def triton_gradient(
     logits: torch.Tensor,
-    stats: torch.Tensor,
-    log_q: torch.Tensor,
-    grads: torch.Tensor,
-    targets: torch.Tensor,
-    target_values: torch.Tensor,
+    rows: RowChunk,
     plan: Plan,
     number_values: torch.Tensor,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """As functional.local_gradient, for all V/tp columns (padding gets 0): -> [t, V/tp] in
-    `dtype`. stats, grads: fp32 [t, 6]; log_q: fp32 [t]."""
-    rows, width = logits.shape
-    grad = torch.empty((rows, width), dtype=dtype, device=logits.device)
-    if rows == 0:
-        return grad
+    out: torch.Tensor,
+) -> None:
+    """As statistics.local_gradient, for all V/tp columns: writes the gradient of the chunk's
+    logits [t, V/tp] into out [t, V/tp] (any float dtype, rounded once; padding columns get 0).
+    rows: the chunk with its fp32 stats [t, 6], log_q [t] and grads [t, 6]."""
+    tokens, width = logits.shape
+    if tokens == 0:
+        return
+    if out.stride(-1) != 1:  # the kernel writes rows of unit stride
+        dense = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+        triton_gradient(logits, rows, plan, number_values, dense)
+        out.copy_(dense)
+        return
     logits = _rows_contiguous(logits)
     _, squash_min, squash_scale = _squash(plan)
     shard = plan.shard
-    _gradient_kernel[(rows,)](
-        logits, logits.stride(0), grad, grad.stride(0), stats.contiguous(), log_q.contiguous(),
-        grads.contiguous(), targets, target_values, number_values,
-        shard.vocab_start, width, shard.real_width, 1.0 / plan.real_vocab, squash_min,
-        squash_scale, STATS=NUM_STATISTICS, **_flags(plan),
+    _gradient_kernel[(tokens,)](
+        logits, logits.stride(0), out, out.stride(0), rows.stats.contiguous(),
+        rows.log_q.contiguous(), rows.grads.contiguous(), rows.targets, rows.target_values,
+        number_values, shard.vocab_start, width, shard.real_width, 1.0 / plan.real_vocab,
+        squash_min, squash_scale, STATS=NUM_STATISTICS, **_flags(plan),
     )
-    return grad
 
 
 def _rows_contiguous(logits: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,243 @@
+"""What one call of the objective is, apart from its logits: the plain types and constants that
+the torch stages (`statistics`), the Triton kernels (`triton_kernels`) and the fused LM head
+(`fused_head`) share. Imports torch and `layout` only.
+
+- `VocabShard`: which global ids this TP rank's logits [T, V/tp] hold, and its number tokens.
+- `Columns`: the optional statistics to compute (so the SUM all-reduce carries only those).
+- `Distance`: the Wasserstein ground distance D(v, u), with ntloss's optional squash.
+- `LabelCheck`: this rank's label check, raised on every rank after the MAX all-reduce.
+- `Plan`: all of the above plus the real vocab size, the rows per chunk and the kernel.
+- `RowChunk`: the per-row tensors of one slice of rows (targets, and for backward the saved
+  statistics and their upstream gradient), sliced chunk by chunk.
+- `resolve_kernel`: "torch" stages or "triton" kernels for logits on a device in a dtype.
+
+Column layouts: the partial sums are [T, SUM_COLUMNS = 7] (S, z_y, sum z, Q, E, W, M) and the
+statistics [T, NUM_STATISTICS = 6] (lse, target, mean, yhat, was, mass).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from token_objectives.ops.layout import VocabLayout
+
+NUM_STATISTICS = 6
+SUM_COLUMNS = 7
+
+
+@dataclass(frozen=True)
+class Distance:
+    """Ground distance D(v, u) of the Wasserstein term between number values v and the target u.
+
+    Plain |v - u| by default. With ntloss's `squash_factor` s, non-zero distances are mapped
+    affinely from [d_min, d_max] (the smallest non-zero and the largest distance between any two
+    number values) onto [1, s], so the farthest number costs s times the nearest wrong one.
+    """
+
+    squash_min: float | None = None
+    squash_scale: float = 1.0
+
+    @classmethod
+    def for_values(cls, number_values: torch.Tensor, squash_factor: float | None) -> Distance:
+        """number_values: [N] the values of the number tokens (a NumberTable's finite ones)."""
+        if squash_factor is None:
+            return cls()
+        values = number_values.double().unique()
+        if values.numel() < 2:
+            raise ValueError("squash_factor needs at least two distinct number values")
+        diffs = (values[:, None] - values[None, :]).abs()
+        d_min = diffs[diffs > 0].min().item()
+        d_max = diffs.max().item()
+        if d_max == d_min:
+            # Every pair is equally far apart: ntloss divides by zero here; all distances are 1.
+            return cls(squash_min=d_min, squash_scale=0.0)
+        return cls(squash_min=d_min, squash_scale=(squash_factor - 1.0) / (d_max - d_min))
+
+    def __call__(self, values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """values [..., n], targets [..., 1] -> distances [..., n]."""
+        diff = (values - targets).abs()
+        if self.squash_min is None:
+            return diff
+        squashed = 1.0 + (diff - self.squash_min) * self.squash_scale
+        return torch.where(diff == 0, torch.zeros_like(diff), squashed)
+
+    def max_distance(self, number_values: torch.Tensor) -> float:
+        """The largest distance between two of the number values [N]."""
+        values = number_values.double()
+        spread = (values.max() - values.min()).reshape(1)
+        return float(self(spread, torch.zeros(1, dtype=spread.dtype)).item())
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """What one TP rank needs to know about its slice of the vocabulary.
+
+    layout: which global ids the shard holds, the global padded and real vocab sizes.
+    real_width: local columns that are real tokens; [real_width, width) is vocab padding.
+    number_cols: long [n] local column ids of number tokens; number_values: float32 [n].
+    """
+
+    layout: VocabLayout
+    number_cols: torch.Tensor
+    number_values: torch.Tensor
+
+    @property
+    def vocab_start(self) -> int:
+        return self.layout.vocab_start
+
+    @property
+    def width(self) -> int:
+        return self.layout.width
+
+    @property
+    def real_width(self) -> int:
+        return self.layout.real_width
+
+
+def vocab_shard(
+    values: torch.Tensor | None, layout: VocabLayout, device: torch.device
+) -> VocabShard:
+    """The number tokens inside this rank's `layout`. values: [V] a value per global id, NaN
+    for non-numbers (NumberTable.values); None: no number tokens."""
+    if values is None:
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return VocabShard(layout, empty, empty.float())
+    local_values = values[layout.vocab_start : layout.vocab_start + layout.width]
+    cols = torch.nonzero(~torch.isnan(local_values)).flatten()
+    return VocabShard(
+        layout=layout,
+        number_cols=cols.to(device),
+        number_values=local_values[cols].to(device=device, dtype=torch.float32),
+    )
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which optional statistics to compute; the SUM all-reduce carries only these."""
+
+    numbers: bool = False  # yhat and mass (and the denominators they need)
+    wasserstein: bool = False
+    mean_logit: bool = False
+
+    def summed(self) -> list[int]:
+        """Indices of the [T, 7] partial-sum columns that these statistics need."""
+        needed = [0, 1]
+        if self.mean_logit:
+            needed.append(2)
+        if self.numbers:
+            needed += [3, 4, 5, 6] if self.wasserstein else [3, 4, 6]
+        return sorted(needed)
+
+
+@dataclass(frozen=True)
+class LabelCheck:
+    """The outcome of this rank's label check, raised after the MAX all-reduce under TP so that
+    every rank raises it together. bad: 0-dim, 1 where a label is out of range (no host sync on
+    the GPU); message: the error (CPU only; None when the labels are fine)."""
+
+    bad: torch.Tensor | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything about one call but the tensors: this rank's shard, the statistics to compute,
+    the Wasserstein distance, the real (unpadded) vocab size and the rows per chunk."""
+
+    shard: VocabShard
+    columns: Columns
+    distance: Distance
+    real_vocab: int
+    rows: int
+    kernel: str = "torch"  # "torch" stages or the "triton" kernels (see resolve_kernel)
+    labels: LabelCheck = LabelCheck()
+
+
+KERNELS = ("auto", "torch", "triton")
+KERNEL_ENV = "TOKEN_OBJECTIVES_KERNEL"
+
+
+def resolve_kernel(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """"torch" or "triton" for logits on `device` in `dtype`.
+
+    requested None reads $TOKEN_OBJECTIVES_KERNEL (default "auto"). "auto" takes the Triton
+    kernels on CUDA when triton is importable and the logits are not fp64, else the torch
+    stages. "triton" insists, and also runs on CPU under Triton's interpreter
+    (TRITON_INTERPRET=1, for tests).
+    """
+    requested = requested or os.environ.get(KERNEL_ENV) or "auto"
+    if requested not in KERNELS:
+        raise ValueError(
+            f"unknown kernel {requested!r}: pass kernel= (or set ${KERNEL_ENV}) to one of "
+            f"{', '.join(KERNELS)}"
+        )
+    if requested == "torch":
+        return "torch"
+    has_triton = importlib.util.find_spec("triton") is not None
+    runs_here = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if requested == "auto":
+        usable = has_triton and device.type == "cuda" and dtype != torch.float64
+        return "triton" if usable else "torch"
+    if dtype == torch.float64:
+        raise ValueError("the Triton kernels accumulate in fp32: use kernel='torch' for fp64")
+    if not has_triton:
+        raise ValueError("kernel='triton' needs the triton package: pip install triton")
+    if not runs_here:
+        raise ValueError(
+            f"kernel='triton' with logits on {device.type}: Triton runs on CUDA, or on CPU "
+            f"under its interpreter (set TRITON_INTERPRET=1); else use kernel='torch'"
+        )
+    return "triton"
+
+
+# Rows per chunk are chosen so that a chunk's fp32 working copy stays near this many elements
+# (4 MiB in fp32): large enough that per-chunk overhead is small, small enough to stay in cache.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 logits; fp64 stays fp64 (for gradcheck and references)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chunk_rows(width: int, rows: int | None = None, elements: int = CHUNK_ELEMENTS) -> int:
+    """Rows per chunk: `rows` if given, else as many as fit `elements` (at least 1)."""
+    return max(1, rows if rows is not None else elements // max(width, 1))
+
+
+def row_chunks(total: int, rows: int) -> Iterator[slice]:
+    """The slices [start, start + rows) that cover [0, total)."""
+    for start in range(0, total, rows):
+        yield slice(start, min(start + rows, total))
+
+
+@dataclass(frozen=True)
+class RowChunk:
+    """The per-row tensors of one slice of t rows, besides its logits [t, V/tp].
+
+    targets: long [t] global ids (in range; ignored positions already mapped to 0).
+    target_values: [t] the target's value, 0 where it is not a number.
+    Backward only (None in forward), in the accumulation dtype: stats [t, 6] the statistics,
+    log_q [t] log sum_N exp(z) (`statistics.number_log_normaliser`), grads [t, 6] the upstream
+    gradient of stats.
+
+    A whole batch's RowChunk indexed by a slice of rows is that chunk's.
+    """
+
+    targets: torch.Tensor
+    target_values: torch.Tensor
+    stats: torch.Tensor | None = None
+    log_q: torch.Tensor | None = None
+    grads: torch.Tensor | None = None
+
+    def __getitem__(self, rows: slice) -> RowChunk:
+        return RowChunk(*(None if t is None else t[rows] for t in (
+            self.targets, self.target_values, self.stats, self.log_q, self.grads)))
+
+    def __len__(self) -> int:
+        return self.targets.shape[0]
