@@ -162,6 +162,13 @@ def check_output_path(path: str | os.PathLike, flag: str) -> Path:
     return path
 
 
+def add_mode_argument(parser: argparse.ArgumentParser) -> None:
+    """--mode: the permission bits of the files a command writes, whatever the umask."""
+    parser.add_argument("--mode", type=parse_mode, default=DEFAULT_MODE,
+                        help="octal permission bits of the files written (default: 644, "
+                        "readable by the group whatever the umask)")
+
+
 def parse_mode(text: str) -> int:
     """An octal file mode such as 644 or 0o640 (argparse type of the --mode flags)."""
     try:
