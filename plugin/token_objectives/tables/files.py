@@ -180,6 +180,7 @@ def parse_mode(text: str) -> int:
     return mode
 
 
-def set_mode(path: str | os.PathLike, mode: int = DEFAULT_MODE) -> None:
-    """Give a written file `mode` whatever the umask, so the group can read it by default."""
+def set_mode(path: int | str | os.PathLike, mode: int = DEFAULT_MODE) -> None:
+    """Give a written file (path or open descriptor) `mode` whatever the umask, so the group
+    can read it by default."""
     os.chmod(path, mode)
