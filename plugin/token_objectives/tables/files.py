@@ -106,7 +106,8 @@ def check_indexed_dataset(prefix: str | os.PathLike) -> IndexedDatasetInfo:
             f"{bin_} holds {bin_bytes} bytes but {idx} says {end}: the .bin is {what}; "
             f"{_REBUILD}"
         )
-    return IndexedDatasetInfo(prefix, dtype, int(sequences), int(documents),
+    # The document indices are the boundaries: one more than the documents.
+    return IndexedDatasetInfo(prefix, dtype, int(sequences), int(documents) - 1,
                               end // dtype.itemsize)
 
 
