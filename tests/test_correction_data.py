@@ -311,6 +311,50 @@ def test_no_room_for_the_answer_is_an_error_before_generation(model_dir, questio
     assert not list(tmp_path.glob("out*"))
 
 
+def test_a_tokenizer_of_the_same_size_but_another_vocab_is_refused(model_dir, data, questions,
+                                                                   tmp_path, capsys):
+    """The vocab itself is compared, not its size: a word-level tokenizer with exactly the
+    model's number of ids (and a </s>) is not the model's, and nothing is generated or written."""
+    from tokenizer_fixtures import word_level_tokenizer
+
+    from token_objectives.tables.tokenizers import list_vocab
+
+    size = list_vocab(data.tokenizer_path).size
+    other = tmp_path / "other.json"
+    word_level_tokenizer(["</s>", *(f"w{i}" for i in range(size - 2))]).save(str(other))
+    assert list_vocab(other).size == size
+    jsonl = _write_jsonl(tmp_path / "qa.jsonl", questions[:2])
+    prefix = tmp_path / "out"
+    common = ["--input", str(jsonl), "--model", str(model_dir), "--output-prefix", str(prefix),
+              "--max-new-tokens", "2"]
+    assert _cli(*common, "--tokenizer", str(other)) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "Traceback" not in error
+    assert f"--tokenizer {other} is not the tokenizer of the model {model_dir}" in error
+    assert not list(tmp_path.glob("out*"))
+    # The same vocabulary from another file is the model's.
+    assert _cli(*common, "--tokenizer", str(data.tokenizer_path)) == 0
+
+
+def test_written_files_are_group_readable_whatever_the_umask(model_dir, questions, tmp_path):
+    import os
+    import stat
+
+    from token_objectives.training.data import loss_mask_prefix
+
+    jsonl = _write_jsonl(tmp_path / "qa.jsonl", questions[:2])
+    prefix = tmp_path / "out"
+    old = os.umask(0o077)
+    try:
+        assert _cli("--input", str(jsonl), "--model", str(model_dir), "--output-prefix",
+                    str(prefix), "--max-new-tokens", "2") == 0
+    finally:
+        os.umask(old)
+    for path in (prefix, loss_mask_prefix(prefix)):
+        for suffix in (".bin", ".idx"):
+            assert stat.S_IMODE(os.stat(f"{path}{suffix}").st_mode) == 0o644, path
+
+
 # --------------------------------------------------------------------------- gpt_data pairing
 
 

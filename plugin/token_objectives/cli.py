@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from token_objectives.tables.files import InputError, add_mode_argument
+
 PROG = "token-objectives"
 
 
@@ -45,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="--text: the document field of .json/.jsonl lines (default: text)")
     count.add_argument("--chunk-tokens", type=int, default=1 << 24, help=argparse.SUPPRESS)
     count.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_mode_argument(count)
 
     inspect = commands.add_parser("inspect-vocab", help="list the number tokens of a tokenizer")
     inspect.add_argument("tokenizer", help="local tokenizer path")
@@ -69,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _count_frequencies(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from token_objectives.tables.files import check_output_path
     from token_objectives.tables.frequencies import (
         count_indexed_dataset,
         count_text_files,
@@ -78,6 +82,8 @@ def _count_frequencies(args: argparse.Namespace, parser: argparse.ArgumentParser
 
     if args.text and not args.tokenizer:
         parser.error("count-frequencies --text needs --tokenizer")
+    # Before the counting, which can take hours: a path that cannot be written fails now.
+    check_output_path(args.output, "--output")
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     vocab_size = args.vocab_size
     if tokenizer is not None:
@@ -85,8 +91,9 @@ def _count_frequencies(args: argparse.Namespace, parser: argparse.ArgumentParser
         if vocab_size is None:
             vocab_size = tokenizer_size
         elif vocab_size < tokenizer_size:
-            raise ValueError(
-                f"--vocab-size {vocab_size} is smaller than the tokenizer's {tokenizer_size} ids"
+            raise InputError(
+                f"--vocab-size {vocab_size} is smaller than the tokenizer's {tokenizer_size} ids "
+                f"of {args.tokenizer}; pass the model's padded vocab size (>= {tokenizer_size})"
             )
     if vocab_size is None:
         parser.error("count-frequencies --data-prefix needs --vocab-size or --tokenizer")
@@ -101,7 +108,8 @@ def _count_frequencies(args: argparse.Namespace, parser: argparse.ArgumentParser
         sources = f"{len(args.data_prefix)} indexed dataset(s)"
     # Without a tokenizer the file cannot be checked against one later: record that plainly.
     identity = tokenizer_identity(tokenizer) if tokenizer is not None else "unknown"
-    save_frequencies(args.output, counts, tokenizer_identity=identity, vocab_size=vocab_size)
+    save_frequencies(args.output, counts, tokenizer_identity=identity, vocab_size=vocab_size,
+                     mode=args.mode)
     print(
         f"counted {int(counts.sum())} tokens, {int((counts > 0).sum())} distinct ids of "
         f"{vocab_size}, from {sources} -> {args.output} (tokenizer {identity})"
@@ -141,9 +149,20 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_ensemble(args)
         return _inspect_vocab(args)
-    except (OSError, ValueError, TypeError, ImportError) as error:
-        print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    # Only bad inputs become one line; any other exception is a bug and keeps its traceback.
+    except (InputError, OSError) as error:
+        return _report(args.command, error)
+    except ImportError as error:
+        if (error.name or "").startswith("token_objectives"):
+            raise
+        return _report(args.command, error)
+
+
+def _report(command: str, error: Exception) -> int:
+    """Print `error` as one line on stderr; returns the exit code 2."""
+    message = " ".join(str(error).split())
+    print(f"{PROG} {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -30,6 +30,13 @@ import torch
 from tqdm.auto import tqdm
 
 from token_objectives.correction.generation import greedy_answers, load_causal_lm, stop_ids
+from token_objectives.tables.files import (
+    DEFAULT_MODE,
+    InputError,
+    add_mode_argument,
+    check_output_path,
+    set_mode,
+)
 from token_objectives.tables.tokenizers import (
     encode_batch,
     end_of_document_id,
@@ -134,11 +141,11 @@ def _parse_line(number: int, raw: bytes) -> tuple[Example | None, str]:
     return Example(number, record["prompt"], record["answer"]), ""
 
 
-def bad_lines_error(path: str | os.PathLike, bad: Sequence[BadLine]) -> ValueError:
+def bad_lines_error(path: str | os.PathLike, bad: Sequence[BadLine]) -> InputError:
     """The error for bad lines in on_bad_line="error" mode: names the lines and the flag."""
     listed = "; ".join(f"line {b.line}: {b.reason}" for b in bad[:_LISTED_IN_ERRORS])
     more = f"; and {len(bad) - _LISTED_IN_ERRORS} more" if len(bad) > _LISTED_IN_ERRORS else ""
-    return ValueError(
+    return InputError(
         f"{path}: {len(bad)} bad line(s): {listed}{more}. Fix them, or pass --on-bad-line skip "
         f"(on_bad_line='skip') to leave them out with a report"
     )
@@ -172,9 +179,10 @@ class _DocumentPairWriter:
     moves them in place mask first: a build that stops early leaves any earlier pair intact,
     and a token .idx never appears without its sidecar."""
 
-    def __init__(self, prefix: Path, token_dtype) -> None:
+    def __init__(self, prefix: Path, token_dtype, mode: int = DEFAULT_MODE) -> None:
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+        self.mode = mode
         self.targets = [str(prefix), loss_mask_prefix(prefix)]
         self.partials = [target + ".partial" for target in self.targets]
         self.builders = [IndexedDatasetBuilder(partial + ".bin", dtype=dtype)
@@ -191,6 +199,7 @@ class _DocumentPairWriter:
             builder.finalize(partial + ".idx")
         for partial, target in zip(reversed(self.partials), reversed(self.targets), strict=True):
             for suffix in (".bin", ".idx"):
+                set_mode(partial + suffix, self.mode)
                 os.replace(partial + suffix, target + suffix)
 
 
@@ -219,6 +228,7 @@ def build_correction_data(
     device: str | None = None,
     progress: bool = True,
     printer: Callable[[str], None] | None = _print_stderr,
+    mode: int = DEFAULT_MODE,
 ) -> CorrectionData:
     """JSONL (prompt, answer) lines -> the model's greedy answers -> correction documents.
 
@@ -227,30 +237,37 @@ def build_correction_data(
     marker: text between the own answer and the reference, tokenised on its own ("" for none).
     on_bad_line: "error" raises before any generation, naming every bad line; "skip" leaves
     them out and reports them through `printer`. dtype / device: of the generating model
-    (device default: cuda when available). Documents are written in input order.
+    (device default: cuda when available). Documents are written in input order, in files of
+    permission bits `mode` whatever the umask. The directory of `output_prefix` must exist.
+    A tokenizer_path whose vocabulary (id -> token) is not that of the model directory's own
+    tokenizer is refused.
     """
     if on_bad_line not in ON_BAD_LINE:
-        raise ValueError(f"on_bad_line must be one of {ON_BAD_LINE}, got {on_bad_line!r}")
+        raise InputError(f"on_bad_line must be one of {ON_BAD_LINE}, got {on_bad_line!r}")
     if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must "
+        raise InputError(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must "
                          f"be at least 1")
+    # Before the generation, which can take hours: a prefix that cannot be written fails now.
+    output_prefix = check_output_path(output_prefix, "--output-prefix")
     examples, bad = read_examples(input_path)
     if bad and on_bad_line == "error":
         raise bad_lines_error(input_path, bad)
     if bad and printer is not None:
         printer(_skip_report(input_path, bad))
     if not examples:
-        raise ValueError(f"{input_path} holds no usable line: each line needs a JSON object "
+        raise InputError(f"{input_path} holds no usable line: each line needs a JSON object "
                          f'with non-empty string "prompt" and "answer" fields')
 
     tokenizer = load_tokenizer(model_path if tokenizer_path is None else tokenizer_path)
+    if tokenizer_path is not None:
+        _check_is_the_models_tokenizer(tokenizer, tokenizer_path, model_path)
     eos_id = end_of_document_id(tokenizer)
     marker_ids = encode_batch(tokenizer, [marker])[0] if marker else []
     model = load_causal_lm(model_path, dtype, device)
     tokenizer_size = list_vocab(tokenizer).size
     model_vocab = model.get_input_embeddings().num_embeddings
     if tokenizer_size > model_vocab:
-        raise ValueError(f"the tokenizer has {tokenizer_size} ids but the model {model_path} only "
+        raise InputError(f"the tokenizer has {tokenizer_size} ids but the model {model_path} only "
                          f"{model_vocab} embeddings: pass the tokenizer the model was trained with")
     chunk_size = batch_size * _BATCHES_PER_CHUNK
     _check_prompts(examples, tokenizer, chunk_size, max_new_tokens,
@@ -262,10 +279,8 @@ def build_correction_data(
         warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
         from megatron.core.datasets.indexed_dataset import DType
 
-    output_prefix = Path(output_prefix)
-    output_prefix.parent.mkdir(parents=True, exist_ok=True)
     # Generated ids may reach the model's (padded) vocab, beyond the tokenizer's.
-    writer = _DocumentPairWriter(output_prefix, DType.optimal_dtype(model_vocab))
+    writer = _DocumentPairWriter(output_prefix, DType.optimal_dtype(model_vocab), mode)
     num_tokens = num_loss_tokens = 0
     with tqdm(total=len(examples), unit="ex", disable=not progress) as bar:
         for chunk in _chunks(examples, chunk_size):
@@ -283,6 +298,40 @@ def build_correction_data(
                           num_tokens, num_loss_tokens, tuple(bad))
 
 
+def _model_tokenizer(model_path: str | os.PathLike):
+    """The tokenizer saved in the model directory, or None when it holds none."""
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if os.path.isfile(os.path.join(model_path, name)):
+            return load_tokenizer(os.path.join(model_path, name))
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(model_path), local_files_only=True)
+    except (OSError, ValueError):  # what transformers raises for a directory without one
+        return None
+
+
+def _check_is_the_models_tokenizer(tokenizer, tokenizer_path, model_path) -> None:
+    """Refuse a tokenizer whose id -> token mapping is not that of the model's own tokenizer:
+    a vocabulary of the same size but other tokens would train on ids the model reads as
+    other text. Without a tokenizer in the model directory, only the sizes can be compared."""
+    own = _model_tokenizer(model_path)
+    if own is None:
+        return
+    given, expected = list_vocab(tokenizer).pieces, list_vocab(own).pieces
+    if given == expected:
+        return
+    differing = sorted(i for i in given.keys() | expected.keys()
+                       if given.get(i) != expected.get(i))
+    first = differing[0]
+    raise InputError(
+        f"--tokenizer {tokenizer_path} is not the tokenizer of the model {model_path}: "
+        f"{len(differing)} ids map to other tokens (id {first} is {given.get(first)!r} in it, "
+        f"{expected.get(first)!r} in the model's); pass the tokenizer the model was trained "
+        f"with, or leave --tokenizer out to use the model directory's"
+    )
+
+
 def _check_prompts(examples: list[Example], tokenizer, chunk_size: int, max_new_tokens: int,
                    max_positions: int | None) -> None:
     """Before any generation: every prompt has tokens and leaves room for the answer."""
@@ -290,9 +339,9 @@ def _check_prompts(examples: list[Example], tokenizer, chunk_size: int, max_new_
         for example, prompt in zip(chunk, encode_batch(tokenizer, [e.prompt for e in chunk]),
                                    strict=True):
             if not prompt:
-                raise ValueError(f"line {example.line}: the prompt encodes to no token")
+                raise InputError(f"line {example.line}: the prompt encodes to no token")
             if max_positions is not None and len(prompt) + max_new_tokens > max_positions:
-                raise ValueError(
+                raise InputError(
                     f"line {example.line}: the prompt has {len(prompt)} tokens, which with "
                     f"--max-new-tokens {max_new_tokens} exceeds the model's {max_positions} "
                     f"positions; lower --max-new-tokens or shorten the prompt"
@@ -325,6 +374,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--device", help="device of the generating model (default: cuda if "
                                          "available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_mode_argument(parser)
     return parser
 
 
@@ -334,7 +384,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         args.input, args.model, args.output_prefix, tokenizer_path=args.tokenizer,
         marker=args.marker, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         on_bad_line=args.on_bad_line, dtype=args.dtype, device=args.device,
-        progress=not args.no_progress,
+        progress=not args.no_progress, mode=args.mode,
     )
     print(f"wrote {data.num_documents} documents, {data.num_tokens} tokens "
           f"({data.num_loss_tokens} in the loss) -> {data.prefix}.bin/.idx + "

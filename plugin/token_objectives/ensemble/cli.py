@@ -12,6 +12,13 @@ import argparse
 import json
 from pathlib import Path
 
+from token_objectives.tables.files import (
+    InputError,
+    add_mode_argument,
+    check_output_path,
+    set_mode,
+)
+
 __all__ = ["add_arguments", "load_models", "read_prompts", "run"]
 
 
@@ -45,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16", "auto"), default="float32"
     )
+    add_mode_argument(parser)
 
 
 def read_prompts(path: str | Path) -> list[dict]:
@@ -52,14 +60,20 @@ def read_prompts(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _decoded_lines(path)
     if path.suffix != ".jsonl":
         return [{"prompt": line} for line in lines if line.strip()]
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InputError(
+                f"{path}:{number}: invalid JSON ({error.msg} at column {error.colno}); write one "
+                '{"prompt": "..."} object per line (or use a plain text file, one prompt per line)'
+            ) from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise ValueError(
                 f'{path}:{number} is not a JSON object with a "prompt" string; write one '
@@ -67,6 +81,22 @@ def read_prompts(path: str | Path) -> list[dict]:
             )
         records.append(record)
     return records
+
+
+def _decoded_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 file; a line that is not UTF-8 is an error naming it."""
+    lines, offset = [], 0
+    with open(path, "rb") as file:
+        for number, raw in enumerate(file, start=1):
+            try:
+                lines.append(raw.decode("utf-8").rstrip("\r\n"))
+            except UnicodeDecodeError as error:
+                raise InputError(
+                    f"{path}:{number}: not UTF-8 ({error.reason} at byte "
+                    f"{offset + error.start} of the file); convert the file to UTF-8"
+                ) from None
+            offset += len(raw)
+    return lines
 
 
 def load_models(dirs: list[str], device: str = "cpu", dtype: str = "float32"):
@@ -110,11 +140,15 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
     )
+    # Before the model loading and the generation: a path that cannot be written fails now.
+    check_output_path(args.output, "--output")
     prompts = read_prompts(args.prompts)
     models, tokenizers, eos_ids = load_models(args.model, args.device, args.dtype)
     ensemble = GaCEnsemble(models, tokenizers, config, eos_ids=eos_ids, names=list(args.model))
     steps = gated = 0
     with open(args.output, "w", encoding="utf-8") as out:
+        # Set now, not at the end: the lines written before a failure stay readable too.
+        set_mode(out.fileno(), args.mode)
         for record in prompts:
             result = ensemble.generate(record["prompt"])
             steps += result.steps

@@ -30,6 +30,7 @@ import torch
 
 from token_objectives.ensemble.tokens import TokenTrack
 from token_objectives.ensemble.vocab import UnionVocab
+from token_objectives.tables.files import InputError
 
 __all__ = [
     "EnsembleConfig",
@@ -46,18 +47,18 @@ def check_weights(weights, num_models: int) -> list[float]:
     """Validate per-model weights; returns them as floats (not normalised)."""
     weights = [float(w) for w in weights]
     if len(weights) != num_models:
-        raise ValueError(
+        raise InputError(
             f"got {len(weights)} weights for {num_models} models: pass one weight per model, "
             "in the order of the models"
         )
     for i, weight in enumerate(weights):
         if not math.isfinite(weight) or weight < 0:
-            raise ValueError(
+            raise InputError(
                 f"weight {weight} of model {i} is not a finite number >= 0: weights are mixing "
                 "proportions, use 0 to leave a model out of the mix"
             )
     if sum(weights) == 0:
-        raise ValueError("all weights are 0: give at least one model a positive weight")
+        raise InputError("all weights are 0: give at least one model a positive weight")
     return weights
 
 
@@ -87,14 +88,14 @@ class EnsembleConfig:
 
     def __post_init__(self):
         if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(
+            raise InputError(
                 f"threshold {self.threshold} is outside [0, 1]: 1.0 ensembles every step, 0.0 "
                 "never, e.g. 0.5 ensembles when the primary model's top probability is <= 0.5"
             )
         if self.sample and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+            raise InputError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise InputError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
 
 
 @dataclass

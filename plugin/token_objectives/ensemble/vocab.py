@@ -25,6 +25,8 @@ from typing import Literal
 
 import torch
 
+from token_objectives.tables.files import InputError
+
 __all__ = [
     "TokenConvention",
     "UnionVocab",
@@ -89,7 +91,7 @@ def detect_convention(tokenizer) -> TokenConvention:
     """Read the spelling convention off a fast (Rust-backed) Hugging Face tokenizer's pipeline."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise TypeError(
+        raise InputError(
             f"{type(tokenizer).__name__} is a slow (Python) tokenizer; ensembling reads the "
             "token conventions and offsets of a fast one: load it with "
             "AutoTokenizer.from_pretrained(dir, use_fast=True) or save a tokenizer.json next to "
@@ -98,7 +100,7 @@ def detect_convention(tokenizer) -> TokenConvention:
     spec = json.loads(backend.to_str())
     model = spec.get("model") or {}
     if model.get("type") == "WordPiece":
-        raise ValueError(
+        raise InputError(
             "WordPiece tokenizers ('##' continuations) do not spell the text by concatenating "
             "tokens, which GaC ensembling needs; use models with sentencepiece or byte-level BPE "
             "tokenizers"
@@ -156,7 +158,7 @@ class ModelVocab:
         size = max(len(tokenizer), max(vocab.values(), default=-1) + 1)
         eos_ids = [i for i in (tokenizer.eos_token_id, *extra_eos_ids) if i is not None]
         if not eos_ids:
-            raise ValueError(
+            raise InputError(
                 f"{name} has no EOS token, so the ensemble could never stop on it: set "
                 "tokenizer.eos_token (e.g. tokenizer.eos_token = '</s>', a token of its "
                 "vocabulary) or generation_config.eos_token_id, then save_pretrained again"
@@ -243,7 +245,7 @@ class UnionVocab:
         for m, own in enumerate(keys):
             others = set().union(*(k for j, k in enumerate(keys) if j != m))
             if len(keys) > 1 and not own & others:
-                raise ValueError(
+                raise InputError(
                     f"the vocabulary of {names[m]} shares no token text with the other models, so "
                     "their distributions cannot be combined token by token; ensemble models whose "
                     "tokenizers cover the same text (same script and language, e.g. two "
@@ -286,7 +288,7 @@ class UnionVocab:
         ids = self.to_union_ids[m]
         num_rows = len(ids) if num_rows is None else num_rows
         if num_rows < len(ids):
-            raise ValueError(
+            raise InputError(
                 f"model {m} gives {num_rows} logits but its tokenizer has {len(ids)} ids; pair "
                 "each model with the tokenizer it was trained with"
             )

@@ -19,6 +19,7 @@ import sentencepiece
 import torch
 
 from token_objectives.quickstart.corpus import CORPUS_VERSION, generate_corpus
+from token_objectives.tables.files import set_mode
 from token_objectives.tables.frequencies import (
     count_indexed_dataset,
     load_frequencies,
@@ -170,6 +171,8 @@ def write_indexed_dataset(
         builder.end_document()
         num_tokens += tokens.size
     builder.finalize(output_prefix + ".idx")
+    for suffix in (".bin", ".idx"):
+        set_mode(output_prefix + suffix)
     return num_tokens
 
 

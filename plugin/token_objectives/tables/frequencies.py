@@ -10,7 +10,6 @@ import itertools
 import json
 import math
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from token_objectives.tables.files import DEFAULT_MODE, InputError, check_indexed_dataset, set_mode
 from token_objectives.tables.tokenizers import (
     TokenizerLike,
     as_tokenizer,
@@ -49,53 +49,19 @@ class FrequencyTable:
 # ---------------------------------------------------------------------------------------- counting
 
 
-def _import_indexed_dataset():
-    try:
-        with warnings.catch_warnings():
-            # megatron-core warns at import about optional GPU libraries that counting never uses.
-            warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
-            from megatron.core.datasets.indexed_dataset import IndexedDataset
-    except ImportError as error:
-        raise ImportError(
-            "counting Megatron indexed datasets needs megatron-core: "
-            "pip install 'token-objectives[megatron]'"
-        ) from error
-    return IndexedDataset
-
-
 @dataclass(frozen=True)
 class _TokenStream:
-    """The flat token stream of one .bin file: `count` tokens of `dtype` from byte `offset`."""
+    """The flat token stream of one .bin file: `count` tokens of `dtype` from byte 0."""
 
     prefix: str
     dtype: np.dtype
-    offset: int
     count: int
 
 
 def _token_stream(prefix: str) -> _TokenStream:
-    for suffix in (".idx", ".bin"):
-        if not os.path.isfile(prefix + suffix):
-            raise FileNotFoundError(
-                f"indexed dataset {prefix!r}: {prefix + suffix} not found (pass the path prefix "
-                "without .bin/.idx, as for Megatron's --data-path)"
-            )
-    index = _import_indexed_dataset()(prefix, mmap=True).index
-    dtype = np.dtype(index.dtype)
-    lengths = np.asarray(index.sequence_lengths, dtype=np.int64)
-    pointers = np.asarray(index.sequence_pointers, dtype=np.int64)
-    count = int(lengths.sum())
-    if count == 0:
-        return _TokenStream(prefix, dtype, 0, 0)
-    offset = int(pointers[0])
-    end = int(pointers[-1]) + int(lengths[-1]) * dtype.itemsize
-    # Megatron writes documents back to back; counting the byte range relies on that.
-    if end - offset != count * dtype.itemsize:
-        raise ValueError(
-            f"indexed dataset {prefix!r}: documents are not stored contiguously; rebuild it with "
-            "Megatron's preprocess_data.py"
-        )
-    return _TokenStream(prefix, dtype, offset, count)
+    # The check also proves the documents lie back to back, which counting the bytes relies on.
+    info = check_indexed_dataset(prefix)
+    return _TokenStream(prefix, info.dtype, info.num_tokens)
 
 
 def _chunks(stream: _TokenStream, chunk_tokens: int) -> Iterator[np.ndarray]:
@@ -105,7 +71,6 @@ def _chunks(stream: _TokenStream, chunk_tokens: int) -> Iterator[np.ndarray]:
         stream.prefix + ".bin",
         dtype=stream.dtype,
         mode="r",
-        offset=stream.offset,
         shape=(stream.count,),
     )
     for start in range(0, stream.count, chunk_tokens):
@@ -118,7 +83,7 @@ def _check_ids(ids: np.ndarray, vocab_size: int, source: str) -> None:
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
-        raise ValueError(
+        raise InputError(
             f"{source}: token id {bad} is outside [0, vocab_size={vocab_size}); pass the model's "
             "padded vocab size (--vocab-size), which must exceed every id in the data"
         )
@@ -149,20 +114,27 @@ def count_indexed_dataset(
 JSON_SUFFIXES = (".json", ".jsonl")
 
 
-def _document(raw: bytes, path: str, line: int, json_key: str) -> str:
-    text = raw.decode("utf-8").rstrip("\r\n")
+def _document(raw: bytes, path: str, line: int, offset: int, json_key: str) -> str:
+    """Line `line` of `path`, which starts at byte `offset`: the document it holds."""
+    try:
+        text = raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as error:
+        raise InputError(
+            f"{path}:{line}: not UTF-8 ({error.reason} at byte {offset + error.start} of the "
+            f"file); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
     if not path.endswith(JSON_SUFFIXES):
         return text
     try:
         document = json.loads(text)[json_key]
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(
+        raise InputError(
             f"{path}:{line}: not a JSON object with a {json_key!r} string ({error!r}); a .json/"
             f".jsonl file holds one document per line, as for Megatron's preprocess_data.py "
             f"(--json-key names the field)"
         ) from None
     if not isinstance(document, str):
-        raise ValueError(f"{path}:{line}: {json_key!r} is {type(document).__name__}, not a string")
+        raise InputError(f"{path}:{line}: {json_key!r} is {type(document).__name__}, not a string")
     return document
 
 
@@ -172,9 +144,11 @@ def _document_batches(
     documents: list[str] = []
     for path in paths:
         with open(path, "rb") as file:
+            offset = 0
             for line, raw in enumerate(file, start=1):
                 bar.update(len(raw))
-                documents.append(_document(raw, str(path), line, json_key))
+                documents.append(_document(raw, str(path), line, offset, json_key))
+                offset += len(raw)
                 if len(documents) == batch:
                     yield documents
                     documents = []
@@ -210,11 +184,15 @@ def count_text_files(
         try:
             eod_id = end_of_document_id(tokenizer)
         except ValueError as error:
-            raise ValueError(f"{error}; pass eod_id (--eod-id), or append_eod=False "
+            raise InputError(f"{error}; pass eod_id (--eod-id), or append_eod=False "
                              f"(--no-append-eod) for data built without --append-eod") from None
     counts = np.zeros(vocab_size, dtype=np.int64)
     if append_eod:
         _check_ids(np.array([eod_id]), vocab_size, "the end-of-document id")
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"text file {str(path)!r} not found; pass UTF-8 text or "
+                                    f".json/.jsonl files, one document per line")
     total = sum(os.path.getsize(path) for path in paths)
     with tqdm(total=total, unit="B", unit_scale=True, disable=not progress) as bar:
         for documents in _document_batches(paths, batch_lines, json_key, bar):
@@ -250,10 +228,12 @@ def save_frequencies(
     *,
     tokenizer_identity: str,
     vocab_size: int | None = None,
+    mode: int = DEFAULT_MODE,
 ) -> None:
     """Write counts (int64 [V]) as a safetensors file with metadata; replaces `path` atomically.
 
     vocab_size: when given, must equal V (guards against saving counts for the wrong vocab).
+    mode: the file's permission bits, whatever the umask (default group- and world-readable).
     """
     counts = _as_counts(counts)
     if vocab_size is not None and vocab_size != counts.size:
@@ -268,20 +248,21 @@ def save_frequencies(
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     save_file({"counts": torch.from_numpy(counts)}, str(partial), metadata=metadata)
+    set_mode(partial, mode)
     os.replace(partial, path)
 
 
 def _read(path: str) -> tuple[torch.Tensor, dict[str, str]]:
     if not os.path.isfile(path):
-        raise ValueError(f"frequencies file {path!r} not found; {_RECOUNT}")
+        raise InputError(f"frequencies file {path!r} not found; {_RECOUNT}")
     try:
         with safe_open(path, framework="pt") as file:
             metadata = file.metadata() or {}
             if metadata.get("format") != FORMAT_NAME or "counts" not in file.keys():
-                raise ValueError("no token_objectives metadata or no 'counts' tensor")
+                raise InputError("no token_objectives metadata or no 'counts' tensor")
             counts = file.get_tensor("counts")
     except Exception as error:  # safetensors raises its own error type for corrupt files
-        raise ValueError(
+        raise InputError(
             f"{path!r} is not a valid token_objectives frequencies file ({error}); {_RECOUNT}"
         ) from error
     return counts, metadata
@@ -304,9 +285,9 @@ def load_frequencies(
         num_tokens = int(metadata["num_tokens"])
         identity = metadata["tokenizer_identity"]
     except (KeyError, ValueError) as error:
-        raise ValueError(f"{path!r}: incomplete metadata ({error}); {_RECOUNT}") from error
+        raise InputError(f"{path!r}: incomplete metadata ({error}); {_RECOUNT}") from error
     if metadata.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise InputError(
             f"{path!r} has format version {metadata.get('format_version')!r}, this code reads "
             f"{FORMAT_VERSION!r}; {_RECOUNT}"
         )
@@ -318,15 +299,15 @@ def load_frequencies(
         and int(counts.sum()) == num_tokens
     )
     if not valid:
-        raise ValueError(f"{path!r}: counts do not match their metadata (corrupt?); {_RECOUNT}")
+        raise InputError(f"{path!r}: counts do not match their metadata (corrupt?); {_RECOUNT}")
     if vocab_size is not None and vocab_size != stored_size:
-        raise ValueError(
+        raise InputError(
             f"{path!r} holds counts for a vocab of {stored_size} ids but the model's vocab size is "
             f"{vocab_size}; recount with `token-objectives count-frequencies --vocab-size "
             f"{vocab_size}` (the padded vocab size)"
         )
     if tokenizer_identity is not None and tokenizer_identity != identity:
-        raise ValueError(
+        raise InputError(
             f"{path!r} was counted with tokenizer {identity!r}, not {tokenizer_identity!r}; "
             f"{_RECOUNT} --tokenizer <this tokenizer>"
         )

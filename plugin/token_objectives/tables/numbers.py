@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from token_objectives.tables.files import InputError
 from token_objectives.tables.tokenizers import (
     TokenizerLike,
     as_tokenizer,
@@ -90,7 +91,7 @@ class NumberTable:
         identity = tokenizer_identity(tokenizer)
         vocab_size = listing.size if vocab_size is None else vocab_size
         if vocab_size < listing.size:
-            raise ValueError(
+            raise InputError(
                 f"vocab_size {vocab_size} is smaller than the tokenizer's {listing.size} ids "
                 f"({identity}); pass the model's padded vocab size (>= {listing.size})"
             )
@@ -154,7 +155,7 @@ class NumberTable:
                 f"ids >= valid_vocab_size {valid_vocab_size} are vocab padding and must be NaN"
             )
         if torch.isnan(values).all():
-            raise ValueError(
+            raise InputError(
                 f"no number tokens found in tokenizer {tokenizer_identity} "
                 f"({'digit-level' if digit_level else 'multi-digit'} mode): "
                 f"{_NO_NUMBERS_FIX[bool(digit_level)]}"

@@ -17,6 +17,8 @@ from pathlib import Path
 import sentencepiece
 import tokenizers
 
+from token_objectives.tables.files import InputError
+
 TokenizerLike = object  # any of the accepted kinds, or a str / os.PathLike pointing to one
 
 
@@ -56,7 +58,7 @@ def load_tokenizer(path: str | os.PathLike) -> object:
         for name in ("tokenizer.json", "tokenizer.model"):
             if (path / name).is_file():
                 return load_tokenizer(path / name)
-        raise ValueError(
+        raise InputError(
             f"directory {str(path)!r} holds neither tokenizer.json nor tokenizer.model; pass the "
             "tokenizer file itself"
         )
@@ -64,7 +66,7 @@ def load_tokenizer(path: str | os.PathLike) -> object:
         return _load_file(path, tokenizers.Tokenizer.from_file, "tokenizers JSON file")
     if path.suffix == ".model":
         return _load_file(path, _load_sentencepiece, "sentencepiece model")
-    raise ValueError(
+    raise InputError(
         f"cannot tell the tokenizer kind of {str(path)!r}: expected a sentencepiece .model file, a "
         "tokenizer.json file, or a directory holding one of them"
     )
@@ -74,7 +76,7 @@ def _load_file(path: Path, loader, what: str) -> object:
     try:
         return loader(str(path))
     except Exception as error:  # both libraries raise bare Exception / RuntimeError subclasses
-        raise ValueError(f"{str(path)!r} is not a valid {what}: {error}") from error
+        raise InputError(f"{str(path)!r} is not a valid {what}: {error}") from error
 
 
 def _load_sentencepiece(path: str) -> sentencepiece.SentencePieceProcessor:
@@ -192,4 +194,4 @@ def end_of_document_id(tokenizer) -> int:
         token_id = tokenizer.token_to_id(token) if hasattr(tokenizer, "token_to_id") else None
         if token_id is not None:
             return int(token_id)
-    raise ValueError("the tokenizer has no end-of-document token (</s>, <eos>, <|endoftext|>)")
+    raise InputError("the tokenizer has no end-of-document token (</s>, <eos>, <|endoftext|>)")

@@ -15,6 +15,7 @@ import numpy
 import torch
 import torch.distributed as dist
 
+from token_objectives.tables.files import check_indexed_dataset
 from token_objectives.tables.tokenizers import end_of_document_id, list_vocab, load_tokenizer
 
 
@@ -52,6 +53,7 @@ def _sidecar(prefix: str) -> str | None:
             f"the loss-mask sidecar {mask}.bin/.idx is incomplete (only one of the two files "
             f"exists); rebuild it (token-objectives build-correction-data) or delete it"
         )
+    check_indexed_dataset(mask)
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     # Both datasets stay referenced: their lengths are views of memory maps closed on deletion.
@@ -74,6 +76,9 @@ def gpt_dataset(prefix: str | None, seq_length: int, seed: int, tokenizer: Megat
     if prefix is None:
         raise ValueError("data.train_prefix is not set: point it at a Megatron .bin/.idx prefix")
     prefix = str(prefix)
+    # At start-up, with the path: megatron-core would read a truncated .bin up to the first
+    # sample past its end and fail there with a numpy message, on every resume at that step.
+    check_indexed_dataset(prefix)
     mask_prefix = _sidecar(prefix)
     built = mask = None
     # Rank 0 writes the index cache first; the others then read it.
