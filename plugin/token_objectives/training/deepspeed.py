@@ -50,6 +50,7 @@ from token_objectives.integrations.deepspeed.section import (
 )
 from token_objectives.objectives.loss import ObjectiveOutput
 from token_objectives.scheduled_sampling.mix import ScheduledSampler, sample_indices
+from token_objectives.training.checkpointing import write_atomically
 from token_objectives.training.data import MegatronTokenizer, Repeated, gpt_dataset, micro_batches
 from token_objectives.training.loop import (  # noqa: F401 (any_rank_signalled: public here too)
     RunResult,
@@ -196,14 +197,19 @@ def build_model(config, seed: int) -> torch.nn.Module:
 # ------------------------------------------------------------------------------------ parallel
 
 
-def data_parallel() -> tuple[int, int]:
-    """(rank, size) in the data-parallel group: DeepSpeed's when AutoTP is on, else the world."""
+def data_parallel_group():
+    """DeepSpeed's DP group when AutoTP is on (None: the world)."""
     from deepspeed.utils import groups
 
     try:
-        group = groups._get_data_parallel_group()
+        return groups._get_data_parallel_group()
     except (AssertionError, AttributeError):
-        group = None
+        return None
+
+
+def data_parallel() -> tuple[int, int]:
+    """(rank, size) in the data-parallel group: DeepSpeed's when AutoTP is on, else the world."""
+    group = data_parallel_group()
     if group is None:
         return dist.get_rank(), dist.get_world_size()
     return dist.get_rank(group), dist.get_world_size(group)
@@ -344,12 +350,15 @@ class Trainer:
 
         p = 0 (warm-up, max_p 0): the batches come back untouched and no pass runs.
         """
-        p = self.sampler.probability(self.step)
-        if p == 0.0:
-            return batches, self.sampler.log_values(p, None)
         ids = sample_indices(self.step, self.micro_batch_size, self.dp_rank, self.dp_size,
                              self.gas)
-        mixed, total = [], None
+        return self.sampler.mix_step(batches, self.step, list(ids), self._predict,
+                                     data_parallel_group())
+
+    def _predict(self, batches: list[dict], ids: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Predicted ids [b, s] per micro-batch, from no-grad forwards (one TP all-reduce each
+        under AutoTP with a vocab-parallel head)."""
+        predictions = []
         # eval(): the prediction is the model's inference behaviour (no dropout); the tiny and
         # 3B configs have none, so this only matters for models that do.
         self.engine.eval()
@@ -363,30 +372,17 @@ class Trainer:
                     raise ValueError(f"logits have {logits.shape[-1]} vocab columns, the model "
                                      f"{self.vocab_size}, and no AutoTP group is set up")
                 start = self.head_shard[0] if sharded and self.head_shard else None
-                prediction = self.sampler.predict(logits, group, self.step, sample_ids, start)
+                predictions.append(self.sampler.predict(logits, group, self.step, sample_ids,
+                                                        start))
                 del logits
-                batch, counts = self.sampler.mix(batch, prediction, self.step, sample_ids)
-                mixed.append(batch)
-                total = counts if total is None else total + counts
         finally:
             self.engine.train()
-        dist.all_reduce(total, group=self._data_parallel_group())
-        return mixed, self.sampler.log_values(p, total)
-
-    @staticmethod
-    def _data_parallel_group():
-        """DeepSpeed's DP group (None: the world)."""
-        from deepspeed.utils import groups
-
-        try:
-            return groups._get_data_parallel_group()
-        except (AssertionError, AttributeError):
-            return None
+        return predictions
 
     def global_denominator(self, batches: list[dict]) -> float:
         """N of the step: all-reduced over DP (TP ranks hold the same batch)."""
         total = counted_denominator(batches, self.objectives)
-        dist.all_reduce(total, group=self._data_parallel_group())
+        dist.all_reduce(total, group=data_parallel_group())
         return max(float(total.item()), 1.0)
 
     def batch_objectives(self, batch: dict) -> ObjectiveOutput:
@@ -456,12 +452,7 @@ class Trainer:
                                     client_state={"step": self.step}, save_latest=False)
         dist.barrier()
         if dist.get_rank() == 0:
-            partial = self.checkpoint_dir / "latest.partial"
-            with open(partial, "w", encoding="utf-8") as handle:
-                handle.write(tag)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(partial, self.checkpoint_dir / "latest")
+            write_atomically(self.checkpoint_dir / "latest", tag)
         dist.barrier()
 
     def resume(self) -> int | None:

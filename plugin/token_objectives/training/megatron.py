@@ -382,19 +382,10 @@ class Trainer:
         """
         from megatron.core import parallel_state
 
-        p = self.sampler.probability(self.step)
-        if p == 0.0:
-            return batches, self.sampler.log_values(p, None)
         ids = sample_indices(self.step, self.cfg.parallel.micro_batch_size, self.dp_rank,
                              self.dp_size, self.num_micro)
-        predictions = self._predict(batches, ids)
-        mixed, total = [], None
-        for batch, prediction, sample_ids in zip(batches, predictions, ids, strict=True):
-            batch, counts = self.sampler.mix(batch, prediction, self.step, sample_ids)
-            mixed.append(batch)
-            total = counts if total is None else total + counts
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-        return mixed, self.sampler.log_values(p, total)
+        return self.sampler.mix_step(batches, self.step, list(ids), self._predict,
+                                     parallel_state.get_data_parallel_group())
 
     def _predict(self, batches: list[dict], ids: torch.Tensor) -> list[torch.Tensor]:
         """Predicted ids [mbs, s] per micro-batch, on every pipeline stage."""
