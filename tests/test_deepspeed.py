@@ -129,6 +129,40 @@ def _one_step(config_path: Path, out: Path, name: str, reference: str | None,
     trainer.engine.destroy()
 
 
+def nonfinite_probe(argv: list[str]) -> None:
+    """`nonfinite-probe OUT CONFIG...`: per ds_config, one training step with an inf added to
+    one gradient on the last rank only (a tensor hook, before DeepSpeed reduces it); writes
+    what the step raised and whether any weight moved."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from token_objectives.training.deepspeed import TrainArgs, Trainer
+
+    out = Path(argv[0])
+    for config in argv[1:]:
+        name = Path(config).stem
+        trainer = Trainer(TrainArgs(model_config=str(TINY),
+                                    data_prefix=os.environ["PROBE_DATA"],
+                                    ds_config=json.loads(Path(config).read_text()),
+                                    output_dir=str(out / name), steps=1, seed=SEED,
+                                    seq_length=SEQ_LENGTH))
+        parameters = list(trainer.engine.module.parameters())
+        if dist.get_rank() == dist.get_world_size() - 1:
+            parameters[0].register_hook(lambda grad: grad + float("inf"))
+        before = [deepspeed.utils.safe_get_full_fp32_param(p).clone() for p in parameters]
+        error = None
+        try:
+            trainer.train_step()
+        except FloatingPointError as raised:
+            error = str(raised)
+        after = [deepspeed.utils.safe_get_full_fp32_param(p) for p in parameters]
+        moved = sum(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+        (out / f"{name}_rank{dist.get_rank()}.json").write_text(json.dumps(
+            {"error": error, "moved": moved, "step": trainer.step}))
+        dist.barrier()
+        trainer.engine.destroy()
+
+
 def probe(argv: list[str]) -> None:
     """`probe OUT NAME=CONFIG[@MODEL_CONFIG]...`: one step per config (the model config is TINY
     unless given); the first run of each model config also writes its reference,
@@ -278,7 +312,8 @@ def _latest(out: Path) -> str:
 
 def test_sigusr1_saves_exits_and_resume_equals_a_straight_run(data, tmp_path):
     """SLURM's warning signal reaches the workers mid-run: they save the step they finished and
-    exit 0; the next launch resumes from `latest` and matches an uninterrupted run."""
+    exit 0; the next launch resumes from `latest` and matches an uninterrupted run. A torn
+    last metrics line (a kill mid-write) does not block the resume: it is dropped."""
     import psutil
 
     config = ds_config(data, tmp_path, "zero2")
@@ -303,6 +338,8 @@ def test_sigusr1_saves_exits_and_resume_equals_a_straight_run(data, tmp_path):
     stopped = len(read_metrics(sliced))
     assert 2 <= stopped < 500
     assert _latest(sliced) == f"global_step{stopped}"
+    with open(sliced / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(f'{{"step": {stopped + 1}, "lm lo')  # a line torn by a kill
 
     total = stopped + 2
     check(subprocess.run(_train(data, config, straight, "--steps", str(total),
@@ -318,6 +355,24 @@ def test_sigusr1_saves_exits_and_resume_equals_a_straight_run(data, tmp_path):
     assert _latest(sliced) == _latest(straight) == f"global_step{total}"
     saved = sorted(p.name for p in (straight / "checkpoints").glob("global_step*"))
     assert saved == sorted(f"global_step{s}" for s in {*range(2, total + 1, 2), total})
+
+
+def test_a_non_finite_gradient_stops_the_step_before_the_update(data, tmp_path):
+    """An inf in one gradient on one rank stops every rank's step with FloatingPointError
+    before engine.step(): no weight moves (DeepSpeed itself would skip the update silently in
+    fp32 and apply it in bf16). ZeRO-2 with accumulation and ZeRO-3."""
+    configs = [ds_config(data, tmp_path, "zero2", gradient_accumulation_steps=2),
+               ds_config(data, tmp_path, "zero3", gradient_accumulation_steps=2)]
+    check(subprocess.run(torchrun_command(Path(__file__), "nonfinite-probe", str(tmp_path),
+                                          *map(str, configs)),
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(WORKER_ENV, PROBE_DATA=str(data.train_prefix))))
+    for name in ("zero2", "zero3"):
+        for rank in (0, 1):
+            got = json.loads((tmp_path / f"{name}_rank{rank}.json").read_text())
+            assert got["error"] is not None and got["error"].startswith(
+                "step 1: a gradient is inf or NaN; the update was not applied"), (name, got)
+            assert got["moved"] == 0 and got["step"] == 0, (name, rank, got)
 
 
 # ----------------------------------------------------------------------------- config errors
@@ -556,3 +611,5 @@ def test_llama32_3b_config_is_the_3b_shape():
 
 if __name__ == "__main__" and sys.argv[1:2] == ["probe"]:
     probe(sys.argv[2:])
+if __name__ == "__main__" and sys.argv[1:2] == ["nonfinite-probe"]:
+    nonfinite_probe(sys.argv[2:])

@@ -253,7 +253,7 @@ def deepspeed_probe(out: Path, configs: list[str]) -> None:
             model_config=str(REPO / "configs" / "deepspeed" / "tiny_llama.json"),
             data_prefix=os.environ["PROBE_DATA"], ds_config=json.loads(Path(config).read_text()),
             output_dir=str(out / f"run{index}"), steps=2, seq_length=DS_SEQ_LENGTH))
-        rows = [trainer.train_step() for _ in range(2)]
+        rows = [trainer.train_step().row for _ in range(2)]  # plain dicts for torch.load
         weights = {name: p.detach().clone() for name, p in trainer.engine.module.named_parameters()}
         torch.save({"rows": rows, "weights": weights},
                    out / f"run{index}_rank{dist.get_rank()}.pt")

@@ -23,9 +23,10 @@ draws the same. Nothing touches torch's RNG.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
+import torch.distributed as dist
 
 from token_objectives.ops.sampling import (
     counter_uniform,
@@ -154,6 +155,28 @@ class ScheduledSampler:
         counts = torch.stack([eligible.sum(), replaced.sum(), (mixed != tokens).sum(),
                               torch.tensor(tokens.numel(), device=tokens.device)])
         return {**batch, "tokens": mixed}, counts.to(torch.float64)
+
+    def mix_step(self, batches: list[dict], step: int, sample_ids: list[torch.Tensor],
+                 predict: Callable[[list[dict], list[torch.Tensor]], list[torch.Tensor]],
+                 dp_group=None) -> tuple[list[dict], dict[str, float]]:
+        """A step's micro-batches with scheduled-sampling inputs, and the LOG_NAMES values.
+
+        sample_ids: [b] global sample indices per micro-batch; predict(batches, sample_ids):
+        the predicted ids [b, s] per micro-batch (the loop's no-grad pass), called only when
+        p > 0. At p = 0 the batches come back untouched. Collectives when p > 0: predict's and
+        one all-reduce of the counts over dp_group.
+        """
+        p = self.probability(step)
+        if p == 0.0:
+            return batches, self.log_values(p, None)
+        mixed, total = [], None
+        predictions = predict(batches, sample_ids)
+        for batch, prediction, ids in zip(batches, predictions, sample_ids, strict=True):
+            batch, counts = self.mix(batch, prediction, step, ids)
+            mixed.append(batch)
+            total = counts if total is None else total + counts
+        dist.all_reduce(total, group=dp_group)
+        return mixed, self.log_values(p, total)
 
     @staticmethod
     def log_values(p: float, counts: torch.Tensor | None) -> dict[str, float]:

@@ -60,16 +60,24 @@ def save(sharded_state_dict: dict, root: str | Path, step: int, keep: int = 0) -
     dist_checkpointing.save(sharded_state_dict, str(partial))
     dist.barrier()
     if rank == 0:
-        marker = partial / COMPLETE_MARKER
-        with open(marker, "w", encoding="utf-8") as handle:
-            json.dump({"step": step}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_atomically(partial / COMPLETE_MARKER, json.dumps({"step": step}))
         os.replace(partial, final)
         if keep > 0:
             _remove_old(Path(root), keep)
     dist.barrier()
     return final
+
+
+def write_atomically(path: str | Path, text: str) -> None:
+    """`path` holds `text` whole or keeps what it held: written to `<path>.partial`, synced to
+    disk, then renamed over `path`."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
 
 
 def _remove_old(root: Path, keep: int) -> None:

@@ -31,7 +31,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +50,17 @@ from token_objectives.integrations.deepspeed.section import (
 )
 from token_objectives.objectives.loss import ObjectiveOutput
 from token_objectives.scheduled_sampling.mix import ScheduledSampler, sample_indices
-from token_objectives.training import checkpointing
+from token_objectives.training.checkpointing import write_atomically
 from token_objectives.training.data import MegatronTokenizer, Repeated, gpt_dataset, micro_batches
+from token_objectives.training.loop import (  # noqa: F401 (any_rank_signalled: public here too)
+    RunResult,
+    StepRecord,
+    any_rank_signalled,
+    check_gradients,
+    format_step,
+    run_loop,
+)
+from token_objectives.training.metrics import MetricsWriter, MonitorSink
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -72,13 +81,7 @@ class TrainArgs:
     seed: int = 1234
     seq_length: int = 128
 
-
-@dataclass
-class RunResult:
-    last_step: int = 0
-    resumed_from: int | None = None
-    stopped_by_signal: bool = False
-    logs: list[dict] = field(default_factory=list)
+format_row = format_step
 
 
 # ------------------------------------------------------------------------------------ ds_config
@@ -194,14 +197,19 @@ def build_model(config, seed: int) -> torch.nn.Module:
 # ------------------------------------------------------------------------------------ parallel
 
 
-def data_parallel() -> tuple[int, int]:
-    """(rank, size) in the data-parallel group: DeepSpeed's when AutoTP is on, else the world."""
+def data_parallel_group():
+    """DeepSpeed's DP group when AutoTP is on (None: the world)."""
     from deepspeed.utils import groups
 
     try:
-        group = groups._get_data_parallel_group()
+        return groups._get_data_parallel_group()
     except (AssertionError, AttributeError):
-        group = None
+        return None
+
+
+def data_parallel() -> tuple[int, int]:
+    """(rank, size) in the data-parallel group: DeepSpeed's when AutoTP is on, else the world."""
+    group = data_parallel_group()
     if group is None:
         return dist.get_rank(), dist.get_world_size()
     return dist.get_rank(group), dist.get_world_size(group)
@@ -238,11 +246,44 @@ def concat_outputs(outputs: list[ObjectiveOutput]) -> ObjectiveOutput:
                                                for o in outputs]) for name in names})
 
 
+def gradients_finite(engine) -> bool:
+    """Collective (one all-reduce over the world, one host sync): whether every gradient the
+    coming `engine.step()` would apply is finite.
+
+    Reads what DeepSpeed holds between the boundary backward and the step: ZeRO-3's flat buffer
+    of this rank's reduced gradient partition, ZeRO-1/2's averaged_gradients (the same), or the
+    parameters' .grad without ZeRO. The all-reduce covers the DP partitions and the TP shards.
+    """
+    optimizer = engine.optimizer
+    flat = getattr(optimizer, "grad_partitions_flat_buffer", None)
+    averaged = getattr(optimizer, "averaged_gradients", None) or {}
+    if engine.zero_optimization_stage() == 3 and flat is not None:
+        grads = [flat]
+    elif engine.zero_optimization_stage() in (1, 2):
+        grads = [grad for group in averaged.values() if group is not None
+                 for grad in (group if isinstance(group, (list, tuple)) else [group])
+                 if grad is not None]
+    else:
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    bad = torch.zeros((), dtype=torch.int32, device=engine.device)
+    for grad in grads:
+        bad += (~torch.isfinite(grad)).any().to(bad.device, torch.int32)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bad.item()
+
+
+def tensorboard_scalars(record: StepRecord) -> list[tuple[str, float]]:
+    """The monitor's tags of a step: Train/<component> and Train/sampling/..."""
+    return [(f"Train/{name}", value) for name, value in (*record.values.items(),
+                                                          *record.sampling.items())]
+
+
 # -------------------------------------------------------------------------------------- trainer
 
 
 class Trainer:
-    """The engine, objectives and data of one run (every rank builds one)."""
+    """The engine, objectives and data of one run (every rank builds one); `loop.run_loop`
+    runs it."""
 
     def __init__(self, args: TrainArgs) -> None:
         import deepspeed
@@ -284,10 +325,17 @@ class Trainer:
         self.global_batch = self.micro_batch_size * self.gas * self.dp_size
         out = Path(args.output_dir)
         self.checkpoint_dir = out / CHECKPOINTS
-        self.metrics_path = out / METRICS
         self.dataset = Repeated(gpt_dataset(args.data_prefix, args.seq_length, args.seed,
                                             self.tokenizer, None, out / "data_cache"))
         self.step = 0
+        logging = dist.get_rank() == 0
+        monitor = getattr(self.engine, "monitor", None)
+        sink = None
+        if logging and monitor is not None and getattr(monitor, "enabled", False):
+            sink = MonitorSink(monitor)
+        self.metrics = MetricsWriter(out / METRICS, logging, sink, tensorboard_scalars)
+        self.device = self.engine.device
+        self.print_rank = 0
 
     # ------------------------------------------------------------------ data and loss
     def step_batches(self, step: int) -> list[dict]:
@@ -302,12 +350,15 @@ class Trainer:
 
         p = 0 (warm-up, max_p 0): the batches come back untouched and no pass runs.
         """
-        p = self.sampler.probability(self.step)
-        if p == 0.0:
-            return batches, self.sampler.log_values(p, None)
         ids = sample_indices(self.step, self.micro_batch_size, self.dp_rank, self.dp_size,
                              self.gas)
-        mixed, total = [], None
+        return self.sampler.mix_step(batches, self.step, list(ids), self._predict,
+                                     data_parallel_group())
+
+    def _predict(self, batches: list[dict], ids: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Predicted ids [b, s] per micro-batch, from no-grad forwards (one TP all-reduce each
+        under AutoTP with a vocab-parallel head)."""
+        predictions = []
         # eval(): the prediction is the model's inference behaviour (no dropout); the tiny and
         # 3B configs have none, so this only matters for models that do.
         self.engine.eval()
@@ -321,30 +372,17 @@ class Trainer:
                     raise ValueError(f"logits have {logits.shape[-1]} vocab columns, the model "
                                      f"{self.vocab_size}, and no AutoTP group is set up")
                 start = self.head_shard[0] if sharded and self.head_shard else None
-                prediction = self.sampler.predict(logits, group, self.step, sample_ids, start)
+                predictions.append(self.sampler.predict(logits, group, self.step, sample_ids,
+                                                        start))
                 del logits
-                batch, counts = self.sampler.mix(batch, prediction, self.step, sample_ids)
-                mixed.append(batch)
-                total = counts if total is None else total + counts
         finally:
             self.engine.train()
-        dist.all_reduce(total, group=self._data_parallel_group())
-        return mixed, self.sampler.log_values(p, total)
-
-    @staticmethod
-    def _data_parallel_group():
-        """DeepSpeed's DP group (None: the world)."""
-        from deepspeed.utils import groups
-
-        try:
-            return groups._get_data_parallel_group()
-        except (AssertionError, AttributeError):
-            return None
+        return predictions
 
     def global_denominator(self, batches: list[dict]) -> float:
         """N of the step: all-reduced over DP (TP ranks hold the same batch)."""
         total = counted_denominator(batches, self.objectives)
-        dist.all_reduce(total, group=self._data_parallel_group())
+        dist.all_reduce(total, group=data_parallel_group())
         return max(float(total.item()), 1.0)
 
     def batch_objectives(self, batch: dict) -> ObjectiveOutput:
@@ -378,31 +416,29 @@ class Trainer:
                 self.engine.step()  # inside the accumulation window: no update, counters only
         return concat_outputs(outputs)
 
-    def train_step(self) -> dict:
+    def train_step(self) -> StepRecord:
+        """One optimizer step over the global batch. Raises FloatingPointError before
+        engine.step() when a gradient is inf or NaN (the update is not applied)."""
         start = time.perf_counter()
         batches = self.step_batches(self.step)
         sampling = {}
         if self.sampler is not None:
             batches, sampling = self.scheduled_inputs(batches)
         output = self.forward_backward(batches)
+        check_gradients(self.step + 1, gradients_finite(self.engine), "a gradient is inf or NaN",
+                        'a lower ds_config["optimizer"].params.lr or gradient_clipping')
         self.engine.step()
         self.step += 1
-        values = {**log_components(self.engine, output, self.step, self.objectives.config),
-                  **sampling}
-        monitor = getattr(self.engine, "monitor", None)
-        if sampling and monitor is not None and getattr(monitor, "enabled", False) and (
-                dist.get_rank() == 0):
-            monitor.write_events([(f"Train/{name}", value, self.step)
-                                  for name, value in sampling.items()])
+        # No engine: the metrics writer sends them to the monitor, with the sampling values.
+        values = log_components(None, output, self.step, self.objectives.config)
         elapsed = time.perf_counter() - start
         grad_norm = self.engine.get_global_grad_norm()
-        row = {"step": self.step, **values, "lr": self.engine.get_lr()[0],
-               "grad_norm": float(grad_norm) if grad_norm is not None else None,
-               "tokens_per_s": self.global_batch * self.args.seq_length / elapsed}
-        if dist.get_rank() == 0:
-            with open(self.metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(row) + "\n")
-        return row
+        return StepRecord(self.step, values, self.engine.get_lr()[0],
+                          float(grad_norm) if grad_norm is not None else None,
+                          self.global_batch * self.args.seq_length / elapsed, sampling)
+
+    def close(self) -> None:
+        self.metrics.close()
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
@@ -416,12 +452,7 @@ class Trainer:
                                     client_state={"step": self.step}, save_latest=False)
         dist.barrier()
         if dist.get_rank() == 0:
-            partial = self.checkpoint_dir / "latest.partial"
-            with open(partial, "w", encoding="utf-8") as handle:
-                handle.write(tag)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(partial, self.checkpoint_dir / "latest")
+            write_atomically(self.checkpoint_dir / "latest", tag)
         dist.barrier()
 
     def resume(self) -> int | None:
@@ -433,59 +464,11 @@ class Trainer:
             raise ValueError(f"{self.checkpoint_dir}: `latest` names a checkpoint that could not "
                              f"be loaded; delete `latest` or point it at an earlier tag")
         self.step = int(state["step"])
-        self._forget_logs_after(self.step)
         return self.step
-
-    def _forget_logs_after(self, step: int) -> None:
-        """Steps after the checkpoint are done again: drop their old metrics lines."""
-        if dist.get_rank() == 0 and self.metrics_path.exists():
-            lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-            kept = [line for line in lines if line and json.loads(line)["step"] <= step]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        dist.barrier()
 
 
 def run(args: TrainArgs, printer=print) -> RunResult:
     """Train to args.steps, resuming from `latest`; saves every save_interval steps, at the end,
     and on SIGUSR1 / SIGTERM (then returns with stopped_by_signal)."""
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    flag = checkpointing.PreemptionFlag().install()  # before the slow start-up
-    try:
-        trainer = Trainer(args)
-        result = RunResult(resumed_from=trainer.resume())
-        saved = trainer.step
-        while trainer.step < args.steps:
-            row = trainer.train_step()
-            result.logs.append(row)
-            if printer and dist.get_rank() == 0:
-                printer(format_row(row, args.steps))
-            if any_rank_signalled(flag, trainer.engine.device):
-                trainer.save()
-                saved = trainer.step
-                result.stopped_by_signal = True
-                break
-            if args.save_interval and trainer.step % args.save_interval == 0:
-                trainer.save()
-                saved = trainer.step
-        if saved != trainer.step:
-            trainer.save()
-        result.last_step = trainer.step
-        return result
-    finally:
-        flag.uninstall()
-
-
-def any_rank_signalled(flag: checkpointing.PreemptionFlag, device: torch.device) -> bool:
-    """Collective: True on every rank when any rank got SIGUSR1/SIGTERM (a device tensor, so
-    NCCL can carry it too)."""
-    got = torch.tensor([0 if flag.received is None else 1], device=device)
-    dist.all_reduce(got, op=dist.ReduceOp.MAX)
-    return bool(got.item())
-
-
-def format_row(row: dict, total: int) -> str:
-    parts = [f"step {row['step']:>5}/{total}"]
-    for name in ("lm loss", "ce", "ntl"):
-        parts.append(f"{name} {row[name]:.4f}")
-    parts.append(f"{row['tokens_per_s']:.0f} tok/s")
-    return " | ".join(parts)
+    return run_loop(lambda: Trainer(args), args.steps, args.save_interval, printer=printer)

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -39,24 +37,17 @@ from token_objectives.scheduled_sampling.mix import ScheduledSampler, sample_ind
 from token_objectives.training import checkpointing
 from token_objectives.training.config import RunConfig, padded_vocab_size
 from token_objectives.training.data import MegatronTokenizer, Repeated, gpt_dataset, micro_batches
+from token_objectives.training.loop import (
+    RunResult,
+    StepRecord,
+    check_gradients,
+    format_step,
+    run_loop,
+)
+from token_objectives.training.metrics import MetricsWriter, SummaryWriterSink
 
-
-@dataclass
-class StepLog:
-    step: int
-    values: dict[str, float]  # report name -> sum / count over the global batch
-    lr: float
-    grad_norm: float
-    tokens_per_s: float
-    sampling: dict[str, float] = field(default_factory=dict)  # sampling_mix.LOG_NAMES values
-
-
-@dataclass
-class RunResult:
-    logs: list[StepLog] = field(default_factory=list)
-    last_step: int = 0
-    stopped_by_signal: bool = False
-    resumed_from: int | None = None
+StepLog = StepRecord  # values: report name -> sum / count over the global batch
+format_log = format_step
 
 
 def init_distributed() -> None:
@@ -243,8 +234,16 @@ REPORT_NAMES = ["lm loss", "ce part", "ntl part", "ce", "ntl", "number tokens",
                 "pdl weight"]
 
 
+def tensorboard_scalars(log: StepRecord) -> list[tuple[str, float]]:
+    """The TensorBoard tags of a step: loss/<report name>, sampling/..., train/..."""
+    return [*((f"loss/{name}", value) for name, value in log.values.items()),
+            *log.sampling.items(), ("train/lr", log.lr), ("train/grad_norm", log.grad_norm),
+            ("train/tokens_per_s", log.tokens_per_s)]
+
+
 class Trainer:
-    """Holds the model chunks, optimizer, scheduler and data of one run."""
+    """Holds the model chunks, optimizer, scheduler and data of one run; `loop.run_loop` runs it.
+    """
 
     def __init__(self, cfg: RunConfig) -> None:
         from megatron.core import parallel_state, tensor_parallel
@@ -328,13 +327,13 @@ class Trainer:
                                             cfg.train.seed, self.tokenizer, None,
                                             out / "data_cache"))
         self.step = 0
-        self.writer = None
-        self.metrics_path = out / "metrics.jsonl"
-        if cfg.output.tensorboard and self._is_logging_rank():
-            from torch.utils.tensorboard import SummaryWriter
-
-            # One run directory for the whole job: a resumed run appends to the same one.
-            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+        logging = self._is_logging_rank()
+        sink = None
+        if cfg.output.tensorboard and logging:
+            sink = SummaryWriterSink(out / "tensorboard")
+        self.metrics = MetricsWriter(out / "metrics.jsonl", logging, sink, tensorboard_scalars)
+        self.device = torch.device("cpu")  # the signal flag goes over gloo
+        self.print_rank = dist.get_world_size() - 1
 
     @staticmethod
     def _is_logging_rank() -> bool:
@@ -364,7 +363,6 @@ class Trainer:
         found = torch.tensor([-1 if latest is None else latest])
         dist.all_reduce(found, op=dist.ReduceOp.MIN)  # every rank must see the same one
         if found.item() < 0:
-            self._forget_logs_after(0)  # a run that never saved starts its logs afresh
             return None
         state = checkpointing.load(self._sharded_state(is_loading=True), self.checkpoint_root,
                                    int(found.item()))
@@ -372,25 +370,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
-        self._forget_logs_after(self.step)
         return self.step
-
-    def _forget_logs_after(self, step: int) -> None:
-        """Steps after the checkpoint are done again: drop their old log lines (no repeats)."""
-        if self._is_logging_rank() and self.metrics_path.exists():
-            kept = []
-            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line)["step"] <= step:
-                        kept.append(line)
-                except (ValueError, KeyError):
-                    continue  # a line cut short by a kill
-            self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        if self.writer is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer.close()
-            self.writer = SummaryWriter(log_dir=self.writer.log_dir, purge_step=step + 1)
 
     # ------------------------------------------------------------------ scheduled sampling
     def scheduled_inputs(self, batches: list[dict]) -> tuple[list[dict], dict[str, float]]:
@@ -402,19 +382,10 @@ class Trainer:
         """
         from megatron.core import parallel_state
 
-        p = self.sampler.probability(self.step)
-        if p == 0.0:
-            return batches, self.sampler.log_values(p, None)
         ids = sample_indices(self.step, self.cfg.parallel.micro_batch_size, self.dp_rank,
                              self.dp_size, self.num_micro)
-        predictions = self._predict(batches, ids)
-        mixed, total = [], None
-        for batch, prediction, sample_ids in zip(batches, predictions, ids, strict=True):
-            batch, counts = self.sampler.mix(batch, prediction, self.step, sample_ids)
-            mixed.append(batch)
-            total = counts if total is None else total + counts
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-        return mixed, self.sampler.log_values(p, total)
+        return self.sampler.mix_step(batches, self.step, list(ids), self._predict,
+                                     parallel_state.get_data_parallel_group())
 
     def _predict(self, batches: list[dict], ids: torch.Tensor) -> list[torch.Tensor]:
         """Predicted ids [mbs, s] per micro-batch, on every pipeline stage."""
@@ -467,7 +438,9 @@ class Trainer:
         return list(stacked.unbind(0))
 
     # ------------------------------------------------------------------ training
-    def train_step(self) -> StepLog:
+    def train_step(self) -> StepRecord:
+        """One optimizer step over the global batch. Raises FloatingPointError, the update not
+        applied, when the gradient norm is not finite."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         cfg = self.cfg
@@ -491,36 +464,19 @@ class Trainer:
         )
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         _, grad_norm, _ = self.optimizer.step()
-        if grad_norm is not None and not math.isfinite(grad_norm):
-            raise FloatingPointError(
-                f"step {self.step + 1}: the gradient norm is {grad_norm}; the update was not "
-                f"applied. Resume from the last checkpoint with a lower train.lr or clip_grad"
-            )
+        check_gradients(self.step + 1, grad_norm is None or math.isfinite(grad_norm),
+                        f"the gradient norm is {grad_norm}", "a lower train.lr or clip_grad")
         self.scheduler.step(increment=self.global_batch)
         values = _broadcast_from_last_stage(
             _reduce_reports(reports) if reports else {}, REPORT_NAMES)
         elapsed = time.perf_counter() - start
         self.step += 1
         tokens = self.global_batch * cfg.model.seq_length
-        log = StepLog(self.step, values, lr, float(grad_norm or 0.0), tokens / elapsed, sampling)
-        if self._is_logging_rank():
-            with open(self.metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": log.step, **values, **sampling, "lr": lr,
-                                         "grad_norm": log.grad_norm,
-                                         "tokens_per_s": log.tokens_per_s}) + "\n")
-        if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(f"loss/{name}", value, self.step)
-            for name, value in sampling.items():
-                self.writer.add_scalar(name, value, self.step)
-            self.writer.add_scalar("train/lr", lr, self.step)
-            self.writer.add_scalar("train/grad_norm", log.grad_norm, self.step)
-            self.writer.add_scalar("train/tokens_per_s", log.tokens_per_s, self.step)
-        return log
+        return StepRecord(self.step, values, lr, float(grad_norm or 0.0), tokens / elapsed,
+                          sampling)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.metrics.close()
 
 
 def count_parameters(cfg: RunConfig) -> int:
@@ -545,49 +501,6 @@ def count_parameters(cfg: RunConfig) -> int:
 def run(cfg: RunConfig, stop_after: int | None = None, printer=print) -> RunResult:
     """Train to cfg.train.steps (or `stop_after` more steps), resuming from the latest complete
     checkpoint; saves every save_interval steps, at the end, and on SIGUSR1/SIGTERM."""
-    flag = checkpointing.PreemptionFlag().install()  # before the slow start-up
-    trainer = Trainer(cfg)
-    result = RunResult(resumed_from=trainer.resume())
-    try:
-        done = 0
-        while trainer.step < cfg.train.steps and (stop_after is None or done < stop_after):
-            log = trainer.train_step()
-            done += 1
-            result.logs.append(log)
-            if printer and dist.get_rank() == dist.get_world_size() - 1 and (
-                    log.step % cfg.train.log_interval == 0):
-                printer(format_log(log, cfg.train.steps))
-            if flag.any_rank_received():
-                trainer.save()
-                result.stopped_by_signal = True
-                break
-            if cfg.train.exit_interval and trainer.step % cfg.train.exit_interval == 0:
-                if trainer.step < cfg.train.steps:
-                    trainer.save()
-                    break
-            if cfg.train.save_interval and trainer.step % cfg.train.save_interval == 0:
-                trainer.save()
-        else:
-            if done and (not cfg.train.save_interval or trainer.step % cfg.train.save_interval):
-                trainer.save()
-        result.last_step = trainer.step
-        return result
-    finally:
-        flag.uninstall()
-        trainer.close()
-
-
-def format_log(log: StepLog, total: int) -> str:
-    parts = [f"step {log.step:>5}/{total}"]
-    for name in ("lm loss", "ce", "ntl", "ce part", "ntl part"):
-        if name in log.values and not math.isnan(log.values[name]):
-            parts.append(f"{name} {log.values[name]:.4f}")
-    if log.sampling:
-        parts.append(f"sampling p {log.sampling['sampling/p']:.3f} replaced "
-                     f"{log.sampling['sampling/replaced_of_all']:.3f}")
-    parts.append(f"lr {log.lr:.2e}")
-    parts.append(f"grad norm {log.grad_norm:.3f}")
-    parts.append(f"{log.tokens_per_s:,.0f} tok/s")
-    return " | ".join(parts)
-
-
+    train = cfg.train
+    return run_loop(lambda: Trainer(cfg), train.steps, train.save_interval, train.log_interval,
+                    stop_after, train.exit_interval, printer)
