@@ -1,8 +1,8 @@
 """metrics.jsonl and TensorBoard scalars of a run, written by the logging rank only.
 
-One JSON line per step (`StepRecord.row`), appended and flushed per step so that a kill loses at
-most a torn last line. A resume drops the lines after the resumed step (they are done again),
-skipping a torn line, and purges those steps from TensorBoard where the writer can.
+One JSON line per step (`loop.StepRecord.row`), appended and flushed per step so that a kill
+loses at most a torn last line. A resume drops the lines after the resumed step (they are done
+again), skipping a torn line, and purges those steps from TensorBoard where the writer can.
 """
 
 from __future__ import annotations
@@ -10,12 +10,18 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from token_objectives.training.loop import StepRecord
+from typing import Any, Protocol
 
 Scalar = tuple[str, float]  # (tag, value)
+
+
+class StepRecord(Protocol):
+    """What the writer reads of a step's record (training.loop.StepRecord)."""
+
+    step: int
+
+    @property
+    def row(self) -> dict[str, Any]: ...
 
 
 class ScalarSink(Protocol):
