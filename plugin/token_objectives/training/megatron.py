@@ -39,8 +39,10 @@ from token_objectives.training.config import RunConfig, padded_vocab_size
 from token_objectives.training.data import MegatronTokenizer, Repeated, gpt_dataset, micro_batches
 from token_objectives.training.loop import (
     RunResult,
+    SkippedSteps,
     StepRecord,
     check_gradients,
+    check_losses,
     format_step,
     run_loop,
 )
@@ -215,7 +217,11 @@ def report_values(totals: dict[str, torch.Tensor]) -> dict[str, float]:
     loss_func's pairs count only what exists ("ntl" counts number tokens), so a step without
     any number token has "ntl" = [0, 0]: it logs 0, not NaN and not a diluted mean.
     """
-    return {name: (t[0] / t[1]).item() if t[1] > 0 else 0.0 for name, t in totals.items()}
+    if not totals:
+        return {}
+    pairs = torch.stack([t.float() for t in totals.values()]).tolist()  # one host sync
+    return {name: total / count if count > 0 else 0.0
+            for name, (total, count) in zip(totals, pairs, strict=True)}
 
 
 def _broadcast_from_last_stage(values: dict[str, float], names: list[str]) -> dict[str, float]:
@@ -327,6 +333,7 @@ class Trainer:
                                             cfg.train.seed, self.tokenizer, None,
                                             out / "data_cache"))
         self.step = 0
+        self.skipped = SkippedSteps(cfg.train.max_skipped_steps, "train.max_skipped_steps")
         logging = self._is_logging_rank()
         sink = None
         if cfg.output.tensorboard and logging:
@@ -440,7 +447,8 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def train_step(self) -> StepRecord:
         """One optimizer step over the global batch. Raises FloatingPointError, the update not
-        applied, when the gradient norm is not finite."""
+        applied, when a loss component or the gradient norm is not finite, and after
+        train.max_skipped_steps updates in a row that the optimizer skipped."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         cfg = self.cfg
@@ -463,12 +471,16 @@ class Trainer:
             forward_only=False,
         )
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
-        _, grad_norm, _ = self.optimizer.step()
-        check_gradients(self.step + 1, grad_norm is None or math.isfinite(grad_norm),
-                        f"the gradient norm is {grad_norm}", "a lower train.lr or clip_grad")
-        self.scheduler.step(increment=self.global_batch)
+        # Reduced before the update (one host sync), so that a NaN loss stops every rank with
+        # the optimizer untouched, even when the gradients are finite.
         values = _broadcast_from_last_stage(
             _reduce_reports(reports) if reports else {}, REPORT_NAMES)
+        check_losses(self.step + 1, values, "a lower train.lr")
+        applied, grad_norm, _ = self.optimizer.step()
+        check_gradients(self.step + 1, grad_norm is None or math.isfinite(grad_norm),
+                        f"the gradient norm is {grad_norm}", "a lower train.lr or clip_grad")
+        self.skipped.record(self.step + 1, bool(applied))
+        self.scheduler.step(increment=self.global_batch)
         elapsed = time.perf_counter() - start
         self.step += 1
         tokens = self.global_batch * cfg.model.seq_length
