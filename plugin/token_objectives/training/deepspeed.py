@@ -84,6 +84,16 @@ class TrainArgs:
     seq_length: int = 128
     max_skipped_steps: int = 10  # stop after N updates in a row DeepSpeed skipped; 0: never
 
+    def __post_init__(self) -> None:
+        for flag, name, least in (("--steps", "steps", 1), ("--seq-length", "seq_length", 1),
+                                  ("--save-interval", "save_interval", 0),
+                                  ("--max-skipped-steps", "max_skipped_steps", 0),
+                                  ("--seed", "seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                what = "a positive integer" if least == 1 else f"an integer >= {least}"
+                raise ValueError(f"{flag} must be {what}, got {value!r}")
+
 format_row = format_step
 
 
