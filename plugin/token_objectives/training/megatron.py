@@ -310,7 +310,16 @@ class Trainer:
                                                    use_distributed_optimizer=False,
                                                    check_for_nan_in_grad=True)
         self.model = DistributedDataParallel(config, ddp_config, module)
-        config.finalize_model_grads_func = finalize_model_grads
+        self._reports: list[dict] = []  # this step's loss reports, as the schedule makes them
+        self._values: dict[str, float] | None = None
+
+        def finalize(*args, **kwargs) -> None:
+            # The loss is checked before megatron-core reduces the gradients, whose own NaN
+            # check would otherwise stop the run first without naming the component.
+            self._values = self._checked_values()
+            finalize_model_grads(*args, **kwargs)
+
+        config.finalize_model_grads_func = finalize
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=cfg.train.lr, min_lr=cfg.train.min_lr,
                             weight_decay=cfg.train.weight_decay, adam_beta1=cfg.train.adam_beta1,
@@ -445,6 +454,27 @@ class Trainer:
         return list(stacked.unbind(0))
 
     # ------------------------------------------------------------------ training
+    def _forward_step(self, data_iterator, model):
+        """forward_step, with each micro-batch's loss report kept for `_checked_values`."""
+        output, loss = forward_step(data_iterator, model)
+
+        def recorded(output_tensor):
+            result = loss(output_tensor)
+            self._reports.append(result[2])
+            return result
+
+        return output, recorded
+
+    def _checked_values(self) -> dict[str, float]:
+        """Collective (DP all-reduce, PP all-reduce, one host sync): the step's logged values
+        from the kept reports; raises FloatingPointError on every rank when one is not finite,
+        before the gradients are reduced and the optimizer steps."""
+        reports, self._reports = self._reports, []
+        values = _broadcast_from_last_stage(_reduce_reports(reports) if reports else {},
+                                            REPORT_NAMES)
+        check_losses(self.step + 1, values, "a lower train.lr")
+        return values
+
     def train_step(self) -> StepRecord:
         """One optimizer step over the global batch. Raises FloatingPointError, the update not
         applied, when a loss component or the gradient norm is not finite, and after
@@ -461,8 +491,9 @@ class Trainer:
             batches = iter(batches)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        reports = get_forward_backward_func()(
-            forward_step_func=forward_step,
+        self._reports, self._values = [], None
+        get_forward_backward_func()(
+            forward_step_func=self._forward_step,
             data_iterator=batches,
             model=[self.model],
             num_microbatches=self.num_micro,
@@ -471,11 +502,9 @@ class Trainer:
             forward_only=False,
         )
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
-        # Reduced before the update (one host sync), so that a NaN loss stops every rank with
-        # the optimizer untouched, even when the gradients are finite.
-        values = _broadcast_from_last_stage(
-            _reduce_reports(reports) if reports else {}, REPORT_NAMES)
-        check_losses(self.step + 1, values, "a lower train.lr")
+        # Checked before the gradients are reduced (in finalize), so that a NaN loss stops every
+        # rank with the optimizer untouched, whether the gradients are finite or not.
+        values = self._values if self._values is not None else self._checked_values()
         applied, grad_norm, _ = self.optimizer.step()
         check_gradients(self.step + 1, grad_norm is None or math.isfinite(grad_norm),
                         f"the gradient norm is {grad_norm}", "a lower train.lr or clip_grad")
