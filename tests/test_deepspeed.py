@@ -164,10 +164,12 @@ def nonfinite_probe(argv: list[str]) -> None:
 
 
 def nan_loss_probe(argv: list[str]) -> None:
-    """`nan-loss-probe OUT CONFIG`: training.deepspeed.run for 3 steps whose step 2 has a NaN
-    cross-entropy on the last rank only, in the logged per-token values (the loss it backward()s,
-    and so the gradients, stay finite; wrapped in this process only). Writes what the run
-    raised, how many weights step 2 moved and the trainer's step, per rank."""
+    """`nan-loss-probe OUT MODE CONFIG`: training.deepspeed.run for 3 steps whose step 2, on the
+    last rank only (batch_objectives wrapped in this process only), has with MODE "report" a
+    NaN cross-entropy in the logged per-token values (the loss it backward()s, and so the
+    gradients, stay finite), with MODE "grads" a NaN per-token loss (so NaN gradients too).
+    Writes what the run raised, how many weights step 2 moved and the trainer's step, per
+    rank."""
     import dataclasses
 
     import deepspeed
@@ -175,14 +177,16 @@ def nan_loss_probe(argv: list[str]) -> None:
 
     import token_objectives.training.deepspeed as ds
 
-    out, config = Path(argv[0]), Path(argv[1])
+    out, mode, config = Path(argv[0]), argv[1], Path(argv[2])
     seen = {}
 
     class Probe(ds.Trainer):
         def batch_objectives(self, batch):
             output = super().batch_objectives(batch)
             if self.step == 1 and dist.get_rank() == dist.get_world_size() - 1:
-                output = dataclasses.replace(output, ce=output.ce + float("nan"))
+                field = "ce" if mode == "report" else "loss"
+                output = dataclasses.replace(
+                    output, **{field: getattr(output, field) * float("nan")})
             return output
 
         def train_step(self):
@@ -420,19 +424,21 @@ def test_a_non_finite_gradient_stops_the_step_before_the_update(data, tmp_path):
             assert got["moved"] == 0 and got["step"] == 0, (name, rank, got)
 
 
-def test_a_nan_loss_with_finite_gradients_stops_before_the_update(data, tmp_path):
-    """Step 2's cross-entropy is NaN on one rank, its gradients finite (ZeRO-2, accumulation
-    2): every rank stops with the step and the component named, no weight moves, and
-    metrics.jsonl ends at step 1 (before, the update was applied and the run went on)."""
+@pytest.mark.parametrize(("mode", "component"), [("report", "ce"), ("grads", "lm loss")])
+def test_a_nan_loss_stops_before_the_update(data, tmp_path, mode, component):
+    """Step 2's cross-entropy is NaN on one rank with finite gradients, or its loss with NaN
+    gradients (ZeRO-2, accumulation 2): every rank stops with the step and the component named,
+    no weight moves, and metrics.jsonl ends at step 1 (before, the first went on with the
+    update applied)."""
     config = ds_config(data, tmp_path, "zero2", gradient_accumulation_steps=2)
     check(subprocess.run(torchrun_command(Path(__file__), "nan-loss-probe", str(tmp_path),
-                                          str(config)),
+                                          mode, str(config)),
                          capture_output=True, text=True, timeout=600,
                          env=dict(WORKER_ENV, PROBE_DATA=str(data.train_prefix))))
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["error"] is not None and got["error"].startswith(
-            "step 2: the loss component 'ce' is nan (lm loss "), got
+            f"step 2: the loss component '{component}' is nan ("), got
         assert "the update was not applied. Check the data" in got["error"], got
         assert got["moved"] == 0 and got["step"] == 1, (rank, got)
     assert [row["step"] for row in read_metrics(tmp_path)] == [1]
