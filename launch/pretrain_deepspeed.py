@@ -35,6 +35,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="save every N steps (0: only at the end and on SIGUSR1/SIGTERM)")
     parser.add_argument("--seed", type=int, default=1234, help="weights and data order")
     parser.add_argument("--seq-length", type=int, default=128, help="tokens per sample")
+    parser.add_argument("--max-skipped-steps", type=int, default=10,
+                        help="stop after N updates in a row that DeepSpeed skipped (fp16 loss "
+                        "scale overflows); 0: never")
     parser.add_argument("--ds-set", dest="ds_overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override one ds_config value, e.g. "
                         "bf16.enabled=false or token_objectives.ntl_weight=0.5")
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         save_interval=args.save_interval,
         seed=args.seed,
         seq_length=args.seq_length,
+        max_skipped_steps=args.max_skipped_steps,
     ))
     return 0 if result.last_step > 0 or result.stopped_by_signal else 1
 

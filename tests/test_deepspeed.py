@@ -163,6 +163,55 @@ def nonfinite_probe(argv: list[str]) -> None:
         trainer.engine.destroy()
 
 
+def nan_loss_probe(argv: list[str]) -> None:
+    """`nan-loss-probe OUT MODE CONFIG`: training.deepspeed.run for 3 steps whose step 2, on the
+    last rank only (batch_objectives wrapped in this process only), has with MODE "report" a
+    NaN cross-entropy in the logged per-token values (the loss it backward()s, and so the
+    gradients, stay finite), with MODE "grads" a NaN per-token loss (so NaN gradients too).
+    Writes what the run raised, how many weights step 2 moved and the trainer's step, per
+    rank."""
+    import dataclasses
+
+    import deepspeed
+    import torch.distributed as dist
+
+    import token_objectives.training.deepspeed as ds
+
+    out, mode, config = Path(argv[0]), argv[1], Path(argv[2])
+    seen = {}
+
+    class Probe(ds.Trainer):
+        def batch_objectives(self, batch):
+            output = super().batch_objectives(batch)
+            if self.step == 1 and dist.get_rank() == dist.get_world_size() - 1:
+                field = "ce" if mode == "report" else "loss"
+                output = dataclasses.replace(
+                    output, **{field: getattr(output, field) * float("nan")})
+            return output
+
+        def train_step(self):
+            if self.step == 1:
+                seen.update(trainer=self, before=[
+                    deepspeed.utils.safe_get_full_fp32_param(p).clone()
+                    for p in self.engine.module.parameters()])
+            return super().train_step()
+
+    ds.Trainer = Probe
+    error = None
+    try:
+        ds.run(ds.TrainArgs(model_config=str(TINY), data_prefix=os.environ["PROBE_DATA"],
+                            ds_config=json.loads(config.read_text()), output_dir=str(out),
+                            steps=3, seed=SEED, seq_length=SEQ_LENGTH), printer=None)
+    except FloatingPointError as raised:
+        error = str(raised)
+    trainer = seen["trainer"]
+    after = [deepspeed.utils.safe_get_full_fp32_param(p)
+             for p in trainer.engine.module.parameters()]
+    moved = sum(not torch.equal(a, b) for a, b in zip(seen["before"], after, strict=True))
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(
+        {"error": error, "moved": moved, "step": trainer.step}))
+
+
 def probe(argv: list[str]) -> None:
     """`probe OUT NAME=CONFIG[@MODEL_CONFIG]...`: one step per config (the model config is TINY
     unless given); the first run of each model config also writes its reference,
@@ -373,6 +422,26 @@ def test_a_non_finite_gradient_stops_the_step_before_the_update(data, tmp_path):
             assert got["error"] is not None and got["error"].startswith(
                 "step 1: a gradient is inf or NaN; the update was not applied"), (name, got)
             assert got["moved"] == 0 and got["step"] == 0, (name, rank, got)
+
+
+@pytest.mark.parametrize(("mode", "component"), [("report", "ce"), ("grads", "lm loss")])
+def test_a_nan_loss_stops_before_the_update(data, tmp_path, mode, component):
+    """Step 2's cross-entropy is NaN on one rank with finite gradients, or its loss with NaN
+    gradients (ZeRO-2, accumulation 2): every rank stops with the step and the component named,
+    no weight moves, and metrics.jsonl ends at step 1 (before, the first went on with the
+    update applied)."""
+    config = ds_config(data, tmp_path, "zero2", gradient_accumulation_steps=2)
+    check(subprocess.run(torchrun_command(Path(__file__), "nan-loss-probe", str(tmp_path),
+                                          mode, str(config)),
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(WORKER_ENV, PROBE_DATA=str(data.train_prefix))))
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["error"] is not None and got["error"].startswith(
+            f"step 2: the loss component '{component}' is nan ("), got
+        assert "the update was not applied. Check the data" in got["error"], got
+        assert got["moved"] == 0 and got["step"] == 1, (rank, got)
+    assert [row["step"] for row in read_metrics(tmp_path)] == [1]
 
 
 # ----------------------------------------------------------------------------- config errors
@@ -613,3 +682,5 @@ if __name__ == "__main__" and sys.argv[1:2] == ["probe"]:
     probe(sys.argv[2:])
 if __name__ == "__main__" and sys.argv[1:2] == ["nonfinite-probe"]:
     nonfinite_probe(sys.argv[2:])
+if __name__ == "__main__" and sys.argv[1:2] == ["nan-loss-probe"]:
+    nan_loss_probe(sys.argv[2:])

@@ -7,6 +7,7 @@ with a straight run; interrupted and corrupt checkpoints are shown to be handled
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchrun_helpers import REPO, WORKER_ENV, free_port
+from torchrun_helpers import REPO, WORKER_ENV, check, free_port, torchrun_command
 from torchrun_helpers import TINY_MEGATRON as TINY
 from torchrun_helpers import read_metrics as metrics
 
@@ -191,3 +192,72 @@ def test_sigusr1_saves_and_exits_then_the_run_resumes(data, tmp_path):
     steps = [m["step"] for m in metrics(tmp_path)]
     assert steps == list(range(1, saved + 3))
     assert latest_complete_step(tmp_path / "checkpoints") == saved + 2
+
+
+def nan_loss_probe(argv: list[str]) -> None:
+    """`nan-loss-probe OUT MODE OVERRIDE...`: training.megatron.run for 3 steps, its loss_func
+    wrapped in this process only: in step 2, MODE "report" makes the reported "ntl" sum NaN
+    while the loss it returns, and so the gradients, stay finite; MODE "grads" makes the
+    per-token loss NaN, and so the gradients too. Writes what the run raised, how many weights
+    step 2 moved and the trainer's step, per rank."""
+    import token_objectives.training.megatron as megatron
+    from token_objectives.training.config import load_config
+
+    out, mode = Path(argv[0]), argv[1]
+    original, seen = megatron.loss_func, {}
+
+    def loss_func(loss_mask, output_tensor, model=None):
+        if seen and mode == "grads":
+            output_tensor = output_tensor * float("nan")
+        loss, tokens, report = original(loss_mask, output_tensor, model)
+        if seen and mode == "report":
+            nan = torch.tensor([float("nan"), 0.0], device=report["ntl"].device)
+            report["ntl"] = report["ntl"] + nan
+        return loss, tokens, report
+
+    class Probe(megatron.Trainer):
+        def train_step(self):
+            if self.step == 1:
+                seen.update(trainer=self, scheduled=self.scheduler.num_steps,
+                            before=[p.detach().clone() for p in self.model.parameters()])
+            return super().train_step()
+
+    megatron.loss_func, megatron.Trainer = loss_func, Probe
+    error = None
+    try:
+        megatron.run(load_config(REPO / "configs" / "tiny.yaml", argv[2:]), printer=None)
+    except FloatingPointError as raised:
+        error = str(raised)
+    trainer = seen["trainer"]
+    moved = sum(not torch.equal(a, b) for a, b in
+                zip(seen["before"], trainer.model.parameters(), strict=True))
+    rank = torch.distributed.get_rank()
+    (out / f"rank{rank}.json").write_text(json.dumps({
+        "error": error, "moved": moved, "step": trainer.step,
+        "scheduler_moved": trainer.scheduler.num_steps != seen["scheduled"]}))
+
+
+@pytest.mark.parametrize(("mode", "component"), [("report", "ntl"), ("grads", "lm loss")])
+def test_a_nan_loss_stops_before_the_update(data, tmp_path, mode, component):
+    """Step 2 reports a NaN NTL with finite gradients, or a NaN loss with NaN gradients (TP = 2):
+    every rank stops with the step and the component named, no weight and no LR-schedule step
+    moved, and metrics.jsonl ends at step 1. Before, the first went on with the update applied;
+    the second stopped in megatron-core's gradient check, without naming the loss."""
+    overrides = [*TINY, f"data.tokenizer={data.tokenizer_path}",
+                 f"data.train_prefix={data.train_prefix}",
+                 f"data.frequencies={data.frequencies_path}", f"output.dir={tmp_path}",
+                 "parallel.tensor=2", "train.steps=3"]
+    check(subprocess.run(torchrun_command(Path(__file__), "nan-loss-probe", str(tmp_path),
+                                          mode, *overrides),
+                         capture_output=True, text=True, env=WORKER_ENV, timeout=600))
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["error"] is not None and got["error"].startswith(
+            f"step 2: the loss component '{component}' is nan ("), got
+        assert "the update was not applied. Check the data" in got["error"], got
+        assert got["moved"] == 0 and got["step"] == 1 and not got["scheduler_moved"], got
+    assert [row["step"] for row in metrics(tmp_path)] == [1]
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["nan-loss-probe"]:
+    nan_loss_probe(sys.argv[2:])

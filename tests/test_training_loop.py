@@ -9,7 +9,13 @@ import math
 
 import pytest
 
-from token_objectives.training.loop import StepRecord, check_gradients, format_step
+from token_objectives.training.loop import (
+    SkippedSteps,
+    StepRecord,
+    check_gradients,
+    check_losses,
+    format_step,
+)
 from token_objectives.training.metrics import MetricsWriter
 
 
@@ -55,3 +61,27 @@ def test_a_non_finite_gradient_is_an_error_that_names_the_step_and_the_fix():
     with pytest.raises(FloatingPointError, match=r"^step 5: the gradient norm is nan; the update "
                        r"was not applied\. Resume from the last checkpoint with a lower lr$"):
         check_gradients(5, False, "the gradient norm is nan", "a lower lr")
+
+
+def test_a_non_finite_loss_component_is_an_error_that_names_it_the_step_and_what_to_check():
+    check_losses(12, {"lm loss": 2.5, "ce": 2.31, "ntl": 0.1}, "a lower train.lr")
+    with pytest.raises(FloatingPointError, match=(
+            r"^step 12: the loss component 'ntl' is nan \(lm loss nan, ce 2\.31, ntl part nan\); "
+            r"the update was not applied\. Check the data \(labels, loss mask\) and the number "
+            r"table; resume from the last checkpoint with a lower train\.lr$")):
+        check_losses(12, {"lm loss": math.nan, "ce": 2.31, "ntl part": math.nan,
+                          "ntl": math.nan}, "a lower train.lr")
+    with pytest.raises(FloatingPointError, match=r"^step 3: the loss component 'ce' is inf "):
+        check_losses(3, {"lm loss": 1.0, "ce": math.inf}, "a lower lr")
+
+
+def test_skipped_updates_stop_the_run_after_the_limit_in_a_row_only():
+    skipped = SkippedSteps(3, "train.max_skipped_steps")
+    for step, applied in enumerate([False, False, True, False, False], start=1):
+        skipped.record(step, applied)  # never 3 in a row
+    with pytest.raises(FloatingPointError, match=r"^step 6: the optimizer skipped the update 3 "
+                       r"steps in a row \(train.max_skipped_steps = 3\)"):
+        skipped.record(6, False)
+    never = SkippedSteps(0, "--max-skipped-steps")
+    for step in range(1, 100):
+        never.record(step, False)

@@ -4,6 +4,7 @@ field's type, an unknown key or a wrong type named with its section."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -13,13 +14,25 @@ _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 def _coerce(section: str, key: str, annotation: str, value: Any) -> Any:
-    """Check a value against its field's annotation ("float", "int | None", ...)."""
+    """Check a value against its field's annotation ("float", "int | None", ...).
+
+    A number written as text ("1e-3", which YAML reads as a string) is read as a number; an int
+    field takes a float only when it is an exact integer (1e3 -> 1000, 1.5 is an error); a NaN
+    is refused for every field.
+    """
     allowed = [part.strip() for part in annotation.split("|")]
     if value is None and "None" in allowed:
         return None
     if isinstance(value, str) and ("float" in allowed or "int" in allowed) and \
             _NUMBER.fullmatch(value):
-        value = float(value) if "float" in allowed else int(value)  # YAML reads 1e-3 as text
+        value = float(value)
+    if isinstance(value, float) and math.isnan(value):
+        raise ValueError(f"{section}.{key} must be {annotation}, not NaN")
+    if isinstance(value, float) and "int" in allowed and "float" not in allowed:
+        if not value.is_integer():
+            raise ValueError(f"{section}.{key} must be {annotation} (a whole number), "
+                             f"got {value!r}")
+        value = int(value)
     for name in allowed:
         kind = _TYPES.get(name)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):

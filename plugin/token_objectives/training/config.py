@@ -3,11 +3,14 @@
 Sections: model, parallel, train, data, objectives (ObjectiveConfig), scheduled_sampling
 (ScheduledSamplingConfig, off by default), output. An unknown section
 or key is an error that names it and lists the valid ones; `--set section.key=value` overrides
-take YAML values.
+take YAML values. Every size is a positive integer, every interval and count >= 0, every rate a
+finite number in its range; a bad value is a ValueError naming `section.key`. An int key takes a
+number written as a float only when it is an exact integer (`--set train.steps=1e3` is 1000).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,27 @@ import yaml
 from token_objectives.objectives.config import ObjectiveConfig
 from token_objectives.objectives.sections import section_from_mapping
 from token_objectives.scheduled_sampling.schedule import ScheduledSamplingConfig
+
+
+def _check_sizes(section: str, config: object, names: Sequence[str], least: int) -> None:
+    """Each of `names` (None allowed where the field allows it) is an int >= least."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < least:
+            what = "a positive integer" if least == 1 else f"an integer >= {least}"
+            raise ValueError(f"{section}.{name} must be {what}, got {value}")
+
+
+def _check_number(section: str, name: str, value: float, low: float, high: float = math.inf,
+                  low_open: bool = False, high_open: bool = False) -> None:
+    """`value` is finite and lies in the interval from low to high (open where asked)."""
+    inside = math.isfinite(value) and (value > low if low_open else value >= low) and (
+        value < high if high_open else value <= high)
+    if not inside:
+        interval = (f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+                    if math.isfinite(high) else f"{'>' if low_open else '>='} {low}")
+        raise ValueError(f"{section}.{name} must be a finite number "
+                         f"{'in ' if math.isfinite(high) else ''}{interval}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -43,6 +67,11 @@ class ModelConfig:
     fused_lm_head: bool = False  # the loss straight from hidden states: no [s, b, V/tp] logits
 
     def __post_init__(self) -> None:
+        _check_sizes("model", self, ("num_layers", "hidden_size", "ffn_hidden_size",
+                                     "num_attention_heads", "num_query_groups", "seq_length",
+                                     "vocab_size", "make_vocab_size_divisible_by"), 1)
+        for name in ("norm_epsilon", "rotary_base", "init_method_std"):
+            _check_number("model", name, getattr(self, name), 0.0, low_open=True)
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"model.dtype must be 'fp32' or 'bf16', got {self.dtype!r}")
         if self.hidden_size % self.num_attention_heads:
@@ -58,6 +87,10 @@ class ParallelConfig:
     pipeline: int = 1
     micro_batch_size: int = 4
     global_batch_size: int | None = None  # None: micro_batch_size * data-parallel size
+
+    def __post_init__(self) -> None:
+        _check_sizes("parallel", self, ("tensor", "pipeline", "micro_batch_size",
+                                        "global_batch_size"), 1)
 
 
 @dataclass(frozen=True)
@@ -76,10 +109,18 @@ class TrainConfig:
     save_interval: int = 0  # 0: save only at the end and on a signal
     exit_interval: int = 0  # >0: save and exit when step % exit_interval == 0 (time-sliced jobs)
     keep_checkpoints: int = 0  # >0: keep only the newest N complete checkpoints
+    max_skipped_steps: int = 10  # stop after N updates in a row the optimizer skipped; 0: never
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"train.steps must be >= 1, got {self.steps}")
+        _check_sizes("train", self, ("steps", "log_interval"), 1)
+        _check_sizes("train", self, ("save_interval", "exit_interval", "keep_checkpoints",
+                                     "max_skipped_steps", "seed"), 0)
+        _check_number("train", "lr", self.lr, 0.0, low_open=True)
+        _check_number("train", "min_lr", self.min_lr, 0.0)
+        _check_number("train", "weight_decay", self.weight_decay, 0.0)
+        _check_number("train", "clip_grad", self.clip_grad, 0.0)
+        for name in ("adam_beta1", "adam_beta2"):
+            _check_number("train", name, getattr(self, name), 0.0, 1.0, high_open=True)
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(
                 f"train.warmup_steps ({self.warmup_steps}) must lie in [0, train.steps = "
@@ -131,18 +172,26 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
     unknown = sorted(set(raw) - set(_SECTION_TYPES))
     if unknown:
         raise ValueError(f"unknown config section(s) {unknown}; valid: {sorted(_SECTION_TYPES)}")
-    return RunConfig(**{name: _section(name, raw.get(name) or {}) for name in _SECTION_TYPES})
+    return RunConfig(**{name: _section(name, {} if raw.get(name) is None else raw[name])
+                        for name in _SECTION_TYPES})
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """`section.key=value` strings (value in YAML) applied to a raw config dict (a copy)."""
-    merged = {name: dict(values or {}) for name, values in raw.items()}
+    merged = {name: dict(values) if isinstance(values, Mapping) else values
+              for name, values in raw.items()}  # a section that is not a mapping: named later
     for item in overrides:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or not name:
             raise ValueError(f"override {item!r} must look like section.key=value")
-        merged.setdefault(section, {})[name] = yaml.safe_load(value)
+        target = merged.get(section)
+        if target is None:
+            target = merged[section] = {}
+        if not isinstance(target, dict):
+            raise ValueError(f"override {item!r}: config section {section!r} must be a mapping, "
+                             f"got {target!r}")
+        target[name] = yaml.safe_load(value)
     return merged
 
 

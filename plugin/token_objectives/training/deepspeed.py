@@ -54,9 +54,11 @@ from token_objectives.training.checkpointing import write_atomically
 from token_objectives.training.data import MegatronTokenizer, Repeated, gpt_dataset, micro_batches
 from token_objectives.training.loop import (  # noqa: F401 (any_rank_signalled: public here too)
     RunResult,
+    SkippedSteps,
     StepRecord,
     any_rank_signalled,
     check_gradients,
+    check_losses,
     format_step,
     run_loop,
 )
@@ -80,6 +82,17 @@ class TrainArgs:
     save_interval: int = 0
     seed: int = 1234
     seq_length: int = 128
+    max_skipped_steps: int = 10  # stop after N updates in a row DeepSpeed skipped; 0: never
+
+    def __post_init__(self) -> None:
+        for flag, name, least in (("--steps", "steps", 1), ("--seq-length", "seq_length", 1),
+                                  ("--save-interval", "save_interval", 0),
+                                  ("--max-skipped-steps", "max_skipped_steps", 0),
+                                  ("--seed", "seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                what = "a positive integer" if least == 1 else f"an integer >= {least}"
+                raise ValueError(f"{flag} must be {what}, got {value!r}")
 
 format_row = format_step
 
@@ -328,6 +341,7 @@ class Trainer:
         self.dataset = Repeated(gpt_dataset(args.data_prefix, args.seq_length, args.seed,
                                             self.tokenizer, None, out / "data_cache"))
         self.step = 0
+        self.skipped = SkippedSteps(args.max_skipped_steps, "--max-skipped-steps")
         logging = dist.get_rank() == 0
         monitor = getattr(self.engine, "monitor", None)
         sink = None
@@ -418,19 +432,26 @@ class Trainer:
 
     def train_step(self) -> StepRecord:
         """One optimizer step over the global batch. Raises FloatingPointError before
-        engine.step() when a gradient is inf or NaN (the update is not applied)."""
+        engine.step() when a loss component or a gradient is inf or NaN (the update is not
+        applied), and after args.max_skipped_steps updates in a row that DeepSpeed skipped (its
+        fp16 loss scaler's overflows)."""
         start = time.perf_counter()
         batches = self.step_batches(self.step)
         sampling = {}
         if self.sampler is not None:
             batches, sampling = self.scheduled_inputs(batches)
         output = self.forward_backward(batches)
+        # Reduced before engine.step() (one host sync): a NaN loss stops every rank before the
+        # update, even with finite gradients. No engine: the metrics writer sends them to the
+        # monitor, with the sampling values.
+        values = log_components(None, output, self.step + 1, self.objectives.config)
+        fix = 'a lower ds_config["optimizer"].params.lr'
+        check_losses(self.step + 1, values, fix)
         check_gradients(self.step + 1, gradients_finite(self.engine), "a gradient is inf or NaN",
-                        'a lower ds_config["optimizer"].params.lr or gradient_clipping')
+                        f"{fix} or gradient_clipping")
         self.engine.step()
         self.step += 1
-        # No engine: the metrics writer sends them to the monitor, with the sampling values.
-        values = log_components(None, output, self.step, self.objectives.config)
+        self.skipped.record(self.step, self.engine.was_step_applied())
         elapsed = time.perf_counter() - start
         grad_norm = self.engine.get_global_grad_norm()
         return StepRecord(self.step, values, self.engine.get_lr()[0],

@@ -12,7 +12,8 @@ checkpoint format); everything a run does around its steps is here, once:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -85,6 +86,56 @@ def check_gradients(step: int, finite: bool, detail: str, fix: str) -> None:
     if not finite:
         raise FloatingPointError(f"step {step}: {detail}; the update was not applied. Resume "
                                  f"from the last checkpoint with {fix}")
+
+
+class _Blame(dict):
+    """Which non-finite component a message names first: a plain component before its weighted
+    part, any other before "lm loss", the sum that is non-finite whenever one of them is."""
+
+    def __missing__(self, name: str) -> int:
+        return 4
+
+
+_BLAME_ORDER = _Blame({"ce": 0, "ntl": 1, "ce part": 2, "ntl part": 3, "lm loss": 5})
+
+
+def check_losses(step: int, values: Mapping[str, float], fix: str) -> None:
+    """Stop the run before the update of a step whose loss is not finite.
+
+    values: the step's per-component means, already reduced over the global batch (every rank
+    holds the same, so every rank raises); fix: what to change on resuming. Raises
+    FloatingPointError naming the non-finite component (the most specific one), with the
+    others for context.
+    """
+    bad = sorted((name for name, value in values.items() if not math.isfinite(value)),
+                 key=_BLAME_ORDER.get)
+    if bad:
+        others = ", ".join(f"{name} {value:.4g}" for name, value in values.items()
+                           if name != bad[0])
+        raise FloatingPointError(
+            f"step {step}: the loss component {bad[0]!r} is {values[bad[0]]} ({others}); the "
+            f"update was not applied. Check the data (labels, loss mask) and the number table; "
+            f"resume from the last checkpoint with {fix}")
+
+
+@dataclass
+class SkippedSteps:
+    """Counts the optimizer's consecutive skipped updates (a loss scaler's overflow) and stops
+    the run after `limit` in a row; limit 0 never stops. `flag` names the setting."""
+
+    limit: int
+    flag: str
+    in_a_row: int = 0
+
+    def record(self, step: int, applied: bool) -> None:
+        """After the optimizer step `step` (1-based): raises FloatingPointError on the
+        `limit`-th skipped update in a row."""
+        self.in_a_row = 0 if applied else self.in_a_row + 1
+        if self.limit and self.in_a_row >= self.limit:
+            raise FloatingPointError(
+                f"step {step}: the optimizer skipped the update {self.in_a_row} steps in a row "
+                f"({self.flag} = {self.limit}): the gradients keep overflowing. Check the data "
+                f"and the loss scaling; resume from the last checkpoint with a lower lr")
 
 
 def any_rank_signalled(flag: PreemptionFlag, device: torch.device | str = "cpu") -> bool:

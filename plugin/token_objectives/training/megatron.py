@@ -39,8 +39,10 @@ from token_objectives.training.config import RunConfig, padded_vocab_size
 from token_objectives.training.data import MegatronTokenizer, Repeated, gpt_dataset, micro_batches
 from token_objectives.training.loop import (
     RunResult,
+    SkippedSteps,
     StepRecord,
     check_gradients,
+    check_losses,
     format_step,
     run_loop,
 )
@@ -215,7 +217,11 @@ def report_values(totals: dict[str, torch.Tensor]) -> dict[str, float]:
     loss_func's pairs count only what exists ("ntl" counts number tokens), so a step without
     any number token has "ntl" = [0, 0]: it logs 0, not NaN and not a diluted mean.
     """
-    return {name: (t[0] / t[1]).item() if t[1] > 0 else 0.0 for name, t in totals.items()}
+    if not totals:
+        return {}
+    pairs = torch.stack([t.float() for t in totals.values()]).tolist()  # one host sync
+    return {name: total / count if count > 0 else 0.0
+            for name, (total, count) in zip(totals, pairs, strict=True)}
 
 
 def _broadcast_from_last_stage(values: dict[str, float], names: list[str]) -> dict[str, float]:
@@ -304,7 +310,16 @@ class Trainer:
                                                    use_distributed_optimizer=False,
                                                    check_for_nan_in_grad=True)
         self.model = DistributedDataParallel(config, ddp_config, module)
-        config.finalize_model_grads_func = finalize_model_grads
+        self._reports: list[dict] = []  # this step's loss reports, as the schedule makes them
+        self._values: dict[str, float] | None = None
+
+        def finalize(*args, **kwargs) -> None:
+            # The loss is checked before megatron-core reduces the gradients, whose own NaN
+            # check would otherwise stop the run first without naming the component.
+            self._values = self._checked_values()
+            finalize_model_grads(*args, **kwargs)
+
+        config.finalize_model_grads_func = finalize
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=cfg.train.lr, min_lr=cfg.train.min_lr,
                             weight_decay=cfg.train.weight_decay, adam_beta1=cfg.train.adam_beta1,
@@ -327,6 +342,7 @@ class Trainer:
                                             cfg.train.seed, self.tokenizer, None,
                                             out / "data_cache"))
         self.step = 0
+        self.skipped = SkippedSteps(cfg.train.max_skipped_steps, "train.max_skipped_steps")
         logging = self._is_logging_rank()
         sink = None
         if cfg.output.tensorboard and logging:
@@ -438,9 +454,31 @@ class Trainer:
         return list(stacked.unbind(0))
 
     # ------------------------------------------------------------------ training
+    def _forward_step(self, data_iterator, model):
+        """forward_step, with each micro-batch's loss report kept for `_checked_values`."""
+        output, loss = forward_step(data_iterator, model)
+
+        def recorded(output_tensor):
+            result = loss(output_tensor)
+            self._reports.append(result[2])
+            return result
+
+        return output, recorded
+
+    def _checked_values(self) -> dict[str, float]:
+        """Collective (DP all-reduce, PP all-reduce, one host sync): the step's logged values
+        from the kept reports; raises FloatingPointError on every rank when one is not finite,
+        before the gradients are reduced and the optimizer steps."""
+        reports, self._reports = self._reports, []
+        values = _broadcast_from_last_stage(_reduce_reports(reports) if reports else {},
+                                            REPORT_NAMES)
+        check_losses(self.step + 1, values, "a lower train.lr")
+        return values
+
     def train_step(self) -> StepRecord:
         """One optimizer step over the global batch. Raises FloatingPointError, the update not
-        applied, when the gradient norm is not finite."""
+        applied, when a loss component or the gradient norm is not finite, and after
+        train.max_skipped_steps updates in a row that the optimizer skipped."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         cfg = self.cfg
@@ -453,8 +491,9 @@ class Trainer:
             batches = iter(batches)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        reports = get_forward_backward_func()(
-            forward_step_func=forward_step,
+        self._reports, self._values = [], None
+        get_forward_backward_func()(
+            forward_step_func=self._forward_step,
             data_iterator=batches,
             model=[self.model],
             num_microbatches=self.num_micro,
@@ -463,12 +502,14 @@ class Trainer:
             forward_only=False,
         )
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
-        _, grad_norm, _ = self.optimizer.step()
+        # Checked before the gradients are reduced (in finalize), so that a NaN loss stops every
+        # rank with the optimizer untouched, whether the gradients are finite or not.
+        values = self._values if self._values is not None else self._checked_values()
+        applied, grad_norm, _ = self.optimizer.step()
         check_gradients(self.step + 1, grad_norm is None or math.isfinite(grad_norm),
                         f"the gradient norm is {grad_norm}", "a lower train.lr or clip_grad")
+        self.skipped.record(self.step + 1, bool(applied))
         self.scheduler.step(increment=self.global_batch)
-        values = _broadcast_from_last_stage(
-            _reduce_reports(reports) if reports else {}, REPORT_NAMES)
         elapsed = time.perf_counter() - start
         self.step += 1
         tokens = self.global_batch * cfg.model.seq_length

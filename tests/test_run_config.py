@@ -1,0 +1,87 @@
+"""The run config's values are checked where they are read: a size that is not a positive
+integer, a negative interval, a NaN or an out-of-range rate is a ValueError naming the
+`section.key` (or, for the DeepSpeed loop, the flag) and what it accepts, before any worker
+starts; no process group needed."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from token_objectives.training.config import config_from_dict, load_config
+
+
+@pytest.mark.parametrize(("override", "says"), [
+    ("model.seq_length=0", "model.seq_length must be a positive integer, got 0"),
+    ("model.num_attention_heads=0", "model.num_attention_heads must be a positive integer"),
+    ("model.make_vocab_size_divisible_by=0",
+     "model.make_vocab_size_divisible_by must be a positive integer, got 0"),
+    ("model.num_layers=-2", "model.num_layers must be a positive integer, got -2"),
+    ("model.norm_epsilon=0", "model.norm_epsilon must be a finite number > 0.0, got 0.0"),
+    ("parallel.tensor=0", "parallel.tensor must be a positive integer, got 0"),
+    ("parallel.micro_batch_size=0", "parallel.micro_batch_size must be a positive integer"),
+    ("parallel.global_batch_size=-8", "parallel.global_batch_size must be a positive integer"),
+    ("train.save_interval=-1", "train.save_interval must be an integer >= 0, got -1"),
+    ("train.exit_interval=-1", "train.exit_interval must be an integer >= 0, got -1"),
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints must be an integer >= 0, got -1"),
+    ("train.max_skipped_steps=-1", "train.max_skipped_steps must be an integer >= 0"),
+    ("train.log_interval=0", "train.log_interval must be a positive integer, got 0"),
+    ("train.lr=.nan", "train.lr must be float, not NaN"),
+    ("train.lr=0", "train.lr must be a finite number > 0.0, got 0.0"),
+    ("train.lr=.inf", "train.lr must be a finite number > 0.0, got inf"),
+    ("train.clip_grad=-1", "train.clip_grad must be a finite number >= 0.0, got -1.0"),
+    ("train.adam_beta2=1", "train.adam_beta2 must be a finite number in [0.0, 1.0), got 1.0"),
+    ("train.steps=1.5e3.1", "train.steps must be int, got '1.5e3.1'"),
+    ("train.steps=1.5", "train.steps must be int (a whole number), got 1.5"),
+    ("train.steps=.nan", "train.steps must be int, not NaN"),
+    ("model.vocab_size=.nan", "model.vocab_size must be int | None, not NaN"),
+])
+def test_a_bad_value_names_its_key_and_what_it_accepts(override, says):
+    with pytest.raises(ValueError, match="^" + re.escape(says)):
+        load_config(None, [override])
+
+
+def test_a_float_for_an_int_key_is_taken_when_it_is_an_exact_integer():
+    """YAML reads 1e3 as the text "1e3" and 1.0e+3 as a float: both are 1000 steps."""
+    assert load_config(None, ["train.steps=1e3"]).train.steps == 1000
+    assert load_config(None, ["train.steps=1.0e+3"]).train.steps == 1000
+    assert isinstance(load_config(None, ["train.steps=1e3"]).train.steps, int)
+    assert load_config(None, ["train.lr=3e-4"]).train.lr == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize("section", ["train", "model", "parallel"])
+def test_a_section_written_as_a_list_is_named(section, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"{section}: [1, 2]\n")
+    with pytest.raises(ValueError, match=f"config section '{section}' must be a mapping"):
+        load_config(path)
+    with pytest.raises(ValueError, match=f"config section '{section}' must be a mapping"):
+        load_config(path, [f"{section}.steps=3"])
+    with pytest.raises(ValueError, match=f"config section '{section}' must be a mapping"):
+        config_from_dict({section: "steps"})
+
+
+def test_the_defaults_and_the_shipped_tiny_config_still_load():
+    from torchrun_helpers import REPO
+
+    assert load_config(None).train.max_skipped_steps == 10
+    assert load_config(REPO / "configs" / "tiny.yaml").model.seq_length == 128
+    assert math.isfinite(load_config(None, ["train.min_lr=0"]).train.min_lr)
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("seq_length", 0, "--seq-length must be a positive integer, got 0"),
+    ("steps", 0, "--steps must be a positive integer, got 0"),
+    ("save_interval", -1, "--save-interval must be an integer >= 0, got -1"),
+    ("max_skipped_steps", -1, "--max-skipped-steps must be an integer >= 0, got -1"),
+    ("steps", 1e3, "--steps must be a positive integer, got 1000.0"),
+])
+def test_deepspeed_train_args_name_the_flag(field, value, says):
+    from token_objectives.training.deepspeed import TrainArgs
+
+    TrainArgs(model_config="m.json", data_prefix="d", ds_config={}, output_dir="o")
+    with pytest.raises(ValueError, match="^" + re.escape(says)):
+        TrainArgs(model_config="m.json", data_prefix="d", ds_config={}, output_dir="o",
+                  **{field: value})
