@@ -76,6 +76,7 @@ class TrainConfig:
     save_interval: int = 0  # 0: save only at the end and on a signal
     exit_interval: int = 0  # >0: save and exit when step % exit_interval == 0 (time-sliced jobs)
     keep_checkpoints: int = 0  # >0: keep only the newest N complete checkpoints
+    on_corrupt_checkpoint: str = "fallback"  # "fallback" (to the previous one) | "stop"
 
     def __post_init__(self) -> None:
         if self.steps < 1:
