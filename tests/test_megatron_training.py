@@ -7,6 +7,8 @@ with a straight run; interrupted and corrupt checkpoints are shown to be handled
 
 from __future__ import annotations
 
+import contextlib
+import re
 import shutil
 import subprocess
 import sys
@@ -195,6 +197,40 @@ def test_a_truncated_only_checkpoint_trains_from_scratch_and_says_so(data, tmp_p
     assert f"checkpoint {ckpt} is corrupt" in done.stderr and "has 64 bytes" in done.stderr
     assert "no earlier complete checkpoint: training from scratch" in done.stderr
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2]
+
+
+@contextlib.contextmanager
+def _small_tmpfs(directory: Path, size: str):
+    """A tmpfs of `size` mounted on `directory` (created here), unmounted afterwards; skips the
+    test when this machine does not allow mounting one."""
+    directory.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                              str(directory)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(data, tmp_path):
+    """The checkpoint root is a 2 MiB tmpfs: the first save (~1.4 MB) fits, the second does
+    not. The run exits non-zero with ENOSPC, the path and the free space; the first checkpoint
+    is untouched and still matches its manifest, and no partial directory is left."""
+    root = tmp_path / "checkpoints"
+    with _small_tmpfs(root, "2m"):
+        done = train(data, tmp_path, 1, "parallel.tensor=1", "train.steps=2",
+                     "train.save_interval=1", "train.keep_checkpoints=1", check=False)
+        assert done.returncode != 0
+        message = re.search(r"checkpoint save to (\S+) failed: no space left on device "
+                            r"\((\d+) bytes free on (\S+)\); .*the previous checkpoint (\S+) is "
+                            r"kept", done.stderr)
+        assert message, done.stderr[-3000:]
+        assert message.group(1) == str(step_dir(root, 2))
+        assert message.group(3) == str(root) and message.group(4) == str(step_dir(root, 1))
+        assert sorted(p.name for p in root.iterdir()) == ["step_0000001"]
+        assert checkpointing.manifest_problem(step_dir(root, 1)) is None
 
 
 def test_bad_config_key_fails_before_training(data, tmp_path):

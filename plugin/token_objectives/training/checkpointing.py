@@ -101,7 +101,7 @@ def save(sharded_state_dict: dict, root: str | Path, step: int, keep: int = 0) -
             shutil.rmtree(partial, ignore_errors=True)
         previous = latest_complete_step(root)
         kept = step_dir(root, previous) if previous is not None else None
-        raise CheckpointSaveError(save_failure(partial, error, kept)) from error
+        raise CheckpointSaveError(save_failure(final, error, kept)) from error
     if rank == 0 and keep > 0:
         _remove_old(root, keep)
     dist.barrier()
@@ -129,7 +129,8 @@ def save_failure(path: Path, error: BaseException | None, kept: Path | None) -> 
         cause = f"{type(error).__name__}: {error}"
     previous = (f"the previous checkpoint {kept} is kept" if kept is not None
                 else "there is no earlier checkpoint")
-    return f"checkpoint save to {path} failed: {cause}; {previous}"
+    return (f"checkpoint save to {path} failed: {cause}; its partial directory is removed and "
+            f"{previous}")
 
 
 def _os_error(error: BaseException | None) -> OSError | None:
@@ -138,15 +139,15 @@ def _os_error(error: BaseException | None) -> OSError | None:
     pending = [error]
     while pending:
         item = pending.pop()
-        if item is None or id(item) in seen:
+        if not isinstance(item, BaseException) or id(item) in seen:
             continue
         seen.add(id(item))
         if isinstance(item, OSError) and item.errno is not None:
             return item
         pending += [item.__cause__, item.__context__]
-        # DCP wraps each rank's exception (WrappedException.exception) in `failures`.
+        # DCP's CheckpointException: `failures` maps a rank to (exception, traceback).
         for failure in getattr(item, "failures", {}).values():
-            pending.append(getattr(failure, "exception", failure))
+            pending += list(failure) if isinstance(failure, tuple) else [failure]
     if error is not None and "No space left on device" in str(error):
         return OSError(errno.ENOSPC, "No space left on device")
     return None
