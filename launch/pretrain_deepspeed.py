@@ -35,6 +35,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="save every N steps (0: only at the end and on SIGUSR1/SIGTERM)")
     parser.add_argument("--seed", type=int, default=1234, help="weights and data order")
     parser.add_argument("--seq-length", type=int, default=128, help="tokens per sample")
+    parser.add_argument("--on-corrupt-checkpoint", choices=("fallback", "stop"),
+                        default="fallback",
+                        help="a tag whose files do not match its MANIFEST.json: resume from the "
+                        "previous tag (fallback) or stop with the fix (stop)")
     parser.add_argument("--ds-set", dest="ds_overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override one ds_config value, e.g. "
                         "bf16.enabled=false or token_objectives.ntl_weight=0.5")
@@ -58,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         save_interval=args.save_interval,
         seed=args.seed,
         seq_length=args.seq_length,
+        on_corrupt_checkpoint=args.on_corrupt_checkpoint,
     ))
     return 0 if result.last_step > 0 or result.stopped_by_signal else 1
 

@@ -81,13 +81,13 @@ def save(sharded_state_dict: dict, root: str | Path, step: int, keep: int = 0) -
             partial.mkdir(parents=True)
         except OSError as caught:
             error = caught
-    if not _any_rank_failed(error):
+    if not any_rank_failed(error):
         try:
             dist_checkpointing.save(sharded_state_dict, str(partial))
         # CheckpointException derives from BaseException, not Exception.
         except (Exception, CheckpointException) as caught:
             error = caught
-    if not _any_rank_failed(error) and rank == 0:
+    if not any_rank_failed(error) and rank == 0:
         try:
             write_manifest(partial)
             write_atomically(partial / COMPLETE_MARKER, json.dumps({"step": step}))
@@ -96,7 +96,7 @@ def save(sharded_state_dict: dict, root: str | Path, step: int, keep: int = 0) -
             os.replace(partial, final)
         except OSError as caught:
             error = caught
-    if _any_rank_failed(error):
+    if any_rank_failed(error):
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
         previous = latest_complete_step(root)
@@ -108,9 +108,10 @@ def save(sharded_state_dict: dict, root: str | Path, step: int, keep: int = 0) -
     return final
 
 
-def _any_rank_failed(error: BaseException | None) -> bool:
-    """Collective: True on every rank when any rank caught an error (gloo carries CPU tensors)."""
-    flag = torch.tensor([0 if error is None else 1])
+def any_rank_failed(error: BaseException | None, device: torch.device | str = "cpu") -> bool:
+    """Collective: True on every rank when any rank caught an error (a tensor on `device`: gloo
+    carries CPU tensors, NCCL CUDA ones)."""
+    flag = torch.tensor([0 if error is None else 1], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
@@ -120,7 +121,7 @@ def save_failure(path: Path, error: BaseException | None, kept: Path | None) -> 
     mount) and the checkpoint that is kept."""
     found = _os_error(error)
     if found is not None and found.errno == errno.ENOSPC:
-        mount = _mount_point(path)
+        mount = mount_point(path)
         cause = (f"no space left on device ({shutil.disk_usage(mount).free} bytes free on "
                  f"{mount})")
     elif error is None:
@@ -153,7 +154,7 @@ def _os_error(error: BaseException | None) -> OSError | None:
     return None
 
 
-def _mount_point(path: Path) -> Path:
+def mount_point(path: Path) -> Path:
     path = Path(os.path.abspath(path))
     while not path.exists():
         path = path.parent
