@@ -8,6 +8,8 @@ with a straight run; interrupted and corrupt checkpoints are shown to be handled
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import re
 import shutil
 import subprocess
@@ -231,6 +233,35 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(data, tmp_path)
         assert message.group(3) == str(root) and message.group(4) == str(step_dir(root, 1))
         assert sorted(p.name for p in root.iterdir()) == ["step_0000001"]
         assert checkpointing.manifest_problem(step_dir(root, 1)) is None
+
+
+def test_manifest_names_the_missing_resized_or_changed_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.bin").write_bytes(b"abc" * 1000)
+    (tmp_path / "sub" / "b.bin").write_bytes(b"xyz")
+    assert checkpointing.manifest_problem(tmp_path) == f"it has no {MANIFEST}"
+    checkpointing.write_manifest(tmp_path)
+    files = json.loads((tmp_path / MANIFEST).read_text())["files"]
+    assert sorted(files) == ["a.bin", "sub/b.bin"] and files["sub/b.bin"]["size"] == 3
+    assert checkpointing.manifest_problem(tmp_path) is None
+    (tmp_path / "sub" / "b.bin").write_bytes(b"xyZ")
+    assert checkpointing.manifest_problem(tmp_path) == (
+        f"{tmp_path / 'sub' / 'b.bin'} does not match its sha256 in {MANIFEST}")
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    assert "a.bin has 3 bytes, the manifest 3000" in checkpointing.manifest_problem(tmp_path)
+    (tmp_path / "a.bin").unlink()
+    assert checkpointing.manifest_problem(tmp_path) == f"{tmp_path / 'a.bin'} is missing"
+
+
+def test_enospc_inside_a_dcp_failure_is_found(tmp_path):
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    error = CheckpointException("save failed", {0: (full, None)})
+    message = checkpointing.save_failure(tmp_path / "step_0000002", error, tmp_path / "step_1")
+    assert message.startswith(f"checkpoint save to {tmp_path / 'step_0000002'} failed: no space "
+                              f"left on device (")
+    assert message.endswith(f"the previous checkpoint {tmp_path / 'step_1'} is kept")
 
 
 def test_bad_config_key_fails_before_training(data, tmp_path):
