@@ -234,11 +234,14 @@ def handle_corrupt(directory: Path, problem: str, policy: str, fallback: Path | 
     if policy == "stop":
         raise CorruptCheckpointError(f"{head}. {stop_fix}")
     moved = directory.with_name(directory.name + ".corrupt")
+    # An earlier corrupt copy of the same step is kept too: nothing is deleted here.
+    suffix = 1
+    while moved.exists():
+        moved = directory.with_name(f"{directory.name}.corrupt.{suffix}")
+        suffix += 1
     then = (f"resuming from the previous complete checkpoint {fallback}" if fallback is not None
             else "no earlier complete checkpoint: training from scratch")
     if dist.get_rank() == 0:
-        if moved.exists():
-            shutil.rmtree(moved)
         os.replace(directory, moved)
         message = f"{head}; moved to {moved}; {then}"
         (report or _warn)(message)
