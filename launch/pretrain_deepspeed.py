@@ -38,6 +38,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-skipped-steps", type=int, default=10,
                         help="stop after N updates in a row that DeepSpeed skipped (fp16 loss "
                         "scale overflows); 0: never")
+    parser.add_argument("--on-corrupt-checkpoint", choices=("fallback", "stop"),
+                        default="fallback",
+                        help="a tag whose files do not match its MANIFEST.json: resume from the "
+                        "previous tag (fallback) or stop with the fix (stop)")
     parser.add_argument("--ds-set", dest="ds_overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override one ds_config value, e.g. "
                         "bf16.enabled=false or token_objectives.ntl_weight=0.5")
@@ -62,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         seq_length=args.seq_length,
         max_skipped_steps=args.max_skipped_steps,
+        on_corrupt_checkpoint=args.on_corrupt_checkpoint,
     ))
     return 0 if result.last_step > 0 or result.stopped_by_signal else 1
 

@@ -406,6 +406,50 @@ def test_sigusr1_saves_exits_and_resume_equals_a_straight_run(data, tmp_path):
     assert saved == sorted(f"global_step{s}" for s in {*range(2, total + 1, 2), total})
 
 
+def test_a_truncated_shard_falls_back_and_a_missing_tag_is_named(data, tmp_path):
+    """Tags global_step2 and global_step4, then the largest file of global_step4 cut in half
+    (real bytes on disk): --on-corrupt-checkpoint stop exits non-zero naming the file and the
+    earlier tags; the default reports it, resumes from global_step2 and trains as the straight
+    run did. A `latest` naming a tag that does not exist is an error listing the tags."""
+    config = ds_config(data, tmp_path, "zero2")
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    run = ("--steps", "4", "--save-interval", "2")
+    check(subprocess.run(_train(data, config, out, *run), capture_output=True, text=True,
+                         env=WORKER_ENV, timeout=600))
+    straight = read_metrics(out)
+    assert _latest(out) == "global_step4" and (root / "global_step4" / "MANIFEST.json").is_file()
+    shard = max((p for p in (root / "global_step4").iterdir() if p.is_file()),
+                key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+
+    stopped = subprocess.run(_train(data, config, out, *run, "--on-corrupt-checkpoint", "stop"),
+                             capture_output=True, text=True, env=WORKER_ENV, timeout=600)
+    assert stopped.returncode != 0
+    assert f"checkpoint {root / 'global_step4'} is corrupt: {shard} has" in stopped.stderr, (
+        stopped.stderr[-3000:])
+    assert "write one of [global_step2] into" in stopped.stderr
+
+    resumed = check(subprocess.run(_train(data, config, out, *run), capture_output=True,
+                                   text=True, env=WORKER_ENV, timeout=600))
+    assert f"checkpoint {root / 'global_step4'} is corrupt" in resumed.stderr
+    assert (f"resuming from the previous complete checkpoint {root / 'global_step2'}"
+            in resumed.stderr), resumed.stderr[-3000:]
+    again = read_metrics(out)
+    assert [m["step"] for m in again] == [1, 2, 3, 4]
+    for x, y in zip(straight, again, strict=True):
+        assert x["lm loss"] == pytest.approx(y["lm loss"], rel=1e-6, abs=1e-7), (x, y)
+    assert _latest(out) == "global_step4" and (root / "global_step4.corrupt").is_dir()
+
+    (root / "latest").write_text("global_step9")
+    missing = subprocess.run(_train(data, config, out, *run), capture_output=True, text=True,
+                             env=WORKER_ENV, timeout=600)
+    assert missing.returncode != 0
+    assert (f"{root}: `latest` names tag 'global_step9', which does not exist; use an earlier "
+            f"tag: write one of [global_step2, global_step4] into {root / 'latest'}"
+            in missing.stderr), missing.stderr[-3000:]
+
+
 def test_a_non_finite_gradient_stops_the_step_before_the_update(data, tmp_path):
     """An inf in one gradient on one rank stops every rank's step with FloatingPointError
     before engine.step(): no weight moves (DeepSpeed itself would skip the update silently in

@@ -7,7 +7,10 @@ with a straight run; interrupted and corrupt checkpoints are shown to be handled
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +23,13 @@ from torchrun_helpers import TINY_MEGATRON as TINY
 from torchrun_helpers import read_metrics as metrics
 
 from token_objectives.quickstart.data import build_quickstart_data
-from token_objectives.training.checkpointing import COMPLETE_MARKER, latest_complete_step, step_dir
+from token_objectives.training import checkpointing
+from token_objectives.training.checkpointing import (
+    COMPLETE_MARKER,
+    MANIFEST,
+    latest_complete_step,
+    step_dir,
+)
 
 
 @pytest.fixture(scope="module")
@@ -143,14 +152,116 @@ def test_resume_equals_a_straight_run(data, tmp_path):
         assert torch.equal(got[key], expected[key]), key
 
 
-def test_corrupt_checkpoint_is_a_clear_error(data, tmp_path):
+def _flip_bits(path: Path) -> None:
+    """Invert 16 bytes in the middle of `path` on disk; its size stays the same."""
+    raw = bytearray(path.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 16] = bytes(b ^ 0xFF for b in raw[middle:middle + 16])
+    path.write_bytes(bytes(raw))
+
+
+def test_flipped_bits_in_the_latest_checkpoint_fall_back_or_stop(data, tmp_path):
+    """Bits flipped in a shard of the newest checkpoint (same size, so only the manifest's
+    sha256 sees it): "stop" exits non-zero naming the file; "fallback" reports the checkpoint,
+    resumes from the one before and trains exactly as the straight run did."""
+    args = ("parallel.tensor=1", "train.steps=4", "train.save_interval=2")
+    train(data, tmp_path, 1, *args)
+    straight = metrics(tmp_path)
+    root = tmp_path / "checkpoints"
+    assert latest_complete_step(root) == 4
+    assert (step_dir(root, 4) / MANIFEST).is_file()
+    shard = max(step_dir(root, 4).glob("*.distcp"), key=lambda p: p.stat().st_size)
+    _flip_bits(shard)
+
+    stopped = train(data, tmp_path, 1, *args, "train.on_corrupt_checkpoint=stop", check=False)
+    assert stopped.returncode != 0
+    assert f"checkpoint {step_dir(root, 4)} is corrupt" in stopped.stderr, stopped.stderr[-3000:]
+    assert f"{shard} does not match its sha256" in stopped.stderr
+    assert latest_complete_step(root) == 4  # "stop" leaves it where it is
+
+    resumed = train(data, tmp_path, 1, *args)
+    assert f"checkpoint {step_dir(root, 4)} is corrupt" in resumed.stderr, resumed.stderr[-3000:]
+    assert f"resuming from the previous complete checkpoint {step_dir(root, 2)}" in resumed.stderr
+    assert (root / "step_0000004.corrupt" / shard.name).is_file()
+    again = metrics(tmp_path)
+    assert [m["step"] for m in again] == [1, 2, 3, 4]
+    for x, y in zip(straight, again, strict=True):
+        assert x["lm loss"] == y["lm loss"], (x, y)
+    assert checkpointing.manifest_problem(step_dir(root, 4)) is None
+
+
+def test_a_truncated_only_checkpoint_trains_from_scratch_and_says_so(data, tmp_path):
     train(data, tmp_path, 1, "parallel.tensor=1", "train.steps=2", "train.exit_interval=1")
     ckpt = step_dir(tmp_path / "checkpoints", 1)
     for shard in ckpt.glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:64])
-    done = train(data, tmp_path, 1, "parallel.tensor=1", "train.steps=2", check=False)
-    assert done.returncode != 0
-    assert "may be corrupt" in done.stderr and "delete it" in done.stderr
+    done = train(data, tmp_path, 1, "parallel.tensor=1", "train.steps=2")
+    assert f"checkpoint {ckpt} is corrupt" in done.stderr and "has 64 bytes" in done.stderr
+    assert "no earlier complete checkpoint: training from scratch" in done.stderr
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2]
+
+
+@contextlib.contextmanager
+def _small_tmpfs(directory: Path, size: str):
+    """A tmpfs of `size` mounted on `directory` (created here), unmounted afterwards; skips the
+    test when this machine does not allow mounting one."""
+    directory.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                              str(directory)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(data, tmp_path):
+    """The checkpoint root is a 2 MiB tmpfs: the first save (~1.4 MB) fits, the second does
+    not. The run exits non-zero with ENOSPC, the path and the free space; the first checkpoint
+    is untouched and still matches its manifest, and no partial directory is left."""
+    root = tmp_path / "checkpoints"
+    with _small_tmpfs(root, "2m"):
+        done = train(data, tmp_path, 1, "parallel.tensor=1", "train.steps=2",
+                     "train.save_interval=1", "train.keep_checkpoints=1", check=False)
+        assert done.returncode != 0
+        message = re.search(r"checkpoint save to (\S+) failed: no space left on device "
+                            r"\((\d+) bytes free on (\S+)\); .*the previous checkpoint (\S+) is "
+                            r"kept", done.stderr)
+        assert message, done.stderr[-3000:]
+        assert message.group(1) == str(step_dir(root, 2))
+        assert message.group(3) == str(root) and message.group(4) == str(step_dir(root, 1))
+        assert sorted(p.name for p in root.iterdir()) == ["step_0000001"]
+        assert checkpointing.manifest_problem(step_dir(root, 1)) is None
+
+
+def test_manifest_names_the_missing_resized_or_changed_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.bin").write_bytes(b"abc" * 1000)
+    (tmp_path / "sub" / "b.bin").write_bytes(b"xyz")
+    assert checkpointing.manifest_problem(tmp_path) == f"it has no {MANIFEST}"
+    checkpointing.write_manifest(tmp_path)
+    files = json.loads((tmp_path / MANIFEST).read_text())["files"]
+    assert sorted(files) == ["a.bin", "sub/b.bin"] and files["sub/b.bin"]["size"] == 3
+    assert checkpointing.manifest_problem(tmp_path) is None
+    (tmp_path / "sub" / "b.bin").write_bytes(b"xyZ")
+    assert checkpointing.manifest_problem(tmp_path) == (
+        f"{tmp_path / 'sub' / 'b.bin'} does not match its sha256 in {MANIFEST}")
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    assert "a.bin has 3 bytes, the manifest 3000" in checkpointing.manifest_problem(tmp_path)
+    (tmp_path / "a.bin").unlink()
+    assert checkpointing.manifest_problem(tmp_path) == f"{tmp_path / 'a.bin'} is missing"
+
+
+def test_enospc_inside_a_dcp_failure_is_found(tmp_path):
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    error = CheckpointException("save failed", {0: (full, None)})
+    message = checkpointing.save_failure(tmp_path / "step_0000002", error, tmp_path / "step_1")
+    assert message.startswith(f"checkpoint save to {tmp_path / 'step_0000002'} failed: no space "
+                              f"left on device (")
+    assert message.endswith(f"the previous checkpoint {tmp_path / 'step_1'} is kept")
 
 
 def test_bad_config_key_fails_before_training(data, tmp_path):

@@ -3,32 +3,51 @@
 Layout under the run's checkpoint root:
     step_0000010/          a complete checkpoint (megatron-core dist_checkpointing + COMPLETE)
     step_0000020.partial/  being written, or interrupted: never loaded, removed on the next save
-A save writes into `<name>.partial`, waits for every rank, writes the COMPLETE marker last, then
-renames the directory; both the marker and the rename are needed for a checkpoint to count.
+    step_0000030.corrupt/  failed its manifest check on a resume: kept for inspection, not loaded
+A save writes into `<name>.partial`, waits for every rank, writes MANIFEST.json (size and sha256
+of every file), then the COMPLETE marker last, then renames the directory; the marker and the
+rename are needed for a checkpoint to count, and a resume loads it only when every file matches
+the manifest. The DeepSpeed loop writes and checks the same manifest in each tag directory.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
 import shutil
 import signal
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 COMPLETE_MARKER = "COMPLETE"
+MANIFEST = "MANIFEST.json"
+CORRUPT_POLICIES = ("fallback", "stop")
 _STEP_DIR = re.compile(r"step_(\d{7})")
+_CHUNK = 1 << 22
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint that is marked complete but whose files do not match its manifest."""
+
+
+class CheckpointSaveError(OSError):
+    """A save that failed while writing; the previous checkpoint is kept."""
 
 
 def step_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step_{step:07d}"
 
 
-def latest_complete_step(root: str | Path) -> int | None:
-    """The newest step whose checkpoint is complete (marker present, not partial), or None."""
+def latest_complete_step(root: str | Path, below: int | None = None) -> int | None:
+    """The newest step (< `below` if given) whose checkpoint is complete (marker present, not
+    partial), or None."""
     root = Path(root)
     if not root.is_dir():
         return None
@@ -37,35 +56,202 @@ def latest_complete_step(root: str | Path) -> int | None:
         match = _STEP_DIR.fullmatch(entry.name)
         if match and (entry / COMPLETE_MARKER).is_file():
             steps.append(int(match.group(1)))
-    return max(steps, default=None)
+    return max((s for s in steps if below is None or s < below), default=None)
 
 
 def save(sharded_state_dict: dict, root: str | Path, step: int, keep: int = 0) -> Path:
     """Collective: every rank calls it. Returns the complete checkpoint's directory.
 
     keep > 0 removes all but the newest `keep` complete checkpoints once this one is complete.
+    A write that fails on any rank (a full disk, ...) removes the partial directory, keeps every
+    earlier checkpoint and raises CheckpointSaveError on every rank.
     """
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
+    root = Path(root)
     final = step_dir(root, step)
     partial = final.with_name(final.name + ".partial")
     rank = dist.get_rank()
+    error: BaseException | None = None
     if rank == 0:
-        for stale in Path(root).glob("step_*.partial"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():
-            shutil.rmtree(final)
-        partial.mkdir(parents=True)
-    dist.barrier()
-    dist_checkpointing.save(sharded_state_dict, str(partial))
-    dist.barrier()
-    if rank == 0:
-        write_atomically(partial / COMPLETE_MARKER, json.dumps({"step": step}))
-        os.replace(partial, final)
-        if keep > 0:
-            _remove_old(Path(root), keep)
+        try:
+            for stale in root.glob("step_*.partial"):
+                shutil.rmtree(stale, ignore_errors=True)
+            partial.mkdir(parents=True)
+        except OSError as caught:
+            error = caught
+    if not any_rank_failed(error):
+        try:
+            dist_checkpointing.save(sharded_state_dict, str(partial))
+        # CheckpointException derives from BaseException, not Exception.
+        except (Exception, CheckpointException) as caught:
+            error = caught
+    if not any_rank_failed(error) and rank == 0:
+        try:
+            write_manifest(partial)
+            write_atomically(partial / COMPLETE_MARKER, json.dumps({"step": step}))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+        except OSError as caught:
+            error = caught
+    if any_rank_failed(error):
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        previous = latest_complete_step(root)
+        kept = step_dir(root, previous) if previous is not None else None
+        raise CheckpointSaveError(save_failure(final, error, kept)) from error
+    if rank == 0 and keep > 0:
+        _remove_old(root, keep)
     dist.barrier()
     return final
+
+
+def any_rank_failed(error: BaseException | None, device: torch.device | str = "cpu") -> bool:
+    """Collective: True on every rank when any rank caught an error (a tensor on `device`: gloo
+    carries CPU tensors, NCCL CUDA ones)."""
+    flag = torch.tensor([0 if error is None else 1], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def save_failure(path: Path, error: BaseException | None, kept: Path | None) -> str:
+    """The message of a failed save to `path`: the cause (ENOSPC: with the free space of the
+    mount) and the checkpoint that is kept."""
+    found = _os_error(error)
+    if found is not None and found.errno == errno.ENOSPC:
+        mount = mount_point(path)
+        cause = (f"no space left on device ({shutil.disk_usage(mount).free} bytes free on "
+                 f"{mount})")
+    elif error is None:
+        cause = "it failed on another rank"
+    else:
+        cause = f"{type(error).__name__}: {error}"
+    previous = (f"the previous checkpoint {kept} is kept" if kept is not None
+                else "there is no earlier checkpoint")
+    return (f"checkpoint save to {path} failed: {cause}; its partial directory is removed and "
+            f"{previous}")
+
+
+def _os_error(error: BaseException | None) -> OSError | None:
+    """The first OSError in `error`, its causes and (DCP's CheckpointException) its failures."""
+    seen = set()
+    pending = [error]
+    while pending:
+        item = pending.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, OSError) and item.errno is not None:
+            return item
+        pending += [item.__cause__, item.__context__]
+        # DCP's CheckpointException: `failures` maps a rank to (exception, traceback).
+        for failure in getattr(item, "failures", {}).values():
+            pending += list(failure) if isinstance(failure, tuple) else [failure]
+    if error is not None and "No space left on device" in str(error):
+        return OSError(errno.ENOSPC, "No space left on device")
+    return None
+
+
+def mount_point(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists():
+        path = path.parent
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+# ------------------------------------------------------------------ the manifest
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str | Path) -> None:
+    """Write MANIFEST.json in `directory`: size and sha256 of every file below it (relative
+    POSIX paths), except the manifest itself and the COMPLETE marker."""
+    directory = Path(directory)
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        relative = path.relative_to(directory).as_posix()
+        if path.is_file() and relative not in (MANIFEST, COMPLETE_MARKER):
+            files[relative] = {"size": path.stat().st_size, "sha256": _digest(path)}
+    write_atomically(directory / MANIFEST,
+                     json.dumps({"format": 1, "algorithm": "sha256", "files": files}, indent=1))
+
+
+def manifest_problem(directory: str | Path) -> str | None:
+    """None when every file of `directory`'s manifest is there with its size and sha256, else
+    what is wrong, naming the file."""
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except FileNotFoundError:
+        return f"it has no {MANIFEST}"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"its {MANIFEST} cannot be read ({type(error).__name__}: {error})"
+    for relative, expected in files.items():
+        path = directory / relative
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{path} has {size} bytes, the manifest {expected['size']}"
+        if _digest(path) != expected["sha256"]:
+            return f"{path} does not match its sha256 in {MANIFEST}"
+    return None
+
+
+def agreed_problem(directory: str | Path) -> str | None:
+    """Collective: rank 0 checks `directory` against its manifest; every rank gets the result."""
+    result = [manifest_problem(directory) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+def check_policy(policy: str) -> None:
+    if policy not in CORRUPT_POLICIES:
+        raise ValueError(f"on_corrupt_checkpoint must be one of {list(CORRUPT_POLICIES)}, got "
+                         f"{policy!r}")
+
+
+def handle_corrupt(directory: Path, problem: str, policy: str, fallback: Path | None,
+                   stop_fix: str, report: Callable[[str], object] | None = None) -> Path:
+    """A corrupt checkpoint `directory`: raise CorruptCheckpointError (policy "stop"), or report
+    it, move it to `<name>.corrupt` (rank 0; kept for inspection, never counted again) and return
+    where it went (policy "fallback"; the caller resumes from `fallback`, None: from scratch).
+    Collective under "fallback"."""
+    check_policy(policy)
+    head = f"checkpoint {directory} is corrupt: {problem}"
+    if policy == "stop":
+        raise CorruptCheckpointError(f"{head}. {stop_fix}")
+    moved = directory.with_name(directory.name + ".corrupt")
+    # An earlier corrupt copy of the same step is kept too: nothing is deleted here.
+    suffix = 1
+    while moved.exists():
+        moved = directory.with_name(f"{directory.name}.corrupt.{suffix}")
+        suffix += 1
+    then = (f"resuming from the previous complete checkpoint {fallback}" if fallback is not None
+            else "no earlier complete checkpoint: training from scratch")
+    if dist.get_rank() == 0:
+        os.replace(directory, moved)
+        message = f"{head}; moved to {moved}; {then}"
+        (report or _warn)(message)
+    dist.barrier()
+    return moved
+
+
+def _warn(message: str) -> None:
+    # stderr, not warnings.warn: launchers often run with PYTHONWARNINGS=ignore.
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
 def write_atomically(path: str | Path, text: str) -> None:

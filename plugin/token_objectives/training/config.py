@@ -110,6 +110,7 @@ class TrainConfig:
     exit_interval: int = 0  # >0: save and exit when step % exit_interval == 0 (time-sliced jobs)
     keep_checkpoints: int = 0  # >0: keep only the newest N complete checkpoints
     max_skipped_steps: int = 10  # stop after N updates in a row the optimizer skipped; 0: never
+    on_corrupt_checkpoint: str = "fallback"  # "fallback" (to the previous one) | "stop"
 
     def __post_init__(self) -> None:
         _check_sizes("train", self, ("steps", "log_interval"), 1)

@@ -29,6 +29,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ from token_objectives.integrations.deepspeed.section import (
 )
 from token_objectives.objectives.loss import ObjectiveOutput
 from token_objectives.scheduled_sampling.mix import ScheduledSampler, sample_indices
+from token_objectives.training import checkpointing
 from token_objectives.training.checkpointing import write_atomically
 from token_objectives.training.data import MegatronTokenizer, Repeated, gpt_dataset, micro_batches
 from token_objectives.training.loop import (  # noqa: F401 (any_rank_signalled: public here too)
@@ -65,6 +68,7 @@ from token_objectives.training.loop import (  # noqa: F401 (any_rank_signalled: 
 from token_objectives.training.metrics import MetricsWriter, MonitorSink
 
 CHECKPOINTS = "checkpoints"
+_TAG = re.compile(r"global_step(\d+)")
 METRICS = "metrics.jsonl"
 VOCAB_MULTIPLE = 64  # the model vocab is the tokenizer's, padded to a multiple of this
 _OPTIMIZER_KEYS = {"lr", "betas", "eps", "weight_decay"}
@@ -83,6 +87,7 @@ class TrainArgs:
     seed: int = 1234
     seq_length: int = 128
     max_skipped_steps: int = 10  # stop after N updates in a row DeepSpeed skipped; 0: never
+    on_corrupt_checkpoint: str = "fallback"  # "fallback" (to the previous tag) | "stop"
 
     def __post_init__(self) -> None:
         for flag, name, least in (("--steps", "steps", 1), ("--seq-length", "seq_length", 1),
@@ -463,27 +468,98 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
-        """Collective. `latest` names the new tag only once every rank has written its part.
+        """Collective. `latest` names the new tag only once every rank has written its part and
+        rank 0 its MANIFEST.json (size and sha256 of every file of the tag).
 
         DeepSpeed's own `latest` is written by rank 0 without waiting for the other ranks'
-        optimizer shards, so it is written here instead: after a barrier, and atomically.
+        optimizer shards, so it is written here instead: after a barrier, and atomically. A
+        write that fails (a full disk, ...) removes the tag, keeps `latest` and raises
+        CheckpointSaveError on every rank.
         """
         tag = f"global_step{self.step}"
-        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag,
-                                    client_state={"step": self.step}, save_latest=False)
-        dist.barrier()
-        if dist.get_rank() == 0:
-            write_atomically(self.checkpoint_dir / "latest", tag)
+        directory = self.checkpoint_dir / tag
+        error: BaseException | None = None
+        try:
+            self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag,
+                                        client_state={"step": self.step}, save_latest=False)
+        except Exception as caught:
+            error = caught
+        if not checkpointing.any_rank_failed(error, self.device) and dist.get_rank() == 0:
+            try:
+                checkpointing.write_manifest(directory)
+                write_atomically(self.checkpoint_dir / "latest", tag)
+            except OSError as caught:
+                error = caught
+        if checkpointing.any_rank_failed(error, self.device):
+            kept = self._latest_tag()
+            if dist.get_rank() == 0 and kept != tag:
+                shutil.rmtree(directory, ignore_errors=True)
+            raise checkpointing.CheckpointSaveError(checkpointing.save_failure(
+                directory, error, None if kept is None else self.checkpoint_dir / kept)
+            ) from error
         dist.barrier()
 
+    def _latest_tag(self) -> str | None:
+        latest = self.checkpoint_dir / "latest"
+        return latest.read_text(encoding="utf-8").strip() if latest.is_file() else None
+
+    def _tags(self, below: int | None = None) -> list[str]:
+        """The tag directories (global_stepN) there are, oldest first; those before step
+        `below` if given."""
+        found = []
+        if self.checkpoint_dir.is_dir():
+            for entry in self.checkpoint_dir.iterdir():
+                match = _TAG.fullmatch(entry.name)
+                if match and entry.is_dir() and (below is None or int(match.group(1)) < below):
+                    found.append((int(match.group(1)), entry.name))
+        return [name for _, name in sorted(found)]
+
+    def _earlier_tags_fix(self, tag: str) -> str:
+        step = _TAG.fullmatch(tag)
+        earlier = self._tags(below=int(step.group(1)) if step else None)
+        if not earlier:
+            return f"no earlier tag exists: delete {self.checkpoint_dir / 'latest'} to start over"
+        return (f"use an earlier tag: write one of [{', '.join(earlier)}] into "
+                f"{self.checkpoint_dir / 'latest'}")
+
     def resume(self) -> int | None:
-        """Load the checkpoint DeepSpeed's `latest` names, if any; returns its step."""
-        if not (self.checkpoint_dir / "latest").is_file():
+        """Load the tag `latest` names, if any, once its files match its manifest; returns its
+        step. A corrupt tag is reported and skipped for the previous one (on_corrupt_checkpoint
+        "fallback": `latest` is rewritten to it) or stops the run ("stop")."""
+        policy = self.args.on_corrupt_checkpoint
+        checkpointing.check_policy(policy)
+        tag = self._latest_tag()
+        if tag is None:
             return None
-        path, state = self.engine.load_checkpoint(str(self.checkpoint_dir))
+        if not (self.checkpoint_dir / tag).is_dir():
+            raise ValueError(f"{self.checkpoint_dir}: `latest` names tag {tag!r}, which does not "
+                             f"exist; {self._earlier_tags_fix(tag)}")
+        while (problem := checkpointing.agreed_problem(self.checkpoint_dir / tag)) is not None:
+            match = _TAG.fullmatch(tag)
+            earlier = self._tags(below=int(match.group(1)) if match else None)
+            fallback = earlier[-1] if earlier else None
+            checkpointing.handle_corrupt(
+                self.checkpoint_dir / tag, problem, policy,
+                None if fallback is None else self.checkpoint_dir / fallback,
+                f"{self._earlier_tags_fix(tag)}, or pass --on-corrupt-checkpoint fallback")
+            if dist.get_rank() == 0:
+                if fallback is None:
+                    (self.checkpoint_dir / "latest").unlink()
+                else:
+                    write_atomically(self.checkpoint_dir / "latest", fallback)
+            dist.barrier()
+            if fallback is None:
+                return None
+            tag = fallback
+        try:
+            path, state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
+        except Exception as error:
+            raise ValueError(f"checkpoint {self.checkpoint_dir / tag} could not be loaded "
+                             f"({type(error).__name__}: {error}); "
+                             f"{self._earlier_tags_fix(tag)}") from error
         if path is None:
-            raise ValueError(f"{self.checkpoint_dir}: `latest` names a checkpoint that could not "
-                             f"be loaded; delete `latest` or point it at an earlier tag")
+            raise ValueError(f"checkpoint {self.checkpoint_dir / tag} could not be loaded; "
+                             f"{self._earlier_tags_fix(tag)}")
         self.step = int(state["step"])
         return self.step
 

@@ -374,14 +374,32 @@ class Trainer:
                                   keep=self.cfg.train.keep_checkpoints)
 
     def resume(self) -> int | None:
-        """Load the latest complete checkpoint, if there is one; returns its step."""
-        latest = checkpointing.latest_complete_step(self.checkpoint_root)
-        found = torch.tensor([-1 if latest is None else latest])
-        dist.all_reduce(found, op=dist.ReduceOp.MIN)  # every rank must see the same one
-        if found.item() < 0:
-            return None
+        """Load the latest complete checkpoint whose files match its manifest, if there is one;
+        returns its step. A corrupt one is reported and skipped (train.on_corrupt_checkpoint
+        "fallback") or stops the run ("stop")."""
+        policy = self.cfg.train.on_corrupt_checkpoint
+        checkpointing.check_policy(policy)
+        below = None
+        while True:
+            latest = checkpointing.latest_complete_step(self.checkpoint_root, below=below)
+            found = torch.tensor([-1 if latest is None else latest])
+            dist.all_reduce(found, op=dist.ReduceOp.MIN)  # every rank must see the same one
+            if found.item() < 0:
+                return None
+            step = int(found.item())
+            directory = checkpointing.step_dir(self.checkpoint_root, step)
+            problem = checkpointing.agreed_problem(directory)
+            if problem is None:
+                break
+            earlier = checkpointing.latest_complete_step(self.checkpoint_root, below=step)
+            checkpointing.handle_corrupt(
+                directory, problem, policy,
+                None if earlier is None else checkpointing.step_dir(self.checkpoint_root, earlier),
+                "Move it aside to resume from the previous complete checkpoint, or set "
+                "train.on_corrupt_checkpoint=fallback to do so automatically")
+            below = step
         state = checkpointing.load(self._sharded_state(is_loading=True), self.checkpoint_root,
-                                   int(found.item()))
+                                   step)
         self.model.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
