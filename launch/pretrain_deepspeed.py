@@ -19,6 +19,7 @@ import warnings
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
 
 from token_objectives.training.deepspeed import TrainArgs, load_ds_config, run  # noqa: E402
+from token_objectives.training.loop import finish_distributed  # noqa: E402
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         max_skipped_steps=args.max_skipped_steps,
         on_corrupt_checkpoint=args.on_corrupt_checkpoint,
     ))
+    finish_distributed()
     return 0 if result.last_step > 0 or result.stopped_by_signal else 1
 
 

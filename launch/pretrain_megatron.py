@@ -15,6 +15,7 @@ import warnings
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
 
 from token_objectives.training.config import load_config  # noqa: E402
+from token_objectives.training.loop import finish_distributed  # noqa: E402
 from token_objectives.training.megatron import run  # noqa: E402
 
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="SECTION.KEY=VALUE", help="override one config value")
     args = parser.parse_args(argv)
     result = run(load_config(args.config, args.overrides))
+    finish_distributed()
     return 0 if result.last_step > 0 or result.stopped_by_signal else 1
 
 

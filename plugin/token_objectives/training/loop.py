@@ -206,3 +206,11 @@ def run_loop(build: Callable[[], Trainer], steps: int, save_interval: int = 0,
         if trainer is not None:
             trainer.close()
 
+
+def finish_distributed() -> None:
+    """The end of a launch script: every rank waits for the others, then tears its process group
+    down. A rank whose interpreter exits while gloo still has work in flight on another rank can
+    abort ("terminate called without an active exception") after the run has succeeded."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
