@@ -30,7 +30,7 @@ _forward_usr1() {
 # SIGTERM (scancel, the time limit, preemption by a higher-priority job) goes to every process of
 # the job: the workers save and exit on it themselves. This shell only waits for them.
 _on_term() {
-    log "SIGTERM: the workers save a checkpoint and stop (no requeue from here)"
+    log "SIGTERM: the workers save a checkpoint and stop; the step ends with 0 once all have (no requeue from here)"
 }
 trap _on_usr1 USR1
 trap _on_term TERM

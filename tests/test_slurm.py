@@ -25,6 +25,7 @@ import pytest
 from slurm_cluster import FAKE_GPUS, Cluster, Unavailable, ensure_cluster
 
 from token_objectives.quickstart.data import build_quickstart_data
+from token_objectives.training.checkpointing import latest_complete_step
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "slurm"
@@ -175,6 +176,9 @@ def test_scripts_parse(script):
             assert f"#SBATCH {directive}" in text, directive
         assert 'source "${REPO_DIR:-${SLURM_SUBMIT_DIR:-.}}/slurm/env.sh"' in text
         assert "srun_with_requeue" in text and "--rdzv-backend=c10d" in text
+        # The launcher that exits 0 after a clean stop on SIGTERM, not torchrun itself.
+        assert "python3 -m token_objectives.training.torchrun" in text
+        assert not re.search(r"^\s*(\"\$\{launcher\[@\]\}\" )?torchrun ", text, re.MULTILINE)
 
 
 # ---------------------------------------------------------------------------------- tiny on CPU
@@ -210,6 +214,32 @@ def test_tiny_cpu_preempted_requeues_and_resumes(cluster, data, tmp_path):
     # One TensorBoard run for the job, continued after the requeue.
     assert tensorboard_steps(directory / "tensorboard", "loss/lm loss") == \
         list(range(1, total + 1))
+
+
+def test_tiny_cpu_scancel_saves_and_ends_with_status_0(cluster, data, tmp_path):
+    """Plain `scancel`: SIGTERM to every process of the job, the torchrun agents included. The
+    workers save; the launcher (training.torchrun) exits 0 where torchrun would exit 1, so the
+    step and the batch script end with 0 and SLURM shows ExitCode 0:0 (the state is CANCELLED,
+    SLURM's record of who ended the job). No requeue: a plain scancel means stop."""
+    job = submit(cluster, "tiny_cpu", tmp_path, "--set", "train.steps=300",
+                 "--set", "train.save_interval=0", **tiny_env(data))
+    directory = run_dir(tmp_path, "tiny-cpu", job)
+    wait_for_steps(directory, 5, timeout=120)
+    cluster.run("scancel", job)
+    deadline = time.time() + 90
+    while "training step ended" not in read_log(directory) and time.time() < deadline:
+        time.sleep(0.5)
+    info = wait_for(cluster, job, lambda i: i.get("JobState") == "CANCELLED"
+                    and "COMPLETING" not in i.get("JobState", ""), 60, "the end", directory)
+    log = read_log(directory)
+    assert "SIGTERM: the workers save a checkpoint" in log
+    assert "all 2 workers of this node saved a checkpoint at step" in log, log[-3000:]
+    assert "training step ended with status 0" in log, log[-3000:]
+    assert "requeueing" not in log and info["Restarts"] == "0"
+    assert info["ExitCode"] == "0:0", info
+    saved = latest_complete_step(directory / "checkpoints")
+    assert saved is not None and 5 <= saved < 300
+    assert metric_steps(directory) == list(range(1, saved + 1))
 
 
 def test_deepspeed_script_signalled_at_start_requeues_and_resumes(cluster, data, tmp_path):
@@ -276,7 +306,8 @@ def test_gpu_scripts_dry_run_under_slurm(cluster, script, program, tmp_path):
     directory = run_dir(tmp_path, script.replace("_", "-"), job)
     log = read_log(directory)
     host = _node(cluster)["NodeHostName"]
-    launch = next(line for line in log.splitlines() if line.startswith("DRY_RUN torchrun"))
+    launch = next(line for line in log.splitlines() if line.startswith(
+        "DRY_RUN python3 -m token_objectives.training.torchrun"))
     assert f"--nnodes=1 --nproc-per-node={FAKE_GPUS} --rdzv-id={job} --rdzv-backend=c10d " \
            f"--rdzv-endpoint={host}:{20000 + int(job) % 40000} {program}" in launch
     assert "TP=2 " in log and f"DP={FAKE_GPUS // 2}," in log

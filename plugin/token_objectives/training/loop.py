@@ -7,7 +7,8 @@ checkpoint format); everything a run does around its steps is here, once:
     install the SIGUSR1/SIGTERM flag (before the slow start-up) -> build the trainer -> resume
     -> drop the metrics lines after the resumed step -> step to the target, writing each step's
     metrics, printing every log_interval, saving on a signal (any rank's), every save_interval
-    and at exit_interval -> save the last step if it was not saved -> RunResult.
+    and at exit_interval -> save the last step if it was not saved -> after a signal, tell the
+    launcher (training.torchrun) this worker stopped cleanly -> RunResult.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.distributed as dist
 
 from token_objectives.training.checkpointing import PreemptionFlag
 from token_objectives.training.metrics import MetricsWriter
+from token_objectives.training.torchrun import report_clean_stop
 
 # The components the console line shows, in this order, when a step reports them.
 CONSOLE_VALUES = ("lm loss", "ce", "ntl", "ce part", "ntl part")
@@ -200,6 +202,8 @@ def run_loop(build: Callable[[], Trainer], steps: int, save_interval: int = 0,
         if saved != trainer.step:
             trainer.save()
         result.last_step = trainer.step
+        if result.stopped_by_signal or flag.received is not None:  # saved after the signal
+            report_clean_stop(trainer.step)
         return result
     finally:
         flag.uninstall()
