@@ -212,6 +212,44 @@ def nan_loss_probe(argv: list[str]) -> None:
         {"error": error, "moved": moved, "step": trainer.step}))
 
 
+def fp16_skip_probe(argv: list[str]) -> None:
+    """`fp16-skip-probe OUT CONFIG MAX_SKIPPED`: training.deepspeed.run for 20 steps in fp16.
+    DeepSpeed's CPU accelerator reports fp16 as unsupported and the engine refuses it; its fp16
+    optimizer and loss scaler run on the CPU all the same, so this process says it is supported
+    (the one change). Writes what the run raised, the steps taken, whether each was applied and
+    the loss scale after it, per rank."""
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    import token_objectives.training.deepspeed as ds
+
+    get_accelerator().is_fp16_supported = lambda: True
+    out, config, limit = Path(argv[0]), Path(argv[1]), int(argv[2])
+    seen = {"applied": [], "scale": []}
+
+    class Probe(ds.Trainer):
+        def train_step(self):
+            seen["trainer"] = self
+            try:
+                return super().train_step()
+            finally:
+                seen["applied"].append(self.engine.was_step_applied())
+                seen["scale"].append(float(self.engine.optimizer.loss_scale))
+
+    ds.Trainer = Probe
+    error = None
+    try:
+        ds.run(ds.TrainArgs(model_config=str(TINY), data_prefix=os.environ["PROBE_DATA"],
+                            ds_config=json.loads(config.read_text()), output_dir=str(out),
+                            steps=20, seed=SEED, seq_length=SEQ_LENGTH,
+                            max_skipped_steps=limit), printer=None)
+    except FloatingPointError as raised:
+        error = str(raised)
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(
+        {"error": error, "step": seen["trainer"].step, "applied": seen["applied"],
+         "scale": seen["scale"]}))
+
+
 def probe(argv: list[str]) -> None:
     """`probe OUT NAME=CONFIG[@MODEL_CONFIG]...`: one step per config (the model config is TINY
     unless given); the first run of each model config also writes its reference,
@@ -488,6 +526,35 @@ def test_a_nan_loss_stops_before_the_update(data, tmp_path, mode, component):
     assert [row["step"] for row in read_metrics(tmp_path)] == [1]
 
 
+@pytest.mark.parametrize("limit", [3, 0])
+def test_fp16_overflows_skip_and_too_many_in_a_row_stop(data, tmp_path, limit):
+    """fp16 with a loss scale of 2^24: the first updates overflow and DeepSpeed's loss scaler
+    skips them, halving the scale each time. With --max-skipped-steps 3 the run stops at the
+    third skip in a row, naming the flag; with 0 it trains on once the scale fits, an overflow
+    being the scaler's business (before, the first one stopped the run as a NaN gradient)."""
+    config = ds_config(data, tmp_path, "zero2", fp16={"enabled": True,
+                                                      "initial_scale_power": 24,
+                                                      "loss_scale_window": 1000,
+                                                      "hysteresis": 1})
+    check(subprocess.run(torchrun_command(Path(__file__), "fp16-skip-probe", str(tmp_path),
+                                          str(config), str(limit)),
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(WORKER_ENV, PROBE_DATA=str(data.train_prefix))))
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        skipped = got["applied"].index(True) if True in got["applied"] else len(got["applied"])
+        if limit:
+            assert got["applied"] == [False] * 3, got
+            assert got["error"] is not None and got["error"].startswith(
+                "step 3: the optimizer skipped the update 3 steps in a row "
+                "(--max-skipped-steps = 3)"), got
+            assert got["scale"] == [2.0 ** 23, 2.0 ** 22, 2.0 ** 21], got
+        else:
+            assert got["error"] is None and got["step"] == 20, got
+            assert skipped >= 3 and sum(got["applied"]) >= 10, got  # later overflows: skipped
+            assert got["scale"][skipped - 1] == 2.0 ** (24 - skipped), got
+
+
 # ----------------------------------------------------------------------------- config errors
 
 
@@ -728,3 +795,5 @@ if __name__ == "__main__" and sys.argv[1:2] == ["nonfinite-probe"]:
     nonfinite_probe(sys.argv[2:])
 if __name__ == "__main__" and sys.argv[1:2] == ["nan-loss-probe"]:
     nan_loss_probe(sys.argv[2:])
+if __name__ == "__main__" and sys.argv[1:2] == ["fp16-skip-probe"]:
+    fp16_skip_probe(sys.argv[2:])

@@ -437,9 +437,9 @@ class Trainer:
 
     def train_step(self) -> StepRecord:
         """One optimizer step over the global batch. Raises FloatingPointError before
-        engine.step() when a loss component or a gradient is inf or NaN (the update is not
-        applied), and after args.max_skipped_steps updates in a row that DeepSpeed skipped (its
-        fp16 loss scaler's overflows)."""
+        engine.step() when a loss component is inf or NaN, or (without fp16) a gradient is (the
+        update is not applied), and after args.max_skipped_steps updates in a row that DeepSpeed
+        skipped (its fp16 loss scaler's overflows, which lower the scale and are not fatal)."""
         start = time.perf_counter()
         batches = self.step_batches(self.step)
         sampling = {}
@@ -452,8 +452,9 @@ class Trainer:
         values = log_components(None, output, self.step + 1, self.objectives.config)
         fix = 'a lower ds_config["optimizer"].params.lr'
         check_losses(self.step + 1, values, fix)
-        check_gradients(self.step + 1, gradients_finite(self.engine), "a gradient is inf or NaN",
-                        f"{fix} or gradient_clipping")
+        if not self.engine.fp16_enabled():  # fp16: an overflow is the loss scaler's to skip
+            check_gradients(self.step + 1, gradients_finite(self.engine),
+                            "a gradient is inf or NaN", f"{fix} or gradient_clipping")
         self.engine.step()
         self.step += 1
         self.skipped.record(self.step, self.engine.was_step_applied())
