@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchrun_helpers import WORKER_ENV, check, read_metrics, torchrun_command
+from torchrun_helpers import WORKER_ENV, check, read_metrics, small_tmpfs, torchrun_command
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
@@ -442,6 +443,31 @@ def test_sigusr1_saves_exits_and_resume_equals_a_straight_run(data, tmp_path):
     assert _latest(sliced) == _latest(straight) == f"global_step{total}"
     saved = sorted(p.name for p in (straight / "checkpoints").glob("global_step*"))
     assert saved == sorted(f"global_step{s}" for s in {*range(2, total + 1, 2), total})
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_tag(data, tmp_path):
+    """ZeRO-2 over 2 workers, the checkpoint directory a 2.5 MB tmpfs: the first tag (~1.7 MB,
+    each rank writing its optimizer shard) fits, the second does not. The run exits non-zero
+    with ENOSPC, the tag's path, the free space and the tag kept; `latest` still names the
+    first tag, which matches its manifest, and the second is removed."""
+    from token_objectives.training import checkpointing
+
+    config = ds_config(data, tmp_path, "zero2")
+    root = tmp_path / "run" / "checkpoints"
+    with small_tmpfs(root, "2500k"):
+        done = subprocess.run(_train(data, config, tmp_path / "run", "--steps", "2",
+                                     "--save-interval", "1"),
+                              capture_output=True, text=True, env=WORKER_ENV, timeout=240)
+        assert done.returncode != 0
+        message = re.search(r"checkpoint save to (\S+) failed: no space left on device "
+                            r"\((\d+) bytes free on (\S+)\); .*the previous checkpoint (\S+) is "
+                            r"kept", done.stderr)
+        assert message, done.stderr[-3000:]
+        assert message.group(1) == str(root / "global_step2")
+        assert message.group(3) == str(root) and message.group(4) == str(root / "global_step1")
+        assert sorted(p.name for p in root.glob("global_step*")) == ["global_step1"]
+        assert (root / "latest").read_text() == "global_step1"
+        assert checkpointing.manifest_problem(root / "global_step1") is None
 
 
 def test_a_truncated_shard_falls_back_and_a_missing_tag_is_named(data, tmp_path):

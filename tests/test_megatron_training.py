@@ -7,7 +7,6 @@ with a straight run; interrupted and corrupt checkpoints are shown to be handled
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import re
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchrun_helpers import REPO, WORKER_ENV, check, free_port, torchrun_command
+from torchrun_helpers import REPO, WORKER_ENV, check, free_port, small_tmpfs, torchrun_command
 from torchrun_helpers import TINY_MEGATRON as TINY
 from torchrun_helpers import read_metrics as metrics
 
@@ -201,27 +200,12 @@ def test_a_truncated_only_checkpoint_trains_from_scratch_and_says_so(data, tmp_p
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2]
 
 
-@contextlib.contextmanager
-def _small_tmpfs(directory: Path, size: str):
-    """A tmpfs of `size` mounted on `directory` (created here), unmounted afterwards; skips the
-    test when this machine does not allow mounting one."""
-    directory.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
-                              str(directory)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
-    try:
-        yield directory
-    finally:
-        subprocess.run(["umount", str(directory)], check=True)
-
-
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(data, tmp_path):
     """The checkpoint root is a 2 MiB tmpfs: the first save (~1.4 MB) fits, the second does
     not. The run exits non-zero with ENOSPC, the path and the free space; the first checkpoint
     is untouched and still matches its manifest, and no partial directory is left."""
     root = tmp_path / "checkpoints"
-    with _small_tmpfs(root, "2m"):
+    with small_tmpfs(root, "2m"):
         done = train(data, tmp_path, 1, "parallel.tensor=1", "train.steps=2",
                      "train.save_interval=1", "train.keep_checkpoints=1", check=False)
         assert done.returncode != 0

@@ -3,12 +3,15 @@ checked runs and the metrics.jsonl a run writes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # The tiny GPT of configs/tiny.yaml, spelled out so tests do not depend on its example values.
@@ -48,3 +51,18 @@ def run_checked(command: list[str], env: dict | None = None) -> subprocess.Compl
 def read_metrics(out: Path) -> list[dict]:
     """The rows of `out`/metrics.jsonl."""
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+
+
+@contextlib.contextmanager
+def small_tmpfs(directory: Path, size: str):
+    """A tmpfs of `size` mounted on `directory` (created here), unmounted afterwards; skips the
+    test when this machine does not allow mounting one."""
+    directory.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                              str(directory)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from token_objectives.integrations.deepspeed import cpu as deepspeed_cpu
+from token_objectives.integrations.deepspeed.checkpoint_writes import deferred_write_errors
 from token_objectives.integrations.deepspeed.section import (
     DeepSpeedObjectives,
     from_ds_config,
@@ -474,15 +475,18 @@ class Trainer:
 
         DeepSpeed's own `latest` is written by rank 0 without waiting for the other ranks'
         optimizer shards, so it is written here instead: after a barrier, and atomically. A
-        write that fails (a full disk, ...) removes the tag, keeps `latest` and raises
+        write that fails on any rank (a full disk, ...) lets every rank finish DeepSpeed's
+        collectives (`deferred_write_errors`), then removes the tag, keeps `latest` and raises
         CheckpointSaveError on every rank.
         """
         tag = f"global_step{self.step}"
         directory = self.checkpoint_dir / tag
         error: BaseException | None = None
         try:
-            self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag,
-                                        client_state={"step": self.step}, save_latest=False)
+            with deferred_write_errors(self.engine) as failed_writes:
+                self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag,
+                                            client_state={"step": self.step}, save_latest=False)
+            error = failed_writes[0] if failed_writes else None
         except Exception as caught:
             error = caught
         if not checkpointing.any_rank_failed(error, self.device) and dist.get_rank() == 0:
