@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from pydantic import ConfigDict, Field, ValidationError, create_model, field_validator
 
+from token_objectives.objectives.components import component_means
 from token_objectives.objectives.fused_linear import fused_linear_objective_loss
 from token_objectives.objectives.loss import ObjectiveConfig, ObjectiveOutput, objective_loss
 from token_objectives.objectives.pdl import pdl_weights_for
@@ -305,15 +306,7 @@ def log_components(engine, output: ObjectiveOutput, step: int,
         group = None
     if dist.is_initialized():
         dist.all_reduce(totals, group=group)
-    loss, tokens, ce, ntl, numbers, weight = totals.tolist()
-    weighted = config is not None and config.pdl_normalization == "weighted_mean"
-    values = {
-        "lm loss": loss / (weight if weighted and weight > 0 else max(tokens, 1)),
-        "ce": ce / max(tokens, 1),
-        "ntl": ntl / max(numbers, 1),
-        "number tokens": numbers / max(tokens, 1),
-        "pdl weight": weight / max(tokens, 1),
-    }
+    values = component_means(totals, config)
     monitor = getattr(engine, "monitor", None)
     if monitor is not None and getattr(monitor, "enabled", False) and dist.get_rank() == 0:
         monitor.write_events([(f"Train/{name}", value, step) for name, value in values.items()])
