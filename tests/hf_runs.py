@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tokenizer_fixtures import make_corpus, train_bpe_tokenizer  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 ROWS, SEQ = 8, 24
 OPTIONS = {"ntl": "was", "ntl_weight": 0.3}
 MODES = {  # mode: (per-device batch, accumulation, extra TrainingArguments)
@@ -73,19 +74,13 @@ class Rows(torch.utils.data.Dataset):
         return {key: value[i] for key, value in self.data.items()}
 
 
-def ds_config(stage: int) -> dict:
-    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "train_batch_size": "auto", "gradient_clipping": "auto",
-            "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": False}, "fp16": {"enabled": False}}
-
-
 def training_args(out: Path, mode: str, report_to: str = "none"):
     from transformers import TrainingArguments
 
     micro, accumulation, extra = MODES[mode]
     if mode.startswith("zero"):
-        extra = {"deepspeed": ds_config(int(mode[4]))}
+        # The ds_configs launch/train_hf.py and the README use ("auto": Trainer's values).
+        extra = {"deepspeed": str(REPO / "configs" / "deepspeed" / f"hf_zero{mode[4]}.json")}
     return TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=micro,
         gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1.0, optim="sgd",

@@ -158,6 +158,13 @@ class ObjectiveLoss:
         from token_objectives.integrations.hf.callback import ObjectiveLogCallback
         from token_objectives.integrations.hf.fused import patch_model
 
+        if getattr(trainer, "_loss_shifts_labels", True) is False:
+            raise ValueError(
+                f"Trainer counts num_items_in_batch over the unshifted labels for "
+                f"{type(trainer.model).__name__} (its loss_type is not a causal LM's), so the "
+                f"shifted objective would be divided by too many tokens; ObjectiveLoss is for "
+                f"causal LMs (*ForCausalLM)"
+            )
         if self.fused:
             if type(trainer).__module__.startswith("trl."):
                 raise ValueError(
