@@ -47,3 +47,18 @@ def objective_tables(
                              "`token-objectives count-frequencies --vocab-size <model vocab>`")
         weights = pdl_weights_for(config, load_frequencies(frequencies, vocab_size=vocab_size))
     return numbers, weights
+
+
+def stated_vocab(numbers: NumberTable | None, pdl_weights: torch.Tensor | None,
+                 vocab_size: int | None = None, real_vocab_size: int | None = None
+                 ) -> tuple[int | None, int | None]:
+    """(V, real): the model's padded vocab and the tokenizer's size as the tables state them.
+    V: vocab_size, else the NumberTable's, else the PDL table's length (None: unknown, plain
+    CE); real: real_vocab_size, else the NumberTable's valid_vocab_size."""
+    if vocab_size is None and numbers is not None:
+        vocab_size = numbers.vocab_size
+    if vocab_size is None and pdl_weights is not None:
+        vocab_size = pdl_weights.numel()
+    if real_vocab_size is None and numbers is not None:
+        real_vocab_size = numbers.valid_vocab_size
+    return vocab_size, real_vocab_size

@@ -37,6 +37,7 @@ from token_objectives.objectives.fused_linear import fused_linear_objective_loss
 from token_objectives.objectives.loss import ObjectiveConfig, ObjectiveOutput, objective_loss
 from token_objectives.objectives.pdl import pdl_weights_for
 from token_objectives.objectives.sections import section_from_mapping
+from token_objectives.objectives.tables import stated_vocab
 from token_objectives.scheduled_sampling.schedule import ScheduledSamplingConfig
 from token_objectives.tables.frequencies import load_frequencies
 from token_objectives.tables.numbers import NumberTable
@@ -181,14 +182,9 @@ class DeepSpeedObjectives:
         self.config = config
         self.numbers = numbers
         self.pdl_weights = pdl_weights
-        if vocab_size is None and numbers is not None:
-            vocab_size = numbers.vocab_size
-        if vocab_size is None and pdl_weights is not None:
-            vocab_size = pdl_weights.numel()
-        self.vocab_size = vocab_size  # the model's padded vocab; None: unknown (plain CE)
-        if real_vocab_size is None and numbers is not None:
-            real_vocab_size = numbers.valid_vocab_size
-        self.real_vocab_size = real_vocab_size
+        # The model's padded vocab (None: unknown, plain CE) and the tokenizer's size.
+        self.vocab_size, self.real_vocab_size = stated_vocab(numbers, pdl_weights, vocab_size,
+                                                             real_vocab_size)
         self.head_shard: tuple[int, int] | None = None
 
     def use_head_shard(self, shard: tuple[int, int] | None) -> None:

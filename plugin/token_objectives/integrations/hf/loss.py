@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from token_objectives.objectives.config import ObjectiveConfig
 from token_objectives.objectives.fused_linear import fused_linear_objective_loss
 from token_objectives.objectives.loss import ObjectiveOutput, objective_loss
+from token_objectives.objectives.tables import stated_vocab
 from token_objectives.tables.numbers import NumberTable
 
 # What Trainer counts num_items_in_batch over (labels.ne(-100)), and every HF collator writes.
@@ -90,12 +91,8 @@ class ObjectiveLoss:
         self.numbers = numbers
         self.pdl_weights = pdl_weights
         self.fused = fused
-        if vocab_size is None and numbers is not None:
-            vocab_size = numbers.vocab_size
-        if vocab_size is None and pdl_weights is not None:
-            vocab_size = pdl_weights.numel()
-        self.vocab_size = vocab_size
-        self.real_vocab_size = real_vocab_size if numbers is None else None
+        self.vocab_size, self.real_vocab_size = stated_vocab(numbers, pdl_weights, vocab_size,
+                                                             real_vocab_size)
         self.chunking = {"rows_per_chunk": rows_per_chunk, "kernel": kernel}
         self._pending: torch.Tensor | None = None
 
@@ -203,7 +200,9 @@ class ObjectiveLoss:
             )
 
     def _layout(self) -> dict[str, int | None]:
-        return {"vocab_size": self.vocab_size, "real_vocab_size": self.real_vocab_size}
+        # A table states the real vocab itself; a second figure could only disagree with it.
+        real = self.real_vocab_size if self.numbers is None else None
+        return {"vocab_size": self.vocab_size, "real_vocab_size": real}
 
 
 def objective_loss_from_options(
