@@ -225,3 +225,15 @@ def test_options_and_tables_from_a_tokenizer_path_and_a_frequencies_file(tokeniz
         objective_loss_from_options({"pdl_alpha": 0.5, "ntl": None}, tokenizer)
     with pytest.raises(ValueError, match="ignore_index=-100"):
         ObjectiveLoss(ObjectiveConfig(ignore_index=-1), objectives.numbers)
+
+
+def test_bench_hf_prints_the_three_methods(capsys):
+    from token_objectives.cli import main
+
+    assert main(["bench-hf", "--vocab", "512", "--hidden", "32", "--seq", "32", "--batch", "2",
+                 "--repeats", "1"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
+            if line.split()[:1] and line.split()[0] in ("hf", "ours", "ours_fused")}
+    assert list(rows) == ["hf", "ours", "ours_fused"]
+    assert rows["hf"][2] == "1.00" and int(rows["hf"][5]) == 1  # the logits, saved
+    assert int(rows["ours_fused"][5]) == 0  # no logits-sized tensor saved
