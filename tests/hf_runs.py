@@ -3,7 +3,8 @@
 `run(mode, out)` trains one SGD step (lr 1, no clipping) on a fixed batch of 8 rows and saves
 the loss, the gradient (parameters before - after) and the logged components to out/result.pt.
 Every mode sees the same 8 rows: batch 8; accumulation 4 x 2; under torchrun 2 processes x
-accumulation 2 x 2 (DDP over gloo, or DeepSpeed ZeRO-2/3). Run as a script
+accumulation 2 x 2 (DDP over gloo, or DeepSpeed ZeRO-2/3), or one AutoTP group of 2 x
+accumulation 2 x 4. Run as a script
 (`torchrun tests/hf_runs.py MODE OUT`) it is the worker the multi-process tests launch.
 """
 
@@ -30,6 +31,7 @@ MODES = {  # mode: (per-device batch, accumulation, extra TrainingArguments)
     "zero2": (2, 2, {}),
     "zero3_fused": (2, 2, {}),
     "fused": (8, 1, {}),
+    "autotp2": (4, 2, {}),  # 2 processes are one TP group of 2: each sees the whole batch
 }
 
 
@@ -78,6 +80,8 @@ def training_args(out: Path, mode: str, report_to: str = "none"):
     from transformers import TrainingArguments
 
     micro, accumulation, extra = MODES[mode]
+    if mode.startswith("autotp"):
+        extra = {"deepspeed": str(REPO / "configs" / "deepspeed" / f"hf_{mode}.json")}
     if mode.startswith("zero"):
         # The ds_configs launch/train_hf.py and the README use ("auto": Trainer's values).
         extra = {"deepspeed": str(REPO / "configs" / "deepspeed" / f"hf_zero{mode[4]}.json")}
@@ -107,7 +111,7 @@ def run(mode: str, out: Path, report_to: str = "none", model=None, tokenizer=Non
     from token_objectives.hf import objective_loss_from_options
 
     out = Path(out)
-    if mode.startswith("zero"):
+    if mode.startswith(("zero", "autotp")):
         from token_objectives.integrations.deepspeed.cpu import disable_shm_comm_op
 
         disable_shm_comm_op()
@@ -126,10 +130,13 @@ def run(mode: str, out: Path, report_to: str = "none", model=None, tokenizer=Non
     engine = trainer.model_wrapped
     record = {
         "zero_stage": engine.zero_optimization_stage() if mode.startswith("zero") else None,
+        # (vocab_start, width) of this rank's lm_head shard, read when the logits were one.
+        "head_shard": objectives.core.head_shard,
         # 0 under ZeRO-3 outside a forward: the weight the fused head used was partitioned.
         "head_numel": model.get_output_embeddings().weight.numel(),
         "loss": result.training_loss,
-        "grads": {n: before[n] - after[n] for n in before},
+        # Under AutoTP only the parameters it leaves whole (the others are shards here).
+        "grads": {n: before[n] - after[n] for n in before if before[n].shape == after[n].shape},
         "logs": [row for row in trainer.state.log_history if "ntl" in row],
     }
     if trainer.is_world_process_zero():

@@ -66,9 +66,15 @@ def _model_forward(self, *args, labels: torch.Tensor | None = None,
         return self.__wrapped__(*args, **kwargs)
     kwargs.pop("logits_to_keep", None)
     kwargs.pop("return_dict", None)
+    head = self.get_output_embeddings()
+    if getattr(head, MARKER, None) is None:
+        raise ValueError(
+            f"ObjectiveLoss(fused=True): the lm_head was replaced after patch_model (by "
+            f"{type(head).__name__}: DeepSpeed AutoTP's tp_model_init does this); the fused "
+            f"head runs under DDP and ZeRO-1/2/3, not AutoTP: use fused=False there"
+        )
     hidden = self.get_decoder()(*args, **kwargs, return_dict=True).last_hidden_state
-    loss = self.get_output_embeddings()(hidden, labels=labels,
-                                        num_items_in_batch=num_items_in_batch)
+    loss = head(hidden, labels=labels, num_items_in_batch=num_items_in_batch)
     return CausalLMOutputWithPast(loss=loss)
 
 

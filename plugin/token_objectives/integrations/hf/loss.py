@@ -17,10 +17,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from token_objectives.integrations.autotp import AutoTPObjectives, vocab_parallel_head_shard
 from token_objectives.objectives.config import ObjectiveConfig
-from token_objectives.objectives.fused_linear import fused_linear_objective_loss
-from token_objectives.objectives.loss import ObjectiveOutput, objective_loss
-from token_objectives.objectives.tables import stated_vocab
+from token_objectives.objectives.loss import ObjectiveOutput
 from token_objectives.tables.numbers import NumberTable
 
 # What Trainer counts num_items_in_batch over (labels.ne(-100)), and every HF collator writes.
@@ -62,6 +61,9 @@ class ObjectiveLoss:
     vocab_size: the model's V when neither table states it (ntl=None, no PDL).
     real_vocab_size: the tokenizer's size when there is no NumberTable to state it; logits
         columns past it are vocab padding, outside the softmax.
+    Under Trainer's DeepSpeed AutoTP with a vocab-parallel lm_head the logits stay this rank's
+    shard [b, s, V/tp] and the vocab-parallel objective runs on it (two all-reduces over the TP
+    group; integrations.autotp); `attach` lets it read an uneven shard's ids from the model.
     rows_per_chunk, kernel: as objective_loss.
 
     outputs.logits: [b, s, V]; labels: [b, s] unshifted, -100 where there is no target (the
@@ -91,10 +93,11 @@ class ObjectiveLoss:
         self.numbers = numbers
         self.pdl_weights = pdl_weights
         self.fused = fused
-        self.vocab_size, self.real_vocab_size = stated_vocab(numbers, pdl_weights, vocab_size,
-                                                             real_vocab_size)
+        # The layout: full logits, or under Trainer's DeepSpeed AutoTP this rank's shard.
+        self.core = AutoTPObjectives(config, numbers, pdl_weights, vocab_size, real_vocab_size)
         self.chunking = {"rows_per_chunk": rows_per_chunk, "kernel": kernel}
         self._pending: torch.Tensor | None = None
+        self._model: torch.nn.Module | None = None  # attach's, to read an AutoTP head shard
 
     def __call__(self, outputs: Any, labels: torch.Tensor | None,
                  num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
@@ -112,9 +115,8 @@ class ObjectiveLoss:
                 f"ObjectiveLoss takes a causal LM's [b, s, V] logits and its unshifted [b, s] "
                 f"labels"
             )
-        self._check_width(logits.shape[-1], "logits")
-        output = objective_loss(logits, shift_labels(labels), self.config, self.numbers,
-                                self.pdl_weights, **self._layout(), **self.chunking)
+        self._read_head_shard(logits.shape[-1])
+        output = self.core(logits, shift_labels(labels), **self.chunking)
         return self.reduce(output, num_items_in_batch)
 
     def fused_objective(self, hidden: torch.Tensor, weight: torch.Tensor,
@@ -122,10 +124,7 @@ class ObjectiveLoss:
         """Per-token objectives from hidden [b, s, h] and the lm_head weight [V, h], for the
         unshifted labels [b, s]; no [b, s, V] tensor is kept for backward."""
         labels = self._checked_labels(labels)
-        self._check_width(weight.shape[0], "the lm_head weight")
-        return fused_linear_objective_loss(hidden, weight, shift_labels(labels), self.config,
-                                           self.numbers, self.pdl_weights, **self._layout(),
-                                           **self.chunking)
+        return self.core.fused(hidden, weight, shift_labels(labels), **self.chunking)
 
     def reduce(self, output: ObjectiveOutput,
                num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
@@ -174,6 +173,7 @@ class ObjectiveLoss:
             trainer.model_accepts_loss_kwargs = True
         else:
             trainer.compute_loss_func = self
+        self._model = trainer.model
         callbacks = trainer.callback_handler.callbacks
         callbacks[:] = [c for c in callbacks if not isinstance(c, ObjectiveLogCallback)]
         callbacks.insert(0, ObjectiveLogCallback(self))
@@ -190,19 +190,12 @@ class ObjectiveLoss:
             raise ValueError(f"labels must be [b, s] token ids, got shape {tuple(labels.shape)}")
         return labels
 
-    def _check_width(self, width: int, what: str) -> None:
-        if self.vocab_size is not None and width != self.vocab_size:
-            raise ValueError(
-                f"{what} has {width} vocab rows/columns but the tables cover {self.vocab_size} "
-                f"ids: build them over the model's padded vocab (NumberTable.from_tokenizer(..., "
-                f"vocab_size=model.config.vocab_size), count-frequencies --vocab-size), as "
-                f"ObjectiveLoss.from_options(..., vocab_size=model.config.vocab_size) does"
-            )
-
-    def _layout(self) -> dict[str, int | None]:
-        # A table states the real vocab itself; a second figure could only disagree with it.
-        real = self.real_vocab_size if self.numbers is None else None
-        return {"vocab_size": self.vocab_size, "real_vocab_size": real}
+    def _read_head_shard(self, width: int) -> None:
+        """Under AutoTP the lm_head is replaced when Trainer prepares the model: read this
+        rank's vocab shard from the attached model once the logits are narrower."""
+        if (self.core.head_shard is None and self._model is not None
+                and width != self.core.vocab_size):
+            self.core.use_head_shard(vocab_parallel_head_shard(self._model))
 
 
 def objective_loss_from_options(
