@@ -139,9 +139,36 @@ def run(mode: str, out: Path, report_to: str = "none", model=None, tokenizer=Non
         "grads": {n: before[n] - after[n] for n in before if before[n].shape == after[n].shape},
         "logs": [row for row in trainer.state.log_history if "ntl" in row],
     }
+    if mode == "zero3_fused":
+        record.update(gathered_head(engine.module, objectives, tokenizer))
     if trainer.is_world_process_zero():
         torch.save(record, out / "result.pt")
     return record
+
+
+def gathered_head(model, objectives, tokenizer) -> dict:
+    """Outside the engine's forward, where ZeRO-3 leaves the lm_head partitioned: the fused
+    objective with the weight gathered by fused.gathered, and the objective on logits made
+    with the weight gathered by hand (no backward)."""
+    import deepspeed
+    import torch.nn.functional as F
+
+    from token_objectives.integrations.hf.fused import gathered
+
+    head, data = model.get_output_embeddings(), batch(tokenizer)
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=data["input_ids"],
+                                     attention_mask=data["attention_mask"]).last_hidden_state
+        partitioned = head.weight.numel() == 0
+        with gathered(head.weight):
+            fused = objectives.fused_objective(hidden, head.weight, data["labels"])
+        with deepspeed.zero.GatheredParameters([head.weight]):
+            logits = F.linear(hidden, head.weight)
+        objectives.fused = False
+        plain = objectives({"logits": logits}, data["labels"])
+    return {"partitioned_outside_forward": partitioned,
+            "gathered_fused_loss": objectives.reduce(fused, None).item(),
+            "gathered_logits_loss": plain.item()}
 
 
 def hand_reference(model, tokenizer, config) -> tuple[float, dict[str, torch.Tensor], dict]:

@@ -106,6 +106,9 @@ def test_two_processes_ddp_and_deepspeed_zero2_zero3_fused_autotp_equal_one(tmp_
     assert torch.load(tmp_path / "zero2" / "result.pt")["zero_stage"] == 2
     zero3 = torch.load(tmp_path / "zero3_fused" / "result.pt")
     assert zero3["zero_stage"] == 3 and zero3["head_numel"] == 0  # the head was partitioned
+    # Outside the engine's forward the fused head gathers the weight itself (GatheredParameters).
+    assert zero3["partitioned_outside_forward"]
+    assert zero3["gathered_fused_loss"] == pytest.approx(zero3["gathered_logits_loss"], rel=1e-6)
     # AutoTP's vocab-parallel lm_head: rank 0's logits were [b, s, 150] of the 300 ids.
     assert torch.load(tmp_path / "autotp2" / "result.pt")["head_shard"] == (0, 150)
 
