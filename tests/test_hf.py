@@ -163,15 +163,15 @@ def test_sft_trainer_takes_the_same_loss(tokenizer, expected, tmp_path):
                                                              data["attention_mask"], strict=True)]
     model = hf_runs.tiny_llama(len(tokenizer))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    objectives = objective_loss_from_options(CONFIG, tokenizer, model=model)
     args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4,
                      gradient_accumulation_steps=2, max_steps=1, learning_rate=1.0, optim="sgd",
                      lr_scheduler_type="constant", max_grad_norm=0.0, report_to="none",
                      save_strategy="no", use_cpu=True, logging_steps=1, max_length=None,
                      gradient_checkpointing=False, bf16=False, disable_tqdm=True)
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
-                         train_dataset=datasets.Dataset.from_dict({"input_ids": rows}),
-                         compute_loss_func=objectives)
+                         train_dataset=datasets.Dataset.from_dict({"input_ids": rows}))
+    # The tables from the trainer's processing_class; attach sets compute_loss_func.
+    objectives = objective_loss_from_options(CONFIG, trainer.processing_class, model=model)
     objectives.attach(trainer)
     result = trainer.train()
     record = {"loss": result.training_loss,

@@ -12,8 +12,9 @@ originals stay in `__wrapped__`, `unpatch_model` puts them back):
 The loss runs inside the lm_head's own forward, so DDP sees the weight used in forward, and
 DeepSpeed ZeRO-3's module hooks gather the partitioned weight for it and gather it again for
 the backward, which recomputes the logits chunk by chunk from it. Where the weight is still
-partitioned when the head runs (a ZeRO-3 model called outside the engine), it is gathered with
-deepspeed.zero.GatheredParameters, as TRL and Liger needed.
+partitioned when the head runs (the head called outside the engine's forward), the forward
+gathers it with deepspeed.zero.GatheredParameters, as TRL and Liger needed; a backward there
+would need it gathered again, which only the module hooks inside the engine provide.
 
 Trainer then computes no loss itself: `ObjectiveLoss.attach` clears compute_loss_func and lets
 Trainer give the labels and num_items_in_batch to the model, as it does for HF's own loss.
