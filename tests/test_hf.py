@@ -246,3 +246,17 @@ def test_bench_hf_prints_the_three_methods(capsys):
     assert list(rows) == ["hf", "ours", "ours_fused"]
     assert rows["hf"][2] == "1.00" and int(rows["hf"][5]) == 1  # the logits, saved
     assert int(rows["ours_fused"][5]) == 0  # no logits-sized tensor saved
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_evaluate_gives_the_same_loss(tokenizer, expected, tmp_path, fused):
+    from transformers import Trainer
+
+    model = hf_runs.tiny_llama(len(tokenizer))
+    objectives = objective_loss_from_options(CONFIG, tokenizer, model=model, fused=fused)
+    args = hf_runs.training_args(tmp_path, "single")
+    args.per_device_eval_batch_size = 8
+    trainer = Trainer(model=model, args=args, eval_dataset=hf_runs.Rows(hf_runs.batch(tokenizer)))
+    objectives.attach(trainer)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(expected[0], rel=1e-6)
+    assert objectives.take_totals() is None  # evaluation keeps nothing for the training logs
