@@ -4,7 +4,9 @@
     python launch/train_hf.py --output-dir runs/hf_tiny --steps 20 --fused   # no [b, s, V] logits
     torchrun --nproc-per-node 2 launch/train_hf.py --output-dir runs/hf_ddp --steps 20
     torchrun --nproc-per-node 2 launch/train_hf.py --output-dir runs/hf_z3 --fused \\
-        --deepspeed configs/deepspeed/zero3.json
+        --deepspeed configs/deepspeed/hf_zero3.json
+    torchrun --nproc-per-node 2 launch/train_hf.py --output-dir runs/hf_tp \\
+        --deepspeed configs/deepspeed/hf_autotp2.json        # logits stay [b, s, V/2]
 
 The data is the quickstart's (token_objectives.quickstart: the generated number-rich corpus and
 its sentencepiece tokenizer, digits split), built under --output-dir/data without megatron-core;
