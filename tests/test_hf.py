@@ -11,6 +11,7 @@ logits stay sharded).
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -260,3 +261,13 @@ def test_evaluate_gives_the_same_loss(tokenizer, expected, tmp_path, fused):
     objectives.attach(trainer)
     assert trainer.evaluate()["eval_loss"] == pytest.approx(expected[0], rel=1e-6)
     assert objectives.take_totals() is None  # evaluation keeps nothing for the training logs
+
+
+def test_the_example_trains_on_the_quickstart_corpus(tmp_path):
+    """launch/train_hf.py, one fused step: the data, the tables over the padded vocab, the logs."""
+    env = dict(WORKER_ENV, PYTHONPATH=f"{REPO / 'plugin'}:{WORKER_ENV.get('PYTHONPATH', '')}")
+    done = run_checked([sys.executable, str(REPO / "launch" / "train_hf.py"), "--output-dir",
+                        str(tmp_path), "--steps", "1", "--documents", "100", "--vocab", "384",
+                        "--seq-length", "32", "--fused"], env=env)
+    assert "'ntl':" in done.stdout + done.stderr
+    assert list(tmp_path.rglob("events.out.tfevents.*"))
