@@ -32,7 +32,13 @@ MODES = {  # mode: (per-device batch, accumulation, extra TrainingArguments)
     "zero3_fused": (2, 2, {}),
     "fused": (8, 1, {}),
     "autotp2": (4, 2, {}),  # 2 processes are one TP group of 2: each sees the whole batch
+    # A vocab padded to 301 ids: AutoTP shards it unevenly (151 + 150).
+    "autotp2_padded": (4, 2, {}),
 }
+
+
+def model_vocab(mode: str, tokenizer) -> int:
+    return len(tokenizer) + (1 if mode.endswith("padded") else 0)
 
 
 def hf_tokenizer():
@@ -81,7 +87,7 @@ def training_args(out: Path, mode: str, report_to: str = "none"):
 
     micro, accumulation, extra = MODES[mode]
     if mode.startswith("autotp"):
-        extra = {"deepspeed": str(REPO / "configs" / "deepspeed" / f"hf_{mode}.json")}
+        extra = {"deepspeed": str(REPO / "configs" / "deepspeed" / "hf_autotp2.json")}
     if mode.startswith("zero"):
         # The ds_configs launch/train_hf.py and the README use ("auto": Trainer's values).
         extra = {"deepspeed": str(REPO / "configs" / "deepspeed" / f"hf_zero{mode[4]}.json")}
@@ -116,7 +122,7 @@ def run(mode: str, out: Path, report_to: str = "none", model=None, tokenizer=Non
 
         disable_shm_comm_op()
     tokenizer = tokenizer or hf_tokenizer()
-    model = model or tiny_llama(len(tokenizer))
+    model = model or tiny_llama(model_vocab(mode, tokenizer))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     objectives = objective_loss_from_options(OPTIONS, tokenizer, model=model,
                                              fused=mode.endswith("fused"))

@@ -95,15 +95,20 @@ def test_accumulation_4x2_and_the_fused_head_equal_one_batch_of_8(tokenizer, exp
     _assert_matches(_run("fused", tokenizer), expected, "fused head, batch 8")
 
 
-def test_two_processes_ddp_and_deepspeed_zero2_zero3_fused_autotp_equal_one(tmp_path, expected):
+def test_two_processes_ddp_and_deepspeed_zero2_zero3_fused_autotp_equal_one(tmp_path, expected,
+                                                                           tokenizer):
     pytest.importorskip("deepspeed")
-    modes = ["ddp", "zero2", "zero3_fused", "autotp2"]
+    modes = ["ddp", "zero2", "zero3_fused", "autotp2", "autotp2_padded"]
     env = dict(WORKER_ENV, PYTHONPATH=f"{REPO / 'plugin'}:{WORKER_ENV.get('PYTHONPATH', '')}")
     run_checked(torchrun_command(REPO / "tests" / "hf_runs.py", ",".join(modes),
                                  str(tmp_path)), env=env)
-    for mode in modes:
+    for mode in modes[:-1]:
         record = torch.load(tmp_path / mode / "result.pt")
         _assert_matches(record, expected, f"2 processes, {mode}")
+    padded = hf_runs.hand_reference(hf_runs.tiny_llama(len(tokenizer) + 1), tokenizer, CONFIG)
+    record = torch.load(tmp_path / "autotp2_padded" / "result.pt")
+    _assert_matches(record, padded, "2 processes, autotp2 over a vocab of 301")
+    assert record["head_shard"] == (0, 151)  # uneven: the ids were read from the model
     assert torch.load(tmp_path / "zero2" / "result.pt")["zero_stage"] == 2
     zero3 = torch.load(tmp_path / "zero3_fused" / "result.pt")
     assert zero3["zero_stage"] == 3 and zero3["head_numel"] == 0  # the head was partitioned
