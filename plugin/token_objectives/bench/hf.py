@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from token_objectives.bench.grid import _tables
+from token_objectives.bench.grid import synthetic_tables
 from token_objectives.bench.methods import CONFIG, saved_for_backward
 
 METHODS = ("hf", "ours", "ours_fused")
@@ -51,7 +51,7 @@ def measure(method: str, args) -> dict:
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
         num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
         max_position_embeddings=args.seq)).to(device=device, dtype=dtype)
-    weights, numbers = _tables(args.vocab, device)
+    weights, numbers = synthetic_tables(args.vocab, device)
     trainer = _trainer(method, model, numbers, weights, args.device)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
