@@ -152,6 +152,8 @@ def test_fused_equals_the_logits_path_and_keeps_no_logits_sized_tensor(tokenizer
     def fused_step():
         return fused(**inputs, labels=data["labels"], num_items_in_batch=count).loss
 
+    with pytest.raises(ValueError, match=r"attach\(trainer\)"):
+        fused_objectives(plain(**inputs), data["labels"])  # fused needs the patched model
     assert _largest_saved(logits_step) >= logits_size
     assert _largest_saved(fused_step) < logits_size // 4
     assert fused_step().item() == pytest.approx(logits_step().item(), rel=1e-6)
