@@ -4,7 +4,7 @@ Subpackages by role (each one's docstring says what it may import):
     ops/           the math and kernels on one rank's shard (torch only)
     tables/        tokenizers, number-token tables, token frequencies
     objectives/    ObjectiveConfig and the losses composed on ops
-    integrations/  megatron/, deepspeed/: thin adapters to the frameworks
+    integrations/  megatron/, deepspeed/, hf/: thin adapters to the frameworks
     training/      what both loops share, and the Megatron and DeepSpeed loops
     scheduled_sampling/, correction/, ensemble/   the papers' methods, on the core
     quickstart/, bench/   the quickstart's data and `token-objectives bench`
@@ -36,10 +36,11 @@ __all__ = [
 ]
 
 # Public import paths that now live in a subpackage. Resolved on first import, so that
-# `import token_objectives` never pulls in megatron-core or DeepSpeed.
+# `import token_objectives` never pulls in megatron-core, DeepSpeed or transformers.
 _MOVED = {
     "token_objectives.megatron": "token_objectives.integrations.megatron.hook",
     "token_objectives.deepspeed": "token_objectives.integrations.deepspeed.section",
+    "token_objectives.hf": "token_objectives.integrations.hf",
 }
 
 

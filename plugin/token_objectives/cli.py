@@ -1,5 +1,5 @@
 """`token-objectives` command line: count-frequencies, inspect-vocab, build-correction-data,
-ensemble, bench."""
+ensemble, bench, bench-hf."""
 
 from __future__ import annotations
 
@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     ))
 
     commands.add_parser("bench", help="benchmark the objectives (`bench --help`)", add_help=False)
+    commands.add_parser("bench-hf", help="one transformers.Trainer step: HF's loss vs ours, "
+                        "on the logits and fused (`bench-hf --help`)", add_help=False)
     return parser
 
 
@@ -135,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
 
         result = bench_main(argv[1:])
         return 0 if result is None else int(result)
+    if argv[:1] == ["bench-hf"]:
+        from token_objectives.bench.hf import main as bench_hf_main
+
+        return bench_hf_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:

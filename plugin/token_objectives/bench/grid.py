@@ -43,7 +43,7 @@ def _synthetic_tokenizer(vocab: int):
     )
 
 
-def _tables(vocab: int, device: torch.device) -> tuple[torch.Tensor, NumberTable]:
+def synthetic_tables(vocab: int, device: torch.device) -> tuple[torch.Tensor, NumberTable]:
     """Zipf-like PDL weights fp32 [V] and a number table with the digits at ids 0..9."""
     counts = (1e7 / torch.arange(1, vocab + 1, dtype=torch.float64)).floor()
     weights = (counts + 1) ** -0.5
@@ -98,7 +98,7 @@ def _worker(rank: int, world: int, port: int, args, results) -> None:
     group = parallel_state.get_tensor_model_parallel_group() if world > 1 else None
     rows = []
     for vocab in args.vocab:
-        weights, numbers = _tables(vocab, device)
+        weights, numbers = synthetic_tables(vocab, device)
         naive_ntl = None
         if "naive" in args.methods:
             import ntloss

@@ -32,8 +32,13 @@ import torch
 import torch.distributed as dist
 from pydantic import ConfigDict, Field, ValidationError, create_model, field_validator
 
-from token_objectives.objectives.fused_linear import fused_linear_objective_loss
-from token_objectives.objectives.loss import ObjectiveConfig, ObjectiveOutput, objective_loss
+from token_objectives.integrations.autotp import (  # noqa: F401 (public names here too)
+    AutoTPObjectives,
+    tensor_parallel_group,
+    vocab_parallel_head_shard,
+)
+from token_objectives.objectives.components import component_means
+from token_objectives.objectives.loss import ObjectiveConfig, ObjectiveOutput
 from token_objectives.objectives.pdl import pdl_weights_for
 from token_objectives.objectives.sections import section_from_mapping
 from token_objectives.scheduled_sampling.schedule import ScheduledSamplingConfig
@@ -139,104 +144,8 @@ def read_section(ds_config: Mapping[str, Any] | str | Path) -> TokenObjectivesCo
     return section
 
 
-def tensor_parallel_group() -> dist.ProcessGroup | None:
-    """DeepSpeed's AutoTP group when one is set up with more than one rank, else None."""
-    try:
-        from deepspeed.utils import groups
-
-        group = groups.get_tensor_model_parallel_group()
-    except (AssertionError, AttributeError, ImportError):
-        return None
-    if group is None or dist.get_world_size(group) == 1:
-        return None
-    return group
-
-
-def vocab_parallel_head_shard(module: torch.nn.Module) -> tuple[int, int] | None:
-    """(vocab_start, width) of this rank's shard of AutoTP's vocab-parallel lm_head inside
-    `module`, or None when the model has none. AutoTP shards unevenly when TP does not divide
-    the vocab (V = 9 at TP = 2: 5 and 4 rows), so the layout is read, never inferred."""
-    for child in module.modules():
-        if getattr(child, "is_vocab_parallel_lm_head", False):
-            start, end = int(child.vocab_start_index), int(child.vocab_end_index)
-            return start, end - start
-    return None
-
-
-class DeepSpeedObjectives:
-    """`objectives(logits, labels, loss_mask=None)` -> ObjectiveOutput, per token.
-
-    logits: [..., V] (full vocab) or [..., w] (this rank's AutoTP vocab-parallel lm_head shard,
-    columns [vocab_start, vocab_start + w)); which one is read from the width against the
-    model's vocab size. labels: [...] global ids. `use_head_shard(start, width)` states the
-    shard (the trainer reads it from the model with `vocab_parallel_head_shard`); without it a
-    shard is taken to be the even one, and the objective's layout check refuses uneven shards.
-    real_vocab_size: the tokenizer's size; columns past it are padding (default: the table's).
-    """
-
-    def __init__(self, config: ObjectiveConfig, numbers: NumberTable | None,
-                 pdl_weights: torch.Tensor | None = None, vocab_size: int | None = None,
-                 real_vocab_size: int | None = None) -> None:
-        self.config = config
-        self.numbers = numbers
-        self.pdl_weights = pdl_weights
-        if vocab_size is None and numbers is not None:
-            vocab_size = numbers.vocab_size
-        if vocab_size is None and pdl_weights is not None:
-            vocab_size = pdl_weights.numel()
-        self.vocab_size = vocab_size  # the model's padded vocab; None: unknown (plain CE)
-        if real_vocab_size is None and numbers is not None:
-            real_vocab_size = numbers.valid_vocab_size
-        self.real_vocab_size = real_vocab_size
-        self.head_shard: tuple[int, int] | None = None
-
-    def use_head_shard(self, shard: tuple[int, int] | None) -> None:
-        """(vocab_start, width) of this rank's lm_head shard, or None for the even layout."""
-        self.head_shard = shard
-
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor,
-                 loss_mask: torch.Tensor | None = None) -> ObjectiveOutput:
-        group, layout = self._layout(logits.shape[-1])
-        return objective_loss(logits, labels, self.config, self.numbers, self.pdl_weights,
-                              group, loss_mask=loss_mask, **layout)
-
-    def fused(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-              loss_mask: torch.Tensor | None = None) -> ObjectiveOutput:
-        """The same from hidden states [..., h] and the lm_head weight [V or w, h], with no
-        logits held (fused_linear_objective_loss); gradients go to hidden and weight."""
-        group, layout = self._layout(weight.shape[0])
-        return fused_linear_objective_loss(hidden, weight, labels, self.config, self.numbers,
-                                           self.pdl_weights, group, loss_mask=loss_mask,
-                                           **layout)
-
-    def _group(self, width: int):
-        """The AutoTP group when `width` vocab columns are a shard of the model's vocab."""
-        return self._layout(width)[0]
-
-    def _layout(self, width: int) -> tuple[dist.ProcessGroup | None, dict[str, int | None]]:
-        """(group, the objective's layout keywords) for logits `width` columns wide."""
-        vocab = self.vocab_size
-        # A table states the real vocab itself; a second figure could only disagree with it.
-        real = self.real_vocab_size if self.numbers is None else None
-        sizes = {"vocab_size": vocab, "real_vocab_size": real}
-        if vocab is not None and width == vocab:
-            return None, sizes
-        group = tensor_parallel_group()
-        if group is None and vocab is not None:
-            raise ValueError(
-                f"logits have {width} vocab columns but the tables have {vocab} and no AutoTP "
-                f"group is set up; build the NumberTable with vocab_size={width}"
-            )
-        if self.head_shard is None:
-            return group, sizes
-        start, shard_width = self.head_shard
-        if shard_width != width:
-            raise ValueError(
-                f"logits have {width} vocab columns but this rank's lm_head shard holds "
-                f"{shard_width} (ids [{start}, {start + shard_width})); pass the model's own "
-                f"logits or its lm_head weight"
-            )
-        return group, dict(sizes, vocab_start=start)
+# The section's loss callable: AutoTP's layout handling, shared with the HF adapter.
+DeepSpeedObjectives = AutoTPObjectives
 
 
 def from_ds_config(
@@ -305,15 +214,7 @@ def log_components(engine, output: ObjectiveOutput, step: int,
         group = None
     if dist.is_initialized():
         dist.all_reduce(totals, group=group)
-    loss, tokens, ce, ntl, numbers, weight = totals.tolist()
-    weighted = config is not None and config.pdl_normalization == "weighted_mean"
-    values = {
-        "lm loss": loss / (weight if weighted and weight > 0 else max(tokens, 1)),
-        "ce": ce / max(tokens, 1),
-        "ntl": ntl / max(numbers, 1),
-        "number tokens": numbers / max(tokens, 1),
-        "pdl weight": weight / max(tokens, 1),
-    }
+    values = component_means(totals, config)
     monitor = getattr(engine, "monitor", None)
     if monitor is not None and getattr(monitor, "enabled", False) and dist.get_rank() == 0:
         monitor.write_events([(f"Train/{name}", value, step) for name, value in values.items()])

@@ -1,0 +1,112 @@
+"""DeepSpeed AutoTP's vocab-parallel lm_head, as the objectives see it: the TP group, this
+rank's shard of the vocab, and `AutoTPObjectives`, the loss callable that tells full logits
+from a shard. Shared by the DeepSpeed loop's ds_config section and the Hugging Face Trainer
+adapter (Trainer's DeepSpeed integration runs AutoTP through `deepspeed.tp_model_init`).
+Imports the core only; DeepSpeed lazily.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from token_objectives.objectives.fused_linear import fused_linear_objective_loss
+from token_objectives.objectives.loss import ObjectiveConfig, ObjectiveOutput, objective_loss
+from token_objectives.objectives.tables import stated_vocab
+from token_objectives.tables.numbers import NumberTable
+
+
+def tensor_parallel_group() -> dist.ProcessGroup | None:
+    """DeepSpeed's AutoTP group when one is set up with more than one rank, else None."""
+    try:
+        from deepspeed.utils import groups
+
+        group = groups.get_tensor_model_parallel_group()
+    except (AssertionError, AttributeError, ImportError):
+        return None
+    if group is None or dist.get_world_size(group) == 1:
+        return None
+    return group
+
+
+def vocab_parallel_head_shard(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(vocab_start, width) of this rank's shard of AutoTP's vocab-parallel lm_head inside
+    `module`, or None when the model has none. AutoTP shards unevenly when TP does not divide
+    the vocab (V = 9 at TP = 2: 5 and 4 rows), so the layout is read, never inferred."""
+    for child in module.modules():
+        if getattr(child, "is_vocab_parallel_lm_head", False):
+            start, end = int(child.vocab_start_index), int(child.vocab_end_index)
+            return start, end - start
+    return None
+
+
+class AutoTPObjectives:
+    """`objectives(logits, labels, loss_mask=None)` -> ObjectiveOutput, per token.
+
+    logits: [..., V] (full vocab) or [..., w] (this rank's AutoTP vocab-parallel lm_head shard,
+    columns [vocab_start, vocab_start + w)); which one is read from the width against the
+    model's vocab size. labels: [...] global ids. `use_head_shard(start, width)` states the
+    shard (the trainer reads it from the model with `vocab_parallel_head_shard`); without it a
+    shard is taken to be the even one, and the objective's layout check refuses uneven shards.
+    real_vocab_size: the tokenizer's size; columns past it are padding (default: the table's).
+    """
+
+    def __init__(self, config: ObjectiveConfig, numbers: NumberTable | None,
+                 pdl_weights: torch.Tensor | None = None, vocab_size: int | None = None,
+                 real_vocab_size: int | None = None) -> None:
+        self.config = config
+        self.numbers = numbers
+        self.pdl_weights = pdl_weights
+        # The model's padded vocab (None: unknown, plain CE) and the tokenizer's size.
+        self.vocab_size, self.real_vocab_size = stated_vocab(numbers, pdl_weights, vocab_size,
+                                                             real_vocab_size)
+        self.head_shard: tuple[int, int] | None = None
+
+    def use_head_shard(self, shard: tuple[int, int] | None) -> None:
+        """(vocab_start, width) of this rank's lm_head shard, or None for the even layout."""
+        self.head_shard = shard
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor,
+                 loss_mask: torch.Tensor | None = None, **options) -> ObjectiveOutput:
+        """options: objective_loss's rows_per_chunk and kernel."""
+        group, layout = self._layout(logits.shape[-1])
+        return objective_loss(logits, labels, self.config, self.numbers, self.pdl_weights,
+                              group, loss_mask=loss_mask, **layout, **options)
+
+    def fused(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+              loss_mask: torch.Tensor | None = None, **options) -> ObjectiveOutput:
+        """The same from hidden states [..., h] and the lm_head weight [V or w, h], with no
+        logits held (fused_linear_objective_loss); gradients go to hidden and weight."""
+        group, layout = self._layout(weight.shape[0])
+        return fused_linear_objective_loss(hidden, weight, labels, self.config, self.numbers,
+                                           self.pdl_weights, group, loss_mask=loss_mask,
+                                           **layout, **options)
+
+    def _group(self, width: int):
+        """The AutoTP group when `width` vocab columns are a shard of the model's vocab."""
+        return self._layout(width)[0]
+
+    def _layout(self, width: int) -> tuple[dist.ProcessGroup | None, dict[str, int | None]]:
+        """(group, the objective's layout keywords) for logits `width` columns wide."""
+        vocab = self.vocab_size
+        # A table states the real vocab itself; a second figure could only disagree with it.
+        real = self.real_vocab_size if self.numbers is None else None
+        sizes = {"vocab_size": vocab, "real_vocab_size": real}
+        if vocab is not None and width == vocab:
+            return None, sizes
+        group = tensor_parallel_group()
+        if group is None and vocab is not None:
+            raise ValueError(
+                f"logits have {width} vocab columns but the tables have {vocab} and no AutoTP "
+                f"group is set up; build the NumberTable with vocab_size={width}"
+            )
+        if self.head_shard is None:
+            return group, sizes
+        start, shard_width = self.head_shard
+        if shard_width != width:
+            raise ValueError(
+                f"logits have {width} vocab columns but this rank's lm_head shard holds "
+                f"{shard_width} (ids [{start}, {start + shard_width})); pass the model's own "
+                f"logits or its lm_head weight"
+            )
+        return group, dict(sizes, vocab_start=start)

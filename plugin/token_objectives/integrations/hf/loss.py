@@ -1,0 +1,227 @@
+"""ObjectiveLoss: CE + NTL + PDL as `transformers.Trainer(compute_loss_func=...)`.
+
+Trainer calls `compute_loss_func(outputs, labels, num_items_in_batch)` once per micro-batch, with
+`num_items_in_batch` the count of labels[..., 1:] != -100 over the whole accumulated batch and
+(average_tokens_across_devices, the default) over every data-parallel rank; it then multiplies
+the loss by the number of processes, which DDP's gradient mean divides out again. A loss that
+is the micro-batch's SUM over that global count therefore gives the gradient of the global
+batch's mean, whatever the accumulation steps and device count. Trainer does not normalise a
+custom loss itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from token_objectives.integrations.autotp import AutoTPObjectives, vocab_parallel_head_shard
+from token_objectives.objectives.config import ObjectiveConfig
+from token_objectives.objectives.loss import ObjectiveOutput
+from token_objectives.tables.numbers import NumberTable
+
+# What Trainer counts num_items_in_batch over (labels.ne(-100)), and every HF collator writes.
+HF_IGNORE_INDEX = -100
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = HF_IGNORE_INDEX) -> torch.Tensor:
+    """[b, s] -> [b, s]: the target of position t is labels[:, t + 1]; the last position gets
+    ignore_index. As HF's ForCausalLMLoss: the labels move, so the [b, s, V] logits are used
+    whole (slicing them would copy them for the loss)."""
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def _logits_of(outputs: Any) -> torch.Tensor:
+    if isinstance(outputs, Mapping):
+        logits = outputs.get("logits")
+    else:
+        logits = getattr(outputs, "logits", None)
+        if logits is None and isinstance(outputs, tuple | list) and outputs:
+            logits = outputs[0]
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(
+            "ObjectiveLoss needs the model's logits [b, s, V] in outputs.logits; the model "
+            f"returned {type(outputs).__name__} without them (with ObjectiveLoss(fused=True), "
+            "call objectives.attach(trainer) instead of passing compute_loss_func)"
+        )
+    return logits
+
+
+class ObjectiveLoss:
+    """`loss = objectives(outputs, labels, num_items_in_batch=None)`, Trainer's compute_loss_func.
+
+    config: the objectives (ObjectiveConfig; `from_options` builds one from a mapping).
+    numbers: NumberTable over the model's vocab V (config.vocab_size, padding included); None
+        only with ntl=None. pdl_weights: fp32 [V], with config.pdl_alpha > 0.
+    fused: compute the loss from the last hidden state [b, s, h] and the lm_head weight [V, h]
+        (fused_linear_objective_loss), never holding the [b, s, V] logits; needs
+        `attach(trainer)`, which makes the model compute it (fused.py).
+    vocab_size: the model's V when neither table states it (ntl=None, no PDL).
+    real_vocab_size: the tokenizer's size when there is no NumberTable to state it; logits
+        columns past it are vocab padding, outside the softmax.
+    Under Trainer's DeepSpeed AutoTP with a vocab-parallel lm_head the logits stay this rank's
+    shard [b, s, V/tp] and the vocab-parallel objective runs on it (two all-reduces over the TP
+    group; integrations.autotp); `attach` lets it read an uneven shard's ids from the model.
+    rows_per_chunk, kernel: as objective_loss.
+
+    outputs.logits: [b, s, V]; labels: [b, s] unshifted, -100 where there is no target (the
+    shift is done here, as in HF's causal-LM loss). Returns the scalar
+    sum(per-token loss) / num_items_in_batch, or / the counted tokens of this batch when Trainer
+    gives no count (evaluation). No collective; the logged components are all-reduced at log
+    time by ObjectiveLogCallback.
+    """
+
+    def __init__(self, config: ObjectiveConfig, numbers: NumberTable | None,
+                 pdl_weights: torch.Tensor | None = None, *, fused: bool = False,
+                 vocab_size: int | None = None, real_vocab_size: int | None = None,
+                 rows_per_chunk: int | None = None, kernel: str | None = None) -> None:
+        if config.ignore_index != HF_IGNORE_INDEX:
+            raise ValueError(
+                f"ignore_index={config.ignore_index}: Trainer counts num_items_in_batch over "
+                f"labels != {HF_IGNORE_INDEX} and HF collators mark padding with it; set "
+                f"ignore_index={HF_IGNORE_INDEX}"
+            )
+        if config.pdl_normalization != "token":
+            raise ValueError(
+                "pdl_normalization='weighted_mean' divides by the global sum of PDL weights, "
+                "which Trainer does not count (its num_items_in_batch is a token count); use "
+                "pdl_normalization='token' with Trainer"
+            )
+        self.config = config
+        self.numbers = numbers
+        self.pdl_weights = pdl_weights
+        self.fused = fused
+        # The layout: full logits, or under Trainer's DeepSpeed AutoTP this rank's shard.
+        self.core = AutoTPObjectives(config, numbers, pdl_weights, vocab_size, real_vocab_size)
+        self.chunking = {"rows_per_chunk": rows_per_chunk, "kernel": kernel}
+        self._pending: torch.Tensor | None = None
+        self._model: torch.nn.Module | None = None  # attach's, to read an AutoTP head shard
+
+    def __call__(self, outputs: Any, labels: torch.Tensor | None,
+                 num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        if self.fused:
+            raise ValueError(
+                "ObjectiveLoss(fused=True) computes the loss inside the model's forward, from "
+                "the hidden states; as compute_loss_func it would get the logits the model "
+                "already built. Call objectives.attach(trainer) and pass no compute_loss_func"
+            )
+        labels = self._checked_labels(labels)
+        logits = _logits_of(outputs)
+        if logits.shape[:-1] != labels.shape:
+            raise ValueError(
+                f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: "
+                f"ObjectiveLoss takes a causal LM's [b, s, V] logits and its unshifted [b, s] "
+                f"labels"
+            )
+        self._read_head_shard(logits.shape[-1])
+        output = self.core(logits, shift_labels(labels), **self.chunking)
+        return self.reduce(output, num_items_in_batch)
+
+    def fused_objective(self, hidden: torch.Tensor, weight: torch.Tensor,
+                        labels: torch.Tensor | None) -> ObjectiveOutput:
+        """Per-token objectives from hidden [b, s, h] and the lm_head weight [V, h], for the
+        unshifted labels [b, s]; no [b, s, V] tensor is kept for backward."""
+        labels = self._checked_labels(labels)
+        return self.core.fused(hidden, weight, shift_labels(labels), **self.chunking)
+
+    def reduce(self, output: ObjectiveOutput,
+               num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+        """The scalar loss of `output`: its sum / num_items_in_batch (Trainer's global count of
+        targets), or / its own counted tokens when None. Under autograd (training), its totals
+        are kept for the next log."""
+        total = output.loss.sum()
+        if num_items_in_batch is None:
+            denominator = output.counted.sum().clamp(min=1).to(total.dtype)
+        else:
+            denominator = torch.as_tensor(num_items_in_batch, device=total.device).to(total.dtype)
+        if torch.is_grad_enabled():
+            totals = output.totals().detach().to(torch.float64)
+            self._pending = totals if self._pending is None else self._pending + totals
+        return total / denominator
+
+    def take_totals(self) -> torch.Tensor | None:
+        """fp64 [6]: the ObjectiveOutput.totals() summed since the last call (None if none)."""
+        totals, self._pending = self._pending, None
+        return totals
+
+    def attach(self, trainer) -> Any:
+        """Put the objectives into a built `transformers.Trainer` (or TRL's SFTTrainer): the
+        loss (compute_loss_func, or with fused=True the model's own forward, fused.py) and the
+        per-component logs (ObjectiveLogCallback, first, so every report_to sees them).
+        Idempotent; returns the trainer."""
+        from token_objectives.integrations.hf.callback import ObjectiveLogCallback
+        from token_objectives.integrations.hf.fused import patch_model
+
+        if getattr(trainer, "_loss_shifts_labels", True) is False:
+            raise ValueError(
+                f"Trainer counts num_items_in_batch over the unshifted labels for "
+                f"{type(trainer.model).__name__} (its loss_type is not a causal LM's), so the "
+                f"shifted objective would be divided by too many tokens; ObjectiveLoss is for "
+                f"causal LMs (*ForCausalLM)"
+            )
+        if self.fused:
+            if type(trainer).__module__.startswith("trl."):
+                raise ValueError(
+                    f"{type(trainer).__name__} runs its own fused lm_head for its metrics; use "
+                    f"ObjectiveLoss(fused=False) as its compute_loss_func"
+                )
+            patch_model(trainer.model, self)
+            # Trainer then gives the labels and num_items_in_batch to the model's forward.
+            trainer.compute_loss_func = None
+            trainer.model_accepts_loss_kwargs = True
+        else:
+            trainer.compute_loss_func = self
+        self._model = trainer.model
+        callbacks = trainer.callback_handler.callbacks
+        callbacks[:] = [c for c in callbacks if not isinstance(c, ObjectiveLogCallback)]
+        callbacks.insert(0, ObjectiveLogCallback(self))
+        return trainer
+
+    def _checked_labels(self, labels: torch.Tensor | None) -> torch.Tensor:
+        if labels is None:
+            raise ValueError(
+                "ObjectiveLoss got labels=None: the batch has no 'labels'. Give the dataset a "
+                "labels column or use DataCollatorForLanguageModeling(tokenizer, mlm=False); "
+                "with a datasets.Dataset, keep the column (label_names=['labels'])"
+            )
+        if labels.dim() < 2:
+            raise ValueError(f"labels must be [b, s] token ids, got shape {tuple(labels.shape)}")
+        return labels
+
+    def _read_head_shard(self, width: int) -> None:
+        """Under AutoTP the lm_head is replaced when Trainer prepares the model: read this
+        rank's vocab shard from the attached model once the logits are narrower."""
+        if (self.core.head_shard is None and self._model is not None
+                and width != self.core.vocab_size):
+            self.core.use_head_shard(vocab_parallel_head_shard(self._model))
+
+
+def objective_loss_from_options(
+    options: ObjectiveConfig | Mapping[str, Any] | None = None,
+    tokenizer: Any = None,
+    frequencies: str | None = None,
+    *,
+    model: Any = None,
+    vocab_size: int | None = None,
+    number_tokens: str = "digit",
+    fused: bool = False,
+    **kwargs: Any,
+) -> ObjectiveLoss:
+    """ObjectiveLoss from ObjectiveConfig's options (a mapping, keys checked by name, or a
+    config), the tokenizer (a local path, or the trainer's processing_class) and a
+    count-frequencies file. vocab_size: the model's padded V (default model.config.vocab_size,
+    else the tokenizer's). kwargs: ObjectiveLoss's keywords."""
+    from token_objectives.objectives.sections import section_from_mapping
+    from token_objectives.objectives.tables import objective_tables
+
+    if isinstance(options, ObjectiveConfig):
+        config = options
+    else:
+        config = section_from_mapping(ObjectiveConfig, "objectives", dict(options or {}))
+    if vocab_size is None and model is not None:
+        vocab_size = model.config.vocab_size
+    numbers, weights = objective_tables(config, tokenizer, frequencies, vocab_size,
+                                        number_tokens)
+    return ObjectiveLoss(config, numbers, weights, fused=fused, vocab_size=vocab_size, **kwargs)
