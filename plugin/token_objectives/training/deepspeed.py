@@ -489,9 +489,13 @@ class Trainer:
             error = failed_writes[0] if failed_writes else None
         except Exception as caught:
             error = caught
+        if not checkpointing.any_rank_failed(error, self.device):
+            try:
+                checkpointing.write_manifest(directory)  # collective: every rank hashes a share
+            except OSError as caught:
+                error = caught
         if not checkpointing.any_rank_failed(error, self.device) and dist.get_rank() == 0:
             try:
-                checkpointing.write_manifest(directory)
                 write_atomically(self.checkpoint_dir / "latest", tag)
             except OSError as caught:
                 error = caught
