@@ -17,9 +17,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from token_objectives.objectives.config import ObjectiveConfig
-from token_objectives.ops.layout import VocabLayout, layout_problem, resolve_layout
+from token_objectives.objectives.device_tables import (
+    distance_for,
+    max_distance_for,
+    on_device,
+    shard_of,
+)
+from token_objectives.ops.layout import layout_problem, resolve_layout
 from token_objectives.ops.number_level import digit_runs
-from token_objectives.ops.plan import Columns, Distance, LabelCheck, VocabShard, vocab_shard
+from token_objectives.ops.plan import Columns, Distance, LabelCheck, VocabShard
 from token_objectives.ops.statistics import vocab_parallel_statistics
 from token_objectives.tables.numbers import NumberTable
 
@@ -85,31 +91,6 @@ class ObjectiveOutput:
         )
 
 
-_SHARD_CACHE: dict[tuple, tuple[torch.Tensor, VocabShard]] = {}
-
-
-def _cached_shard(
-    numbers: NumberTable | None, layout: VocabLayout, device: torch.device
-) -> VocabShard:
-    if numbers is None:
-        return vocab_shard(None, layout, device)
-    key = (id(numbers.values), layout, str(device))
-    hit = _SHARD_CACHE.get(key)
-    # Holding the values tensor keeps its id from being reused by another table.
-    if hit is not None and hit[0] is numbers.values:
-        return hit[1]
-    shard = vocab_shard(numbers.values, layout, device)
-    if len(_SHARD_CACHE) > 64:
-        _SHARD_CACHE.clear()
-    _SHARD_CACHE[key] = (numbers.values, shard)
-    return shard
-
-
-def _number_values(numbers: NumberTable) -> torch.Tensor:
-    """[N] the values of the table's number tokens."""
-    return numbers.values[numbers.is_number]
-
-
 def _check_labels(labels: torch.Tensor, ignored: torch.Tensor, real_vocab: int, padded: int,
                   raise_now: bool) -> LabelCheck:
     """Labels must be real token ids or ignore_index. Without TP (raise_now) a bad label raises
@@ -150,7 +131,7 @@ def _ntl_term(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ntl [...], positions bool [...]) before lambda; ntl is 0 outside positions."""
     if config.ntl == "was":
-        raw, max_distance = was, distance.max_distance(_number_values(numbers))
+        raw, max_distance = was, max_distance_for(numbers, distance)
     elif config.ntl == "number":
         return _number_level_term(
             config, numbers, yhat, mass, target_values, is_number, labels, targets, seq_dim
@@ -194,7 +175,7 @@ def _number_level_term(config, numbers, yhat, mass, target_values, is_number, la
     is_dot = flat(labels == numbers.dot_id) if config.number_level_float else None
     word_start = None
     if numbers.word_start is not None:
-        word_start = flat(numbers.word_start.to(labels.device)[targets] & is_number)
+        word_start = flat(on_device(numbers.word_start, labels.device)[targets] & is_number)
     runs = digit_runs(flat(is_number), is_dot, config.max_number_length, word_start)
     truth = runs.assemble(flat(target_values).to(yhat.dtype))
     guess = runs.assemble(flat(yhat))
@@ -337,7 +318,7 @@ def prepare_targets(
                                    layout.real_vocab, 0]], layout.source)
         if problem is not None:
             raise ValueError(problem)
-    shard = _cached_shard(numbers, layout, device)
+    shard = shard_of(numbers, layout, device)
     padded_vocab, real_vocab = layout.vocab_size, layout.real_vocab
     if pdl_weights is not None and pdl_weights.numel() != padded_vocab:
         raise ValueError(
@@ -355,7 +336,7 @@ def prepare_targets(
     targets = torch.where(ignored, torch.zeros_like(labels), labels).long()
 
     if config.uses_numbers:
-        values = numbers.values.to(device)[targets]
+        values = on_device(numbers.values, device)[targets]
         is_number_target = ~torch.isnan(values) & ~ignored
         target_values = torch.where(is_number_target, values, torch.zeros_like(values))
     else:
@@ -368,7 +349,7 @@ def prepare_targets(
     )
     distance = Distance()
     if config.uses_numbers:
-        distance = Distance.for_values(_number_values(numbers), config.squash_factor)
+        distance = distance_for(numbers, config.squash_factor)
     return PreparedTargets(shard, real_vocab, columns, distance, targets, target_values,
                            is_number_target, counted, label_check)
 
@@ -412,7 +393,7 @@ def compose(
         eps = config.label_smoothing
         trained_ce = (1 - eps) * ce + eps * (lse - mean_logit)
     if pdl_weights is not None:
-        weight = pdl_weights.to(device=stats.device, dtype=stats.dtype)[targets]
+        weight = on_device(pdl_weights, stats.device, stats.dtype)[targets]
         loss = weight * trained_ce
     else:
         weight = torch.ones_like(ce)

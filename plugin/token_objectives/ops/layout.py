@@ -14,6 +14,7 @@ collective.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -106,13 +107,19 @@ def layout_rows(layout: VocabLayout, tp_rank: int, tp_size: int, bad_label: torc
                 like: torch.Tensor) -> torch.Tensor:
     """[tp * ROW] in like's dtype: this rank's row filled in, every other row -1, so that a MAX
     all-reduce hands every rank all rows. bad_label: a 0-dim tensor, 1 if a label is bad."""
-    rows = torch.full((tp_size, ROW), -1.0, dtype=like.dtype, device=like.device)
-    rows[tp_rank, :4] = torch.tensor(
-        [layout.vocab_start, layout.width, layout.vocab_size, layout.real_vocab],
-        dtype=like.dtype,
-    )
+    rows = _rows_template(layout, tp_rank, tp_size, like.dtype, like.device).clone()
     rows[tp_rank, 4] = bad_label.to(like.dtype)
     return rows.flatten()
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_template(layout: VocabLayout, tp_rank: int, tp_size: int, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """[tp, ROW] with this rank's layout, built (a host -> device copy) once per layout."""
+    rows = torch.full((tp_size, ROW), -1.0, dtype=dtype)
+    rows[tp_rank, :4] = torch.tensor(
+        [layout.vocab_start, layout.width, layout.vocab_size, layout.real_vocab], dtype=dtype)
+    return rows.to(device)
 
 
 def layout_problem(rows: list[list[int]], source: str = "vocab_size=") -> str | None:

@@ -51,6 +51,7 @@ from token_objectives.integrations.deepspeed.section import (
     tensor_parallel_group,
     vocab_parallel_head_shard,
 )
+from token_objectives.objectives.device_tables import on_device
 from token_objectives.objectives.loss import ObjectiveOutput
 from token_objectives.scheduled_sampling.mix import ScheduledSampler, sample_indices
 from token_objectives.training import checkpointing
@@ -251,7 +252,7 @@ def counted_denominator(batches: list[dict], objectives: DeepSpeedObjectives) ->
         counted = (batch["loss_mask"] != 0) & (labels != ignore)
         if weighted:
             targets = torch.where(counted, labels, torch.zeros_like(labels))
-            weights = objectives.pdl_weights.to(total.device)[targets]
+            weights = on_device(objectives.pdl_weights, total.device)[targets]
             total += (weights * counted).sum(dtype=torch.float64)
         else:
             total += counted.sum(dtype=torch.float64)
