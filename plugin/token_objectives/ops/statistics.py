@@ -232,10 +232,9 @@ def chunked_partials(
     if plan.kernel == "triton":
         from token_objectives.ops import triton_kernels
 
-        values = triton_kernels.dense_number_values(plan, like.device)
         for chunk in row_chunks(tokens, plan.rows):
             maxima[chunk], sums[chunk] = triton_kernels.triton_partials(
-                logits_of(chunk), rows[chunk], plan, values
+                logits_of(chunk), rows[chunk], plan
             )
         return maxima, sums
     scratch = like.new_empty((min(plan.rows, tokens), plan.shard.real_width), dtype=acc)
@@ -257,7 +256,7 @@ def chunk_gradient(
     out: [t, V/tp] in `dtype` to write it into, padding columns zeroed (the result is a view of
     it); None: the torch stage returns its workspace rounded to `dtype`, the kernel a new tensor.
     workspace: from `gradient_workspace` (torch: a [>= t, real_width] buffer in the accumulation
-    dtype, None when out is in that dtype; triton: the dense number values).
+    dtype, None when out is in that dtype; triton: None).
     """
     real = plan.shard.real_width
     if plan.kernel == "triton":
@@ -265,7 +264,7 @@ def chunk_gradient(
 
         if out is None:
             out = logits.new_empty((logits.shape[0], plan.shard.width), dtype=dtype)
-        triton_kernels.triton_gradient(logits, rows, plan, workspace, out)
+        triton_kernels.triton_gradient(logits, rows, plan, out)
         return out[:, :real]
     if out is None:
         scratch = workspace[: logits.shape[0]]
@@ -286,10 +285,8 @@ def gradient_workspace(
 ) -> torch.Tensor | None:
     """What `chunk_gradient` reuses across the chunks of one backward; `like` [T, ...] sets the
     device and the dtype. None when the torch stage can write straight into `into`."""
-    if plan.kernel == "triton":
-        from token_objectives.ops import triton_kernels
-
-        return triton_kernels.dense_number_values(plan, like.device)
+    if plan.kernel == "triton":  # the kernel needs no workspace
+        return None
     acc = accumulation_dtype(like.dtype)
     if into is not None and into.dtype == acc:
         return None
