@@ -15,6 +15,7 @@ from test_fused_linear import run_fused
 from test_objective_tp import _gather, _reference, run_cases
 
 from token_objectives import objective_loss
+from token_objectives.ops import plan
 from token_objectives.ops.plan import resolve_kernel
 
 # Importing triton here would fix its interpreter switch off in this process: only look.
@@ -30,11 +31,13 @@ SHARDED_CASES = ("all", "was_squash", "label_smoothing", "numbers_first_shard",
 def first_group_only(task, tp_size: int, *args):
     """The interpreter is slow: only the ranks of the first TP group run `task` (the groups are
     disjoint, so the others may sit out its collectives). Blocks of 16 columns make the test
-    vocabularies (16 to 64 columns a rank) span several blocks, as real ones do, so that the
-    forward's online re-basing of the sums runs."""
+    vocabularies (16 to 64 columns a rank) span several blocks, as real ones do, and blocks of
+    4 number tokens make the number loop run several times, so that the forward's online
+    re-basing of the number sums runs."""
     from token_objectives.ops import triton_kernels
 
     triton_kernels.MAX_BLOCK = 16
+    triton_kernels.NUMBER_BLOCK = 4  # the cases' 10 number tokens take 3 blocks, rescaled online
     return task(tp_size, *args) if dist.get_rank() < tp_size else None
 
 
@@ -140,6 +143,7 @@ def test_kernel_choice(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("TOKEN_OBJECTIVES_KERNEL", raising=False)
+    monkeypatch.setattr(plan, "triton_launcher_problem", lambda: None)
     assert resolve_kernel(None, cpu, torch.float32) == "torch"  # auto: Triton only on CUDA
     assert resolve_kernel("auto", torch.device("cuda"), torch.bfloat16) == "triton"
     assert resolve_kernel("auto", torch.device("cuda"), torch.float64) == "torch"
@@ -153,3 +157,24 @@ def test_kernel_choice(monkeypatch):
     monkeypatch.setenv("TOKEN_OBJECTIVES_KERNEL", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_kernel(None, cpu, torch.float32) == "triton"
+
+
+def test_auto_falls_back_to_the_torch_stages_with_one_warning_where_triton_cannot_launch(
+        monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("TOKEN_OBJECTIVES_KERNEL", raising=False)
+    plan.triton_launcher_problem.cache_clear()
+    plan._warn_torch_stages.cache_clear()
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(plan.shutil, "which", lambda name: None)
+    with pytest.warns(RuntimeWarning, match="no C compiler for Triton's launcher") as caught:
+        assert resolve_kernel("auto", cuda, torch.bfloat16) == "torch"
+        assert resolve_kernel("auto", cuda, torch.float16) == "torch"
+    assert len(caught) == 1
+    plan.triton_launcher_problem.cache_clear()
+    monkeypatch.setenv("CC", "gcc")
+    monkeypatch.setenv("TRITON_LIBCUDA_PATH", "/nonexistent")
+    problem = plan.triton_launcher_problem()
+    assert problem is not None and "libcuda" in problem and "TRITON_LIBCUDA_PATH" in problem
+    plan.triton_launcher_problem.cache_clear()
+    plan._warn_torch_stages.cache_clear()

@@ -22,6 +22,7 @@ with TRITON_INTERPRET=1). No communication here; imports torch, triton and `plan
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -293,11 +294,13 @@ def triton_partials(
     logits = _rows_contiguous(logits)
     _, squash_min, squash_scale = _squash(plan)
     shard = plan.shard
-    _partials_kernel[(tokens,)](
-        logits, logits.stride(0), rows.targets, rows.target_values, shard.number_cols,
-        shard.number_values, maxima, sums, shard.vocab_start, width, shard.real_width,
-        shard.number_cols.numel(), squash_min, squash_scale, SUMS=SUM_COLUMNS, **_flags(plan),
-    )
+    with _on_device(logits):
+        _partials_kernel[(tokens,)](
+            logits, logits.stride(0), rows.targets, rows.target_values, shard.number_cols,
+            shard.number_values, maxima, sums, shard.vocab_start, width, shard.real_width,
+            shard.number_cols.numel(), squash_min, squash_scale, SUMS=SUM_COLUMNS,
+            **_flags(plan),
+        )
     return maxima, sums
 
 
@@ -316,13 +319,19 @@ def triton_gradient(logits: torch.Tensor, rows: RowChunk, plan: Plan, out: torch
     logits = _rows_contiguous(logits)
     _, squash_min, squash_scale = _squash(plan)
     shard = plan.shard
-    _gradient_kernel[(tokens,)](
-        logits, logits.stride(0), out, out.stride(0), rows.stats.contiguous(),
-        rows.log_q.contiguous(), rows.grads.contiguous(), rows.targets, rows.target_values,
-        shard.number_cols, shard.number_values, shard.vocab_start, width, shard.real_width,
-        shard.number_cols.numel(), 1.0 / plan.real_vocab, squash_min, squash_scale,
-        STATS=NUM_STATISTICS, **_flags(plan),
-    )
+    with _on_device(logits):
+        _gradient_kernel[(tokens,)](
+            logits, logits.stride(0), out, out.stride(0), rows.stats.contiguous(),
+            rows.log_q.contiguous(), rows.grads.contiguous(), rows.targets, rows.target_values,
+            shard.number_cols, shard.number_values, shard.vocab_start, width, shard.real_width,
+            shard.number_cols.numel(), 1.0 / plan.real_vocab, squash_min, squash_scale,
+            STATS=NUM_STATISTICS, **_flags(plan),
+        )
+
+
+def _on_device(logits: torch.Tensor):
+    # Triton launches on the current CUDA device: make it the logits' one (any rank layout).
+    return torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext()
 
 
 def _rows_contiguous(logits: torch.Tensor) -> torch.Tensor:
