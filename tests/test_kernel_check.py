@@ -51,10 +51,11 @@ def test_a_real_width_off_a_multiple_of_16_keeps_128_bit_accesses(kernel):
     access = "ld" if kernel == "forward" else "st"
     # Every access to the logits row (the 16-bit ones are the gathered number / target columns)
     # in the loops over whole blocks and the masked last block is 128-bit.
-    assert len(re.findall(rf"\b{access}\.global(\.nc)?\.v4\.b32\b", ptx)) >= 4, ptx
-    wide = {"forward": r"ld\.global(\.nc)?\.b16", "backward": r"st\.global\.b16"}[kernel]
-    narrow = len(re.findall(wide, ptx))
-    assert narrow <= 2, f"{narrow} 16-bit accesses: the block loops lost their vector width"
+    vector = len(re.findall(rf"\b{access}\.global(\.nc)?\.v4\.b32\b", ptx))
+    narrow = len(re.findall(rf"\b{access}\.global(\.nc)?\.b16\b", ptx))
+    assert vector >= 4 and narrow <= 2, (
+        f"{kernel}: {vector} 128-bit and {narrow} 16-bit {access}.global: the block loops lost "
+        f"their vector width")
 
 
 SASS = """
