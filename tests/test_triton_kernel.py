@@ -32,12 +32,12 @@ def first_group_only(task, tp_size: int, *args):
     """The interpreter is slow: only the ranks of the first TP group run `task` (the groups are
     disjoint, so the others may sit out its collectives). Blocks of 16 columns make the test
     vocabularies (16 to 64 columns a rank) span several blocks, as real ones do, and blocks of
-    4 number tokens make the number loop run several times, so that the forward's online
+    8 number tokens make the number loop run twice, so that the forward's online
     re-basing of the number sums runs."""
     from token_objectives.ops import triton_kernels
 
     triton_kernels.MAX_BLOCK = 16
-    triton_kernels.NUMBER_BLOCK = 4  # the cases' 10 number tokens take 3 blocks, rescaled online
+    triton_kernels.NUMBER_BLOCK = 8  # the cases' 10 number tokens take 2 blocks, rescaled online
     return task(tp_size, *args) if dist.get_rank() < tp_size else None
 
 
