@@ -121,7 +121,10 @@ def compile_variant(variant: Variant, arch: str, *, hint_real_width: bool = Fals
             attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn, signature, constexprs=flags, attrs=attrs)
     target = GPUTarget("cuda", _capability(arch), 32)
-    return triton.compile(source, target=target, options={"num_warps": num_warps})
+    options = {"num_warps": num_warps}
+    if variant.kernel == "backward":
+        options.update(triton_kernels.GRADIENT_OPTIONS)
+    return triton.compile(source, target=target, options=options)
 
 
 def _tool(name: str) -> str:
@@ -169,17 +172,19 @@ def loops(sass: str) -> list[list[str]]:
 
 
 def check(variant: Variant, arch: str) -> Report:
-    """Compile `variant` for `arch` and read its SASS. The full-vocab loop is the first loop of
-    the listing: both kernels run it first, before their partial last block and the number
-    tokens' loop."""
+    """Compile `variant` for `arch` and read its SASS. The full-vocab loop is the first loop
+    with 128-bit loads: the loop over whole blocks, which comes before the partial last block's;
+    the number tokens' loops gather single columns."""
     compiled = compile_variant(variant, arch)
     usage, sass = read_sass(compiled.asm["cubin"])
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
     spills = sum(1 for line in sass.splitlines() if re.search(r"\b(STL|LDL)\b", line))
-    bodies = loops(sass)
+    bodies = [body for body in loops(sass)
+              if any(re.search(r"\bLDG\S*\.128\b", instruction) for instruction in body)]
     if not bodies:
-        raise RuntimeError(f"{variant.label()} on {arch}: no loop found in its SASS")
+        raise RuntimeError(f"{variant.label()} on {arch}: no loop with 128-bit loads in its SASS "
+                           "(the logits' loads lost their vector width)")
     flags = dict(variant.flags)
     per_thread = max(1, flags["BLOCK"] // (32 * flags["num_warps"]))
     return Report(variant, arch, registers, local, spills, len(bodies[0]), per_thread)

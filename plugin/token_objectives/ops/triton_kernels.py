@@ -57,6 +57,12 @@ else:
         return libdevice.exp2(x)
 
 
+# Launch options of the gradient kernel only: left to itself, ptxas for sm_100 gives it 32
+# registers (full occupancy) and spills one across the loops (check-kernels shows it); a cap of
+# 40 keeps occupancy near full without the spill.
+GRADIENT_OPTIONS = {"maxnreg": 40}
+
+
 def _block(width: int) -> int:
     return max(1, min(MAX_BLOCK, triton.next_power_of_2(max(width, 1))))
 
@@ -97,14 +103,11 @@ def _softmax_grad(z, lse2, softmax_scale, flat, MEAN_LOGIT: tl.constexpr):
 
 
 @triton.jit
-def _gather_numbers(row_logits, number_cols_ptr, number_values_ptr, start, n_numbers,
-                    NUMBER_BLOCK: tl.constexpr):
+def _number_block(number_cols_ptr, start, n_numbers, NUMBER_BLOCK: tl.constexpr):
+    """Block `start` of the shard's number tokens: (index, present, their local columns)."""
     index = start + tl.arange(0, NUMBER_BLOCK)
     present = index < n_numbers
-    cols = tl.load(number_cols_ptr + index, mask=present, other=0)
-    values = tl.load(number_values_ptr + index, mask=present, other=0.0)
-    z = tl.load(row_logits + cols, mask=present, other=float("-inf")).to(tl.float32)
-    return present, cols, values, z
+    return index, present, tl.load(number_cols_ptr + index, mask=present, other=0)
 
 
 @triton.jit
@@ -149,9 +152,9 @@ def _partials_kernel(
         target_value = tl.load(target_values_ptr + row).to(tl.float32)
         shift = tl.where(top == neg_inf, 0.0, top)
         for start in range(0, n_numbers, NUMBER_BLOCK):
-            present, cols, values, z = _gather_numbers(row_logits, number_cols_ptr,
-                                                       number_values_ptr, start, n_numbers,
-                                                       NUMBER_BLOCK)
+            index, present, cols = _number_block(number_cols_ptr, start, n_numbers, NUMBER_BLOCK)
+            values = tl.load(number_values_ptr + index, mask=present, other=0.0)
+            z = tl.load(row_logits + cols, mask=present, other=neg_inf).to(tl.float32)
             number_mass += tl.sum(tl.exp(z - shift), axis=0)
             new_top = tl.maximum(number_top, tl.max(z, axis=0))
             number_shift = tl.where(new_top == neg_inf, 0.0, new_top)
@@ -184,7 +187,7 @@ def _partials_kernel(
 @triton.jit
 def _gradient_kernel(
     logits_ptr, row_stride, grad_ptr, grad_row_stride, stats_ptr, log_q_ptr, grads_ptr,
-    targets_ptr, target_values_ptr, number_cols_ptr, number_values_ptr,
+    targets_ptr, target_values_ptr, number_cols_ptr, number_values_ptr, stash_ptr,
     vocab_start, width, real_width, n_numbers, inv_real_vocab, squash_min, squash_scale,
     NUMBERS: tl.constexpr, WASSERSTEIN: tl.constexpr, MEAN_LOGIT: tl.constexpr,
     SQUASH: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr,
@@ -208,6 +211,20 @@ def _gradient_kernel(
     softmax_scale = g_lse - g_mass * mass
     flat = g_mean * inv_real_vocab
     dtype = grad_ptr.dtype.element_ty
+    # The gradient may be written over the logits (grad_ptr == logits_ptr): what the last loop
+    # reads, the number tokens' and the target's logits, is stashed before the first loop writes
+    # (in memory, not registers: a register held across the loops spills on sm_100).
+    local_target = tl.load(targets_ptr + row) - vocab_start
+    local_target = tl.where((local_target >= 0) & (local_target < real_width), local_target, -1)
+    row_stash = stash_ptr + row * (n_numbers + 1)
+    if NUMBERS:
+        for start in range(0, n_numbers, NUMBER_BLOCK):
+            index, present, cols = _number_block(number_cols_ptr, start, n_numbers, NUMBER_BLOCK)
+            z = tl.load(row_logits + cols, mask=present, other=float("-inf")).to(tl.float32)
+            tl.store(row_stash + index, z, mask=present)
+    tl.store(row_stash + n_numbers,
+             tl.load(row_logits + local_target, mask=local_target >= 0, other=0.0))
+    tl.debug_barrier()
     whole = real_width // BLOCK * BLOCK
     for start in range(0, whole, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -224,8 +241,6 @@ def _gradient_kernel(
     # The target's and the number tokens' columns are rewritten whole: each store below must
     # land after the loops' store of the same column, which another thread may have made.
     tl.debug_barrier()
-    local_target = tl.load(targets_ptr + row) - vocab_start
-    local_target = tl.where((local_target >= 0) & (local_target < real_width), local_target, -1)
     target_hits = tl.zeros((), tl.int32)
     if NUMBERS:
         yhat = tl.load(stats + 3)
@@ -235,10 +250,10 @@ def _gradient_kernel(
         log_q = tl.load(log_q_ptr + row)
         target_value = tl.load(target_values_ptr + row).to(tl.float32)
         for start in range(0, n_numbers, NUMBER_BLOCK):
-            present, cols, values, z = _gather_numbers(row_logits, number_cols_ptr,
-                                                       number_values_ptr, start, n_numbers,
-                                                       NUMBER_BLOCK)
-            softmax = tl.exp(z - lse)  # also inside _softmax_grad: the compiler shares it
+            index, present, cols = _number_block(number_cols_ptr, start, n_numbers, NUMBER_BLOCK)
+            values = tl.load(number_values_ptr + index, mask=present, other=0.0)
+            z = tl.load(row_stash + index, mask=present, other=float("-inf"))
+            softmax = _exp2(z * LOG2E - lse2)  # as in _softmax_grad: the compiler shares it
             is_target = present & (cols == local_target)
             grad = _softmax_grad(z, lse2, softmax_scale, flat, MEAN_LOGIT)
             grad += tl.where(is_target, g_target, 0.0)
@@ -250,8 +265,8 @@ def _gradient_kernel(
             tl.store(row_grad + cols, grad.to(dtype), mask=present)
             target_hits += tl.sum(is_target.to(tl.int32), axis=0)
     if (local_target >= 0) & (target_hits == 0):
-        z = tl.load(row_logits + local_target).to(tl.float32)
-        grad = _softmax_grad(z, lse2, softmax_scale, flat, MEAN_LOGIT) + g_target
+        target_logit = tl.load(row_stash + n_numbers)
+        grad = _softmax_grad(target_logit, lse2, softmax_scale, flat, MEAN_LOGIT) + g_target
         tl.store(row_grad + local_target, grad.to(dtype))
 
 
@@ -307,7 +322,9 @@ def triton_partials(
 def triton_gradient(logits: torch.Tensor, rows: RowChunk, plan: Plan, out: torch.Tensor) -> None:
     """As statistics.local_gradient, for all V/tp columns: writes the gradient of the chunk's
     logits [t, V/tp] into out [t, V/tp] (any float dtype, rounded once; padding columns get 0).
-    rows: the chunk with its fp32 stats [t, 6], log_q [t] and grads [t, 6]. One launch."""
+    rows: the chunk with its fp32 stats [t, 6], log_q [t] and grads [t, 6]. out may be logits
+    itself (the gradient written over them). One launch, and a [t, n + 1] fp32 stash of the
+    logits of the n number tokens on this shard and of the target."""
     tokens, width = logits.shape
     if tokens == 0:
         return
@@ -319,13 +336,17 @@ def triton_gradient(logits: torch.Tensor, rows: RowChunk, plan: Plan, out: torch
     logits = _rows_contiguous(logits)
     _, squash_min, squash_scale = _squash(plan)
     shard = plan.shard
+    flags = _flags(plan)
+    numbers = shard.number_cols.numel() if flags["NUMBERS"] else 0
+    stash = logits.new_empty((tokens, numbers + 1), dtype=torch.float32)
     with _on_device(logits):
         _gradient_kernel[(tokens,)](
             logits, logits.stride(0), out, out.stride(0), rows.stats.contiguous(),
             rows.log_q.contiguous(), rows.grads.contiguous(), rows.targets, rows.target_values,
-            shard.number_cols, shard.number_values, shard.vocab_start, width, shard.real_width,
-            shard.number_cols.numel(), 1.0 / plan.real_vocab, squash_min, squash_scale,
-            STATS=NUM_STATISTICS, **_flags(plan),
+            shard.number_cols, shard.number_values, stash, shard.vocab_start, width,
+            shard.real_width, numbers, 1.0 / plan.real_vocab, squash_min,
+            squash_scale,
+            STATS=NUM_STATISTICS, **flags, **GRADIENT_OPTIONS,
         )
 
 
