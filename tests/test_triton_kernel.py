@@ -178,3 +178,68 @@ def test_auto_falls_back_to_the_torch_stages_with_one_warning_where_triton_canno
     assert problem is not None and "libcuda" in problem and "TRITON_LIBCUDA_PATH" in problem
     plan.triton_launcher_problem.cache_clear()
     plan._warn_torch_stages.cache_clear()
+
+
+def in_place_and_not(tp_size: int, case_names: list[str], dtype: torch.dtype) -> dict:
+    """On a pool worker (interpreter on): the logit gradient of intermediate logits (base * 1),
+    written over them (the default) and into a new tensor (grad_in_place=False), both kernels."""
+    cases = {c.name: c for c in all_cases()}
+    results = {}
+    for name in case_names:
+        case = cases[name]
+        for kernel in ("torch", "triton"):
+            for in_place in (True, False):
+                base = case.logits.to(dtype).clone().requires_grad_()
+                logits = base * 1  # an intermediate, as the LM head's output is
+                seen = {}
+                logits.register_hook(lambda g, seen=seen: seen.update(ptr=g.data_ptr()))
+                out = objective_loss(logits, case.labels, case.config, case.numbers,
+                                     case.pdl_weights, loss_mask=case.loss_mask, kernel=kernel,
+                                     grad_in_place=in_place)
+                (out.loss * case.upstream).sum().backward()
+                results[name, kernel, in_place] = (base.grad, seen["ptr"] == logits.data_ptr(),
+                                                   logits._version)
+    return results
+
+
+def test_the_gradient_is_written_over_intermediate_logits_unless_opted_out(pool4):
+    names = ["all", "wide_padding"]
+    for dtype in (torch.float32, torch.bfloat16):
+        results = pool4.run(first_group_only, in_place_and_not, 1, names, dtype)[0]
+        for name in names:
+            for kernel in ("torch", "triton"):
+                grad, aliased, version = results[name, kernel, True]
+                expected, copied, unchanged = results[name, kernel, False]
+                assert aliased and version > 0, (name, kernel, dtype)
+                assert not copied and unchanged == 0, (name, kernel, dtype)
+                torch.testing.assert_close(grad, expected, rtol=0, atol=0,
+                                           msg=lambda m, n=name, k=kernel: f"{n} {k}: {m}")
+
+
+def second_reader_fails(tp_size: int, kernel: str) -> str:
+    """On a pool worker: the error of a backward in which another op that saved the logits
+    runs after the objective wrote its gradient over them ("" if none)."""
+    case = next(c for c in all_cases() if c.name == "all")
+    logits = case.logits.clone().requires_grad_() * 1
+    # Saves the logits for its own backward, which runs after the objective's (made later).
+    also = (logits * logits).sum()
+    out = objective_loss(logits, case.labels, case.config, case.numbers, case.pdl_weights,
+                         kernel=kernel)
+    try:
+        (out.loss.sum() + also).backward()
+    except RuntimeError as error:
+        return str(error)
+    return ""
+
+
+def test_a_leaf_or_a_second_reader_of_the_logits_is_never_handed_the_gradient(pool4):
+    case = next(c for c in all_cases() if c.name == "all")
+    leaf = case.logits.clone().requires_grad_()
+    before = leaf.detach().clone()
+    out = objective_loss(leaf, case.labels, case.config, case.numbers, case.pdl_weights,
+                         kernel="torch")
+    out.loss.sum().backward()
+    assert torch.equal(leaf.detach(), before)  # a leaf is the caller's tensor: left alone
+    for kernel in ("torch", "triton"):
+        error = pool4.run(first_group_only, second_reader_fails, 1, kernel)[0]
+        assert "modified by an inplace operation" in error, (kernel, error)
