@@ -203,8 +203,7 @@ def in_place_and_not(tp_size: int, case_names: list[str], dtype: torch.dtype) ->
 
 
 def test_the_gradient_is_written_over_intermediate_logits_unless_opted_out(pool4):
-    names = ["all", "wide_padding"]
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, names in ((torch.float32, ["all", "wide_padding"]), (torch.bfloat16, ["all"])):
         results = pool4.run(first_group_only, in_place_and_not, 1, names, dtype)[0]
         for name in names:
             for kernel in ("torch", "triton"):
