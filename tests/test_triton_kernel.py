@@ -15,6 +15,7 @@ from test_fused_linear import run_fused
 from test_objective_tp import _gather, _reference, run_cases
 
 from token_objectives import objective_loss
+from token_objectives.ops import plan
 from token_objectives.ops.plan import resolve_kernel
 
 # Importing triton here would fix its interpreter switch off in this process: only look.
@@ -30,11 +31,13 @@ SHARDED_CASES = ("all", "was_squash", "label_smoothing", "numbers_first_shard",
 def first_group_only(task, tp_size: int, *args):
     """The interpreter is slow: only the ranks of the first TP group run `task` (the groups are
     disjoint, so the others may sit out its collectives). Blocks of 16 columns make the test
-    vocabularies (16 to 64 columns a rank) span several blocks, as real ones do, so that the
-    forward's online re-basing of the sums runs."""
+    vocabularies (16 to 64 columns a rank) span several blocks, as real ones do, and blocks of
+    8 number tokens make the number loop run twice, so that the forward's online
+    re-basing of the number sums runs."""
     from token_objectives.ops import triton_kernels
 
     triton_kernels.MAX_BLOCK = 16
+    triton_kernels.NUMBER_BLOCK = 8  # the cases' 10 number tokens take 2 blocks, rescaled online
     return task(tp_size, *args) if dist.get_rank() < tp_size else None
 
 
@@ -140,6 +143,7 @@ def test_kernel_choice(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("TOKEN_OBJECTIVES_KERNEL", raising=False)
+    monkeypatch.setattr(plan, "triton_launcher_problem", lambda: None)
     assert resolve_kernel(None, cpu, torch.float32) == "torch"  # auto: Triton only on CUDA
     assert resolve_kernel("auto", torch.device("cuda"), torch.bfloat16) == "triton"
     assert resolve_kernel("auto", torch.device("cuda"), torch.float64) == "torch"
@@ -153,3 +157,88 @@ def test_kernel_choice(monkeypatch):
     monkeypatch.setenv("TOKEN_OBJECTIVES_KERNEL", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_kernel(None, cpu, torch.float32) == "triton"
+
+
+def test_auto_falls_back_to_the_torch_stages_with_one_warning_where_triton_cannot_launch(
+        monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("TOKEN_OBJECTIVES_KERNEL", raising=False)
+    plan.triton_launcher_problem.cache_clear()
+    plan._warn_torch_stages.cache_clear()
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(plan.shutil, "which", lambda name: None)
+    with pytest.warns(RuntimeWarning, match="no C compiler for Triton's launcher") as caught:
+        assert resolve_kernel("auto", cuda, torch.bfloat16) == "torch"
+        assert resolve_kernel("auto", cuda, torch.float16) == "torch"
+    assert len(caught) == 1
+    plan.triton_launcher_problem.cache_clear()
+    monkeypatch.setenv("CC", "gcc")
+    monkeypatch.setenv("TRITON_LIBCUDA_PATH", "/nonexistent")
+    problem = plan.triton_launcher_problem()
+    assert problem is not None and "libcuda" in problem and "TRITON_LIBCUDA_PATH" in problem
+    plan.triton_launcher_problem.cache_clear()
+    plan._warn_torch_stages.cache_clear()
+
+
+def in_place_and_not(tp_size: int, case_names: list[str], dtype: torch.dtype) -> dict:
+    """On a pool worker (interpreter on): the logit gradient of intermediate logits (base * 1),
+    written over them (the default) and into a new tensor (grad_in_place=False), both kernels."""
+    cases = {c.name: c for c in all_cases()}
+    results = {}
+    for name in case_names:
+        case = cases[name]
+        for kernel in ("torch", "triton"):
+            for in_place in (True, False):
+                base = case.logits.to(dtype).clone().requires_grad_()
+                logits = base * 1  # an intermediate, as the LM head's output is
+                seen = {}
+                logits.register_hook(lambda g, seen=seen: seen.update(ptr=g.data_ptr()))
+                out = objective_loss(logits, case.labels, case.config, case.numbers,
+                                     case.pdl_weights, loss_mask=case.loss_mask, kernel=kernel,
+                                     grad_in_place=in_place)
+                (out.loss * case.upstream).sum().backward()
+                results[name, kernel, in_place] = (base.grad, seen["ptr"] == logits.data_ptr(),
+                                                   logits._version)
+    return results
+
+
+def test_the_gradient_is_written_over_intermediate_logits_unless_opted_out(pool4):
+    for dtype, names in ((torch.float32, ["all", "wide_padding"]), (torch.bfloat16, ["all"])):
+        results = pool4.run(first_group_only, in_place_and_not, 1, names, dtype)[0]
+        for name in names:
+            for kernel in ("torch", "triton"):
+                grad, aliased, version = results[name, kernel, True]
+                expected, copied, unchanged = results[name, kernel, False]
+                assert aliased and version > 0, (name, kernel, dtype)
+                assert not copied and unchanged == 0, (name, kernel, dtype)
+                torch.testing.assert_close(grad, expected, rtol=0, atol=0,
+                                           msg=lambda m, n=name, k=kernel: f"{n} {k}: {m}")
+
+
+def second_reader_fails(tp_size: int, kernel: str) -> str:
+    """On a pool worker: the error of a backward in which another op that saved the logits
+    runs after the objective wrote its gradient over them ("" if none)."""
+    case = next(c for c in all_cases() if c.name == "all")
+    logits = case.logits.clone().requires_grad_() * 1
+    # Saves the logits for its own backward, which runs after the objective's (made later).
+    also = (logits * logits).sum()
+    out = objective_loss(logits, case.labels, case.config, case.numbers, case.pdl_weights,
+                         kernel=kernel)
+    try:
+        (out.loss.sum() + also).backward()
+    except RuntimeError as error:
+        return str(error)
+    return ""
+
+
+def test_a_leaf_or_a_second_reader_of_the_logits_is_never_handed_the_gradient(pool4):
+    case = next(c for c in all_cases() if c.name == "all")
+    leaf = case.logits.clone().requires_grad_()
+    before = leaf.detach().clone()
+    out = objective_loss(leaf, case.labels, case.config, case.numbers, case.pdl_weights,
+                         kernel="torch")
+    out.loss.sum().backward()
+    assert torch.equal(leaf.detach(), before)  # a leaf is the caller's tensor: left alone
+    for kernel in ("torch", "triton"):
+        error = pool4.run(first_group_only, second_reader_fails, 1, kernel)[0]
+        assert "modified by an inplace operation" in error, (kernel, error)

@@ -1,9 +1,10 @@
 """`token-objectives` command line: count-frequencies, inspect-vocab, build-correction-data,
-ensemble, bench, bench-hf."""
+ensemble, check-kernels, bench, bench-hf."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from token_objectives.tables.files import InputError, add_mode_argument
@@ -67,10 +68,26 @@ def _parser() -> argparse.ArgumentParser:
         "ensemble", help="GaC token-level ensemble of local models with different tokenizers"
     ))
 
+    kernels = commands.add_parser(
+        "check-kernels",
+        help="compile every Triton kernel variant ahead of time (no GPU needed) and print "
+        "registers, spills and the inner loop's SASS instructions per element",
+    )
+    kernels.add_argument("--arch", nargs="+", default=["sm_80", "sm_90", "sm_100"], type=_arch,
+                         help="architectures to compile for (default: sm_80 sm_90 sm_100)")
+    kernels.add_argument("--dtype", nargs="+", choices=("bf16", "fp16", "fp32"),
+                         default=["bf16", "fp16", "fp32"], help="logits dtypes (default: all)")
+
     commands.add_parser("bench", help="benchmark the objectives (`bench --help`)", add_help=False)
     commands.add_parser("bench-hf", help="one transformers.Trainer step: HF's loss vs ours, "
                         "on the logits and fused (`bench-hf --help`)", add_help=False)
     return parser
+
+
+def _arch(text: str) -> str:
+    if re.fullmatch(r"sm_\d+a?", text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an architecture: use e.g. sm_90")
+    return text
 
 
 def _count_frequencies(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -154,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             from token_objectives.ensemble.cli import run as run_ensemble
 
             return run_ensemble(args)
+        if args.command == "check-kernels":
+            from token_objectives.ops.kernel_check import run as check_kernels
+
+            return check_kernels(tuple(args.arch), tuple(args.dtype))
         return _inspect_vocab(args)
     # Only bad inputs become one line; any other exception is a bug and keeps its traceback.
     except (InputError, OSError) as error:

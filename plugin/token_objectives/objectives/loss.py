@@ -203,6 +203,7 @@ def objective_loss(
     vocab_start: int | None = None,
     vocab_size: int | None = None,
     real_vocab_size: int | None = None,
+    grad_in_place: bool = True,
 ) -> ObjectiveOutput:
     """CE + NTL + PDL per token, vocab-parallel.
 
@@ -223,6 +224,9 @@ def objective_loss(
         softmax and the label-smoothing mean (default: the NumberTable's valid_vocab_size, else
         V). The shards must tile [0, V): every rank's layout rides on the MAX all-reduce and a
         gap, an overlap or a bad label raises the same error on every rank.
+    grad_in_place: backward writes the logit gradient over the logits (as Megatron's CE does)
+        when they are an intermediate of the graph, not a leaf; pass False if the logits are
+        read after backward.
 
     Two all-reduces on tp_group in forward, none in backward. Returns ObjectiveOutput, whose
     tensors have labels' shape; reduce them with ObjectiveOutput.totals().
@@ -253,6 +257,7 @@ def objective_loss(
         rows_per_chunk,
         kernel,
         prep.label_check,
+        grad_in_place,
     )
     return compose(stats, prep, labels, config, numbers, pdl_weights, loss_mask, seq_dim)
 

@@ -9,7 +9,8 @@ the torch stages (`statistics`), the Triton kernels (`triton_kernels`) and the f
 - `Plan`: all of the above plus the real vocab size, the rows per chunk and the kernel.
 - `RowChunk`: the per-row tensors of one slice of rows (targets, and for backward the saved
   statistics and their upstream gradient), sliced chunk by chunk.
-- `resolve_kernel`: "torch" stages or "triton" kernels for logits on a device in a dtype.
+- `resolve_kernel`: "torch" stages or "triton" kernels for logits on a device in a dtype
+  (`triton_launcher_problem`: whether Triton can launch here at all).
 
 Column layouts: the partial sums are [T, SUM_COLUMNS = 7] (S, z_y, sum z, Q, E, W, M) and the
 statistics [T, NUM_STATISTICS = 6] (lse, target, mean, yhat, was, mass).
@@ -17,8 +18,12 @@ statistics [T, NUM_STATISTICS = 6] (lse, target, mean, yhat, was, mass).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import shutil
+import sysconfig
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -166,9 +171,10 @@ def resolve_kernel(requested: str | None, device: torch.device, dtype: torch.dty
     """"torch" or "triton" for logits on `device` in `dtype`.
 
     requested None reads $TOKEN_OBJECTIVES_KERNEL (default "auto"). "auto" takes the Triton
-    kernels on CUDA when triton is importable and the logits are not fp64, else the torch
-    stages. "triton" insists, and also runs on CPU under Triton's interpreter
-    (TRITON_INTERPRET=1, for tests).
+    kernels on CUDA when triton is importable, the logits are not fp64 and Triton's launcher
+    can be built and loaded here (`triton_launcher_problem`); else the torch stages, with one
+    warning when only the launcher is missing. "triton" insists, and also runs on CPU under
+    Triton's interpreter (TRITON_INTERPRET=1, for tests).
     """
     requested = requested or os.environ.get(KERNEL_ENV) or "auto"
     if requested not in KERNELS:
@@ -181,8 +187,13 @@ def resolve_kernel(requested: str | None, device: torch.device, dtype: torch.dty
     has_triton = importlib.util.find_spec("triton") is not None
     runs_here = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     if requested == "auto":
-        usable = has_triton and device.type == "cuda" and dtype != torch.float64
-        return "triton" if usable else "torch"
+        if not (has_triton and device.type == "cuda" and dtype != torch.float64):
+            return "torch"
+        problem = triton_launcher_problem()
+        if problem is not None:
+            _warn_torch_stages(problem)
+            return "torch"
+        return "triton"
     if dtype == torch.float64:
         raise ValueError("the Triton kernels accumulate in fp32: use kernel='torch' for fp64")
     if not has_triton:
@@ -193,6 +204,36 @@ def resolve_kernel(requested: str | None, device: torch.device, dtype: torch.dty
             f"under its interpreter (set TRITON_INTERPRET=1); else use kernel='torch'"
         )
     return "triton"
+
+
+@functools.lru_cache(maxsize=1)
+def triton_launcher_problem() -> str | None:
+    """Why Triton could not launch a kernel here, or None. Triton builds a small C launcher the
+    first time a kernel runs, with a C compiler against Python's headers, and links it to
+    libcuda: without them a job would fail at its first step, long after it was queued."""
+    compiler = os.environ.get("CC") or shutil.which("clang") or shutil.which("gcc")
+    if not compiler:
+        return "no C compiler for Triton's launcher (install gcc, or set $CC)"
+    include = sysconfig.get_paths().get("include") or ""
+    if not os.path.exists(os.path.join(include, "Python.h")):
+        return f"no Python.h in {include!r} for Triton's launcher (install python3-dev)"
+    try:
+        from triton.backends.nvidia.driver import libcuda_dirs
+
+        dirs = libcuda_dirs()
+    except Exception as error:  # noqa: BLE001 - any failure to find libcuda means no launch
+        reason = " ".join(str(error).split()) or type(error).__name__
+    else:
+        if any(os.path.exists(os.path.join(path, "libcuda.so.1")) for path in dirs):
+            return None
+        reason = f"not in {dirs}"
+    return f"Triton cannot find libcuda.so.1 ({reason}; set $TRITON_LIBCUDA_PATH to its folder)"
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_torch_stages(problem: str) -> None:
+    warnings.warn(f"kernel='auto' runs the torch stages, not the Triton kernels: {problem}",
+                  RuntimeWarning, stacklevel=3)
 
 
 # Rows per chunk are chosen so that a chunk's fp32 working copy stays near this many elements

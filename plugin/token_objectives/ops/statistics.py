@@ -147,7 +147,8 @@ def number_log_normaliser(sums: torch.Tensor, maxima: torch.Tensor) -> torch.Ten
 def local_gradient(logits: torch.Tensor, rows: RowChunk, plan: Plan, out: torch.Tensor) -> None:
     """The torch stage of the backward: writes d(sum_t sum_k grads[t, k] * stats[t, k]) / d logits
     for the chunk's logits [t, V/tp] into `out` [t, real_width] (the accumulation dtype; the
-    caller zeroes the padding columns). rows: the chunk with its stats, log_q and grads.
+    caller zeroes the padding columns; out may be logits[:, :real_width] itself). rows: the
+    chunk with its stats, log_q and grads.
 
     softmax_j = exp(z_j - lse); pN_j = exp(z_j - log_q) on number columns:
       d lse = softmax;  d z_y = onehot(y);  d mean = 1/V;  d mass = softmax ([j in N] - mass)
@@ -158,6 +159,9 @@ def local_gradient(logits: torch.Tensor, rows: RowChunk, plan: Plan, out: torch.
     # A row of -inf logits has lse = -inf: exp(-inf - (+inf)) = 0 instead of exp(NaN).
     lse = torch.where(torch.isfinite(lse), lse, torch.inf)
     g_lse, g_target, g_mean, g_yhat, g_was, g_mass = rows.grads.unbind(-1)
+    numbers = columns.numbers and shard.number_cols.numel() > 0
+    if numbers:  # before out is written: out may be the logits' own buffer
+        number_logits = logits.index_select(1, shard.number_cols).to(out.dtype)
     torch.sub(logits[:, : shard.real_width], lse.unsqueeze(-1), out=out)
     out.exp_().mul_((g_lse - g_mass * mass).unsqueeze(-1))
     if columns.mean_logit:
@@ -173,8 +177,7 @@ def local_gradient(logits: torch.Tensor, rows: RowChunk, plan: Plan, out: torch.
         torch.where(on_shard, g_target, torch.zeros_like(g_target)).unsqueeze(-1),
     )
 
-    if columns.numbers and shard.number_cols.numel() > 0:
-        number_logits = logits.index_select(1, shard.number_cols).to(out.dtype)
+    if numbers:
         p_number = (number_logits - rows.log_q.unsqueeze(-1)).exp()
         values = shard.number_values.to(out.dtype)
         number_grad = p_number * (g_yhat.unsqueeze(-1) * (values - yhat.unsqueeze(-1)))
@@ -232,10 +235,9 @@ def chunked_partials(
     if plan.kernel == "triton":
         from token_objectives.ops import triton_kernels
 
-        values = triton_kernels.dense_number_values(plan, like.device)
         for chunk in row_chunks(tokens, plan.rows):
             maxima[chunk], sums[chunk] = triton_kernels.triton_partials(
-                logits_of(chunk), rows[chunk], plan, values
+                logits_of(chunk), rows[chunk], plan
             )
         return maxima, sums
     scratch = like.new_empty((min(plan.rows, tokens), plan.shard.real_width), dtype=acc)
@@ -257,7 +259,7 @@ def chunk_gradient(
     out: [t, V/tp] in `dtype` to write it into, padding columns zeroed (the result is a view of
     it); None: the torch stage returns its workspace rounded to `dtype`, the kernel a new tensor.
     workspace: from `gradient_workspace` (torch: a [>= t, real_width] buffer in the accumulation
-    dtype, None when out is in that dtype; triton: the dense number values).
+    dtype, None when out is in that dtype; triton: None).
     """
     real = plan.shard.real_width
     if plan.kernel == "triton":
@@ -265,7 +267,7 @@ def chunk_gradient(
 
         if out is None:
             out = logits.new_empty((logits.shape[0], plan.shard.width), dtype=dtype)
-        triton_kernels.triton_gradient(logits, rows, plan, workspace, out)
+        triton_kernels.triton_gradient(logits, rows, plan, out)
         return out[:, :real]
     if out is None:
         scratch = workspace[: logits.shape[0]]
@@ -286,10 +288,8 @@ def gradient_workspace(
 ) -> torch.Tensor | None:
     """What `chunk_gradient` reuses across the chunks of one backward; `like` [T, ...] sets the
     device and the dtype. None when the torch stage can write straight into `into`."""
-    if plan.kernel == "triton":
-        from token_objectives.ops import triton_kernels
-
-        return triton_kernels.dense_number_values(plan, like.device)
+    if plan.kernel == "triton":  # the kernel needs no workspace
+        return None
     acc = accumulation_dtype(like.dtype)
     if into is not None and into.dtype == acc:
         return None
@@ -332,7 +332,10 @@ class VocabParallelStatistics(torch.autograd.Function):
     Works through the rows in chunks, one pass over the logits forward, one read and one write
     backward. Saves the logits in their own dtype plus O(T) statistics, never a [T, V] fp32
     copy; the backward recomputes the softmax from them with no communication, into one
-    gradient in the logits' dtype.
+    gradient in the logits' dtype. With grad_in_place (and logits that are an intermediate of
+    the graph, not a leaf), that gradient is written over the saved logits, as Megatron's CE
+    does, so backward allocates no [T, V/tp] tensor; the logits' version counter is bumped, so
+    any other use of them that autograd saved fails loudly instead of reading the gradient.
     """
 
     @staticmethod
@@ -343,6 +346,7 @@ class VocabParallelStatistics(torch.autograd.Function):
         target_values: torch.Tensor,
         plan: Plan,
         tp_group: dist.ProcessGroup | None,
+        grad_in_place: bool = False,
     ) -> torch.Tensor:
         if plan.kernel == "triton":  # no fp32 working set to bound: one launch for all rows
             plan = replace(plan, rows=max(logits.shape[0], 1))
@@ -351,16 +355,24 @@ class VocabParallelStatistics(torch.autograd.Function):
         stats, log_q = finish_statistics(maxima, sums, plan, tp_group)
         ctx.save_for_backward(logits, targets, target_values, stats, log_q)
         ctx.plan = plan
+        # A leaf is the caller's own tensor (a test's, a user's), and so is the buffer of a
+        # view of one (objective_loss reshapes): never written over.
+        root = logits
+        while root._base is not None:
+            root = root._base
+        ctx.in_place = grad_in_place and not root.is_leaf
         return stats
 
     @staticmethod
     def backward(ctx, grad_stats: torch.Tensor):
         logits, targets, target_values, stats, log_q = ctx.saved_tensors
         rows = RowChunk(targets, target_values, stats, log_q, grad_stats.to(stats.dtype))
-        grad = torch.empty_like(logits)
+        grad = logits if ctx.in_place else torch.empty_like(logits)
         chunked_gradient(lambda chunk: logits[chunk], logits, rows, ctx.plan, logits.dtype,
                          into=grad)
-        return grad, None, None, None, None
+        if ctx.in_place:
+            torch.autograd.graph.increment_version(logits)
+        return grad, None, None, None, None, None
 
 
 def vocab_parallel_statistics(
@@ -375,6 +387,7 @@ def vocab_parallel_statistics(
     rows_per_chunk: int | None = None,
     kernel: str | None = None,
     labels: LabelCheck | None = None,
+    grad_in_place: bool = True,
 ) -> torch.Tensor:
     """logits [T, V/tp] (local shard), targets long [T] (global ids, in range), target_values
     [T] (0 where the target is not a number) -> statistics [T, 6], differentiable.
@@ -383,10 +396,13 @@ def vocab_parallel_statistics(
     rows_per_chunk bounds the fp32 working set to [rows, V/tp] (default: CHUNK_ELEMENTS).
     kernel: "auto" | "torch" | "triton" (see plan.resolve_kernel). labels: this rank's label
     check, raised on every rank after the MAX all-reduce (None: no check).
+    grad_in_place: backward writes the logit gradient over the logits when they are not a leaf
+    (no [T, V/tp] allocation); False for callers that still read the logits after backward.
     """
     if tp_group is not None and dist.get_world_size(tp_group) == 1:
         tp_group = None
     rows = chunk_rows(logits.shape[-1], rows_per_chunk)
     plan = Plan(shard, columns, distance, real_vocab, rows,
                 resolve_kernel(kernel, logits.device, logits.dtype), labels or LabelCheck())
-    return VocabParallelStatistics.apply(logits, targets, target_values, plan, tp_group)
+    return VocabParallelStatistics.apply(logits, targets, target_values, plan, tp_group,
+                                         grad_in_place)

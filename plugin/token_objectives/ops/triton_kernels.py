@@ -2,36 +2,65 @@
 (`triton_partials`, the kernel of `statistics.local_partials`) and the logit gradient
 (`triton_gradient`, the kernel of `statistics.local_gradient`).
 
-One program per token row. Forward reads the row once with an online max (the running sums are
-re-based whenever the row's max grows); backward reads it once and writes the gradient once, in
-the logits' dtype, padding columns included. Accumulation is fp32 whatever the logits' dtype.
+One program per token row. The full-vocab loop does cross-entropy's work only: forward, a
+per-lane online max and sum of exp (each lane of the block keeps its own running max, so the
+row is reduced across threads once, after the loop, not once per block); backward, softmax
+times a per-row scale, stored in the logits' dtype. The number tokens, a handful of columns, are
+gathered per row from the shard's number_cols / number_values in a short second loop (as the
+torch stage does), which adds their NTL terms: forward Q, E, W, M; backward it rewrites those
+columns' gradient (after a barrier, so that its store lands after the first loop's).
+
+The first loop runs over whole blocks without a mask; the last block is masked on the padded
+width (the row's allocated width) and cut to the real width with a `where`, so that the loads
+stay 128-bit when the real width is not a multiple of 16 (Triton specialises a padded width
+and row stride that are). Accumulation is fp32 whatever the logits' dtype.
+
 The math, the column layout of the [T, 7] sums and the [T, 6] statistics are those of
 statistics.py, whose torch stages are the reference these kernels are tested against (on CPU
 with TRITON_INTERPRET=1). No communication here; imports torch, triton and `plan` only.
-
-Number tokens are read from a dense [V/tp] value row (NaN = not a number), so the kernels need
-no gather and the number terms ride along the same pass over the logits.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from token_objectives.ops.plan import NUM_STATISTICS, SUM_COLUMNS, Plan, RowChunk
 
 # Columns per block: a power of two, large enough to keep each row's loop short on 128k vocabs.
 MAX_BLOCK = 4096
+# Number tokens gathered per iteration of the number loop (digits: one iteration; tokenizers
+# with every 1-3 digit number, ~1100 of them, a few).
+NUMBER_BLOCK = 256
+# The most negative finite fp32: the per-lane running max starts here, not at -inf, so that a
+# -inf logit gives exp(-inf) = 0 rather than exp(-inf - -inf) = NaN.
+LOWEST = tl.constexpr(-3.4028234663852886e38)
+LOG2E = tl.constexpr(1.4426950408889634)
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter has no libdevice
+
+    @triton.jit
+    def _exp2(x):
+        return tl.exp2(x)
+
+else:
+
+    @triton.jit
+    def _exp2(x):
+        # libdevice's exp2 is ex2.approx.ftz, one instruction; tl.exp's ex2 without ftz spends
+        # three more per column guarding results below 2^-126, which no sum here can see.
+        return libdevice.exp2(x)
 
 
-def dense_number_values(plan: Plan, device: torch.device) -> torch.Tensor:
-    """fp32 [V/tp] value of each local column, NaN where the column is not a number token."""
-    shard = plan.shard
-    values = torch.full((shard.width,), float("nan"), dtype=torch.float32, device=device)
-    if plan.columns.numbers and shard.number_cols.numel() > 0:
-        values[shard.number_cols.to(device)] = shard.number_values.to(device)
-    return values
+# Launch options of the gradient kernel only: left to itself, ptxas for sm_100 gives it 32
+# registers (full occupancy) and spills one across the loops (check-kernels shows it); a cap of
+# 40 keeps occupancy near full without the spill.
+GRADIENT_OPTIONS = {"maxnreg": 40}
 
 
 def _block(width: int) -> int:
@@ -54,54 +83,89 @@ def _distance(values, target, SQUASH: tl.constexpr, squash_min, squash_scale):
 
 
 @triton.jit
+def _online_exp(z, top, total):
+    """One lane-wise step of the online sum of exp: with d = z - top, one exp per column,
+    exp(-|d|), is either the new term (d <= 0) or the rescale of the old sum (d > 0)."""
+    diff = z - top
+    weight = _exp2(-tl.abs(diff) * LOG2E)
+    total = tl.where(diff > 0.0, total * weight + 1.0, total + weight)
+    return tl.maximum(top, z), total
+
+
+@triton.jit
+def _softmax_grad(z, lse2, softmax_scale, flat, MEAN_LOGIT: tl.constexpr):
+    """The gradient every column gets: softmax (g_lse - g_mass mass) + g_mean / V_real, with
+    softmax = 2^(z log2 e - lse2) (one FMA and one exp2 a column); lse2 = lse log2 e."""
+    grad = _exp2(z * LOG2E - lse2) * softmax_scale
+    if MEAN_LOGIT:
+        grad += flat
+    return grad
+
+
+@triton.jit
+def _number_block(number_cols_ptr, start, n_numbers, NUMBER_BLOCK: tl.constexpr):
+    """Block `start` of the shard's number tokens: (index, present, their local columns)."""
+    index = start + tl.arange(0, NUMBER_BLOCK)
+    present = index < n_numbers
+    return index, present, tl.load(number_cols_ptr + index, mask=present, other=0)
+
+
+@triton.jit
 def _partials_kernel(
-    logits_ptr, row_stride, targets_ptr, target_values_ptr, values_ptr, maxima_ptr, sums_ptr,
-    vocab_start, real_width, squash_min, squash_scale,
+    logits_ptr, row_stride, targets_ptr, target_values_ptr, number_cols_ptr, number_values_ptr,
+    maxima_ptr, sums_ptr, vocab_start, width, real_width, n_numbers, squash_min, squash_scale,
     NUMBERS: tl.constexpr, WASSERSTEIN: tl.constexpr, MEAN_LOGIT: tl.constexpr,
     SQUASH: tl.constexpr, SUMS: tl.constexpr, BLOCK: tl.constexpr,
+    NUMBER_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_logits = logits_ptr + row * row_stride
     neg_inf = float("-inf")
-    top = tl.full((), neg_inf, tl.float32)  # m_r: max over the real columns
-    total = tl.zeros((), tl.float32)  # S = sum exp(z - m_r)
-    number_mass = tl.zeros((), tl.float32)  # M = sum_N exp(z - m_r)
-    logit_sum = tl.zeros((), tl.float32)
+    lane_top = tl.full((BLOCK,), LOWEST, tl.float32)
+    lane_total = tl.zeros((BLOCK,), tl.float32)
+    lane_sum = tl.zeros((BLOCK,), tl.float32)
+    whole = real_width // BLOCK * BLOCK
+    for start in range(0, whole, BLOCK):
+        z = tl.load(row_logits + start + tl.arange(0, BLOCK)).to(tl.float32)
+        lane_top, lane_total = _online_exp(z, lane_top, lane_total)
+        if MEAN_LOGIT:
+            lane_sum += z
+    for start in range(whole, real_width, BLOCK):  # the last, partial block
+        cols = start + tl.arange(0, BLOCK)
+        real = cols < real_width
+        z = tl.load(row_logits + cols, mask=cols < width, other=neg_inf).to(tl.float32)
+        z = tl.where(real, z, neg_inf)
+        lane_top, lane_total = _online_exp(z, lane_top, lane_total)
+        if MEAN_LOGIT:
+            lane_sum += tl.where(real, z, 0.0)
+    top = tl.max(lane_top, axis=0)
+    total = tl.sum(lane_total * tl.exp(lane_top - top), axis=0)
+    top = tl.where(total > 0.0, top, neg_inf)  # m_r: max over the real columns
+    logit_sum = tl.sum(lane_sum, axis=0)
+
     number_top = tl.full((), neg_inf, tl.float32)  # n_r: max over the number columns
+    number_mass = tl.zeros((), tl.float32)  # M = sum_N exp(z - m_r)
     number_total = tl.zeros((), tl.float32)  # Q
     expected = tl.zeros((), tl.float32)  # E
     transport = tl.zeros((), tl.float32)  # W
-    target_value = tl.load(target_values_ptr + row).to(tl.float32)
-    for start in range(0, real_width, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        inside = cols < real_width
-        z = tl.load(row_logits + cols, mask=inside, other=neg_inf).to(tl.float32)
-        new_top = tl.maximum(top, tl.max(z, axis=0))
-        # A row (so far) of -inf has no finite max to shift by: shift by 0, every term is 0.
-        shift = tl.where(new_top == neg_inf, 0.0, new_top)
-        rescale = tl.exp(top - shift)
-        weights = tl.exp(z - shift)
-        total = total * rescale + tl.sum(weights, axis=0)
-        if MEAN_LOGIT:
-            logit_sum += tl.sum(tl.where(inside, z, 0.0), axis=0)
-        if NUMBERS:
-            values = tl.load(values_ptr + cols, mask=inside, other=float("nan"))
-            is_number = values == values
-            number_mass = number_mass * rescale + tl.sum(tl.where(is_number, weights, 0.0), 0)
-            number_z = tl.where(is_number, z, neg_inf)
-            new_number_top = tl.maximum(number_top, tl.max(number_z, axis=0))
-            number_shift = tl.where(new_number_top == neg_inf, 0.0, new_number_top)
-            number_rescale = tl.exp(number_top - number_shift)
-            number_weights = tl.exp(number_z - number_shift)
-            safe_values = tl.where(is_number, values, 0.0)
-            number_total = number_total * number_rescale + tl.sum(number_weights, axis=0)
-            expected = expected * number_rescale + tl.sum(number_weights * safe_values, axis=0)
+    if NUMBERS:
+        target_value = tl.load(target_values_ptr + row).to(tl.float32)
+        shift = tl.where(top == neg_inf, 0.0, top)
+        for start in range(0, n_numbers, NUMBER_BLOCK):
+            index, present, cols = _number_block(number_cols_ptr, start, n_numbers, NUMBER_BLOCK)
+            values = tl.load(number_values_ptr + index, mask=present, other=0.0)
+            z = tl.load(row_logits + cols, mask=present, other=neg_inf).to(tl.float32)
+            number_mass += tl.sum(tl.exp(z - shift), axis=0)
+            new_top = tl.maximum(number_top, tl.max(z, axis=0))
+            number_shift = tl.where(new_top == neg_inf, 0.0, new_top)
+            rescale = tl.exp(number_top - number_shift)
+            weights = tl.exp(z - number_shift)
+            number_total = number_total * rescale + tl.sum(weights, axis=0)
+            expected = expected * rescale + tl.sum(weights * values, axis=0)
             if WASSERSTEIN:
-                dist = _distance(safe_values, target_value, SQUASH, squash_min, squash_scale)
-                transport = transport * number_rescale + tl.sum(
-                    tl.where(is_number, number_weights * dist, 0.0), axis=0)
-            number_top = new_number_top
-        top = new_top
+                dist = _distance(values, target_value, SQUASH, squash_min, squash_scale)
+                transport = transport * rescale + tl.sum(weights * dist, axis=0)
+            number_top = new_top
 
     local_target = tl.load(targets_ptr + row) - vocab_start
     on_shard = (local_target >= 0) & (local_target < real_width)
@@ -123,10 +187,11 @@ def _partials_kernel(
 @triton.jit
 def _gradient_kernel(
     logits_ptr, row_stride, grad_ptr, grad_row_stride, stats_ptr, log_q_ptr, grads_ptr,
-    targets_ptr, target_values_ptr, values_ptr,
-    vocab_start, width, real_width, inv_real_vocab, squash_min, squash_scale,
+    targets_ptr, target_values_ptr, number_cols_ptr, number_values_ptr, stash_ptr,
+    vocab_start, width, real_width, n_numbers, inv_real_vocab, squash_min, squash_scale,
     NUMBERS: tl.constexpr, WASSERSTEIN: tl.constexpr, MEAN_LOGIT: tl.constexpr,
     SQUASH: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr,
+    NUMBER_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_logits = logits_ptr + row * row_stride
@@ -137,63 +202,106 @@ def _gradient_kernel(
     # A row of -inf logits has lse = -inf: use +inf so that exp(z - lse) = 0, not NaN (as the
     # torch stage does for any non-finite lse).
     lse = tl.where((lse == lse) & (tl.abs(lse) < float("inf")), lse, float("inf"))
-    yhat = tl.load(stats + 3)
-    was = tl.load(stats + 4)
+    lse2 = lse * LOG2E
     mass = tl.load(stats + 5)
     g_lse = tl.load(upstream + 0)
     g_target = tl.load(upstream + 1)
     g_mean = tl.load(upstream + 2)
-    g_yhat = tl.load(upstream + 3)
-    g_was = tl.load(upstream + 4)
     g_mass = tl.load(upstream + 5)
     softmax_scale = g_lse - g_mass * mass
-    log_q = tl.load(log_q_ptr + row)
-    target_value = tl.load(target_values_ptr + row).to(tl.float32)
+    flat = g_mean * inv_real_vocab
+    dtype = grad_ptr.dtype.element_ty
+    # The gradient may be written over the logits (grad_ptr == logits_ptr): what the last loop
+    # reads, the number tokens' and the target's logits, is stashed before the first loop writes
+    # (in memory, not registers: a register held across the loops spills on sm_100).
     local_target = tl.load(targets_ptr + row) - vocab_start
     local_target = tl.where((local_target >= 0) & (local_target < real_width), local_target, -1)
-    for start in range(0, width, BLOCK):
+    row_stash = stash_ptr + row * (n_numbers + 1)
+    if NUMBERS:
+        for start in range(0, n_numbers, NUMBER_BLOCK):
+            index, present, cols = _number_block(number_cols_ptr, start, n_numbers, NUMBER_BLOCK)
+            z = tl.load(row_logits + cols, mask=present, other=float("-inf")).to(tl.float32)
+            tl.store(row_stash + index, z, mask=present)
+    tl.store(row_stash + n_numbers,
+             tl.load(row_logits + local_target, mask=local_target >= 0, other=0.0))
+    tl.debug_barrier()
+    whole = real_width // BLOCK * BLOCK
+    for start in range(0, whole, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        real = cols < real_width
-        z = tl.load(row_logits + cols, mask=real, other=float("-inf")).to(tl.float32)
-        softmax = tl.exp(z - lse)
-        grad = softmax * softmax_scale
-        if MEAN_LOGIT:
-            grad += g_mean * inv_real_vocab
-        grad += tl.where(cols == local_target, g_target, 0.0)
-        if NUMBERS:
-            values = tl.load(values_ptr + cols, mask=real, other=float("nan"))
-            is_number = values == values
-            safe_values = tl.where(is_number, values, 0.0)
+        z = tl.load(row_logits + cols).to(tl.float32)
+        grad = _softmax_grad(z, lse2, softmax_scale, flat, MEAN_LOGIT)
+        tl.store(row_grad + cols, grad.to(dtype))
+    for start in range(whole, width, BLOCK):  # the partial block and the vocab padding
+        cols = start + tl.arange(0, BLOCK)
+        inside = cols < width
+        z = tl.load(row_logits + cols, mask=inside, other=float("-inf")).to(tl.float32)
+        grad = _softmax_grad(z, lse2, softmax_scale, flat, MEAN_LOGIT)
+        tl.store(row_grad + cols, tl.where(cols < real_width, grad, 0.0).to(dtype), mask=inside)
+
+    # The target's and the number tokens' columns are rewritten whole: each store below must
+    # land after the loops' store of the same column, which another thread may have made.
+    tl.debug_barrier()
+    target_hits = tl.zeros((), tl.int32)
+    if NUMBERS:
+        yhat = tl.load(stats + 3)
+        was = tl.load(stats + 4)
+        g_yhat = tl.load(upstream + 3)
+        g_was = tl.load(upstream + 4)
+        log_q = tl.load(log_q_ptr + row)
+        target_value = tl.load(target_values_ptr + row).to(tl.float32)
+        for start in range(0, n_numbers, NUMBER_BLOCK):
+            index, present, cols = _number_block(number_cols_ptr, start, n_numbers, NUMBER_BLOCK)
+            values = tl.load(number_values_ptr + index, mask=present, other=0.0)
+            z = tl.load(row_stash + index, mask=present, other=float("-inf"))
+            softmax = _exp2(z * LOG2E - lse2)  # as in _softmax_grad: the compiler shares it
+            is_target = present & (cols == local_target)
+            grad = _softmax_grad(z, lse2, softmax_scale, flat, MEAN_LOGIT)
+            grad += tl.where(is_target, g_target, 0.0)
             number_softmax = tl.exp(z - log_q)
-            number_grad = number_softmax * g_yhat * (safe_values - yhat) + softmax * g_mass
+            grad += number_softmax * g_yhat * (values - yhat) + softmax * g_mass
             if WASSERSTEIN:
-                dist = _distance(safe_values, target_value, SQUASH, squash_min, squash_scale)
-                number_grad += number_softmax * g_was * (dist - was)
-            grad += tl.where(is_number, number_grad, 0.0)
-        grad = tl.where(real, grad, 0.0)
-        tl.store(row_grad + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < width)
+                dist = _distance(values, target_value, SQUASH, squash_min, squash_scale)
+                grad += number_softmax * g_was * (dist - was)
+            tl.store(row_grad + cols, grad.to(dtype), mask=present)
+            target_hits += tl.sum(is_target.to(tl.int32), axis=0)
+    if (local_target >= 0) & (target_hits == 0):
+        target_logit = tl.load(row_stash + n_numbers)
+        grad = _softmax_grad(target_logit, lse2, softmax_scale, flat, MEAN_LOGIT) + g_target
+        tl.store(row_grad + local_target, grad.to(dtype))
 
 
-def _flags(plan: Plan) -> dict:
-    squash, _, _ = _squash(plan)
-    columns = plan.columns
+def launch_flags(numbers: bool, wasserstein: bool, mean_logit: bool, squash: bool,
+                 width: int) -> dict:
+    """The constexpr flags and num_warps of both kernels for a shard of `width` columns (the
+    variants `kernel_check` compiles ahead of time). Wasserstein needs the numbers, the squash
+    needs Wasserstein: flags that change nothing are cleared, so that no variant repeats."""
+    block = _block(width)
+    wasserstein = numbers and wasserstein
     return {
-        "NUMBERS": columns.numbers and plan.shard.number_cols.numel() > 0,
-        "WASSERSTEIN": columns.wasserstein,
-        "MEAN_LOGIT": columns.mean_logit,
-        "SQUASH": squash,
-        "BLOCK": _block(plan.shard.width),
+        "NUMBERS": numbers,
+        "WASSERSTEIN": wasserstein,
+        "MEAN_LOGIT": mean_logit,
+        "SQUASH": wasserstein and squash,
+        "BLOCK": block,
+        "NUMBER_BLOCK": NUMBER_BLOCK,
         # Wide blocks keep several fp32 arrays live per thread: more warps, fewer spills.
-        "num_warps": 8 if _block(plan.shard.width) >= 2048 else 4,
+        "num_warps": 8 if block >= 2048 else 4,
     }
 
 
+def _flags(plan: Plan) -> dict:
+    columns = plan.columns
+    return launch_flags(columns.numbers and plan.shard.number_cols.numel() > 0,
+                        columns.wasserstein, columns.mean_logit, _squash(plan)[0],
+                        plan.shard.width)
+
+
 def triton_partials(
-    logits: torch.Tensor, rows: RowChunk, plan: Plan, number_values: torch.Tensor
+    logits: torch.Tensor, rows: RowChunk, plan: Plan
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As statistics.local_partials: logits [t, V/tp] -> maxima fp32 [t, 2], sums fp32 [t, 7].
-    rows: the chunk's targets and target_values. number_values: `dense_number_values`."""
-    tokens = logits.shape[0]
+    rows: the chunk's targets and target_values. One launch of t programs."""
+    tokens, width = logits.shape
     maxima = torch.empty((tokens, 2), dtype=torch.float32, device=logits.device)
     sums = torch.empty((tokens, SUM_COLUMNS), dtype=torch.float32, device=logits.device)
     if tokens == 0:
@@ -201,41 +309,50 @@ def triton_partials(
     logits = _rows_contiguous(logits)
     _, squash_min, squash_scale = _squash(plan)
     shard = plan.shard
-    _partials_kernel[(tokens,)](
-        logits, logits.stride(0), rows.targets, rows.target_values, number_values, maxima, sums,
-        shard.vocab_start, shard.real_width, squash_min, squash_scale,
-        SUMS=SUM_COLUMNS, **_flags(plan),
-    )
+    with _on_device(logits):
+        _partials_kernel[(tokens,)](
+            logits, logits.stride(0), rows.targets, rows.target_values, shard.number_cols,
+            shard.number_values, maxima, sums, shard.vocab_start, width, shard.real_width,
+            shard.number_cols.numel(), squash_min, squash_scale, SUMS=SUM_COLUMNS,
+            **_flags(plan),
+        )
     return maxima, sums
 
 
-def triton_gradient(
-    logits: torch.Tensor,
-    rows: RowChunk,
-    plan: Plan,
-    number_values: torch.Tensor,
-    out: torch.Tensor,
-) -> None:
+def triton_gradient(logits: torch.Tensor, rows: RowChunk, plan: Plan, out: torch.Tensor) -> None:
     """As statistics.local_gradient, for all V/tp columns: writes the gradient of the chunk's
     logits [t, V/tp] into out [t, V/tp] (any float dtype, rounded once; padding columns get 0).
-    rows: the chunk with its fp32 stats [t, 6], log_q [t] and grads [t, 6]."""
+    rows: the chunk with its fp32 stats [t, 6], log_q [t] and grads [t, 6]. out may be logits
+    itself (the gradient written over them). One launch, and a [t, n + 1] fp32 stash of the
+    logits of the n number tokens on this shard and of the target."""
     tokens, width = logits.shape
     if tokens == 0:
         return
     if out.stride(-1) != 1:  # the kernel writes rows of unit stride
         dense = torch.empty(out.shape, dtype=out.dtype, device=out.device)
-        triton_gradient(logits, rows, plan, number_values, dense)
+        triton_gradient(logits, rows, plan, dense)
         out.copy_(dense)
         return
     logits = _rows_contiguous(logits)
     _, squash_min, squash_scale = _squash(plan)
     shard = plan.shard
-    _gradient_kernel[(tokens,)](
-        logits, logits.stride(0), out, out.stride(0), rows.stats.contiguous(),
-        rows.log_q.contiguous(), rows.grads.contiguous(), rows.targets, rows.target_values,
-        number_values, shard.vocab_start, width, shard.real_width, 1.0 / plan.real_vocab,
-        squash_min, squash_scale, STATS=NUM_STATISTICS, **_flags(plan),
-    )
+    flags = _flags(plan)
+    numbers = shard.number_cols.numel() if flags["NUMBERS"] else 0
+    stash = logits.new_empty((tokens, numbers + 1), dtype=torch.float32)
+    with _on_device(logits):
+        _gradient_kernel[(tokens,)](
+            logits, logits.stride(0), out, out.stride(0), rows.stats.contiguous(),
+            rows.log_q.contiguous(), rows.grads.contiguous(), rows.targets, rows.target_values,
+            shard.number_cols, shard.number_values, stash, shard.vocab_start, width,
+            shard.real_width, numbers, 1.0 / plan.real_vocab, squash_min,
+            squash_scale,
+            STATS=NUM_STATISTICS, **flags, **GRADIENT_OPTIONS,
+        )
+
+
+def _on_device(logits: torch.Tensor):
+    # Triton launches on the current CUDA device: make it the logits' one (any rank layout).
+    return torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext()
 
 
 def _rows_contiguous(logits: torch.Tensor) -> torch.Tensor:
