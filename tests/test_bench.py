@@ -54,3 +54,21 @@ def test_bench_prints_every_method_with_ratios(capsys):
         assert ref[6] == "1.00"  # each time ratio is against Megatron's CE on the same logits
         fused = next(row for row in rows if row[4] == "head_fused")
         assert int(fused[9]) == 0  # no logits-sized tensor saved
+
+
+def test_bandwidth_is_shown_as_a_share_of_the_stated_peak(capsys):
+    assert bench_main(["--tokens", "64", "--vocab", "256", "--tp", "1", "--repeats", "1",
+                       "--methods", "megatron", "ours", "--threads", "1",
+                       "--peak-gbs", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "% peak = of the data-sheet 50 GB/s" in out
+    rows = [line.split() for line in out.split("TP      T")[-1].splitlines()[1:] if line.strip()]
+    for row in rows:
+        gbs, share = float(row[11]), row[12]
+        assert share == f"{100 * gbs / 50:.0f}%", row
+
+
+def test_peak_bandwidth_is_known_for_gpus_only():
+    from token_objectives.bench.grid import peak_bandwidth_gbs
+
+    assert peak_bandwidth_gbs("cpu") is None

@@ -28,6 +28,18 @@ from token_objectives.bench.methods import (
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# HBM bandwidth of the GPU, GB/s, from the vendors' data sheets (matched on the device name).
+PEAK_GBS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("H800", 3350.0),
+            ("B200", 8000.0), ("GB200", 8000.0), ("A100-SXM4-80GB", 2039.0),
+            ("A100 80GB PCIe", 1935.0), ("A100", 1555.0), ("L40S", 864.0), ("A10", 600.0))
+
+
+def peak_bandwidth_gbs(device: str) -> float | None:
+    """The data-sheet HBM bandwidth of GPU 0, or None (CPU, or a GPU not in PEAK_GBS)."""
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((gbs for key, gbs in PEAK_GBS if key in name), None)
 
 
 def _synthetic_tokenizer(vocab: int):
@@ -173,9 +185,10 @@ def report(rows: list[dict], args) -> str:
         f"(megatron* = CE alone); median of {args.repeats}, fwd+bwd; h={args.hidden} for the "
         f"head methods; saved = bytes autograd keeps for backward (the logits included; for "
         f"the head methods, beyond hidden and weight); big = saved tensors of >= T*V/tp/2 "
-        f"elements; GB/s = 3 logits' bytes (read fwd, read + write bwd) / time",
+        f"elements; GB/s = 3 logits' bytes (read fwd, read + write bwd) / time; % peak = of "
+        f"{_peak_words(args)}",
         f"{'TP':>2} {'T':>6} {'V':>7} {'dtype':<5} {'method':<15}{'ms':>10}{'x ref':>7}"
-        f"{'saved MiB':>11}{'x ref':>7}{'big':>4}{'peak MiB':>10}{'GB/s':>7}",
+        f"{'saved MiB':>11}{'x ref':>7}{'big':>4}{'peak MiB':>10}{'GB/s':>7}{'% peak':>7}",
     ]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -184,8 +197,14 @@ def report(rows: list[dict], args) -> str:
         by_method = {r["method"]: r for r in group_rows}
         for row in group_rows:
             ref = by_method.get("head_unfused" if row["method"] in HEAD_METHODS else "megatron")
-            lines.append(_table_line(key, row, ref))
+            lines.append(_table_line(key, row, ref, getattr(args, "peak_gbs", None)))
     return "\n".join(lines)
+
+
+def _peak_words(args) -> str:
+    if getattr(args, "peak_gbs", None):
+        return f"the data-sheet {args.peak_gbs:.0f} GB/s"
+    return "a peak not known here (--peak-gbs)"
 
 
 def _ratio(value, ref, field) -> str:
@@ -194,7 +213,7 @@ def _ratio(value, ref, field) -> str:
     return f"{value / ref[field]:>7.2f}" if value < 1000 * ref[field] else f"{'>999':>7}"
 
 
-def _table_line(key: tuple, row: dict, ref: dict | None) -> str:
+def _table_line(key: tuple, row: dict, ref: dict | None, peak_gbs: float | None = None) -> str:
     tp, tokens, vocab, dtype = key
     head = f"{tp:>2} {tokens:>6} {vocab:>7} {dtype:<5} {row['method']:<15}"
     if "skipped" in row:
@@ -202,13 +221,16 @@ def _table_line(key: tuple, row: dict, ref: dict | None) -> str:
     seconds = f"{row['seconds'] * 1e3:>10.1f}" if row["seconds"] else f"{'-':>10}"
     time_ratio = _ratio(row["seconds"], ref, "seconds") if row["seconds"] else f"{'-':>7}"
     peak = f"{row['peak_bytes'] / 2**20:>10.0f}" if row["peak_bytes"] is not None else f"{'-':>10}"
-    bandwidth = f"{'-':>7}"
+    bandwidth = share = f"{'-':>7}"
     if row["seconds"] and row["method"] not in HEAD_METHODS:
         moved = 3 * tokens * (vocab // tp) * torch.finfo(DTYPES[dtype]).bits // 8
-        bandwidth = f"{moved / row['seconds'] / 1e9:>7.1f}"
+        gbs = moved / row["seconds"] / 1e9
+        bandwidth = f"{gbs:>7.1f}"
+        if peak_gbs:
+            share = f"{100 * gbs / peak_gbs:>6.0f}%"
     return (f"{head}{seconds}{time_ratio}{row['saved_bytes'] / 2**20:>11.1f}"
             f"{_ratio(row['saved_bytes'], ref, 'saved_bytes')}{row['big_saved']:>4}{peak}"
-            f"{bandwidth}")
+            f"{bandwidth}{share}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads per rank")
     parser.add_argument("--max-gb", type=float, help="memory for all ranks together "
                         "(default: 60%% of RAM on CPU, 90%% of a GPU's memory per rank)")
+    parser.add_argument("--peak-gbs", type=float,
+                        help="the GPU's HBM bandwidth in GB/s (default: from its name)")
     parser.add_argument("--memory-only", action="store_true",
                         help="head methods only, saved bytes only (no timing)")
     args = parser.parse_args(argv)
@@ -249,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--tp {max(args.tp)} needs as many GPUs; {torch.cuda.device_count()} here")
     if args.max_gb is None:
         args.max_gb = _default_budget_gb(args.device)
+    if args.peak_gbs is None:
+        args.peak_gbs = peak_bandwidth_gbs(args.device)
     rows = []
     for tp in args.tp:
         rows += _run_tp(tp, args)

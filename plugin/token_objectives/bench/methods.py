@@ -101,7 +101,8 @@ def timed(step: Callable[[], None], setup: Callable[[], None], repeats: int, gro
         start = time.perf_counter()
         step()
         _synchronize(device)
-        elapsed = torch.tensor([time.perf_counter() - start])
+        # On the device: an NCCL group carries no CPU tensors.
+        elapsed = torch.tensor([time.perf_counter() - start], device=device)
         if group is not None:
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
         times.append(elapsed.item())
