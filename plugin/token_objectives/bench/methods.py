@@ -166,12 +166,15 @@ def measure(method: str, p: Problem, repeats: int, device: torch.device) -> Meas
     source = p.hidden if head else p.logits
     weight = p.weight.detach().requires_grad_() if head else None
     # Megatron's CE writes into its input, as into a real model's fresh logits: a fresh copy
-    # per call, made off the clock. The others get the same treatment.
+    # per call, made off the clock. The others get the same treatment. The logits are an
+    # intermediate of the graph, as a model's head output is (`+ 0` on a fresh leaf, off the
+    # clock), so that ours may write its gradient over them too (grad_in_place).
     box: list[torch.Tensor] = []
 
     def setup() -> None:
         box.clear()
-        box.append(source.detach().clone().requires_grad_())
+        leaf = source.detach().clone().requires_grad_()
+        box.append(leaf if head else leaf + 0)
 
     def step() -> None:
         _loss_of(method, p, box[0], weight).backward()
