@@ -75,6 +75,13 @@ if [[ -z ${OMP_NUM_THREADS:-} ]]; then
 fi
 export OMP_NUM_THREADS
 export PYTHONUNBUFFERED=1  # log lines reach job.log as they are printed
+# Triton's compile cache on node-local disk: one on a shared $HOME is slow and, written by every
+# node at once, racy. Kept per job, so a requeued start on the same node finds its kernels.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/triton-cache-${USER:-user}-${SLURM_JOB_ID:-0}}
+# Network interfaces: NCCL and gloo (the Megatron loop's CPU-side group) choose one themselves;
+# on nodes with several (ib0, eth0, docker0, ...) set NCCL_SOCKET_IFNAME, NCCL_IB_HCA and
+# GLOO_SOCKET_IFNAME in the environment you submit from (sbatch exports it). They are taken
+# from there as they are, never set here.
 
 # One directory per job, the same one after every requeue: the training script resumes from its
 # checkpoints and continues its metrics.jsonl and TensorBoard run there. Set RUN_DIR to continue
@@ -95,6 +102,8 @@ for _checkpoint in "${RUN_DIR}"/checkpoints/step_*; do
 done
 if [[ -f ${RUN_DIR}/checkpoints/latest ]]; then _resume_from=$(<"${RUN_DIR}/checkpoints/latest"); fi
 log "resuming from checkpoint: ${_resume_from}"
+log "network: NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-auto} GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-auto};" \
+    "triton cache ${TRITON_CACHE_DIR}"
 
 # srun_with_requeue SRUN_OPTION... -- COMMAND...: one task per node runs COMMAND with SIGUSR1
 # ignored: the torchrun agent would die of it otherwise, and a worker still importing would too.

@@ -190,6 +190,8 @@ def test_tiny_cpu_runs_to_completion(cluster, data, tmp_path):
     assert info["NumCPUs"] == "2" and info["NumNodes"] == "1"
     log = read_log(directory)
     assert f"rendezvous {_node(cluster)['NodeHostName']}:{20000 + int(job) % 40000}" in log
+    assert "network: NCCL_SOCKET_IFNAME=auto GLOO_SOCKET_IFNAME=auto;" in log
+    assert re.search(rf"triton cache \S*/triton-cache-\S+-{job}$", log, re.MULTILINE), log[:2000]
     assert [int(m.group(1)) for m in STEP_LINE.finditer(log)] == list(range(1, 41))
     assert metric_steps(directory) == list(range(1, 41))
     rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
@@ -312,6 +314,7 @@ def test_gpu_scripts_dry_run_under_slurm(cluster, script, program, tmp_path):
            f"--rdzv-endpoint={host}:{20000 + int(job) % 40000} {program}" in launch
     assert "TP=2 " in log and f"DP={FAKE_GPUS // 2}," in log
     assert str(directory) in launch and launch.endswith("--extra 1")
+    assert "--numa-binding=node --nnodes=1" in launch  # CPU binding per GPU
     if script == "megatron_3b":
         assert "--config configs/llama3.2-3b.yaml --set parallel.tensor=2" in launch
     else:
