@@ -43,6 +43,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         default="fallback",
                         help="a tag whose files do not match its MANIFEST.json: resume from the "
                         "previous tag (fallback) or stop with the fix (stop)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute each decoder layer in backward (activation memory of "
+                        "one layer instead of all; the 3B configs need it at sequence 4096)")
     parser.add_argument("--ds-set", dest="ds_overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override one ds_config value, e.g. "
                         "bf16.enabled=false or token_objectives.ntl_weight=0.5")
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         seq_length=args.seq_length,
         max_skipped_steps=args.max_skipped_steps,
         on_corrupt_checkpoint=args.on_corrupt_checkpoint,
+        gradient_checkpointing=args.gradient_checkpointing,
     ))
     finish_distributed()
     return 0 if result.last_step > 0 or result.stopped_by_signal else 1

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -579,6 +580,48 @@ def test_fp16_overflows_skip_and_too_many_in_a_row_stop(data, tmp_path, limit):
             assert got["error"] is None and got["step"] == 20, got
             assert skipped >= 3 and sum(got["applied"]) >= 10, got  # later overflows: skipped
             assert got["scale"][skipped - 1] == 2.0 ** (24 - skipped), got
+
+
+def test_the_3b_configs_schedule_decay_and_checkpoint_layers(data, tmp_path):
+    """configs/deepspeed/3b_zero2.json (bf16 off for the CPU, the tiny Llama, 1 process): the lr
+    rises linearly over the warm-up and then decays along the cosine, never under its floor;
+    --gradient-checkpointing recomputes the decoder layers and gives the same losses."""
+    config = ds_config(data, tmp_path, "3b_zero2", train_micro_batch_size_per_gpu=2,
+                       gradient_accumulation_steps=2)
+    overrides = ["--ds-set", "scheduler.params.total_num_steps=6",
+                 "--ds-set", "scheduler.params.warmup_num_steps=3"]
+    runs = {}
+    for name, extra in (("plain", []), ("checkpointed", ["--gradient-checkpointing"])):
+        command = _train(data, config, tmp_path / name, "--steps", "6", *overrides, *extra)
+        command[command.index("--nproc-per-node=2")] = "--nproc-per-node=1"
+        check(subprocess.run(command, capture_output=True, text=True, env=WORKER_ENV,
+                             timeout=600))
+        runs[name] = read_metrics(tmp_path / name)
+    for a, b in zip(runs["plain"], runs["checkpointed"], strict=True):
+        assert a["lm loss"] == pytest.approx(b["lm loss"], rel=1e-6), (a, b)
+        assert a["lr"] == b["lr"]
+    lrs = [row["lr"] for row in runs["plain"]]
+    peak = json.loads(config.read_text())["optimizer"]["params"]["lr"]
+    top = lrs.index(max(lrs))
+    assert 1 <= top <= 3 and all(x < y for x, y in pairwise(lrs[:top + 1])), lrs
+    assert all(x > y for x, y in pairwise(lrs[top:])), lrs  # the cosine decay
+    assert max(lrs) <= peak and min(lrs[top:]) >= 0.1 * peak * (1 - 1e-6), lrs
+
+
+def test_weight_decay_spares_the_norms():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from token_objectives.training.deepspeed import decay_groups
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2))
+    groups = decay_groups(model.parameters(), 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[id(p)] for p in groups[0]["params"])
+    spared = sorted(names[id(p)] for p in groups[1]["params"])
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert spared and all("norm" in name for name in spared), spared
+    assert "model.embed_tokens.weight" in decayed and not any("norm" in n for n in decayed)
 
 
 # ----------------------------------------------------------------------------- config errors

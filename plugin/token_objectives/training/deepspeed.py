@@ -90,6 +90,7 @@ class TrainArgs:
     seq_length: int = 128
     max_skipped_steps: int = 10  # stop after N updates in a row DeepSpeed skipped; 0: never
     on_corrupt_checkpoint: str = "fallback"  # "fallback" (to the previous tag) | "stop"
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward
 
     def __post_init__(self) -> None:
         for flag, name, least in (("--steps", "steps", 1), ("--seq-length", "seq_length", 1),
@@ -159,9 +160,23 @@ def split_optimizer(ds_config: Mapping[str, Any]) -> tuple[Callable, dict]:
     params["betas"] = tuple(params.get("betas", (0.9, 0.95)))
 
     def factory(parameters) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(parameters, **params)
+        return torch.optim.AdamW(decay_groups(parameters, params.get("weight_decay", 0.01)),
+                                 **params)
 
     return factory, config
+
+
+def decay_groups(parameters, weight_decay: float) -> list[dict]:
+    """AdamW's param groups: weight decay on the matrices (embeddings and projections), none on
+    the norms' gains and biases (fewer than 2 dims; ZeRO-3's partitioned parameters are judged
+    by their full `ds_shape`)."""
+    decay, no_decay = [], []
+    for parameter in parameters:
+        shape = getattr(parameter, "ds_shape", parameter.shape)
+        (decay if len(shape) >= 2 else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 def uses_fused_head(section, ds_config: Mapping[str, Any]) -> bool:
@@ -335,6 +350,9 @@ class Trainer:
         optimizer, ds_config = split_optimizer(args.ds_config)
         ds_config = with_output_paths(ds_config, args.output_dir)
         model = build_model(model_config, args.seed)
+        if args.gradient_checkpointing:  # torch.utils.checkpoint per decoder layer
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=ds_config)
         self.head_shard = vocab_parallel_head_shard(self.engine.module)
