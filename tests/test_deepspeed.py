@@ -215,7 +215,7 @@ def nan_loss_probe(argv: list[str]) -> None:
 
 
 def fp16_skip_probe(argv: list[str]) -> None:
-    """`fp16-skip-probe OUT CONFIG MAX_SKIPPED`: training.deepspeed.run for 20 steps in fp16.
+    """`fp16-skip-probe OUT CONFIG MAX_SKIPPED`: training.deepspeed.run for 10 steps in fp16.
     DeepSpeed's CPU accelerator reports fp16 as unsupported and the engine refuses it; its fp16
     optimizer and loss scaler run on the CPU all the same, so this process says it is supported
     (the one change). Writes what the run raised, the steps taken, whether each was applied and
@@ -243,7 +243,7 @@ def fp16_skip_probe(argv: list[str]) -> None:
     try:
         ds.run(ds.TrainArgs(model_config=str(TINY), data_prefix=os.environ["PROBE_DATA"],
                             ds_config=json.loads(config.read_text()), output_dir=str(out),
-                            steps=20, seed=SEED, seq_length=SEQ_LENGTH,
+                            steps=10, seed=SEED, seq_length=SEQ_LENGTH,
                             max_skipped_steps=limit), printer=None)
     except FloatingPointError as raised:
         error = str(raised)
@@ -577,8 +577,8 @@ def test_fp16_overflows_skip_and_too_many_in_a_row_stop(data, tmp_path, limit):
                 "(--max-skipped-steps = 3)"), got
             assert got["scale"] == [2.0 ** 23, 2.0 ** 22, 2.0 ** 21], got
         else:
-            assert got["error"] is None and got["step"] == 20, got
-            assert skipped >= 3 and sum(got["applied"]) >= 10, got  # later overflows: skipped
+            assert got["error"] is None and got["step"] == 10, got
+            assert skipped >= 3 and sum(got["applied"]) >= 3, got  # later overflows: skipped
             assert got["scale"][skipped - 1] == 2.0 ** (24 - skipped), got
 
 

@@ -205,7 +205,7 @@ def test_tiny_cpu_runs_to_completion(cluster, data, tmp_path):
 
 
 def test_tiny_cpu_preempted_requeues_and_resumes(cluster, data, tmp_path):
-    total = 300
+    total = 150
     job = submit(cluster, "tiny_cpu", tmp_path, "--set", f"train.steps={total}",
                  "--set", "train.save_interval=0", **tiny_env(data))
     directory = run_dir(tmp_path, "tiny-cpu", job)
