@@ -8,6 +8,8 @@ What megatron-core 0.16 needs on CPU:
 - `torch.cuda.synchronize()` is called around timers and checkpoints: a no-op.
 - The CUDA RNG tracker's `fork()` (dropout in tensor-parallel regions) swaps CUDA RNG states:
   a null context, so dropout draws from the CPU generator.
+- Activation recompute (`CheckpointFunction`) saves and restores the CUDA RNG state around the
+  recomputed forward: it saves and restores the CPU generator's state instead.
 - Factories called with `device="cuda"` (the pipeline schedules' token counters, the optimizer's
   found-inf flags, grad-norm buffers): allocated on the CPU instead.
 - `Tensor.cuda()` (tied embeddings across pipeline stages move the shared weight): stays put.
@@ -68,6 +70,14 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
         torch._foreach_mul_(grads, clip_coeff)
 
 
+def _get_cpu_rng_state(device=None, clone=False, graph_safe=False):
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
 def _stay_on_cpu(self, device=None, non_blocking=False, memory_format=None):
     return self
 
@@ -94,6 +104,8 @@ def apply() -> None:
     _set(torch.cuda, "current_device", current_device)
     _set(torch.cuda, "synchronize", synchronize)
     _set(tp_random.CudaRNGStatesTracker, "fork", fork)
+    _set(tp_random, "_get_cuda_rng_state", _get_cpu_rng_state)
+    _set(tp_random, "_set_cuda_rng_state", _set_cpu_rng_state)
     _set(megatron_optimizer, "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32)
     _set(torch.Tensor, "cuda", _stay_on_cpu)
     for name in _FACTORIES:
