@@ -400,12 +400,24 @@ class Trainer:
         model_state = self.model.module.sharded_state_dict()
         return {
             "model": model_state,
-            "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading),
+            "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+                                                           **self._optimizer_state_options()),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
         }
 
+    def _optimizer_state_options(self) -> dict:
+        """The distributed optimizer saves each rank's own shard of its buffers
+        ('dp_reshardable': no gather, no copy; a resume may change DP but not TP or PP)."""
+        if not self.cfg.parallel.use_distributed_optimizer:
+            return {}
+        return {"metadata": {"distrib_optim_sharding_type": "dp_reshardable"}}
+
     def save(self) -> Path:
+        if self.cfg.parallel.overlap_param_gather:
+            # The last update's all-gather would wait for the next forward: the saved weights
+            # would be the previous step's outside this rank's shard.
+            self.model.start_param_sync(force_sync=True)
         return checkpointing.save(self._sharded_state(), self.checkpoint_root, self.step,
                                   keep=self.cfg.train.keep_checkpoints)
 
