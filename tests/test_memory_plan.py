@@ -1,9 +1,9 @@
 """plan-memory's per-layer figures against what megatron-core layers of the Llama-3.2-3B shape
 really keep, measured on CPU: saved-tensor bytes (unique storages, parameters excluded) of
 1- and 2-layer blocks at s = 256, b = 1, bf16, TP = 4 on the gloo pool; parameter bytes and
-the fp32 gradient buffer of megatron-core's DDP. The expected values are the measurements.
-Also: the command's output, its exit code when the layout does not fit, and the shipped 3B
-configs' headroom."""
+the fp32 gradient buffer of megatron-core's DDP. The expected values are the measurements
+(saved bytes counted by the bench's `saved_for_backward`). Also: the command's output, its exit
+code when the layout does not fit, and the shipped 3B configs' headroom."""
 
 from __future__ import annotations
 
@@ -22,21 +22,6 @@ from token_objectives.training.memory_plan import (
 SHAPE = dict(hidden_size=3072, ffn_hidden_size=8192, num_attention_heads=24, num_query_groups=8,
              vocab_size=128256, dtype="bf16", layer_spec="local")
 SEQ, TP = 256, 4
-
-
-def _saved_bytes(run, exclude: set[int]) -> int:
-    """Bytes of the unique storages autograd saves while `run()` builds its graph."""
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in exclude:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run()
-    return sum(storages.values())
 
 
 def measure_task() -> dict:
@@ -69,6 +54,7 @@ def _measure_mode(recompute: str) -> dict:
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer.transformer_block import TransformerBlock
 
+    from token_objectives.bench.methods import saved_for_backward
     from token_objectives.training.config import ModelConfig, ParallelConfig, RunConfig
     from token_objectives.training.megatron import layer_spec, transformer_config
 
@@ -83,9 +69,9 @@ def _measure_mode(recompute: str) -> dict:
             grad_reduce_in_fp32=True), block)
         rope = RotaryEmbedding(128, 1.0, rotary_base=500000)(SEQ)
         x = torch.randn(SEQ, 1, 3072, dtype=torch.bfloat16, requires_grad=True)
-        weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
-        saved[layers] = _saved_bytes(
-            lambda: ddp(x, attention_mask=None, rotary_pos_emb=rope), weights)  # noqa: B023
+        saved[layers], _ = saved_for_backward(
+            lambda: ddp(x, attention_mask=None, rotary_pos_emb=rope),  # noqa: B023
+            list(block.parameters()), big=1 << 62)
         params[layers] = sum(p.nbytes for p in block.parameters())
         grads[layers] = sum(p.main_grad.nbytes for p in block.parameters())
     return {"layer": saved[2] - saved[1], "layer_params": params[2] - params[1],
@@ -97,9 +83,8 @@ def _estimate(recompute: str) -> int:
     layout = Layout(seq=SEQ, micro_batch=1, tensor=TP, recompute=recompute, attention="local",
                     torch_norms=True)
     terms = activation_terms(shape, layout)
-    if recompute == "full":  # the per-layer part; one recomputed layer is a backward peak
-        return terms["layer inputs (full recompute)"]
-    return sum(terms.values())
+    # What the forward saves; the layer that recompute rebuilds is a backward peak.
+    return sum(value for name, value in terms.items() if "recomputed in backward" not in name)
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +120,7 @@ def test_plan_memory_fails_a_layout_without_headroom(capsys):
     code = main(["plan-memory", "--config", "configs/llama3.2-3b.yaml", "--set",
                  "parallel.tensor=1", "--set", "model.recompute=none", "--set",
                  "parallel.use_distributed_optimizer=false", "--set",
+                 "parallel.overlap_param_gather=false", "--set",
                  "parallel.micro_batch_size=8", "--spec", "local"])
     captured = capsys.readouterr()
     assert code == 1

@@ -134,6 +134,10 @@ def activation_terms(shape: Shape, layout: Layout) -> dict[str, int]:
             kept["core-attention inputs (selective)"] = int(
                 (1 + 2 * shape.groups / shape.heads) * s * b * h / layout.tensor * e)
             per_layer = kept
+            if dropped and layout.attention == "local":  # one layer's scores rebuilt in backward
+                terms["one layer's scores recomputed in backward"] = sum(
+                    per_layer_value for k, per_layer_value in layer_activation_terms(
+                        shape, layout).items() if k in dropped)
         for name, value in per_layer.items():
             terms[f"layers: {name}"] = layers * value * in_flight
     return terms
