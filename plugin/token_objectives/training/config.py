@@ -50,7 +50,7 @@ LAYER_SPECS = ("auto", "te", "local")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A GPT decoder (megatron-core GPTModel with the local layer spec)."""
+    """A GPT decoder (megatron-core GPTModel; layer_spec picks Transformer Engine or local)."""
 
     num_layers: int = 2
     hidden_size: int = 64

@@ -2,8 +2,9 @@
 
 `run(config)` is the loop `launch/pretrain_megatron.py` starts under torchrun; tests call it in
 processes that already hold a gloo process group. Built from megatron-core pieces: parallel_state,
-GPTModel (local layer spec), GPTDataset, DistributedDataParallel, the Megatron optimizer and its
-LR scheduler, get_forward_backward_func, finalize_model_grads and dist_checkpointing.
+GPTModel (the Transformer Engine layer spec when it imports, else the local one), GPTDataset,
+DistributedDataParallel, the Megatron optimizer (distributed or not) and its LR scheduler,
+get_forward_backward_func, finalize_model_grads and dist_checkpointing.
 
 Normalisation: the config sets calculate_per_token_loss, so `loss_func` returns sums and token
 counts; the schedule adds up the counts over micro-batches and finalize_model_grads divides the
