@@ -116,6 +116,21 @@ def test_dp2_matches_dp1_with_twice_the_micro_batches(data, baseline, tmp_path):
     _assert_same_run(tmp_path, baseline)
 
 
+def test_distributed_optimizer_at_dp2_matches_the_baseline(data, baseline, tmp_path):
+    # The fp32 optimizer state sharded over DP=2, the gradient reduce-scatter and the parameter
+    # all-gather overlapped: the same update, to fp32 rounding.
+    train(data, tmp_path, 2, "parallel.tensor=1", "train.steps=2",
+          "parallel.use_distributed_optimizer=true", "parallel.overlap_grad_reduce=true",
+          "parallel.overlap_param_gather=true")
+    _assert_same_run(tmp_path, baseline)
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_recompute_gives_the_same_run(data, baseline, tmp_path, mode):
+    train(data, tmp_path, 1, "parallel.tensor=1", "train.steps=2", f"model.recompute={mode}")
+    _assert_same_run(tmp_path, baseline, rtol=0, atol=0)
+
+
 def test_weights_move_and_components_add_up(baseline, data, tmp_path):
     rows = metrics(baseline)
     for row in rows:

@@ -37,6 +37,11 @@ from token_objectives.training.config import config_from_dict, load_config
     ("train.steps=1.5", "train.steps must be int (a whole number), got 1.5"),
     ("train.steps=.nan", "train.steps must be int, not NaN"),
     ("model.vocab_size=.nan", "model.vocab_size must be int | None, not NaN"),
+    ("model.recompute=layers", "model.recompute must be one of ['none', 'selective', 'full']"),
+    ("model.layer_spec=flash", "model.layer_spec must be one of ['auto', 'te', 'local']"),
+    ("parallel.use_distributed_optimizer=3", "parallel.use_distributed_optimizer must be bool"),
+    ("parallel.overlap_param_gather=true",
+     "parallel.overlap_param_gather needs parallel.use_distributed_optimizer: true"),
 ])
 def test_a_bad_value_names_its_key_and_what_it_accepts(override, says):
     with pytest.raises(ValueError, match="^" + re.escape(says)):
@@ -61,6 +66,14 @@ def test_a_section_written_as_a_list_is_named(section, tmp_path):
         load_config(path, [f"{section}.steps=3"])
     with pytest.raises(ValueError, match=f"config section '{section}' must be a mapping"):
         config_from_dict({section: "steps"})
+
+
+def test_recompute_activations_is_read_as_full_and_cannot_contradict_recompute():
+    assert load_config(None, ["model.recompute_activations=true"]).model.recompute_mode == "full"
+    assert load_config(None, ["model.recompute=selective"]).model.recompute_mode == "selective"
+    with pytest.raises(ValueError, match="model.recompute_activations: true means model.recompute"
+                       ": full, which contradicts model.recompute: selective"):
+        load_config(None, ["model.recompute_activations=true", "model.recompute=selective"])
 
 
 def test_the_defaults_and_the_shipped_tiny_config_still_load():

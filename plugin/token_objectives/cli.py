@@ -1,5 +1,5 @@
 """`token-objectives` command line: count-frequencies, inspect-vocab, build-correction-data,
-ensemble, check-kernels, bench, bench-hf."""
+ensemble, check-kernels, plan-memory, bench, bench-hf."""
 
 from __future__ import annotations
 
@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     kernels.add_argument("--dtype", nargs="+", choices=("bf16", "fp16", "fp32"),
                          default=["bf16", "fp16", "fp32"], help="logits dtypes (default: all)")
 
+    commands.add_parser("plan-memory", help="per-GPU memory estimate of a training config "
+                        "(`plan-memory --help`)", add_help=False)
     commands.add_parser("bench", help="benchmark the objectives (`bench --help`)", add_help=False)
     commands.add_parser("bench-hf", help="one transformers.Trainer step: HF's loss vs ours, "
                         "on the logits and fused (`bench-hf --help`)", add_help=False)
@@ -154,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
 
         result = bench_main(argv[1:])
         return 0 if result is None else int(result)
+    if argv[:1] == ["plan-memory"]:
+        from token_objectives.training.memory_layouts import main as plan_memory
+
+        try:
+            return plan_memory(argv[1:])
+        except (ValueError, OSError) as error:
+            return _report("plan-memory", error)
     if argv[:1] == ["bench-hf"]:
         from token_objectives.bench.hf import main as bench_hf_main
 

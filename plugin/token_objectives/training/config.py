@@ -44,9 +44,13 @@ def _check_number(section: str, name: str, value: float, low: float, high: float
                          f"{'in ' if math.isfinite(high) else ''}{interval}, got {value}")
 
 
+RECOMPUTE = ("none", "selective", "full")
+LAYER_SPECS = ("auto", "te", "local")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """A GPT decoder (megatron-core GPTModel with the local layer spec)."""
+    """A GPT decoder (megatron-core GPTModel; layer_spec picks Transformer Engine or local)."""
 
     num_layers: int = 2
     hidden_size: int = 64
@@ -63,7 +67,9 @@ class ModelConfig:
     vocab_size: int | None = None  # None: the tokenizer's; padded as Megatron does
     make_vocab_size_divisible_by: int = 128
     dtype: str = "fp32"  # "fp32" | "bf16"
-    recompute_activations: bool = False
+    recompute: str = "none"  # "none" | "selective" (core attention) | "full" (every layer)
+    recompute_activations: bool = False  # the older spelling of recompute: full
+    layer_spec: str = "auto"  # "auto" (Transformer Engine when it imports) | "te" | "local"
     fused_lm_head: bool = False  # the loss straight from hidden states: no [s, b, V/tp] logits
 
     def __post_init__(self) -> None:
@@ -74,11 +80,26 @@ class ModelConfig:
             _check_number("model", name, getattr(self, name), 0.0, low_open=True)
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"model.dtype must be 'fp32' or 'bf16', got {self.dtype!r}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"model.recompute must be one of {list(RECOMPUTE)}, "
+                             f"got {self.recompute!r}")
+        if self.recompute_activations and self.recompute not in ("none", "full"):
+            raise ValueError(f"model.recompute_activations: true means model.recompute: full, "
+                             f"which contradicts model.recompute: {self.recompute}; drop "
+                             f"recompute_activations")
+        if self.layer_spec not in LAYER_SPECS:
+            raise ValueError(f"model.layer_spec must be one of {list(LAYER_SPECS)}, "
+                             f"got {self.layer_spec!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"model.hidden_size {self.hidden_size} is not divisible by "
                 f"num_attention_heads {self.num_attention_heads}"
             )
+
+    @property
+    def recompute_mode(self) -> str:
+        """model.recompute, with recompute_activations: true read as "full"."""
+        return "full" if self.recompute_activations else self.recompute
 
 
 @dataclass(frozen=True)
@@ -87,10 +108,16 @@ class ParallelConfig:
     pipeline: int = 1
     micro_batch_size: int = 4
     global_batch_size: int | None = None  # None: micro_batch_size * data-parallel size
+    use_distributed_optimizer: bool = False  # fp32 optimizer state sharded over DP
+    overlap_grad_reduce: bool = False  # gradient reduction overlapped with the backward
+    overlap_param_gather: bool = False  # distributed optimizer: gather overlapped with forward
 
     def __post_init__(self) -> None:
         _check_sizes("parallel", self, ("tensor", "pipeline", "micro_batch_size",
                                         "global_batch_size"), 1)
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ValueError("parallel.overlap_param_gather needs "
+                             "parallel.use_distributed_optimizer: true")
 
 
 @dataclass(frozen=True)

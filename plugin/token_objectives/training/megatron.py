@@ -2,8 +2,9 @@
 
 `run(config)` is the loop `launch/pretrain_megatron.py` starts under torchrun; tests call it in
 processes that already hold a gloo process group. Built from megatron-core pieces: parallel_state,
-GPTModel (local layer spec), GPTDataset, DistributedDataParallel, the Megatron optimizer and its
-LR scheduler, get_forward_backward_func, finalize_model_grads and dist_checkpointing.
+GPTModel (the Transformer Engine layer spec when it imports, else the local one), GPTDataset,
+DistributedDataParallel, the Megatron optimizer (distributed or not) and its LR scheduler,
+get_forward_backward_func, finalize_model_grads and dist_checkpointing.
 
 Normalisation: the config sets calculate_per_token_loss, so `loss_func` returns sums and token
 counts; the schedule adds up the counts over micro-batches and finalize_model_grads divides the
@@ -115,10 +116,43 @@ def transformer_config(cfg: RunConfig, initialize: bool = True):
         persist_layer_norm=False,
         apply_rope_fusion=False,
         cross_entropy_loss_fusion=False,
-        recompute_granularity="full" if model.recompute_activations else None,
-        recompute_method="uniform" if model.recompute_activations else None,
-        recompute_num_layers=1 if model.recompute_activations else None,
+        **recompute_options(model.recompute_mode),
     )
+
+
+def recompute_options(mode: str) -> dict:
+    """TransformerConfig options of model.recompute: selective recomputes core attention (the
+    [b, a/t, s, s] scores), full recomputes every layer from its input."""
+    if mode == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform",
+                "recompute_num_layers": 1}
+    if mode == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    return {"recompute_granularity": None}
+
+
+def uses_transformer_engine(layer_spec: str) -> bool:
+    """model.layer_spec: "te" requires Transformer Engine, "auto" takes it when it imports."""
+    if layer_spec == "local":
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        if layer_spec == "te":
+            raise ImportError("model.layer_spec: te needs transformer_engine, which does not "
+                              "import here; install it or set model.layer_spec: auto") from None
+        return False
+    return True
+
+
+def layer_spec(model_cfg):
+    """megatron-core's Transformer Engine layer spec (flash attention, fused norm+linear) when
+    it is available, the local spec otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if uses_transformer_engine(model_cfg.layer_spec):
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=model_cfg.normalization)
 
 
 def build_model(cfg: RunConfig, vocab_size: int, objectives: Objectives | None,
@@ -126,12 +160,11 @@ def build_model(cfg: RunConfig, vocab_size: int, objectives: Objectives | None,
     """One GPTModel chunk for this pipeline stage; the objectives attached on the last stage."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     config = transformer_config(cfg, initialize)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization=cfg.model.normalization),
+        transformer_layer_spec=layer_spec(cfg.model),
         vocab_size=vocab_size,
         max_sequence_length=cfg.model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -305,10 +338,12 @@ class Trainer:
         if torch.cuda.is_available():
             module.cuda(torch.cuda.current_device())  # built on the CPU (use_cpu_initialization)
         config = module.config
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                   overlap_grad_reduce=False,
-                                                   use_distributed_optimizer=False,
-                                                   check_for_nan_in_grad=True)
+        parallel = cfg.parallel
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=parallel.overlap_grad_reduce,
+            overlap_param_gather=parallel.overlap_param_gather,
+            use_distributed_optimizer=parallel.use_distributed_optimizer,
+            check_for_nan_in_grad=True)
         self.model = DistributedDataParallel(config, ddp_config, module)
         self._reports: list[dict] = []  # this step's loss reports, as the schedule makes them
         self._values: dict[str, float] | None = None
@@ -324,7 +359,9 @@ class Trainer:
             OptimizerConfig(optimizer="adam", lr=cfg.train.lr, min_lr=cfg.train.min_lr,
                             weight_decay=cfg.train.weight_decay, adam_beta1=cfg.train.adam_beta1,
                             adam_beta2=cfg.train.adam_beta2, clip_grad=cfg.train.clip_grad,
-                            bf16=cfg.model.dtype == "bf16", params_dtype=config.params_dtype),
+                            bf16=cfg.model.dtype == "bf16", params_dtype=config.params_dtype,
+                            use_distributed_optimizer=parallel.use_distributed_optimizer,
+                            overlap_param_gather=parallel.overlap_param_gather),
             [self.model],
         )
         steps = cfg.train.steps
@@ -364,12 +401,24 @@ class Trainer:
         model_state = self.model.module.sharded_state_dict()
         return {
             "model": model_state,
-            "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading),
+            "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+                                                           **self._optimizer_state_options()),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
         }
 
+    def _optimizer_state_options(self) -> dict:
+        """The distributed optimizer saves each rank's own shard of its buffers
+        ('dp_reshardable': no gather, no copy; a resume may change DP but not TP or PP)."""
+        if not self.cfg.parallel.use_distributed_optimizer:
+            return {}
+        return {"metadata": {"distrib_optim_sharding_type": "dp_reshardable"}}
+
     def save(self) -> Path:
+        if self.cfg.parallel.overlap_param_gather:
+            # The last update's all-gather would wait for the next forward: the saved weights
+            # would be the previous step's outside this rank's shard.
+            self.model.start_param_sync(force_sync=True)
         return checkpointing.save(self._sharded_state(), self.checkpoint_root, self.step,
                                   keep=self.cfg.train.keep_checkpoints)
 

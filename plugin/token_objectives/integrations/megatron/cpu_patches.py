@@ -8,11 +8,15 @@ What megatron-core 0.16 needs on CPU:
 - `torch.cuda.synchronize()` is called around timers and checkpoints: a no-op.
 - The CUDA RNG tracker's `fork()` (dropout in tensor-parallel regions) swaps CUDA RNG states:
   a null context, so dropout draws from the CPU generator.
+- Activation recompute (`CheckpointFunction`) saves and restores the CUDA RNG state around the
+  recomputed forward: it saves and restores the CPU generator's state instead.
 - Factories called with `device="cuda"` (the pipeline schedules' token counters, the optimizer's
   found-inf flags, grad-norm buffers): allocated on the CPU instead.
 - `Tensor.cuda()` (tied embeddings across pipeline stages move the shared weight): stays put.
 - Gradient clipping asserts that gradients are `torch.cuda.FloatTensor`: the same scaling by
   max_norm / (total_norm + 1e-6), on CPU tensors.
+- The distributed optimizer's constructor sorts parameters by `Tensor.type()` names
+  ('torch.cuda.BFloat16Tensor', ...): inside it alone, CPU tensors answer with those names.
 Sequence parallelism and gradient-accumulation fusion stay off (they need CUDA kernels).
 """
 
@@ -68,6 +72,35 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
         torch._foreach_mul_(grads, clip_coeff)
 
 
+def _get_cpu_rng_state(device=None, clone=False, graph_safe=False):
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
+def _cuda_type_names(init):
+    """`init` run with `Tensor.type()` (no arguments) naming CPU tensors as CUDA ones."""
+
+    @functools.wraps(init)
+    def wrapped(self, *args, **kwargs):
+        original = torch.Tensor.type
+
+        def type_name(tensor, dtype=None, non_blocking=False, **options):
+            if dtype is None and not options and tensor.device.type == "cpu":
+                return original(tensor).replace("torch.", "torch.cuda.", 1)
+            return original(tensor, dtype, non_blocking, **options)
+
+        torch.Tensor.type = type_name
+        try:
+            return init(self, *args, **kwargs)
+        finally:
+            torch.Tensor.type = original
+
+    return wrapped
+
+
 def _stay_on_cpu(self, device=None, non_blocking=False, memory_format=None):
     return self
 
@@ -80,6 +113,7 @@ def needed() -> bool:
 def apply() -> None:
     """Patch torch and megatron-core for CPU training. Safe to call more than once."""
     from megatron.core.optimizer import optimizer as megatron_optimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.tensor_parallel import random as tp_random
 
     def current_device():
@@ -94,8 +128,11 @@ def apply() -> None:
     _set(torch.cuda, "current_device", current_device)
     _set(torch.cuda, "synchronize", synchronize)
     _set(tp_random.CudaRNGStatesTracker, "fork", fork)
+    _set(tp_random, "_get_cuda_rng_state", _get_cpu_rng_state)
+    _set(tp_random, "_set_cuda_rng_state", _set_cpu_rng_state)
     _set(megatron_optimizer, "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32)
     _set(torch.Tensor, "cuda", _stay_on_cpu)
+    _set(DistributedOptimizer, "__init__", _cuda_type_names(DistributedOptimizer.__init__))
     for name in _FACTORIES:
         _set(torch, name, _cpu_factory(getattr(torch, name)))
 

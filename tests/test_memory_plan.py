@@ -1,0 +1,139 @@
+"""plan-memory's per-layer figures against what megatron-core layers of the Llama-3.2-3B shape
+really keep, measured on CPU: saved-tensor bytes (unique storages, parameters excluded) of
+1- and 2-layer blocks at s = 256, b = 1, bf16, TP = 4 on the gloo pool; parameter bytes and
+the fp32 gradient buffer of megatron-core's DDP. The expected values are the measurements
+(saved bytes counted by the bench's `saved_for_backward`). Also: the command's output, its exit
+code when the layout does not fit, and the shipped 3B configs' headroom."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from token_objectives.cli import main
+from token_objectives.training.memory_plan import (
+    Layout,
+    Shape,
+    activation_terms,
+    layer_parameters,
+    stage_parameters,
+)
+
+SHAPE = dict(hidden_size=3072, ffn_hidden_size=8192, num_attention_heads=24, num_query_groups=8,
+             vocab_size=128256, dtype="bf16", layer_spec="local")
+SEQ, TP = 256, 4
+
+
+def measure_task() -> dict:
+    """Per recompute mode, per-layer saved bytes (2-layer minus 1-layer block, forward only:
+    what is saved is known once the graph is built); parameter, DDP-gradient and GPTModel
+    parameter bytes. On this TP rank."""
+    from megatron.core import parallel_state
+
+    from token_objectives.integrations.megatron import cpu_patches
+    from token_objectives.training.config import ModelConfig, ParallelConfig, RunConfig
+    from token_objectives.training.megatron import build_model
+
+    cpu_patches.apply()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
+    try:
+        torch.manual_seed(0)
+        result = {mode: _measure_mode(mode) for mode in ("none", "selective", "full")}
+        with torch.device("meta"):
+            gpt = build_model(RunConfig(model=ModelConfig(num_layers=1, seq_length=SEQ, **SHAPE),
+                                        parallel=ParallelConfig(tensor=TP)),
+                              128256, None, initialize=False)
+        result["gpt_params"] = sum(p.nbytes for p in gpt.parameters())
+        return result
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def _measure_mode(recompute: str) -> dict:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from token_objectives.bench.methods import saved_for_backward
+    from token_objectives.training.config import ModelConfig, ParallelConfig, RunConfig
+    from token_objectives.training.megatron import layer_spec, transformer_config
+
+    saved, params, grads = {}, {}, {}
+    for layers in (1, 2):
+        model_cfg = ModelConfig(num_layers=layers, seq_length=SEQ, recompute=recompute,
+                                **SHAPE)
+        cfg = RunConfig(model=model_cfg, parallel=ParallelConfig(tensor=TP))
+        config = transformer_config(cfg, initialize=False)
+        block = TransformerBlock(config, layer_spec(model_cfg))
+        ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True), block)
+        rope = RotaryEmbedding(128, 1.0, rotary_base=500000)(SEQ)
+        x = torch.randn(SEQ, 1, 3072, dtype=torch.bfloat16, requires_grad=True)
+        saved[layers], _ = saved_for_backward(
+            lambda: ddp(x, attention_mask=None, rotary_pos_emb=rope),  # noqa: B023
+            list(block.parameters()), big=1 << 62)
+        params[layers] = sum(p.nbytes for p in block.parameters())
+        grads[layers] = sum(p.main_grad.nbytes for p in block.parameters())
+    return {"layer": saved[2] - saved[1], "layer_params": params[2] - params[1],
+            "layer_grads": grads[2] - grads[1]}
+
+
+def _estimate(recompute: str) -> int:
+    shape = Shape(1, 3072, 8192, 24, 8, 128256)
+    layout = Layout(seq=SEQ, micro_batch=1, tensor=TP, recompute=recompute, attention="local",
+                    torch_norms=True)
+    terms = activation_terms(shape, layout)
+    # What the forward saves; the layer that recompute rebuilds is a backward peak.
+    return sum(value for name, value in terms.items() if "recomputed in backward" not in name)
+
+
+@pytest.fixture(scope="module")
+def measured(pool4) -> dict:
+    return pool4.run(measure_task)[0]
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_layer_activations_match_the_measurement(measured, recompute):
+    real, estimate = measured[recompute]["layer"], _estimate(recompute)
+    print(f"{recompute}: measured {real / 2**20:.2f} MiB, estimated {estimate / 2**20:.2f} MiB")
+    assert abs(estimate - real) <= 0.05 * real
+
+
+def test_weights_and_gradients_match_the_measurement(measured):
+    real = measured["none"]
+    shape = Shape(1, 3072, 8192, 24, 8, 128256)
+    # The local spec keeps its norm weights in fp32: 12 KiB a layer that the plan counts at 2
+    # bytes, hence the tolerance.
+    assert layer_parameters(shape, TP) * 2 == pytest.approx(real["layer_params"], rel=1e-3)
+    assert layer_parameters(shape, TP) * 4 == real["layer_grads"]  # DDP's fp32 buffer
+    assert stage_parameters(shape, TP) * 2 == pytest.approx(measured["gpt_params"], rel=1e-3)
+
+
+def test_plan_memory_prints_the_table_and_its_last_line(capsys):
+    assert main(["plan-memory", "--config", "configs/llama3.2-3b.yaml"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("activations") for line in lines)
+    assert lines[-1].startswith("total per GPU: ") and lines[-1].endswith(" GiB of 80 GiB")
+
+
+def test_plan_memory_fails_a_layout_without_headroom(capsys):
+    code = main(["plan-memory", "--config", "configs/llama3.2-3b.yaml", "--set",
+                 "parallel.tensor=1", "--set", "model.recompute=none", "--set",
+                 "parallel.use_distributed_optimizer=false", "--set",
+                 "parallel.overlap_param_gather=false", "--set",
+                 "parallel.micro_batch_size=8", "--spec", "local"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "less than 10% of 80 GiB free" in captured.err and "recompute" in captured.err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--config", "configs/llama3.2-3b.yaml"],
+    ["--config", "configs/deepspeed/zero1.json", "--model-config",
+     "configs/deepspeed/llama3.2-3b.json", "--tp", "2",
+     "--ds-set", "train_micro_batch_size_per_gpu=1"],
+])
+def test_shipped_3b_configs_leave_headroom(argv, capsys):
+    assert main(["plan-memory", *argv]) == 0
+    total = capsys.readouterr().out.strip().splitlines()[-1].split()[3]
+    assert float(total) <= 72.0
