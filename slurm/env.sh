@@ -104,6 +104,14 @@ if [[ -f ${RUN_DIR}/checkpoints/latest ]]; then _resume_from=$(<"${RUN_DIR}/chec
 log "resuming from checkpoint: ${_resume_from}"
 log "network: NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-auto} GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-auto};" \
     "triton cache ${TRITON_CACHE_DIR}"
+# CPU binding per GPU: torchrun's --numa-binding puts each worker on the CPUs of its GPU's NUMA
+# node. It reads the GPUs' PCI location through CUDA, so only where GPUs answer (nvidia-smi);
+# NUMA_BINDING=node|socket|exclusive|core-complex chooses the mode, none turns it off.
+numa_args=()
+if [[ ${NUMA_BINDING:-node} != none ]] && nvidia-smi -L >/dev/null 2>&1; then
+    numa_args=(--numa-binding="${NUMA_BINDING:-node}")
+fi
+log "CPU binding: ${numa_args[*]:-none (no GPU answers nvidia-smi here, or NUMA_BINDING=none)}"
 
 # srun_with_requeue SRUN_OPTION... -- COMMAND...: one task per node runs COMMAND with SIGUSR1
 # ignored: the torchrun agent would die of it otherwise, and a worker still importing would too.
