@@ -21,6 +21,7 @@ from token_objectives.tables.numbers import NumberTable
 MAX_ENTRIES = 256
 T = TypeVar("T")
 _CACHE: dict[tuple, tuple[object, object]] = {}
+_NO_TABLE = object()  # the source of the entries built without a NumberTable
 # How many entries were built: the test that repeated calls copy nothing reads it.
 builds = 0
 
@@ -52,8 +53,9 @@ def on_device(table: torch.Tensor, device: torch.device,
 def shard_of(numbers: NumberTable | None, layout: VocabLayout,
              device: torch.device) -> VocabShard:
     """The VocabShard of `layout` (its number columns and values on `device`)."""
-    if numbers is None:
-        return _cached(layout, ("shard", str(device)), lambda: vocab_shard(None, layout, device))
+    if numbers is None:  # keyed on the layout's value: each call resolves a new, equal one
+        return _cached(_NO_TABLE, ("shard", layout, str(device)),
+                       lambda: vocab_shard(None, layout, device))
     return _cached(numbers.values, ("shard", layout, str(device)),
                    lambda: vocab_shard(numbers.values, layout, device))
 
