@@ -99,6 +99,58 @@ def test_collectives_are_two_forward_and_the_head_s_one_backward(pool4):
         assert backward == {"all_reduce": 1}  # grad_hidden over TP, as the LM head's own
 
 
+def run_sequence_parallel(tp_size: int, cases: list[Case]) -> list[dict]:
+    """Megatron's sequence-parallel layout: labels [s, b] whole, hidden [s/tp, b, h] per rank."""
+    group = tp_group(tp_size)
+    rank = dist.get_rank(group)
+    out = []
+    for case in cases:
+        hidden, weight = _inputs(case)
+        seq = case.labels.shape[1] // tp_size
+        width = weight.shape[0] // tp_size
+        h = hidden.transpose(0, 1)[rank * seq : (rank + 1) * seq].clone().requires_grad_()
+        w = weight[rank * width : (rank + 1) * width].clone().requires_grad_()
+        mask = None if case.loss_mask is None else case.loss_mask.t()
+        with counted_collectives() as counter:
+            result = fused_linear_objective_loss(h, w, case.labels.t(), case.config,
+                                                 case.numbers, case.pdl_weights, group,
+                                                 loss_mask=mask, seq_dim=0, rows_per_chunk=5,
+                                                 sequence_parallel=True)
+            forward = dict(counter)
+            counter.clear()
+            (result.loss * case.upstream.t()).sum().backward()
+        out.append({"loss": result.loss.detach().t(), "grad_hidden": h.grad,
+                    "grad_weight": w.grad, "collectives": (forward, dict(counter))})
+    return out
+
+
+SEQUENCE_PARALLEL = ["all", "number", "was_squash"]
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_sequence_parallel_head_matches_reference(pool4, tp):
+    cases = [make_case(name, CONFIGS[name], seed=70 + i)
+             for i, name in enumerate(SEQUENCE_PARALLEL)]
+    per_rank = pool4.run(run_sequence_parallel, tp, cases)
+    for index, case in enumerate(cases):
+        expected = _reference(case)
+        parts = [per_rank[r][index] for r in range(tp)]
+        tag = f"{SEQUENCE_PARALLEL[index]} TP={tp}"
+        for part in parts:  # every rank has the whole sequence's loss
+            torch.testing.assert_close(part["loss"].double(), expected["loss"], rtol=2e-5,
+                                       atol=2e-5, msg=lambda m, t=tag: f"{t} loss: {m}")
+            assert part["collectives"] == (
+                {"all_reduce": 2, "all_gather_into_tensor": 1},
+                {"all_gather_into_tensor": 1, "reduce_scatter_tensor": 1}), tag
+        # Each rank holds the gradient of its own slice of the sequence, summed over the vocab.
+        grad_hidden = torch.cat([p["grad_hidden"] for p in parts], dim=0).transpose(0, 1)
+        torch.testing.assert_close(grad_hidden.double(), expected["grad_hidden"], rtol=1e-4,
+                                   atol=1e-5, msg=lambda m, t=tag: f"{t} dh: {m}")
+        grad_weight = torch.cat([p["grad_weight"] for p in parts], dim=0)
+        torch.testing.assert_close(grad_weight.double(), expected["grad_weight"], rtol=1e-4,
+                                   atol=1e-5, msg=lambda m, t=tag: f"{t} dW: {m}")
+
+
 def test_bf16_fused_linear_close_to_reference():
     case = make_case("bf16", CONFIGS["all"], seed=5)
     hidden, weight = _inputs(case)
