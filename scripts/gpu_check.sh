@@ -49,7 +49,8 @@ for kernel in triton torch; do
         launch/pretrain_megatron.py --config configs/llama3.2-3b.yaml \
         --set model.num_layers=2 --set model.seq_length=1024 --set train.steps=3 \
         --set train.warmup_steps=0 --set train.log_interval=1 --set train.save_interval=0 \
-        --set parallel.tensor=1 --set parallel.global_batch_size=4 --set output.tensorboard=false \
+        --set parallel.tensor=1 --set parallel.sequence_parallel=false \
+        --set parallel.global_batch_size=4 --set output.tensorboard=false \
         --set data.tokenizer="${DATA}/tokenizer.model" \
         --set data.train_prefix="${DATA}/train_text_document" \
         --set data.frequencies="${DATA}/frequencies.safetensors" \

@@ -105,6 +105,13 @@ def test_fused_lm_head_matches_the_output_layer(data, baseline, tmp_path):
     _assert_same_run(tmp_path, baseline)
 
 
+def test_sequence_parallel_with_the_fused_head_matches_tp1(data, baseline, tmp_path):
+    # Norms and residuals split along the sequence; the fused head gathers the hidden states.
+    train(data, tmp_path, 2, "parallel.tensor=2", "parallel.sequence_parallel=true",
+          "train.steps=2", "model.fused_lm_head=true")
+    _assert_same_run(tmp_path, baseline)
+
+
 def test_pp2_matches_pp1(data, baseline, tmp_path):
     train(data, tmp_path, 2, "parallel.tensor=1", "parallel.pipeline=2", "train.steps=2")
     _assert_same_run(tmp_path, baseline)

@@ -56,7 +56,8 @@ def _measure_mode(recompute: str) -> dict:
 
     from token_objectives.bench.methods import saved_for_backward
     from token_objectives.training.config import ModelConfig, ParallelConfig, RunConfig
-    from token_objectives.training.megatron import layer_spec, transformer_config
+    from token_objectives.training.layer_specs import decoder_block_spec
+    from token_objectives.training.megatron import transformer_config
 
     saved, params, grads = {}, {}, {}
     for layers in (1, 2):
@@ -64,7 +65,7 @@ def _measure_mode(recompute: str) -> dict:
                                 **SHAPE)
         cfg = RunConfig(model=model_cfg, parallel=ParallelConfig(tensor=TP))
         config = transformer_config(cfg, initialize=False)
-        block = TransformerBlock(config, layer_spec(model_cfg))
+        block = TransformerBlock(config, decoder_block_spec(model_cfg, config))
         ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
             grad_reduce_in_fp32=True), block)
         rope = RotaryEmbedding(128, 1.0, rotary_base=500000)(SEQ)
@@ -118,7 +119,8 @@ def test_plan_memory_prints_the_table_and_its_last_line(capsys):
 
 def test_plan_memory_fails_a_layout_without_headroom(capsys):
     code = main(["plan-memory", "--config", "configs/llama3.2-3b.yaml", "--set",
-                 "parallel.tensor=1", "--set", "model.recompute=none", "--set",
+                 "parallel.tensor=1", "--set", "parallel.sequence_parallel=false", "--set",
+                 "model.recompute=none", "--set",
                  "parallel.use_distributed_optimizer=false", "--set",
                  "parallel.overlap_param_gather=false", "--set",
                  "parallel.micro_batch_size=8", "--spec", "local"])

@@ -111,10 +111,17 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False  # fp32 optimizer state sharded over DP
     overlap_grad_reduce: bool = False  # gradient reduction overlapped with the backward
     overlap_param_gather: bool = False  # distributed optimizer: gather overlapped with forward
+    # Activations outside the TP regions (norms, residual, dropout) split along the sequence
+    # over the TP ranks; the fused LM head gathers them itself. Needs tensor > 1.
+    sequence_parallel: bool = False
 
     def __post_init__(self) -> None:
         _check_sizes("parallel", self, ("tensor", "pipeline", "micro_batch_size",
                                         "global_batch_size"), 1)
+        if self.sequence_parallel and self.tensor == 1:
+            raise ValueError("parallel.sequence_parallel splits the sequence over the "
+                             "tensor-parallel ranks and needs parallel.tensor > 1; set "
+                             "parallel.sequence_parallel: false at tensor: 1")
         if self.overlap_param_gather and not self.use_distributed_optimizer:
             raise ValueError("parallel.overlap_param_gather needs "
                              "parallel.use_distributed_optimizer: true")

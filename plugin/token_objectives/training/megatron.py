@@ -38,6 +38,7 @@ from token_objectives.scheduled_sampling.mix import ScheduledSampler, sample_ind
 from token_objectives.training import checkpointing
 from token_objectives.training.config import RunConfig, padded_vocab_size
 from token_objectives.training.data import MegatronTokenizer, Repeated, gpt_dataset, micro_batches
+from token_objectives.training.layer_specs import decoder_block_spec
 from token_objectives.training.loop import (
     RunResult,
     SkippedSteps,
@@ -80,6 +81,11 @@ def transformer_config(cfg: RunConfig, initialize: bool = True):
         raise ValueError(
             f"tensor-parallel size {parallel.tensor} does not divide the {groups} query groups"
         )
+    if parallel.sequence_parallel and model.seq_length % parallel.tensor:
+        raise ValueError(
+            f"parallel.sequence_parallel splits model.seq_length {model.seq_length} over "
+            f"parallel.tensor {parallel.tensor} ranks, which does not divide it"
+        )
     if model.num_layers % parallel.pipeline:
         raise ValueError(
             f"pipeline-parallel size {parallel.pipeline} does not divide {model.num_layers} layers"
@@ -104,7 +110,7 @@ def transformer_config(cfg: RunConfig, initialize: bool = True):
         pipeline_dtype=dtype,
         params_dtype=dtype,
         bf16=model.dtype == "bf16",
-        sequence_parallel=False,
+        sequence_parallel=parallel.sequence_parallel,
         gradient_accumulation_fusion=False,
         # The full weight is drawn on the CPU and then split: the same weights at every TP size.
         use_cpu_initialization=True,
@@ -131,30 +137,6 @@ def recompute_options(mode: str) -> dict:
     return {"recompute_granularity": None}
 
 
-def uses_transformer_engine(layer_spec: str) -> bool:
-    """model.layer_spec: "te" requires Transformer Engine, "auto" takes it when it imports."""
-    if layer_spec == "local":
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        if layer_spec == "te":
-            raise ImportError("model.layer_spec: te needs transformer_engine, which does not "
-                              "import here; install it or set model.layer_spec: auto") from None
-        return False
-    return True
-
-
-def layer_spec(model_cfg):
-    """megatron-core's Transformer Engine layer spec (flash attention, fused norm+linear) when
-    it is available, the local spec otherwise."""
-    from megatron.core.models.gpt import gpt_layer_specs
-
-    if uses_transformer_engine(model_cfg.layer_spec):
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=model_cfg.normalization)
-
-
 def build_model(cfg: RunConfig, vocab_size: int, objectives: Objectives | None,
                 initialize: bool = True):
     """One GPTModel chunk for this pipeline stage; the objectives attached on the last stage."""
@@ -164,7 +146,7 @@ def build_model(cfg: RunConfig, vocab_size: int, objectives: Objectives | None,
     config = transformer_config(cfg, initialize)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(cfg.model),
+        transformer_layer_spec=decoder_block_spec(cfg.model, config),
         vocab_size=vocab_size,
         max_sequence_length=cfg.model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),

@@ -75,11 +75,13 @@ def megatron_layout(path: str, overrides: Sequence[str], gpus: int,
         master_params=bf16,
         optimizer_shards=data if parallel.use_distributed_optimizer else 1,
         recompute=model.recompute_mode, attention="flash" if spec == "te" else "local",
-        torch_norms=spec == "local", fused_head=model.fused_lm_head)
+        torch_norms=spec == "local", fused_head=model.fused_lm_head,
+        sequence_parallel=parallel.sequence_parallel)
     header = (f"{path}: Megatron loop, {gpus} GPUs = TP {parallel.tensor} x PP "
               f"{parallel.pipeline} x DP {data}; micro-batch {layout.micro_batch} x seq "
               f"{layout.seq}; {spec} spec; recompute {layout.recompute}; distributed optimizer "
-              f"{'on' if parallel.use_distributed_optimizer else 'off'}")
+              f"{'on' if parallel.use_distributed_optimizer else 'off'}; sequence parallel "
+              f"{'on' if parallel.sequence_parallel else 'off'}")
     return shape, layout, header
 
 

@@ -59,6 +59,9 @@ class Layout:
     torch_norms: bool = True  # norms that keep fp32 copies (local spec, HF); TE fuses them
     fused_head: bool = False
     grad_in_place: bool = True  # the logit gradient written over the saved logits
+    # [s, b, h] tensors outside the TP regions (norms, the linears' saved inputs) kept as
+    # [s/t, b, h]: megatron-core's column-parallel linears save the slice and gather again.
+    sequence_parallel: bool = False
 
     def __post_init__(self) -> None:
         if self.recompute not in RECOMPUTE:
@@ -92,15 +95,16 @@ def layer_activation_terms(shape: Shape, layout: Layout) -> dict[str, int]:
     """Bytes one layer keeps for backward per micro-batch, by tensor, with no recompute."""
     s, b, h, t, e = layout.seq, layout.micro_batch, shape.hidden, layout.tensor, layout.dtype_bytes
     sbh = s * b * h
+    outside = sbh // t if layout.sequence_parallel else sbh  # the TP regions' inputs
     kv = shape.groups / shape.heads
     terms: dict[str, int] = {}
     if layout.torch_norms:
         # A torch RMSNorm saves its input and the normalised input in fp32, two norms a layer;
         # the QKV and fc1 matmuls save the norm's output in the model dtype.
-        terms["norms (fp32 copies)"] = 2 * 2 * sbh * FP32
-        terms["norm outputs (QKV, fc1 inputs)"] = 2 * sbh * e
+        terms["norms (fp32 copies)"] = 2 * 2 * outside * FP32
+        terms["norm outputs (QKV, fc1 inputs)"] = 2 * outside * e
     else:  # TE LayerNormLinear: its input and the normalised output, in the model dtype
-        terms["norm+linear inputs and outputs"] = 2 * 2 * sbh * e
+        terms["norm+linear inputs and outputs"] = 2 * 2 * outside * e
     if layout.attention == "local":
         # Unfused attention repeats K and V to every head and saves q, k^T, v for the two bmms,
         # then the softmax output in fp32 and the probabilities cast to the model dtype.
@@ -119,13 +123,15 @@ def activation_terms(shape: Shape, layout: Layout) -> dict[str, int]:
     """Activation bytes per GPU for the micro-batches in flight, by component."""
     s, b, h, e = layout.seq, layout.micro_batch, shape.hidden, layout.dtype_bytes
     layers = -(-shape.layers // layout.pipeline)
+    # A layer's input under sequence parallelism: its slice of the sequence.
+    layer_input = s * b * h // (layout.tensor if layout.sequence_parallel else 1) * e
     in_flight = layout.pipeline  # 1F1B: the first stage holds PP micro-batches' activations
     per_layer = layer_activation_terms(shape, layout)
     one_layer = sum(per_layer.values())
     terms: dict[str, int] = {}
     if layout.recompute == "full":
         # Each layer keeps its input; backward recomputes one layer at a time.
-        terms["layer inputs (full recompute)"] = layers * s * b * h * e * in_flight
+        terms["layer inputs (full recompute)"] = layers * layer_input * in_flight
         terms["one layer recomputed in backward"] = one_layer
     else:
         if layout.recompute == "selective":  # core attention recomputed from q, k, v
@@ -149,8 +155,9 @@ def loss_terms(shape: Shape, layout: Layout) -> dict[str, int]:
     s, b, h, e = layout.seq, layout.micro_batch, shape.hidden, layout.dtype_bytes
     tokens = s * b
     width = shape.vocab // layout.tensor
-    terms = {"final norm + head input": 2 * tokens * h * FP32 + tokens * h * e
-             if layout.torch_norms else 2 * tokens * h * e}
+    local = tokens // layout.tensor if layout.sequence_parallel else tokens  # the head's input
+    terms = {"final norm + head input": 2 * local * h * FP32 + local * h * e
+             if layout.torch_norms else 2 * local * h * e}
     if layout.fused_head:
         rows = max(1, HEAD_CHUNK_ELEMENTS // width)
         terms["fused head chunk (logits + gradient)"] = 2 * rows * width * FP32

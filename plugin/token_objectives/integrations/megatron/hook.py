@@ -150,12 +150,14 @@ class Objectives:
                    real_vocab_size=real_vocab_size)
 
     def per_token_loss(
-        self, labels: torch.Tensor, logits: torch.Tensor, tp_group, weight=None
+        self, labels: torch.Tensor, logits: torch.Tensor, tp_group, weight=None,
+        sequence_parallel: bool = False,
     ) -> torch.Tensor:
         """labels [b, s], logits [s, b, V/tp] -> loss [b, s] fp32 carrying its LossComponents.
 
         With `weight` (the output layer's shard [V/tp, h]), `logits` are the hidden states
-        [s, b, h] and the fused LM head + loss runs instead.
+        [s, b, h] ([s/tp, b, h] under sequence parallelism) and the fused LM head + loss runs
+        instead.
         """
         labels_sb = labels.transpose(0, 1)
         layout = {"vocab_size": self.vocab_size, "real_vocab_size": self.real_vocab_size}
@@ -165,7 +167,8 @@ class Objectives:
         else:
             out = fused_linear_objective_loss(logits, weight, labels_sb, self.config,
                                               self.numbers, self.pdl_weights, tp_group,
-                                              seq_dim=0, **layout)
+                                              seq_dim=0, sequence_parallel=sequence_parallel,
+                                              **layout)
         return self._with_components(out)
 
     def _with_components(self, out: ObjectiveOutput) -> torch.Tensor:
@@ -225,8 +228,9 @@ def attach_objectives(model, objectives: Objectives, fused_head: bool = False):
         weight = None
         if head is not None and head.active:
             weight, head.weight = head.weight, None
-        return getattr(self, _ATTACHED_ATTR).per_token_loss(labels, logits,
-                                                            self.pg_collection.tp, weight)
+        return getattr(self, _ATTACHED_ATTR).per_token_loss(
+            labels, logits, self.pg_collection.tp, weight,
+            sequence_parallel=bool(getattr(self.config, "sequence_parallel", False)))
 
     setattr(model, _ATTACHED_ATTR, objectives)
     model.compute_language_model_loss = types.MethodType(compute_language_model_loss, model)
@@ -506,12 +510,6 @@ def check_megatron_lm_args(args: argparse.Namespace) -> None:
             "each micro-batch's loss by its own token count and averages the micro-batches, so "
             "the gradient is not the per-token mean over the global batch (micro-batches with "
             "more tokens, or more number tokens, weigh less). Add --calculate-per-token-loss"
-        )
-    if getattr(args, "objective_fused_lm_head", False) and getattr(args, "sequence_parallel",
-                                                                   False):
-        raise ValueError(
-            "--objective-fused-lm-head does not support --sequence-parallel yet (the hidden "
-            "states are sequence-sharded); drop --sequence-parallel or --objective-fused-lm-head"
         )
 
 
