@@ -96,9 +96,20 @@ def _one_step(config_path: Path, out: Path, name: str, reference: str | None,
     import deepspeed
     import torch.distributed as dist
 
+    from token_objectives.training import deepspeed as deepspeed_training
     from token_objectives.training.deepspeed import TrainArgs, Trainer
 
     ds_config = json.loads(config_path.read_text())
+    built = {}
+    original_build = deepspeed_training.build_model
+
+    def recording_build(*args, **kwargs):  # what each rank holds when the model is built
+        model = original_build(*args, **kwargs)
+        built["largest_local_parameter"] = max(p.numel() for p in model.parameters())
+        built["partitioned"] = all(hasattr(p, "ds_id") for p in model.parameters())
+        return model
+
+    deepspeed_training.build_model = recording_build
     trainer = Trainer(TrainArgs(model_config=str(model_config),
                                 data_prefix=os.environ["PROBE_DATA"], ds_config=ds_config,
                                 output_dir=str(out / name), steps=1, seed=SEED,
@@ -107,7 +118,8 @@ def _one_step(config_path: Path, out: Path, name: str, reference: str | None,
     if reference is not None and dist.get_rank() == 0:
         _reference(trainer, out / reference)
     batches = trainer.step_batches(0)
-    extra = {}
+    deepspeed_training.build_model = original_build
+    extra = {"built": built}
     if trainer.engine.autotp_size() > 1:
         # The objectives on the first micro-batch's sharded logits, collectives counted; the
         # gradient w.r.t. the logits must need no collective either.
@@ -117,7 +129,7 @@ def _one_step(config_path: Path, out: Path, name: str, reference: str | None,
             loss = trainer.objectives(logits, batch["labels"], batch["loss_mask"]).loss.sum()
         with CollectiveCounter() as backward:
             torch.autograd.grad(loss, logits)
-        extra = {"logits_shape": list(logits.shape), "vocab_size": trainer.vocab_size,
+        extra |= {"logits_shape": list(logits.shape), "vocab_size": trainer.vocab_size,
                  "forward_collectives": forward.counts, "backward_collectives": backward.counts}
     output = trainer.forward_backward(batches)
     totals = output.totals().to(torch.float64)
@@ -372,6 +384,16 @@ def test_one_step_matches_plain_torch(one_step, layout):
         got = _full_gradient([r["grads"][name] for r in ranks], want.shape)
         assert got.shape == want.shape, name
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6 * scale, msg=name)
+
+
+def test_zero3_builds_the_model_partitioned(one_step):
+    # zero.Init: each parameter is split over the ranks as its module is built, so no rank
+    # ever holds the whole model (the weights still equal plain torch's: the test above).
+    for rank in (0, 1):
+        assert torch.load(one_step / f"zero3_rank{rank}.pt")["built"] == {
+            "largest_local_parameter": 0, "partitioned": True}
+        zero1 = torch.load(one_step / f"zero1_rank{rank}.pt")["built"]
+        assert zero1["largest_local_parameter"] > 0 and not zero1["partitioned"]
 
 
 def test_autotp_logits_stay_sharded_and_two_all_reduces(one_step):

@@ -26,12 +26,14 @@ lm_head) become ids without a vocab gather, and the training pass runs on the mi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import re
 import shutil
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,12 +181,16 @@ def decay_groups(parameters, weight_decay: float) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
+def zero_stage(ds_config: Mapping[str, Any] | None) -> int:
+    """The ds_config's ZeRO stage (0 when it has none)."""
+    zero = (ds_config or {}).get("zero_optimization") or {}
+    return int(zero.get("stage", 0)) if isinstance(zero, Mapping) else 0
+
+
 def uses_fused_head(section, ds_config: Mapping[str, Any]) -> bool:
     """Whether the "token_objectives" section asks for the fused LM head, which needs the
     lm_head weight (or its AutoTP shard) whole on each rank."""
-    zero = ds_config.get("zero_optimization") or {}
-    stage = int(zero.get("stage", 0)) if isinstance(zero, Mapping) else 0
-    if section.fused_lm_head and stage == 3:
+    if section.fused_lm_head and zero_stage(ds_config) == 3:
         raise ValueError(
             'ds_config["token_objectives"].fused_lm_head needs the whole lm_head weight on each '
             "rank, which ZeRO stage 3 partitions: use stage 1 or 2 (with AutoTP for a "
@@ -220,13 +226,50 @@ def llama_config(path: str | Path, tokenizer_vocab: int):
     return LlamaConfig(**values)
 
 
-def build_model(config, seed: int) -> torch.nn.Module:
-    """LlamaForCausalLM with weights drawn from `seed` (the same on every rank and layout)."""
+def build_model(config, seed: int, ds_config: Mapping[str, Any] | None = None
+                ) -> torch.nn.Module:
+    """LlamaForCausalLM with weights drawn from `seed`, the same at every ZeRO stage and
+    world size.
+
+    Under ZeRO stage 3 the model is built inside `deepspeed.zero.Init` (transformers does so
+    once it holds the ds_config), so every parameter is partitioned as its module is built
+    and no rank ever holds the whole fp32 model; the weights are then drawn one parameter at
+    a time on rank 0 and scattered (`GatheredParameters(modifier_rank=0)`).
+    """
     from transformers import LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    return model.float()  # DeepSpeed casts to bf16/fp16 when the ds_config asks for it
+    if zero_stage(ds_config) != 3:
+        model = LlamaForCausalLM(config).float()  # DeepSpeed casts to bf16/fp16 if asked
+        seeded_init(model, seed, config.initializer_range, partitioned=False)
+        return model
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # transformers reads the ds_config through a weak reference: the model keeps it alive.
+    hf_ds_config = HfDeepSpeedConfig(dict(ds_config))
+    model = LlamaForCausalLM._from_config(config)
+    model._token_objectives_hf_ds_config = hf_ds_config
+    seeded_init(model, seed, config.initializer_range, partitioned=True)
+    return model
+
+
+def seeded_init(model: torch.nn.Module, seed: int, std: float, partitioned: bool) -> None:
+    """Each parameter from a generator seeded by (seed, its name): matrices N(0, std), as
+    transformers' Llama init, norm gains 1. partitioned: ZeRO-3 parameters, gathered one at a
+    time, drawn on rank 0, and partitioned again on leaving the context."""
+    for name, param in model.named_parameters():
+        gather = contextlib.nullcontext()
+        if partitioned:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+        with gather, torch.no_grad():
+            if partitioned and dist.get_rank() != 0:
+                continue
+            if param.dim() == 1:
+                param.fill_(1.0)
+                continue
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
 # ------------------------------------------------------------------------------------ parallel
@@ -349,7 +392,7 @@ class Trainer:
         self.fused_head = uses_fused_head(section, args.ds_config)
         optimizer, ds_config = split_optimizer(args.ds_config)
         ds_config = with_output_paths(ds_config, args.output_dir)
-        model = build_model(model_config, args.seed)
+        model = build_model(model_config, args.seed, ds_config)
         if args.gradient_checkpointing:  # torch.utils.checkpoint per decoder layer
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
