@@ -99,14 +99,10 @@ def test_tp2_matches_tp1(data, baseline, tmp_path):
     _assert_same_run(tmp_path, baseline)
 
 
-def test_fused_lm_head_matches_the_output_layer(data, baseline, tmp_path):
-    # TP=2 with the output layer skipped and tied embeddings: same losses and weights.
-    train(data, tmp_path, 2, "parallel.tensor=2", "train.steps=2", "model.fused_lm_head=true")
-    _assert_same_run(tmp_path, baseline)
-
-
 def test_sequence_parallel_with_the_fused_head_matches_tp1(data, baseline, tmp_path):
-    # Norms and residuals split along the sequence; the fused head gathers the hidden states.
+    # TP=2 with the output layer skipped (tied embeddings), norms and residuals split along the
+    # sequence: the fused head gathers the hidden states. The same losses and weights. (The
+    # head without sequence parallelism, all-reducing grad_hidden: tests/test_fused_linear.py.)
     train(data, tmp_path, 2, "parallel.tensor=2", "parallel.sequence_parallel=true",
           "train.steps=2", "model.fused_lm_head=true")
     _assert_same_run(tmp_path, baseline)
