@@ -27,6 +27,10 @@ CONFIGS = {
     "all_mse_weighted_mean": ObjectiveConfig(ntl="mse", pdl_alpha=1.0,
                                              pdl_normalization="weighted_mean",
                                              label_smoothing=0.1),
+    # Gaussian number targets alone, and with NTL-WAS, PDL and label smoothing.
+    "gaussian": ObjectiveConfig(ntl=None, gaussian_sigma=1.0),
+    "gaussian_was": ObjectiveConfig(ntl="was", gaussian_sigma=0.7, pdl_alpha=0.3,
+                                    label_smoothing=0.05, ntl_weight=0.5),
 }
 
 

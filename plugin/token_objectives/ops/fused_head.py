@@ -1,5 +1,6 @@
 """The LM head and the statistics fused: hidden states and this rank's output-weight shard in,
-the statistics [T, 6] of hidden @ weight.T out, without ever holding the [T, V/tp] logits.
+the statistics [T, 6] ([T, 7] with the Gaussian number target) of hidden @ weight.T out,
+without ever holding the [T, V/tp] logits.
 
 Per chunk of tokens the logits chunk is computed (hidden[c] @ weight.T), its partials taken, and
 it is dropped; backward recomputes each chunk's logits, turns them into the chunk's logit
@@ -54,17 +55,18 @@ class FusedLinearStatistics(torch.autograd.Function):
         rows = RowChunk(targets, target_values)
         maxima, sums = chunked_partials(lambda chunk: hidden[chunk] @ weight.t(), hidden, rows,
                                         plan)
-        stats, log_q = finish_statistics(maxima, sums, plan, tp_group)
-        ctx.save_for_backward(hidden, weight, targets, target_values, stats, log_q)
+        stats, log_q, gauss_scale = finish_statistics(maxima, sums, plan, tp_group)
+        ctx.save_for_backward(hidden, weight, targets, target_values, stats, log_q, gauss_scale)
         ctx.plan, ctx.tp_group = plan, tp_group
         return stats
 
     @staticmethod
     def backward(ctx, grad_stats: torch.Tensor):
-        hidden, weight, targets, target_values, stats, log_q = ctx.saved_tensors
+        hidden, weight, targets, target_values, stats, log_q, gauss_scale = ctx.saved_tensors
         plan = ctx.plan
         real = plan.shard.real_width
-        rows = RowChunk(targets, target_values, stats, log_q, grad_stats.to(stats.dtype))
+        rows = RowChunk(targets, target_values, stats, log_q, grad_stats.to(stats.dtype),
+                        gauss_scale)
         grad_hidden = torch.zeros(hidden.shape, dtype=stats.dtype, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=stats.dtype, device=weight.device)
         real_weight = weight[:real]

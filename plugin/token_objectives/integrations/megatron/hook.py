@@ -115,7 +115,8 @@ class Objectives:
         listed_size = None
         if config.uses_numbers:
             if tokenizer is None:
-                raise ValueError(f"ntl={config.ntl!r} needs the tokenizer to find number tokens")
+                raise ValueError(f"{config.number_options()} needs the tokenizer to find number "
+                                 f"tokens")
             numbers = NumberTable.from_tokenizer(
                 tokenizer, vocab_size=padded_vocab_size, digit_level=number_tokens == "digit"
             )
