@@ -146,3 +146,15 @@ def test_the_hf_options_take_gaussian_sigma(bpe_tokenizer_path):
     loss = objective_loss_from_options({"ntl": None, "gaussian_sigma": 0.5},
                                        str(bpe_tokenizer_path))
     assert loss.config.gaussian_sigma == 0.5 and loss.numbers is not None
+
+
+def test_the_ds_config_section_builds_the_number_table_for_gaussian_sigma(bpe_tokenizer_path):
+    from token_objectives.integrations.deepspeed.section import numbers_from_section, read_section
+
+    section = read_section({"token_objectives": {"ntl": None, "gaussian_sigma": 0.5,
+                                                 "tokenizer": str(bpe_tokenizer_path)}})
+    assert section.objective_config().gaussian_sigma == 0.5
+    assert numbers_from_section(section, vocab_size=512) is not None
+    untokenized = read_section({"token_objectives": {"ntl": None, "gaussian_sigma": 0.5}})
+    with pytest.raises(ValueError, match=r'\.gaussian_sigma = 0.5 needs "tokenizer"'):
+        numbers_from_section(untokenized, vocab_size=512)
