@@ -27,6 +27,10 @@ CONFIGS = {
     "all_mse_weighted_mean": ObjectiveConfig(ntl="mse", pdl_alpha=1.0,
                                              pdl_normalization="weighted_mean",
                                              label_smoothing=0.1),
+    # Gaussian number targets alone, and with NTL-WAS, PDL and label smoothing.
+    "gaussian": ObjectiveConfig(ntl=None, gaussian_sigma=1.0),
+    "gaussian_was": ObjectiveConfig(ntl="was", gaussian_sigma=0.7, pdl_alpha=0.3,
+                                    label_smoothing=0.05, ntl_weight=0.5),
 }
 
 
@@ -98,6 +102,10 @@ def all_cases() -> list[Case]:
     # ... and only on the last shard, right before the padding.
     cases.append(make_case("numbers_last_shard", CONFIGS["mse"],
                            number_ids=list(range(50, 60)), seed=102))
+    # Gaussian targets with NTL, PDL and label smoothing, the number tokens on the last shard:
+    # the other shards hold none, and add nothing to the normaliser Z.
+    cases.append(make_case("gaussian_numbers_last_shard", CONFIGS["gaussian_was"],
+                           number_ids=list(range(50, 60)), seed=104))
     # A vocab where the padding covers a whole shard at TP=4 (real 40 of 64).
     cases.append(make_case("wide_padding", CONFIGS["number"], real=40,
                            number_ids=list(range(20, 30)), seed=103))

@@ -66,6 +66,21 @@ def _whole_number(per_digit: torch.Tensor, members: list[int], max_len: int) -> 
     )
 
 
+def _target_distribution(target: torch.Tensor, ignored: torch.Tensor, numbers: NumberTable,
+                         real: int, sigma: float) -> torch.Tensor:
+    """[..., real] float64: the Gaussian over the number tokens' values around the target's
+    value where the target is a number token, the one-hot target elsewhere."""
+    values = numbers.values.double()[:real]
+    u = numbers.values.double()[target]
+    is_number_token = ~torch.isnan(values)
+    gauss = torch.exp(-((values - u.unsqueeze(-1)) ** 2) / (2 * sigma**2))
+    gauss = torch.where(is_number_token, gauss, 0.0)
+    gauss = gauss / gauss.sum(-1, keepdim=True)
+    one_hot = F.one_hot(target, real).double()
+    is_number = (~torch.isnan(u) & ~ignored).unsqueeze(-1)
+    return torch.where(is_number, gauss, one_hot)
+
+
 def reference_objective_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -92,7 +107,13 @@ def reference_objective_loss(
     log_probs = torch.log_softmax(x_real, dim=-1)
     ce = -log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     trained = ce
-    if config.label_smoothing > 0:
+    if config.gaussian_sigma > 0:
+        distribution = _target_distribution(target, ignored, numbers, real, config.gaussian_sigma)
+        trained = -(distribution * log_probs).sum(-1)
+        if config.label_smoothing > 0:
+            eps = config.label_smoothing
+            trained = (1 - eps) * trained - eps * log_probs.mean(-1)
+    elif config.label_smoothing > 0:
         trained = F.cross_entropy(
             x_real.reshape(-1, real),
             target.flatten(),

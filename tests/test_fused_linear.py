@@ -13,7 +13,7 @@ from token_objectives.objectives.fused_linear import fused_linear_objective_loss
 
 HIDDEN = 16
 NAMES = ["ce", "was", "was_squash", "mse", "number", "label_smoothing", "z_loss", "all",
-         "all_mse_weighted_mean"]
+         "all_mse_weighted_mean", "gaussian_was"]
 
 
 def _inputs(case: Case, seed: int = 0):
@@ -124,7 +124,7 @@ def run_sequence_parallel(tp_size: int, cases: list[Case]) -> list[dict]:
     return out
 
 
-SEQUENCE_PARALLEL = ["all", "number", "was_squash"]
+SEQUENCE_PARALLEL = ["all", "number", "was_squash", "gaussian_was"]
 
 
 @pytest.mark.parametrize("tp", [2, 4])

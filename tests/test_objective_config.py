@@ -33,6 +33,8 @@ WRONG = [
     ("pdl_normalize_table", 1), ("pdl_normalize_table", None),
     ("label_smoothing", None), ("label_smoothing", math.nan),
     ("z_loss", None), ("z_loss", math.inf), ("z_loss", "1e-4"),
+    ("gaussian_sigma", None), ("gaussian_sigma", math.nan), ("gaussian_sigma", math.inf),
+    ("gaussian_sigma", "1.0"), ("gaussian_sigma", True),
     ("ignore_index", None), ("ignore_index", -100.0), ("ignore_index", False),
 ]
 
@@ -41,6 +43,7 @@ OUT_OF_RANGE = [
     ("max_number_length", 0), ("pdl_alpha", -1.0), ("pdl_normalization", "mean"),
     ("pdl_eps", -1.0), ("pdl_unseen", -0.5), ("pdl_unseen", "max"),
     ("label_smoothing", 1.0), ("label_smoothing", -0.1), ("z_loss", -1e-4),
+    ("gaussian_sigma", -0.5),
 ]
 
 

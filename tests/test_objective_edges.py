@@ -213,7 +213,7 @@ def test_totals_sum_each_component():
     torch.testing.assert_close(totals[5], (out.weight).sum())
 
 
-@pytest.mark.parametrize("name", ["ce", "was", "z_loss", "all"])
+@pytest.mark.parametrize("name", ["ce", "was", "z_loss", "all", "gaussian_was"])
 def test_ignored_row_of_minus_inf_gives_no_nan_gradient(name):
     case = make_case("inf_row", CONFIGS[name], seed=23)
     logits = case.logits.clone()

@@ -36,6 +36,7 @@ SAMPLES = {
     "pdl_normalization": ("weighted_mean", None),  # fixed under Megatron: token counts
     "label_smoothing": (0.05, "--label-smoothing 0.05"),
     "z_loss": (1e-3, "--objective-z-loss 0.001"),
+    "gaussian_sigma": (0.5, "--objective-gaussian-sigma 0.5"),
     "ignore_index": (-1, None),  # Megatron marks no target with the loss mask
 }
 SQUASH = {"ntl": "was", "squash_factor": 3.0}

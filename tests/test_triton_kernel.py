@@ -25,7 +25,7 @@ if importlib.util.find_spec("triton") is None:
 # The interpreter runs each row as Python: every case at TP=1, the ones that stress the
 # sharding (numbers on one shard, padding, label smoothing over the global vocab) at TP=2, 4.
 SHARDED_CASES = ("all", "was_squash", "label_smoothing", "numbers_first_shard",
-                 "numbers_last_shard", "wide_padding")
+                 "numbers_last_shard", "wide_padding", "gaussian_numbers_last_shard")
 
 
 def first_group_only(task, tp_size: int, *args):
@@ -69,7 +69,8 @@ def test_triton_matches_float64_reference_at_every_tp(triton_runs, name):
                                    atol=2e-6, msg=lambda m, t=tag: f"{t} grad: {m}")
 
 
-FUSED_CASES = [name for name in FUSED_NAMES if name in ("ce", "was_squash", "number", "all")]
+FUSED_CASES = [name for name in FUSED_NAMES
+               if name in ("ce", "was_squash", "number", "all", "gaussian_was")]
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ def _cases() -> list[Case]:
     for i, (name, config) in enumerate(CONFIGS.items()):
         case = make_case(name, config, vocab=VOCAB, real=REAL, number_ids=NUMBER_IDS,
                          seed=200 + i)
-        if config.ntl is None:
+        if not config.uses_numbers:
             case.numbers = None  # CE / PDL runs need no table: the padding comes from real_vocab
         cases.append(case)
     return cases

@@ -85,6 +85,19 @@ class ObjectiveConfig:
       normalised table that sum is about the token count, so NTL and z-loss keep about their
       scale; without it they scale by 1 / (mean weight). Only the DeepSpeed loop implements it
       (deepspeed_training.counted_denominator); Megatron's loss_func divides by a token count.
+
+    gaussian_sigma > 0 (the NTL authors' GaussianLabelSmoother, tum-ai/number-token-loss): for a
+    number target of value u, q_j = g_j / sum_N g with g_j = exp(-(v_j - u)**2 / (2 sigma**2))
+    over every number token j (by value: tokens of equal value get equal mass; non-number tokens
+    none), and the CE term becomes -sum_j q_j log p_j under the full softmax. Non-number targets
+    keep plain CE; sigma -> 0 is CE on the number target (when no other token shares its value).
+    It composes as the one-hot term it replaces:
+      loss_t = w[y] * ((1 - eps) * gce + eps * smooth) + z * lse**2 + lambda * ntl,
+    i.e. the target distribution is (1 - eps) q + eps / V_real, weighted by the target token's
+    PDL weight. ObjectiveOutput.ce stays the plain CE (perplexity). NTL keeps ntloss's one-hot
+    target: the reference repo feeds q to its Wasserstein term too, but the CDF distance to q
+    needs prefix sums across vocab shards in value order, which no per-shard sum in the two
+    all-reduces can carry.
     """
 
     ntl: str | None = _option(
@@ -137,6 +150,13 @@ class ObjectiveConfig:
     label_smoothing: float = _option(
         0.0, "a number in [0, 1)", "label smoothing over the global real vocab"
     )
+    gaussian_sigma: float = _option(
+        0.0, "a number >= 0",
+        "Gaussian number targets: for a number target of value u the CE target becomes "
+        "q_j ~ exp(-(v_j - u)**2 / (2 sigma**2)) over the number tokens (by value), against "
+        "the full softmax; 0: plain CE. Replaces the one-hot CE term of number targets only "
+        "(PDL weight and label smoothing apply to it as to CE; NTL keeps its one-hot target)",
+    )
     z_loss: float = _option(0.0, "a number >= 0", "coefficient of the z-loss lse**2")
     ignore_index: int = _option(-100, "an int", "label of positions without a target")
 
@@ -160,6 +180,7 @@ class ObjectiveConfig:
             "pdl_unseen": isinstance(self.pdl_unseen, str) or self.pdl_unseen >= 0,
             "label_smoothing": 0.0 <= self.label_smoothing < 1.0,
             "z_loss": self.z_loss >= 0,
+            "gaussian_sigma": self.gaussian_sigma >= 0,
         }
         for name, ok in ranges.items():
             if not ok:
@@ -183,4 +204,12 @@ class ObjectiveConfig:
 
     @property
     def uses_numbers(self) -> bool:
-        return self.ntl is not None
+        """Whether a NumberTable is needed: NTL or Gaussian number targets are on."""
+        return self.ntl is not None or self.gaussian_sigma > 0
+
+    def number_options(self) -> str:
+        """The options that need the number tokens, for error messages ("ntl='was'")."""
+        on = [f"ntl={self.ntl!r}"] if self.ntl is not None else []
+        if self.gaussian_sigma > 0:
+            on.append(f"gaussian_sigma={self.gaussian_sigma}")
+        return " and ".join(on)

@@ -6,6 +6,9 @@ Per token t with target y (global id) and PDL weight w[y] (1 without PDL):
 
 ce = lse - z_y; smooth = lse - mean_j z_j over the real vocab (PyTorch's label smoothing, taken
 over the GLOBAL vocab, so it is the same at every TP size); ntl is one of ntloss's flavours.
+With gaussian_sigma > 0 the ce of a number target in that sum is lse - soft = -sum_j q_j log p_j
+(the Gaussian target over the number tokens, ObjectiveConfig.gaussian_sigma); the reported ce
+stays plain.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ from token_objectives.objectives.device_tables import (
 )
 from token_objectives.ops.layout import layout_problem, resolve_layout
 from token_objectives.ops.number_level import digit_runs
-from token_objectives.ops.plan import Columns, Distance, LabelCheck, VocabShard
+from token_objectives.ops.plan import (
+    GAUSSIAN_STATISTIC,
+    Columns,
+    Distance,
+    LabelCheck,
+    VocabShard,
+)
 from token_objectives.ops.statistics import vocab_parallel_statistics
 from token_objectives.tables.numbers import NumberTable
 
@@ -299,7 +308,8 @@ def prepare_targets(
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if config.uses_numbers and numbers is None:
-        raise ValueError(f"ntl={config.ntl!r} needs a NumberTable; pass numbers= or set ntl=None")
+        raise ValueError(f"{config.number_options()} needs a NumberTable; pass numbers= or "
+                         f"set ntl=None and gaussian_sigma=0")
     if config.pdl_alpha > 0 and pdl_weights is None:
         raise ValueError(
             "pdl_alpha > 0 needs pdl_weights: build them with "
@@ -340,7 +350,7 @@ def prepare_targets(
         counted = counted & (loss_mask != 0)
     targets = torch.where(ignored, torch.zeros_like(labels), labels).long()
 
-    if config.uses_numbers:
+    if config.uses_numbers:  # NTL or the Gaussian target
         values = on_device(numbers.values, device)[targets]
         is_number_target = ~torch.isnan(values) & ~ignored
         target_values = torch.where(is_number_target, values, torch.zeros_like(values))
@@ -348,12 +358,13 @@ def prepare_targets(
         is_number_target = torch.zeros_like(ignored)
         target_values = torch.zeros(labels.shape, device=device)
     columns = Columns(
-        numbers=config.uses_numbers,
+        numbers=config.ntl is not None,
         wasserstein=config.ntl == "was",
         mean_logit=config.label_smoothing > 0,
+        gaussian_sigma=config.gaussian_sigma,
     )
     distance = Distance()
-    if config.uses_numbers:
+    if config.ntl is not None:
         distance = distance_for(numbers, config.squash_factor)
     return PreparedTargets(shard, real_vocab, columns, distance, targets, target_values,
                            is_number_target, counted, label_check)
@@ -385,18 +396,24 @@ def compose(
     loss_mask: torch.Tensor | None,
     seq_dim: int,
 ) -> ObjectiveOutput:
-    """Statistics [T, 6] -> the per-token objectives of labels' shape (plain torch, autograd)."""
+    """Statistics [T, 6] ([T, 7] with the Gaussian target) -> the per-token objectives of
+    labels' shape (plain torch, autograd)."""
     lse, target_logit, mean_logit, yhat, was, mass = (
-        s.reshape(labels.shape) for s in stats.unbind(-1)
+        s.reshape(labels.shape) for s in stats[:, :6].unbind(-1)
     )
     zero = torch.zeros((), dtype=stats.dtype, device=stats.device)
     counted, targets = prep.counted, prep.targets
 
     ce = lse - target_logit
     trained_ce = ce
+    if prep.columns.gaussian:
+        # The Gaussian target replaces the one-hot term of number targets only; where() keeps
+        # the soft statistic of the others (computed around u = 0) out of the gradient.
+        soft = stats[:, GAUSSIAN_STATISTIC].reshape(labels.shape)
+        trained_ce = torch.where(prep.is_number_target, lse - soft, ce)
     if config.label_smoothing > 0:
         eps = config.label_smoothing
-        trained_ce = (1 - eps) * ce + eps * (lse - mean_logit)
+        trained_ce = (1 - eps) * trained_ce + eps * (lse - mean_logit)
     if pdl_weights is not None:
         weight = on_device(pdl_weights, stats.device, stats.dtype)[targets]
         loss = weight * trained_ce
@@ -406,7 +423,7 @@ def compose(
     if config.z_loss > 0:
         loss = loss + config.z_loss * torch.where(counted, lse, 0.0).square()
 
-    if config.uses_numbers:
+    if config.ntl is not None:
         ntl, ntl_positions = _ntl_term(
             config,
             numbers,
@@ -422,7 +439,7 @@ def compose(
         )
         loss = loss + config.ntl_weight * ntl
     else:
-        ntl, ntl_positions = torch.zeros_like(ce), prep.is_number_target
+        ntl, ntl_positions = torch.zeros_like(ce), torch.zeros_like(prep.is_number_target)
 
     scale = loss_mask.to(stats.dtype) if loss_mask is not None else None
 
@@ -432,7 +449,7 @@ def compose(
         return x * scale if scale is not None else x
 
     predicted = mass_out = None
-    if config.uses_numbers:
+    if config.ntl is not None:
         predicted = torch.where(counted, yhat, zero)
         mass_out = torch.where(counted, mass, zero)
     return ObjectiveOutput(

@@ -35,8 +35,9 @@ def objective_tables(
     numbers = None
     if config.uses_numbers:
         if tokenizer is None:
-            raise ValueError(f"ntl={config.ntl!r} needs a tokenizer (a local path or the "
-                             f"tokenizer object) for its number tokens, or ntl=None")
+            raise ValueError(f"{config.number_options()} needs a tokenizer (a local path or "
+                             f"the tokenizer object) for its number tokens, or ntl=None and "
+                             f"gaussian_sigma=0")
         numbers = NumberTable.from_tokenizer(tokenizer, vocab_size=vocab_size,
                                              digit_level=number_tokens == "digit")
         vocab_size = numbers.vocab_size

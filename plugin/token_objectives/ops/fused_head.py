@@ -1,5 +1,6 @@
 """The LM head and the statistics fused: hidden states and this rank's output-weight shard in,
-the statistics [T, 6] of hidden @ weight.T out, without ever holding the [T, V/tp] logits.
+the statistics [T, 6] ([T, 7] with the Gaussian number target) of hidden @ weight.T out,
+without ever holding the [T, V/tp] logits.
 
 Per chunk of tokens the logits chunk is computed (hidden[c] @ weight.T), its partials taken, and
 it is dropped; backward recomputes each chunk's logits, turns them into the chunk's logit
@@ -75,20 +76,21 @@ class FusedLinearStatistics(torch.autograd.Function):
         full = gather_sequence(hidden, tp_group) if sequence_parallel else hidden
         rows = RowChunk(targets, target_values)
         maxima, sums = chunked_partials(lambda chunk: full[chunk] @ weight.t(), full, rows, plan)
-        stats, log_q = finish_statistics(maxima, sums, plan, tp_group)
+        stats, log_q, gauss_scale = finish_statistics(maxima, sums, plan, tp_group)
         # The local slice is saved, not the gathered [T, h]: backward gathers it again.
-        ctx.save_for_backward(hidden, weight, targets, target_values, stats, log_q)
+        ctx.save_for_backward(hidden, weight, targets, target_values, stats, log_q, gauss_scale)
         ctx.plan, ctx.tp_group, ctx.sequence_parallel = plan, tp_group, sequence_parallel
         return stats
 
     @staticmethod
     def backward(ctx, grad_stats: torch.Tensor):
-        hidden, weight, targets, target_values, stats, log_q = ctx.saved_tensors
+        hidden, weight, targets, target_values, stats, log_q, gauss_scale = ctx.saved_tensors
         plan = ctx.plan
         if ctx.sequence_parallel:
             hidden = gather_sequence(hidden, ctx.tp_group)
         real = plan.shard.real_width
-        rows = RowChunk(targets, target_values, stats, log_q, grad_stats.to(stats.dtype))
+        rows = RowChunk(targets, target_values, stats, log_q, grad_stats.to(stats.dtype),
+                        gauss_scale)
         grad_hidden = torch.zeros(hidden.shape, dtype=stats.dtype, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=stats.dtype, device=weight.device)
         real_weight = weight[:real]

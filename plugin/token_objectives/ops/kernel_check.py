@@ -34,7 +34,7 @@ PADDED_WIDTH, REAL_WIDTH = 50304, 50257
 # Integer arguments that Triton specialises as divisible by 16 at launch when the padded width
 # is (pointers from torch's allocator are too); every other int is compiled without the hint.
 ALIGNED_INTS = ("row_stride", "grad_row_stride", "width")
-FLOATS = ("squash_min", "squash_scale", "inv_real_vocab")
+FLOATS = ("squash_min", "squash_scale", "inv_real_vocab", "inv_sigma")
 LONG_POINTERS = ("targets_ptr", "number_cols_ptr")
 LOGIT_POINTERS = ("logits_ptr", "grad_ptr")
 
@@ -49,7 +49,9 @@ class Variant:
 
     @property
     def numbers(self) -> bool:
-        return bool(dict(self.flags)["NUMBERS"])
+        """Whether the number loop runs (NTL or the Gaussian target)."""
+        flags = dict(self.flags)
+        return bool(flags["NUMBERS"] or flags["GAUSSIAN"])
 
     def label(self) -> str:
         on = [name.lower() for name, value in self.flags if value is True]
@@ -77,9 +79,10 @@ def variants(dtypes: tuple[str, ...] = tuple(DTYPES)) -> list[Variant]:
     """Every distinct constexpr combination the dispatch can launch on a wide (>= MAX_BLOCK)
     shard, per kernel and logits dtype."""
     combos = []
-    for numbers, wasserstein, mean_logit, squash in itertools.product((False, True), repeat=4):
+    for numbers, wasserstein, mean_logit, squash, gaussian in itertools.product(
+            (False, True), repeat=5):
         flags = triton_kernels.launch_flags(numbers, wasserstein, mean_logit, squash,
-                                            PADDED_WIDTH)
+                                            PADDED_WIDTH, gaussian)
         key = tuple(sorted(flags.items()))
         if key not in combos:
             combos.append(key)

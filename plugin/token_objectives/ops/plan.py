@@ -13,7 +13,10 @@ the torch stages (`statistics`), the Triton kernels (`triton_kernels`) and the f
   (`triton_launcher_problem`: whether Triton can launch here at all).
 
 Column layouts: the partial sums are [T, SUM_COLUMNS = 7] (S, z_y, sum z, Q, E, W, M) and the
-statistics [T, NUM_STATISTICS = 6] (lse, target, mean, yhat, was, mass).
+statistics [T, NUM_STATISTICS = 6] (lse, target, mean, yhat, was, mass). With Gaussian number
+targets on (Columns.gaussian_sigma > 0) both gain columns, and only then: the sums
+[T, 9] (..., G = sum_N g z, Z = sum_N g) and the statistics [T, 7] (..., soft = G / Z), where
+g_j = exp(-(v_j - u)**2 / (2 sigma**2)) (`gaussian_weights`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,16 @@ from token_objectives.ops.layout import VocabLayout
 
 NUM_STATISTICS = 6
 SUM_COLUMNS = 7
+GAUSSIAN_SUMS = (7, 8)  # G, Z
+GAUSSIAN_STATISTIC = 6  # soft
+
+
+def gaussian_weights(values: torch.Tensor, targets: torch.Tensor,
+                     inv_sigma: float) -> torch.Tensor:
+    """values [..., n] of number tokens, targets [..., 1] -> the un-normalised Gaussian target
+    g = exp(-((v - u) / sigma)**2 / 2) [..., n]; inv_sigma = 1 / sigma."""
+    offset = (values - targets) * inv_sigma
+    return (-0.5 * offset * offset).exp()
 
 
 @dataclass(frozen=True)
@@ -128,14 +141,32 @@ class Columns:
     numbers: bool = False  # yhat and mass (and the denominators they need)
     wasserstein: bool = False
     mean_logit: bool = False
+    # sigma of the Gaussian number target (0: off): the soft statistic, G and Z summed.
+    gaussian_sigma: float = 0.0
+
+    @property
+    def gaussian(self) -> bool:
+        return self.gaussian_sigma > 0
+
+    @property
+    def sum_width(self) -> int:
+        """Columns of the partial sums: 7, or 9 with the Gaussian target."""
+        return SUM_COLUMNS + (len(GAUSSIAN_SUMS) if self.gaussian else 0)
+
+    @property
+    def stat_width(self) -> int:
+        """Columns of the statistics: 6, or 7 with the Gaussian target."""
+        return NUM_STATISTICS + (1 if self.gaussian else 0)
 
     def summed(self) -> list[int]:
-        """Indices of the [T, 7] partial-sum columns that these statistics need."""
+        """Indices of the [T, sum_width] partial-sum columns that these statistics need."""
         needed = [0, 1]
         if self.mean_logit:
             needed.append(2)
         if self.numbers:
             needed += [3, 4, 5, 6] if self.wasserstein else [3, 4, 6]
+        if self.gaussian:
+            needed += list(GAUSSIAN_SUMS)
         return sorted(needed)
 
 
@@ -263,9 +294,10 @@ class RowChunk:
 
     targets: long [t] global ids (in range; ignored positions already mapped to 0).
     target_values: [t] the target's value, 0 where it is not a number.
-    Backward only (None in forward), in the accumulation dtype: stats [t, 6] the statistics,
-    log_q [t] log sum_N exp(z) (`statistics.number_log_normaliser`), grads [t, 6] the upstream
-    gradient of stats.
+    Backward only (None in forward), in the accumulation dtype: stats [t, 6 or 7] the
+    statistics, log_q [t] log sum_N exp(z) (`statistics.number_log_normaliser`), grads [t, 6 or
+    7] the upstream gradient of stats, gauss_scale [t] 1 / Z (the Gaussian target's normaliser,
+    0 where Z = 0; None when the target is off).
 
     A whole batch's RowChunk indexed by a slice of rows is that chunk's.
     """
@@ -275,10 +307,12 @@ class RowChunk:
     stats: torch.Tensor | None = None
     log_q: torch.Tensor | None = None
     grads: torch.Tensor | None = None
+    gauss_scale: torch.Tensor | None = None
 
     def __getitem__(self, rows: slice) -> RowChunk:
         return RowChunk(*(None if t is None else t[rows] for t in (
-            self.targets, self.target_values, self.stats, self.log_q, self.grads)))
+            self.targets, self.target_values, self.stats, self.log_q, self.grads,
+            self.gauss_scale)))
 
     def __len__(self) -> int:
         return self.targets.shape[0]

@@ -11,9 +11,14 @@ returns [T, 6]:
     yhat     sum_{j in N} pN_j v_j                  expected value under the number softmax pN
     was      sum_{j in N} pN_j D(v_j, u)            Wasserstein-1 to the one-hot target
     mass     sum_{j in N} softmax_j                 probability mass on number tokens
+    soft     sum_{j in N} q_j z_j                   only with the Gaussian number target:
+             q_j = g_j / sum_N g, g_j = exp(-(v_j - u)**2 / (2 sigma**2)), so that
+             lse - soft = -sum_j q_j log softmax_j (the 7th column; absent when sigma = 0)
 
 Communication: forward makes exactly two all-reduces on the TP group, a MAX of [T, 2] (plus the
-layout rows) and a SUM of [T, k] with k <= 7 columns; backward makes none. Gradients flow
+layout rows) and a SUM of [T, k] with k <= 9 columns (the Gaussian target's G and Z ride on it;
+Z = sum_N g is a sum of every rank's share, so no rank needs the global number table);
+backward makes none. Gradients flow
 through every statistic, so the objectives are composed on top in plain torch
 (objectives/loss.py).
 
@@ -35,7 +40,8 @@ import torch.distributed as dist
 
 from token_objectives.ops.layout import check_gathered, layout_rows
 from token_objectives.ops.plan import (
-    SUM_COLUMNS,
+    GAUSSIAN_STATISTIC,
+    GAUSSIAN_SUMS,
     Columns,
     Distance,
     LabelCheck,
@@ -44,6 +50,7 @@ from token_objectives.ops.plan import (
     VocabShard,
     accumulation_dtype,
     chunk_rows,
+    gaussian_weights,
     resolve_kernel,
     row_chunks,
 )
@@ -63,11 +70,13 @@ def local_partials(
     logits: torch.Tensor, rows: RowChunk, plan: Plan, scratch: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch stage of the forward, one pass over a chunk of this shard: logits [t, V/tp] ->
-    (maxima [t, 2], sums [t, 7]), relative to the shard's OWN maxima (see `rescale_partials`).
+    (maxima [t, 2], sums [t, 7 or 9]), relative to the shard's OWN maxima (see
+    `rescale_partials`).
 
     maxima: m_r over the real columns, n_r over the number columns (-inf if none).
     sums: S = sum exp(z - m_r), z_y (0 off-shard), sum z, Q = sum_N exp(z - n_r),
-    E = sum_N exp(z - n_r) v, W = sum_N exp(z - n_r) D(v, u), M = sum_N exp(z - m_r).
+    E = sum_N exp(z - n_r) v, W = sum_N exp(z - n_r) D(v, u), M = sum_N exp(z - m_r);
+    with the Gaussian target G = sum_N g z and Z = sum_N g (raw logits: nothing to re-base).
     rows: the chunk's targets and target_values.
     scratch: a reusable [>= t, real_width] buffer in the accumulation dtype.
     """
@@ -75,7 +84,7 @@ def local_partials(
     tokens = logits.shape[0]
     acc = scratch.dtype
     maxima = torch.full((tokens, 2), float("-inf"), dtype=acc, device=logits.device)
-    sums = torch.zeros((tokens, SUM_COLUMNS), dtype=acc, device=logits.device)
+    sums = torch.zeros((tokens, columns.sum_width), dtype=acc, device=logits.device)
     if shard.real_width > 0:
         real = logits[:, : shard.real_width]
         work = scratch[:tokens]
@@ -97,9 +106,16 @@ def local_partials(
     gathered = logits.gather(1, local_targets.clamp(0, shard.width - 1).unsqueeze(-1)).squeeze(-1)
     sums[:, 1] = torch.where(on_shard, gathered.to(acc), torch.zeros_like(sums[:, 1]))
 
-    if columns.numbers and shard.number_cols.numel() > 0:
+    has_numbers = shard.number_cols.numel() > 0
+    if (columns.numbers or columns.gaussian) and has_numbers:
         number_logits = logits.index_select(1, shard.number_cols).to(acc)
         values = shard.number_values.to(acc)
+    if columns.gaussian and has_numbers:
+        g = _gaussian(values, rows.target_values.to(acc), columns)
+        # where(): a -inf logit under a weight that underflowed to 0 adds 0, not NaN.
+        sums[:, GAUSSIAN_SUMS[0]] = torch.where(g > 0, g * number_logits, 0.0).sum(dim=-1)
+        sums[:, GAUSSIAN_SUMS[1]] = g.sum(dim=-1)
+    if columns.numbers and has_numbers:
         maxima[:, 1] = number_logits.amax(dim=-1)
         weights = (number_logits - _finite_or_zero(maxima[:, 1]).unsqueeze(-1)).exp()
         sums[:, 3] = weights.sum(dim=-1)
@@ -112,8 +128,14 @@ def local_partials(
     return maxima, sums
 
 
+def _gaussian(values: torch.Tensor, target_values: torch.Tensor, columns: Columns
+              ) -> torch.Tensor:
+    """[t, n] un-normalised Gaussian target over this shard's number values [n]."""
+    return gaussian_weights(values, target_values.unsqueeze(-1), 1.0 / columns.gaussian_sigma)
+
+
 def rescale_partials(sums: torch.Tensor, local: torch.Tensor, best: torch.Tensor) -> None:
-    """Re-base this shard's sums [T, 7] from its own maxima `local` [T, 2] to the global maxima
+    """Re-base this shard's sums [T, 7 or 9] from its own maxima `local` [T, 2] to the global maxima
     `best` [T, 2] (after the MAX all-reduce), in place: exp(z - m) = exp(z - m_r) exp(m_r - m).
     """
     for max_col, sum_cols in ((0, [0, 6]), (1, [3, 4, 5])):
@@ -125,7 +147,8 @@ def rescale_partials(sums: torch.Tensor, local: torch.Tensor, best: torch.Tensor
 
 
 def combine_sums(sums: torch.Tensor, maxima: torch.Tensor, real_vocab: int) -> torch.Tensor:
-    """Global [T, 7] sums + [T, 2] maxima -> [T, 6] statistics (see the module docstring)."""
+    """Global [T, 7 or 9] sums + [T, 2] maxima -> [T, 6 or 7] statistics (see the module
+    docstring); soft is 0 where Z = 0 (a target that is no number, whose soft is unused)."""
     lse = sums[:, 0].log() + _finite_or_zero(maxima[:, 0])
     has_numbers = sums[:, 3] > 0
     denom = torch.where(has_numbers, sums[:, 3], torch.ones_like(sums[:, 3]))
@@ -133,7 +156,17 @@ def combine_sums(sums: torch.Tensor, maxima: torch.Tensor, real_vocab: int) -> t
     was = torch.where(has_numbers, sums[:, 5] / denom, torch.zeros_like(denom))
     has_mass = sums[:, 0] > 0
     mass = torch.where(has_mass, sums[:, 6] / torch.where(has_mass, sums[:, 0], 1.0), 0.0)
-    return torch.stack([lse, sums[:, 1], sums[:, 2] / real_vocab, yhat, was, mass], dim=-1)
+    stats = [lse, sums[:, 1], sums[:, 2] / real_vocab, yhat, was, mass]
+    if sums.shape[1] > GAUSSIAN_SUMS[1]:
+        stats.append(sums[:, GAUSSIAN_SUMS[0]] * gaussian_scale(sums))
+    return torch.stack(stats, dim=-1)
+
+
+def gaussian_scale(sums: torch.Tensor) -> torch.Tensor:
+    """[T] 1 / Z from the global sums [T, 9], 0 where Z = 0: q_j = g_j * gaussian_scale."""
+    total = sums[:, GAUSSIAN_SUMS[1]]
+    has = total > 0
+    return torch.where(has, 1.0 / torch.where(has, total, 1.0), 0.0)
 
 
 def number_log_normaliser(sums: torch.Tensor, maxima: torch.Tensor) -> torch.Tensor:
@@ -152,15 +185,17 @@ def local_gradient(logits: torch.Tensor, rows: RowChunk, plan: Plan, out: torch.
 
     softmax_j = exp(z_j - lse); pN_j = exp(z_j - log_q) on number columns:
       d lse = softmax;  d z_y = onehot(y);  d mean = 1/V;  d mass = softmax ([j in N] - mass)
-      d yhat = pN (v - yhat);  d was = pN (D(v, u) - was).
+      d yhat = pN (v - yhat);  d was = pN (D(v, u) - was);  d soft = q = g / Z on N.
     """
     shard, columns = plan.shard, plan.columns
-    lse, _, _, yhat, was, mass = rows.stats.unbind(-1)
+    lse, _, _, yhat, was, mass = rows.stats[:, :6].unbind(-1)
     # A row of -inf logits has lse = -inf: exp(-inf - (+inf)) = 0 instead of exp(NaN).
     lse = torch.where(torch.isfinite(lse), lse, torch.inf)
-    g_lse, g_target, g_mean, g_yhat, g_was, g_mass = rows.grads.unbind(-1)
-    numbers = columns.numbers and shard.number_cols.numel() > 0
-    if numbers:  # before out is written: out may be the logits' own buffer
+    g_lse, g_target, g_mean, g_yhat, g_was, g_mass = rows.grads[:, :6].unbind(-1)
+    has_numbers = shard.number_cols.numel() > 0
+    numbers = columns.numbers and has_numbers
+    gaussian = columns.gaussian and has_numbers
+    if numbers or gaussian:  # before out is written: out may be the logits' own buffer
         number_logits = logits.index_select(1, shard.number_cols).to(out.dtype)
     torch.sub(logits[:, : shard.real_width], lse.unsqueeze(-1), out=out)
     out.exp_().mul_((g_lse - g_mass * mass).unsqueeze(-1))
@@ -188,13 +223,21 @@ def local_gradient(logits: torch.Tensor, rows: RowChunk, plan: Plan, out: torch.
             number_grad += p_number * g_was.unsqueeze(-1) * (dist_to_target - was.unsqueeze(-1))
         softmax_numbers = (number_logits - lse.unsqueeze(-1)).exp()
         number_grad += softmax_numbers * g_mass.unsqueeze(-1)
+    if gaussian:
+        g = _gaussian(shard.number_values.to(out.dtype), rows.target_values.to(out.dtype),
+                      columns)
+        g_soft = rows.grads[:, GAUSSIAN_STATISTIC] * rows.gauss_scale
+        gaussian_grad = g * g_soft.unsqueeze(-1)
+        number_grad = gaussian_grad if not numbers else number_grad + gaussian_grad
+    if numbers or gaussian:
         out.index_add_(1, shard.number_cols, number_grad)
 
 
 def finish_statistics(
     maxima: torch.Tensor, sums: torch.Tensor, plan: Plan, tp_group: dist.ProcessGroup | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's partials [T, 2] / [T, 7] -> (statistics [T, 6], log_q [T]).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """This rank's partials [T, 2] / [T, 7 or 9] -> (statistics [T, 6 or 7], log_q [T],
+    gauss_scale [T] = 1 / Z, or None without the Gaussian target).
 
     The only communication of the objective: a MAX all-reduce of the maxima, which also carries
     every rank's vocab layout and label check (`layout.layout_rows`, 5 numbers per rank),
@@ -216,13 +259,15 @@ def finish_statistics(
         packed = sums[:, needed].contiguous()
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
         sums[:, needed] = packed
-    return combine_sums(sums, maxima, plan.real_vocab), number_log_normaliser(sums, maxima)
+    scale = gaussian_scale(sums) if plan.columns.gaussian else None
+    return (combine_sums(sums, maxima, plan.real_vocab), number_log_normaliser(sums, maxima),
+            scale)
 
 
 def chunked_partials(
     logits_of: Callable[[slice], torch.Tensor], like: torch.Tensor, rows: RowChunk, plan: Plan
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's partials (maxima [T, 2], sums [T, 7]), chunk by chunk of plan.rows rows.
+    """This rank's partials (maxima [T, 2], sums [T, 7 or 9]), chunk by chunk of plan.rows rows.
 
     logits_of(chunk) gives the chunk's logits [t, V/tp] (a slice of stored logits, or a matmul
     for the fused LM head); `like` [T, ...] sets the device and the dtype; rows: the whole
@@ -231,7 +276,7 @@ def chunked_partials(
     tokens = len(rows)
     acc = accumulation_dtype(like.dtype)
     maxima = like.new_empty((tokens, 2), dtype=acc)
-    sums = like.new_empty((tokens, SUM_COLUMNS), dtype=acc)
+    sums = like.new_empty((tokens, plan.columns.sum_width), dtype=acc)
     if plan.kernel == "triton":
         from token_objectives.ops import triton_kernels
 
@@ -327,7 +372,8 @@ def chunked_gradient(
 
 
 class VocabParallelStatistics(torch.autograd.Function):
-    """logits [T, V/tp] -> statistics [T, 6] (lse, target, mean, yhat, was, mass).
+    """logits [T, V/tp] -> statistics [T, 6] (lse, target, mean, yhat, was, mass), [T, 7] with
+    the Gaussian target's soft.
 
     Works through the rows in chunks, one pass over the logits forward, one read and one write
     backward. Saves the logits in their own dtype plus O(T) statistics, never a [T, V] fp32
@@ -352,8 +398,8 @@ class VocabParallelStatistics(torch.autograd.Function):
             plan = replace(plan, rows=max(logits.shape[0], 1))
         rows = RowChunk(targets, target_values)
         maxima, sums = chunked_partials(lambda chunk: logits[chunk], logits, rows, plan)
-        stats, log_q = finish_statistics(maxima, sums, plan, tp_group)
-        ctx.save_for_backward(logits, targets, target_values, stats, log_q)
+        stats, log_q, gauss_scale = finish_statistics(maxima, sums, plan, tp_group)
+        ctx.save_for_backward(logits, targets, target_values, stats, log_q, gauss_scale)
         ctx.plan = plan
         # A leaf is the caller's own tensor (a test's, a user's), and so is the buffer of a
         # view of one (objective_loss reshapes): never written over.
@@ -365,8 +411,9 @@ class VocabParallelStatistics(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_stats: torch.Tensor):
-        logits, targets, target_values, stats, log_q = ctx.saved_tensors
-        rows = RowChunk(targets, target_values, stats, log_q, grad_stats.to(stats.dtype))
+        logits, targets, target_values, stats, log_q, gauss_scale = ctx.saved_tensors
+        rows = RowChunk(targets, target_values, stats, log_q, grad_stats.to(stats.dtype),
+                        gauss_scale)
         grad = logits if ctx.in_place else torch.empty_like(logits)
         chunked_gradient(lambda chunk: logits[chunk], logits, rows, ctx.plan, logits.dtype,
                          into=grad)
@@ -390,7 +437,8 @@ def vocab_parallel_statistics(
     grad_in_place: bool = True,
 ) -> torch.Tensor:
     """logits [T, V/tp] (local shard), targets long [T] (global ids, in range), target_values
-    [T] (0 where the target is not a number) -> statistics [T, 6], differentiable.
+    [T] (0 where the target is not a number) -> statistics [T, 6] ([T, 7] with
+    columns.gaussian_sigma > 0), differentiable.
 
     tp_group None (or of size 1) means the logits hold the whole vocab and nothing is sent.
     rows_per_chunk bounds the fp32 working set to [rows, V/tp] (default: CHUNK_ELEMENTS).

@@ -7,15 +7,16 @@ per-lane online max and sum of exp (each lane of the block keeps its own running
 row is reduced across threads once, after the loop, not once per block); backward, softmax
 times a per-row scale, stored in the logits' dtype. The number tokens, a handful of columns, are
 gathered per row from the shard's number_cols / number_values in a short second loop (as the
-torch stage does), which adds their NTL terms: forward Q, E, W, M; backward it rewrites those
-columns' gradient (after a barrier, so that its store lands after the first loop's).
+torch stage does), which adds their NTL terms: forward Q, E, W, M and the Gaussian target's G, Z;
+backward it rewrites those columns' gradient (after a barrier, so that its store lands after the
+first loop's).
 
 The first loop runs over whole blocks without a mask; the last block is masked on the padded
 width (the row's allocated width) and cut to the real width with a `where`, so that the loads
 stay 128-bit when the real width is not a multiple of 16 (Triton specialises a padded width
 and row stride that are). Accumulation is fp32 whatever the logits' dtype.
 
-The math, the column layout of the [T, 7] sums and the [T, 6] statistics are those of
+The math, the column layout of the [T, 7 or 9] sums and the [T, 6 or 7] statistics are those of
 statistics.py, whose torch stages are the reference these kernels are tested against (on CPU
 with TRITON_INTERPRET=1). No communication here; imports torch, triton and `plan` only.
 """
@@ -30,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from token_objectives.ops.plan import NUM_STATISTICS, SUM_COLUMNS, Plan, RowChunk
+from token_objectives.ops.plan import GAUSSIAN_STATISTIC, GAUSSIAN_SUMS, Plan, RowChunk
 
 # Columns per block: a power of two, large enough to keep each row's loop short on 128k vocabs.
 MAX_BLOCK = 4096
@@ -56,6 +57,11 @@ else:
         # three more per column guarding results below 2^-126, which no sum here can see.
         return libdevice.exp2(x)
 
+
+# The Gaussian target's columns of the sums and of the statistics (plan.GAUSSIAN_*).
+GAUSS_G = tl.constexpr(GAUSSIAN_SUMS[0])
+GAUSS_Z = tl.constexpr(GAUSSIAN_SUMS[1])
+GAUSS_STAT = tl.constexpr(GAUSSIAN_STATISTIC)
 
 # Launch options of the gradient kernel only: left to itself, ptxas for sm_100 gives it 32
 # registers (full occupancy) and spills one across the loops (check-kernels shows it); a cap of
@@ -103,6 +109,13 @@ def _softmax_grad(z, lse2, softmax_scale, flat, MEAN_LOGIT: tl.constexpr):
 
 
 @triton.jit
+def _gaussian(values, target_value, inv_sigma, present):
+    """The un-normalised Gaussian target g = exp(-((v - u) / sigma)^2 / 2), 0 off the block."""
+    offset = (values - target_value) * inv_sigma
+    return tl.where(present, tl.exp(-0.5 * offset * offset), 0.0)
+
+
+@triton.jit
 def _number_block(number_cols_ptr, start, n_numbers, NUMBER_BLOCK: tl.constexpr):
     """Block `start` of the shard's number tokens: (index, present, their local columns)."""
     index = start + tl.arange(0, NUMBER_BLOCK)
@@ -114,8 +127,9 @@ def _number_block(number_cols_ptr, start, n_numbers, NUMBER_BLOCK: tl.constexpr)
 def _partials_kernel(
     logits_ptr, row_stride, targets_ptr, target_values_ptr, number_cols_ptr, number_values_ptr,
     maxima_ptr, sums_ptr, vocab_start, width, real_width, n_numbers, squash_min, squash_scale,
+    inv_sigma,
     NUMBERS: tl.constexpr, WASSERSTEIN: tl.constexpr, MEAN_LOGIT: tl.constexpr,
-    SQUASH: tl.constexpr, SUMS: tl.constexpr, BLOCK: tl.constexpr,
+    SQUASH: tl.constexpr, GAUSSIAN: tl.constexpr, SUMS: tl.constexpr, BLOCK: tl.constexpr,
     NUMBER_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -148,24 +162,32 @@ def _partials_kernel(
     number_total = tl.zeros((), tl.float32)  # Q
     expected = tl.zeros((), tl.float32)  # E
     transport = tl.zeros((), tl.float32)  # W
-    if NUMBERS:
+    gauss_logit = tl.zeros((), tl.float32)  # G = sum_N g z (raw logits: never re-based)
+    gauss_total = tl.zeros((), tl.float32)  # Z = sum_N g
+    if NUMBERS or GAUSSIAN:
         target_value = tl.load(target_values_ptr + row).to(tl.float32)
         shift = tl.where(top == neg_inf, 0.0, top)
         for start in range(0, n_numbers, NUMBER_BLOCK):
             index, present, cols = _number_block(number_cols_ptr, start, n_numbers, NUMBER_BLOCK)
             values = tl.load(number_values_ptr + index, mask=present, other=0.0)
             z = tl.load(row_logits + cols, mask=present, other=neg_inf).to(tl.float32)
-            number_mass += tl.sum(tl.exp(z - shift), axis=0)
-            new_top = tl.maximum(number_top, tl.max(z, axis=0))
-            number_shift = tl.where(new_top == neg_inf, 0.0, new_top)
-            rescale = tl.exp(number_top - number_shift)
-            weights = tl.exp(z - number_shift)
-            number_total = number_total * rescale + tl.sum(weights, axis=0)
-            expected = expected * rescale + tl.sum(weights * values, axis=0)
-            if WASSERSTEIN:
-                dist = _distance(values, target_value, SQUASH, squash_min, squash_scale)
-                transport = transport * rescale + tl.sum(weights * dist, axis=0)
-            number_top = new_top
+            if NUMBERS:
+                number_mass += tl.sum(tl.exp(z - shift), axis=0)
+                new_top = tl.maximum(number_top, tl.max(z, axis=0))
+                number_shift = tl.where(new_top == neg_inf, 0.0, new_top)
+                rescale = tl.exp(number_top - number_shift)
+                weights = tl.exp(z - number_shift)
+                number_total = number_total * rescale + tl.sum(weights, axis=0)
+                expected = expected * rescale + tl.sum(weights * values, axis=0)
+                if WASSERSTEIN:
+                    dist = _distance(values, target_value, SQUASH, squash_min, squash_scale)
+                    transport = transport * rescale + tl.sum(weights * dist, axis=0)
+                number_top = new_top
+            if GAUSSIAN:
+                gauss = _gaussian(values, target_value, inv_sigma, present)
+                # A -inf logit under a weight that underflowed to 0 adds 0, not NaN.
+                gauss_logit += tl.sum(tl.where(gauss > 0.0, gauss * z, 0.0), axis=0)
+                gauss_total += tl.sum(gauss, axis=0)
 
     local_target = tl.load(targets_ptr + row) - vocab_start
     on_shard = (local_target >= 0) & (local_target < real_width)
@@ -182,15 +204,20 @@ def _partials_kernel(
     tl.store(out + 4, expected)
     tl.store(out + 5, transport)
     tl.store(out + 6, number_mass)
+    if GAUSSIAN:
+        tl.store(out + GAUSS_G, gauss_logit)
+        tl.store(out + GAUSS_Z, gauss_total)
 
 
 @triton.jit
 def _gradient_kernel(
     logits_ptr, row_stride, grad_ptr, grad_row_stride, stats_ptr, log_q_ptr, grads_ptr,
     targets_ptr, target_values_ptr, number_cols_ptr, number_values_ptr, stash_ptr,
+    gauss_scale_ptr,
     vocab_start, width, real_width, n_numbers, inv_real_vocab, squash_min, squash_scale,
+    inv_sigma,
     NUMBERS: tl.constexpr, WASSERSTEIN: tl.constexpr, MEAN_LOGIT: tl.constexpr,
-    SQUASH: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr,
+    SQUASH: tl.constexpr, GAUSSIAN: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr,
     NUMBER_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -217,7 +244,7 @@ def _gradient_kernel(
     local_target = tl.load(targets_ptr + row) - vocab_start
     local_target = tl.where((local_target >= 0) & (local_target < real_width), local_target, -1)
     row_stash = stash_ptr + row * (n_numbers + 1)
-    if NUMBERS:
+    if NUMBERS or GAUSSIAN:
         for start in range(0, n_numbers, NUMBER_BLOCK):
             index, present, cols = _number_block(number_cols_ptr, start, n_numbers, NUMBER_BLOCK)
             z = tl.load(row_logits + cols, mask=present, other=float("-inf")).to(tl.float32)
@@ -242,26 +269,31 @@ def _gradient_kernel(
     # land after the loops' store of the same column, which another thread may have made.
     tl.debug_barrier()
     target_hits = tl.zeros((), tl.int32)
-    if NUMBERS:
+    if NUMBERS or GAUSSIAN:
         yhat = tl.load(stats + 3)
         was = tl.load(stats + 4)
         g_yhat = tl.load(upstream + 3)
         g_was = tl.load(upstream + 4)
         log_q = tl.load(log_q_ptr + row)
+        if GAUSSIAN:  # d soft / d z_j = q_j = g_j / Z: the upstream gradient of soft, over Z
+            g_soft = tl.load(upstream + GAUSS_STAT) * tl.load(gauss_scale_ptr + row)
         target_value = tl.load(target_values_ptr + row).to(tl.float32)
         for start in range(0, n_numbers, NUMBER_BLOCK):
             index, present, cols = _number_block(number_cols_ptr, start, n_numbers, NUMBER_BLOCK)
             values = tl.load(number_values_ptr + index, mask=present, other=0.0)
             z = tl.load(row_stash + index, mask=present, other=float("-inf"))
-            softmax = _exp2(z * LOG2E - lse2)  # as in _softmax_grad: the compiler shares it
             is_target = present & (cols == local_target)
             grad = _softmax_grad(z, lse2, softmax_scale, flat, MEAN_LOGIT)
             grad += tl.where(is_target, g_target, 0.0)
-            number_softmax = tl.exp(z - log_q)
-            grad += number_softmax * g_yhat * (values - yhat) + softmax * g_mass
-            if WASSERSTEIN:
-                dist = _distance(values, target_value, SQUASH, squash_min, squash_scale)
-                grad += number_softmax * g_was * (dist - was)
+            if NUMBERS:
+                softmax = _exp2(z * LOG2E - lse2)  # as in _softmax_grad: the compiler shares it
+                number_softmax = tl.exp(z - log_q)
+                grad += number_softmax * g_yhat * (values - yhat) + softmax * g_mass
+                if WASSERSTEIN:
+                    dist = _distance(values, target_value, SQUASH, squash_min, squash_scale)
+                    grad += number_softmax * g_was * (dist - was)
+            if GAUSSIAN:
+                grad += _gaussian(values, target_value, inv_sigma, present) * g_soft
             tl.store(row_grad + cols, grad.to(dtype), mask=present)
             target_hits += tl.sum(is_target.to(tl.int32), axis=0)
     if (local_target >= 0) & (target_hits == 0):
@@ -271,10 +303,11 @@ def _gradient_kernel(
 
 
 def launch_flags(numbers: bool, wasserstein: bool, mean_logit: bool, squash: bool,
-                 width: int) -> dict:
+                 width: int, gaussian: bool = False) -> dict:
     """The constexpr flags and num_warps of both kernels for a shard of `width` columns (the
     variants `kernel_check` compiles ahead of time). Wasserstein needs the numbers, the squash
-    needs Wasserstein: flags that change nothing are cleared, so that no variant repeats."""
+    needs Wasserstein: flags that change nothing are cleared, so that no variant repeats.
+    gaussian: the Gaussian number target (with or without the NTL numbers)."""
     block = _block(width)
     wasserstein = numbers and wasserstein
     return {
@@ -282,6 +315,7 @@ def launch_flags(numbers: bool, wasserstein: bool, mean_logit: bool, squash: boo
         "WASSERSTEIN": wasserstein,
         "MEAN_LOGIT": mean_logit,
         "SQUASH": wasserstein and squash,
+        "GAUSSIAN": gaussian,
         "BLOCK": block,
         "NUMBER_BLOCK": NUMBER_BLOCK,
         # Wide blocks keep several fp32 arrays live per thread: more warps, fewer spills.
@@ -291,19 +325,26 @@ def launch_flags(numbers: bool, wasserstein: bool, mean_logit: bool, squash: boo
 
 def _flags(plan: Plan) -> dict:
     columns = plan.columns
-    return launch_flags(columns.numbers and plan.shard.number_cols.numel() > 0,
-                        columns.wasserstein, columns.mean_logit, _squash(plan)[0],
-                        plan.shard.width)
+    has_numbers = plan.shard.number_cols.numel() > 0
+    return launch_flags(columns.numbers and has_numbers, columns.wasserstein,
+                        columns.mean_logit, _squash(plan)[0], plan.shard.width,
+                        columns.gaussian and has_numbers)
+
+
+def _inv_sigma(plan: Plan) -> float:
+    return 1.0 / plan.columns.gaussian_sigma if plan.columns.gaussian else 0.0
 
 
 def triton_partials(
     logits: torch.Tensor, rows: RowChunk, plan: Plan
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As statistics.local_partials: logits [t, V/tp] -> maxima fp32 [t, 2], sums fp32 [t, 7].
-    rows: the chunk's targets and target_values. One launch of t programs."""
+    """As statistics.local_partials: logits [t, V/tp] -> maxima fp32 [t, 2], sums fp32
+    [t, 7 or 9]. rows: the chunk's targets and target_values. One launch of t programs."""
     tokens, width = logits.shape
     maxima = torch.empty((tokens, 2), dtype=torch.float32, device=logits.device)
-    sums = torch.empty((tokens, SUM_COLUMNS), dtype=torch.float32, device=logits.device)
+    # zeros: a shard without number tokens launches without GAUSSIAN and stores no G, Z.
+    sums = torch.zeros((tokens, plan.columns.sum_width), dtype=torch.float32,
+                       device=logits.device)
     if tokens == 0:
         return maxima, sums
     logits = _rows_contiguous(logits)
@@ -313,8 +354,8 @@ def triton_partials(
         _partials_kernel[(tokens,)](
             logits, logits.stride(0), rows.targets, rows.target_values, shard.number_cols,
             shard.number_values, maxima, sums, shard.vocab_start, width, shard.real_width,
-            shard.number_cols.numel(), squash_min, squash_scale, SUMS=SUM_COLUMNS,
-            **_flags(plan),
+            shard.number_cols.numel(), squash_min, squash_scale, _inv_sigma(plan),
+            SUMS=plan.columns.sum_width, **_flags(plan),
         )
     return maxima, sums
 
@@ -322,7 +363,8 @@ def triton_partials(
 def triton_gradient(logits: torch.Tensor, rows: RowChunk, plan: Plan, out: torch.Tensor) -> None:
     """As statistics.local_gradient, for all V/tp columns: writes the gradient of the chunk's
     logits [t, V/tp] into out [t, V/tp] (any float dtype, rounded once; padding columns get 0).
-    rows: the chunk with its fp32 stats [t, 6], log_q [t] and grads [t, 6]. out may be logits
+    rows: the chunk with its fp32 stats [t, 6 or 7], log_q [t], grads [t, 6 or 7] and
+    gauss_scale [t] (with the Gaussian target). out may be logits
     itself (the gradient written over them). One launch, and a [t, n + 1] fp32 stash of the
     logits of the n number tokens on this shard and of the target."""
     tokens, width = logits.shape
@@ -337,16 +379,17 @@ def triton_gradient(logits: torch.Tensor, rows: RowChunk, plan: Plan, out: torch
     _, squash_min, squash_scale = _squash(plan)
     shard = plan.shard
     flags = _flags(plan)
-    numbers = shard.number_cols.numel() if flags["NUMBERS"] else 0
+    numbers = shard.number_cols.numel() if flags["NUMBERS"] or flags["GAUSSIAN"] else 0
     stash = logits.new_empty((tokens, numbers + 1), dtype=torch.float32)
+    gauss_scale = rows.gauss_scale if flags["GAUSSIAN"] else rows.log_q
     with _on_device(logits):
         _gradient_kernel[(tokens,)](
             logits, logits.stride(0), out, out.stride(0), rows.stats.contiguous(),
             rows.log_q.contiguous(), rows.grads.contiguous(), rows.targets, rows.target_values,
-            shard.number_cols, shard.number_values, stash, shard.vocab_start, width,
-            shard.real_width, numbers, 1.0 / plan.real_vocab, squash_min,
-            squash_scale,
-            STATS=NUM_STATISTICS, **flags, **GRADIENT_OPTIONS,
+            shard.number_cols, shard.number_values, stash, gauss_scale.contiguous(),
+            shard.vocab_start, width, shard.real_width, numbers, 1.0 / plan.real_vocab,
+            squash_min, squash_scale, _inv_sigma(plan),
+            STATS=plan.columns.stat_width, **flags, **GRADIENT_OPTIONS,
         )
 
 

@@ -182,17 +182,20 @@ def from_ds_config(
 
 
 def numbers_from_section(section: TokenObjectivesConfig, vocab_size: int) -> NumberTable | None:
-    """The NumberTable the section asks for, over `vocab_size` ids (None without NTL)."""
-    if section.ntl is None:
+    """The NumberTable the section asks for, over `vocab_size` ids (None without NTL or the
+    Gaussian number target)."""
+    if section.ntl is None and section.gaussian_sigma == 0:
         return None
+    asks = (f"ntl = {section.ntl!r}" if section.ntl is not None
+            else f"gaussian_sigma = {section.gaussian_sigma}")
     if section.tokenizer is None:
-        raise ValueError(f'ds_config["{SECTION}"].ntl = {section.ntl!r} needs "tokenizer"')
+        raise ValueError(f'ds_config["{SECTION}"].{asks} needs "tokenizer"')
     try:
         return NumberTable.from_tokenizer(section.tokenizer, vocab_size=vocab_size,
                                           digit_level=section.number_tokens == "digit")
     except ValueError as error:
         raise ValueError(
-            f'ds_config["{SECTION}"].ntl = {section.ntl!r} with tokenizer '
+            f'ds_config["{SECTION}"].{asks} with tokenizer '
             f"{section.tokenizer!r} (number_tokens {section.number_tokens!r}): {error}"
         ) from None
 

@@ -115,7 +115,8 @@ class Objectives:
         listed_size = None
         if config.uses_numbers:
             if tokenizer is None:
-                raise ValueError(f"ntl={config.ntl!r} needs the tokenizer to find number tokens")
+                raise ValueError(f"{config.number_options()} needs the tokenizer to find number "
+                                 f"tokens")
             numbers = NumberTable.from_tokenizer(
                 tokenizer, vocab_size=padded_vocab_size, digit_level=number_tokens == "digit"
             )
@@ -488,9 +489,10 @@ def objectives_from_args(
     tokenizer = args.objective_tokenizer or getattr(args, "tokenizer_model", None)
     if config.uses_numbers and tokenizer is None:
         raise ValueError(
-            f"--ntl {config.ntl} needs the tokenizer's number tokens: pass --objective-tokenizer "
-            f"PATH (a local HF tokenizer directory, tokenizer.json or SentencePiece model; "
-            f"--tokenizer-model is used when set), or turn NTL off with --ntl none"
+            f"{config.number_options()} needs the tokenizer's number tokens: pass "
+            f"--objective-tokenizer PATH (a local HF tokenizer directory, tokenizer.json or "
+            f"SentencePiece model; --tokenizer-model is used when set), or turn NTL off with "
+            f"--ntl none (and --objective-gaussian-sigma 0)"
         )
     return Objectives.build(
         config,
