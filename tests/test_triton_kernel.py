@@ -24,6 +24,8 @@ if importlib.util.find_spec("triton") is None:
 
 # The interpreter runs each row as Python: every case at TP=1, the ones that stress the
 # sharding (numbers on one shard, padding, label smoothing over the global vocab) at TP=2, 4.
+# Shorter rows than the torch tests' 24: the interpreter's time goes as the rows.
+SEQ = 14
 SHARDED_CASES = ("all", "was_squash", "label_smoothing", "numbers_first_shard",
                  "numbers_last_shard", "wide_padding", "gaussian_numbers_last_shard")
 
@@ -43,7 +45,7 @@ def first_group_only(task, tp_size: int, *args):
 
 @pytest.fixture(scope="module")
 def triton_runs(pool4):
-    cases = all_cases()
+    cases = all_cases(SEQ)
     sharded = [c for c in cases if c.name in SHARDED_CASES]
     def run(tp: int, some: list) -> tuple[list, list]:
         return some, pool4.run(first_group_only, run_cases, tp, some, torch.float32, None,
@@ -52,7 +54,7 @@ def triton_runs(pool4):
     return {1: run(1, cases), 2: run(2, sharded), 4: run(4, sharded)}
 
 
-@pytest.mark.parametrize("name", [c.name for c in all_cases()])
+@pytest.mark.parametrize("name", [c.name for c in all_cases(SEQ)])
 def test_triton_matches_float64_reference_at_every_tp(triton_runs, name):
     for tp, (cases, per_rank) in triton_runs.items():
         names = [c.name for c in cases]
@@ -75,8 +77,8 @@ FUSED_CASES = [name for name in FUSED_NAMES
 
 @pytest.fixture(scope="module")
 def fused_triton_runs(pool4):
-    cases = [make_case(name, CONFIGS[name], seed=40 + i) for i, name in enumerate(FUSED_NAMES)
-             if name in FUSED_CASES]
+    cases = [make_case(name, CONFIGS[name], seed=40 + i, seq=SEQ)
+             for i, name in enumerate(FUSED_NAMES) if name in FUSED_CASES]
     return cases, {(tp, rows): pool4.run(first_group_only, run_fused, tp, cases, rows,
                                          torch.float32, "triton")
                    for tp, rows in ((1, None), (2, 16), (4, 20))}
