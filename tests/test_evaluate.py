@@ -220,10 +220,42 @@ def test_eval_interval_logs_eval_metrics(megatron_run):
         assert logged == pytest.approx(recomputed, nan_ok=True), name
 
 
-def test_evaluate_a_megatron_checkpoint_gives_the_in_loop_answers(megatron_run, tmp_path):
+_LOAD_AND_EVALUATE = """
+import sys, torch
+from token_objectives.cli import main
+from token_objectives.evaluation.generate import load_megatron_checkpoint
+checkpoint, config, weights, *argv = sys.argv[1:]
+overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+model = load_megatron_checkpoint(checkpoint, config, overrides).model
+torch.save({k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)
+            and "_extra_state" not in k}, weights)
+sys.exit(main(["evaluate", "--checkpoint", checkpoint, "--config", config, *argv]))
+"""
+
+
+# The dist checkpoint stacks the layers ([L, ...]) under Transformer Engine's names.
+_TE_NAMES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+             "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+
+
+def _saved_tensor(saved: dict, key: str) -> torch.Tensor:
+    """A GPTModel state_dict key's tensor in a dcp_to_torch_save'd Megatron checkpoint."""
+    if key in saved:
+        return saved[key]
+    layer = re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", key)
+    if layer is None:
+        raise KeyError(key)
+    name = _TE_NAMES.get(layer[2], layer[2])
+    return saved[f"decoder.layers.{name}"][int(layer[1])]
+
+
+def test_evaluate_a_megatron_checkpoint_reads_its_weights_and_gives_the_in_loop_answers(
+        megatron_run, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
     root, settings = megatron_run
-    command = [sys.executable, "-m", "token_objectives.cli", "evaluate", "--checkpoint",
-               str(root / "run"), "--config", str(REPO / "configs" / "tiny.yaml"),
+    command = [sys.executable, "-c", _LOAD_AND_EVALUATE, str(root / "run"),
+               str(REPO / "configs" / "tiny.yaml"), str(tmp_path / "loaded.pt"),
                "--data", str(root / "eval.jsonl"), "--out", str(tmp_path / "m.json"),
                "--max-new-tokens", "4", "--batch-size", "3", "--no-progress"]
     for item in settings:
@@ -231,9 +263,15 @@ def test_evaluate_a_megatron_checkpoint_gives_the_in_loop_answers(megatron_run, 
     done = check(subprocess.run(command, capture_output=True, text=True, env=WORKER_ENV,
                                 timeout=300))
     assert "| exact_accuracy |" in done.stdout
+    # Read at TP = 1 from a TP = 2 checkpoint: every weight as saved (global layout).
+    dcp_to_torch_save(root / "run" / "checkpoints" / "step_0000002", tmp_path / "saved.pt")
+    saved = torch.load(tmp_path / "saved.pt", weights_only=False)
+    loaded = torch.load(tmp_path / "loaded.pt")
+    assert len(loaded) > 5
+    for key, value in loaded.items():
+        torch.testing.assert_close(value, _saved_tensor(saved, key), rtol=0, atol=0, msg=key)
     ours = json.loads((tmp_path / "m.json").read_text())
     loop = json.loads((root / "run" / "eval" / "step_0000002.json").read_text())
-    # Read at TP = 1 from a TP = 2 checkpoint: the same greedy answers as the run's own model.
     assert [r["generation"] for r in ours["generations"]] == [
         r["generation"] for r in loop["generations"]]
     assert ours["metrics"] == pytest.approx(loop["metrics"], nan_ok=True)
