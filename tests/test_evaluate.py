@@ -223,7 +223,7 @@ def test_eval_interval_logs_eval_metrics(megatron_run):
 _LOAD_AND_EVALUATE = """
 import sys, torch
 from token_objectives.cli import main
-from token_objectives.evaluation.generate import load_megatron_checkpoint
+from token_objectives.training.evaluation_checkpoint import load_megatron_checkpoint
 checkpoint, config, weights, *argv = sys.argv[1:]
 overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
 model = load_megatron_checkpoint(checkpoint, config, overrides).model

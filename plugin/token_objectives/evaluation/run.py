@@ -60,7 +60,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     problems = read_problems(args.data)
     check_output_path(args.out, "--out")
     if args.checkpoint is not None:
-        from token_objectives.evaluation.generate import load_megatron_checkpoint
+        from token_objectives.training.evaluation_checkpoint import load_megatron_checkpoint
 
         generator = load_megatron_checkpoint(args.checkpoint, args.config, args.overrides)
         source = {"checkpoint": str(args.checkpoint), "config": str(args.config)}
