@@ -24,7 +24,6 @@ import json
 import math
 import random
 import shutil
-import socket
 import statistics
 import sys
 import time
@@ -62,16 +61,6 @@ def check_arms(names: list[str]) -> None:
         sys.exit("the arm 'CE + Gaussian' needs ObjectiveConfig.gaussian_sigma (Gaussian "
                  "targets), which this checkout does not have: merge the branch that adds it, "
                  "or leave the arm out (--arms with the others)")
-
-
-def _single_process_group() -> None:
-    import os
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
 
 
 def frequency_deciles(counts: torch.Tensor) -> torch.Tensor:
@@ -220,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     _, valid_documents = split_train_valid(generate_corpus(args.documents, seed=0))
     deciles = frequency_deciles(load_frequencies(data.frequencies_path,
                                                  vocab_size=data.vocab_size).counts)
-    _single_process_group()
+    from token_objectives.training.evaluation_checkpoint import single_process_group
+
+    single_process_group()  # Trainer's init_distributed finds it
     rows, start = [], time.perf_counter()
     for seed in args.seeds:
         for name in args.arms:

@@ -87,9 +87,8 @@ def test_undefined_metrics_are_nan_and_a_wrong_sign_is_not_a_digit_error():
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    ('{"prompt": "a", "answer": 1}\n{"prompt": "b"}\n', r"eval\.jsonl:2: the key \"answer\" is "
-     r"missing"),
-    ('{"answer": 1}\n', r"eval\.jsonl:1: the key \"prompt\" is missing"),
+    ('{"prompt": "a", "answer": 1}\n{"prompt": "b"}\n', r"eval\.jsonl:2: \"answer\" is missing"),
+    ('{"answer": 1}\n', r"eval\.jsonl:1: \"prompt\" is missing"),
     ('{"prompt": "a", "answer": 1}\n\n', r"eval\.jsonl:2: blank line"),
     ('{"prompt": "a", "answer": "many"}\n', r"eval\.jsonl:1: \"answer\" 'many' is not one "
      r"number"),

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 from token_objectives.evaluation.numbers import NUMBER, parse_number
-from token_objectives.tables.files import InputError
+from token_objectives.tables.files import InputError, json_object_line
 
 __all__ = ["Problem", "read_problems"]
 
@@ -43,21 +42,9 @@ def read_problems(path: str | os.PathLike) -> list[Problem]:
 
 
 def _parse_line(number: int, raw: bytes) -> tuple[Problem | None, str]:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        return None, f"not UTF-8 ({error.reason} at byte {error.start})"
-    if not text.strip():
-        return None, "blank line"
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as error:
-        return None, f"invalid JSON ({error.msg} at column {error.colno})"
-    if not isinstance(record, dict):
-        return None, f"a JSON {type(record).__name__}, not an object"
-    for key in ("prompt", "answer"):
-        if key not in record:
-            return None, f'the key "{key}" is missing'
+    record, reason = json_object_line(raw, ("prompt", "answer"))
+    if record is None:
+        return None, reason
     prompt, answer = record["prompt"], record["answer"]
     if not isinstance(prompt, str) or not prompt:
         return None, '"prompt" must be a non-empty string'

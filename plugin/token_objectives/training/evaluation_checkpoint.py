@@ -13,7 +13,7 @@ import torch
 from token_objectives.evaluation.generate import MegatronGenerator
 from token_objectives.tables.files import InputError
 
-__all__ = ["load_megatron_checkpoint", "resolve_checkpoint"]
+__all__ = ["load_megatron_checkpoint", "resolve_checkpoint", "single_process_group"]
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, int]:
@@ -39,7 +39,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, int]:
                      f"with a {checkpointing.COMPLETE_MARKER} marker, there or in checkpoints/)")
 
 
-def _single_process_group() -> None:
+def single_process_group() -> None:
     """A one-process gloo group, which megatron-core's parallel state needs."""
     import socket
 
@@ -77,7 +77,7 @@ def load_megatron_checkpoint(checkpoint: str | os.PathLike, config_path: str | o
         raise InputError(f"--config {config_path}: data.tokenizer is not set; set it to the "
                          f"run's local tokenizer (or pass --set data.tokenizer=PATH)")
     root, step = resolve_checkpoint(checkpoint)
-    _single_process_group()
+    single_process_group()
     if cpu_patches.needed():
         cpu_patches.apply()
     parallel_state.destroy_model_parallel()
