@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import re
 import shutil
 import socket
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
@@ -29,70 +27,13 @@ warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-OPERATORS = "+-*/"
-_Q_LINE = re.compile(r"Q: (\d+) ([-+*/]) (\d+) = \? A: \d+")
-_WORDS = {"plus": "+", "minus": "-", "times": "*", "divided by": "/"}
-_WORD_LINE = re.compile(r"What is (\d+) (plus|minus|times|divided by) (\d+)\? \d+")
 
-
-@dataclass(frozen=True)
-class Problem:
-    a: int
-    operator: str
-    b: int
-
-    @property
-    def answer(self) -> int:
-        a, b = self.a, self.b
-        return {"+": a + b, "-": a - b, "*": a * b, "/": a // b if b else 0}[self.operator]
-
-    def prompt(self, rng: random.Random) -> str:
-        title = f"Practice set {rng.randint(1, 99)}, page {rng.randint(1, 30)}."
-        return f"{title}\nQ: {self.a} {self.operator} {self.b} = ? A:"
-
-
-def _integer(rng: random.Random) -> int:
-    digits = rng.randint(1, 3)
-    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
-
-
-def draw_problem(rng: random.Random) -> Problem:
-    """The corpus's distribution of worksheet problems (quickstart_corpus)."""
-    operator = rng.choice(OPERATORS)
-    if operator == "+":
-        return Problem(_integer(rng), "+", _integer(rng))
-    if operator == "-":
-        a, b = sorted((_integer(rng), _integer(rng)), reverse=True)
-        return Problem(a, "-", b)
-    if operator == "*":
-        return Problem(rng.randint(2, 20), "*", rng.randint(2, 12))
-    quotient, divisor = rng.randint(2, 20), rng.randint(2, 12)
-    return Problem(quotient * divisor, "/", divisor)
-
-
-def training_problems(num_documents: int, seed: int) -> set[Problem]:
-    """Every (a, operator, b) the training split asks, in either phrasing."""
-    from token_objectives.quickstart.corpus import generate_corpus
-    from token_objectives.quickstart.data import split_train_valid
-
-    train, _ = split_train_valid(generate_corpus(num_documents, seed=seed))
-    seen = set()
-    for document in train:
-        for a, operator, b in _Q_LINE.findall(document):
-            seen.add(Problem(int(a), operator, int(b)))
-        for a, word, b in _WORD_LINE.findall(document):
-            seen.add(Problem(int(a), _WORDS[word], int(b)))
-    return seen
-
-
-def held_out_problems(count: int, seen: set[Problem], seed: int) -> list[Problem]:
-    rng, chosen = random.Random(seed), {}
-    while len(chosen) < count:
-        problem = draw_problem(rng)
-        if problem not in seen:
-            chosen[problem] = None
-    return list(chosen)
-
+from token_objectives.quickstart.problems import (  # noqa: E402
+    OPERATORS,
+    Problem,
+    held_out_problems,
+    training_problems,
+)
 
 # ------------------------------------------------------------------------------ train and eval
 
@@ -128,40 +69,14 @@ def train(name: str, overrides: list[str], out: Path, steps: int, printer=print)
     return trainer, sum(tail) / len(tail), time.perf_counter() - start
 
 
-@torch.no_grad()
 def greedy_answers(trainer, prompts: list[str], max_new_tokens: int = 8) -> list[str]:
     """What the model writes after each prompt, greedily, up to its newline or EOD."""
-    from token_objectives.ops.sampling import vocab_parallel_argmax
-    from token_objectives.tables.tokenizers import encode_batch
+    from token_objectives.evaluation.generate import MegatronGenerator
 
-    tokenizer, eod = trainer.tokenizer._tokenizer, trainer.tokenizer.eod
-    newline = tokenizer.piece_to_id("\n")
-    model = trainer.model.module
-    model.eval()
-    encoded = [[eod, *ids] for ids in encode_batch(tokenizer, prompts)]
-    answers = [""] * len(prompts)
-    by_length: dict[int, list[int]] = {}
-    for index, ids in enumerate(encoded):
-        by_length.setdefault(len(ids), []).append(index)
-    for indices in by_length.values():
-        tokens = torch.tensor([encoded[i] for i in indices])
-        done = torch.zeros(len(indices), dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-            logits = model(tokens, positions, None)[:, -1]  # [n, V]: TP = 1
-            step = vocab_parallel_argmax(logits, real_vocab=trainer.tokenizer.vocab_size)
-            step = torch.where(done, torch.full_like(step, newline), step)
-            tokens = torch.cat([tokens, step[:, None]], dim=1)
-            done |= (step == newline) | (step == eod)
-            if done.all():
-                break
-        for row, index in enumerate(indices):
-            generated = tokens[row, len(encoded[index]):].tolist()
-            prompt_ids = encoded[index][1:]
-            text = tokenizer.decode(prompt_ids + generated)[len(tokenizer.decode(prompt_ids)):]
-            answers[index] = text.split("\n")[0].strip()
-    model.train()
-    return answers
+    generator = MegatronGenerator(trainer.model.module, trainer.tokenizer._tokenizer,
+                                  trainer.tokenizer.eod, trainer.tokenizer.vocab_size,
+                                  trainer.cfg.model.seq_length)
+    return [text.strip() for text in generator.generate(prompts, max_new_tokens, batch_size=64)]
 
 
 def exact_match(trainer, problems: list[Problem], seed: int) -> dict[str, float]:

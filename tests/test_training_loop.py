@@ -85,3 +85,11 @@ def test_skipped_updates_stop_the_run_after_the_limit_in_a_row_only():
     never = SkippedSteps(0, "--max-skipped-steps")
     for step in range(1, 100):
         never.record(step, False)
+
+
+def test_console_line_and_row_of_a_step_that_evaluated():
+    record = StepRecord(4, {"lm loss": 1.0}, 0.0, None, 10.0,
+                        evaluation={"eval/exact_accuracy": 0.5, "eval/mae": 1.25})
+    assert format_step(record, 8) == ("step     4/8 | lm loss 1.0000 | lr 0.00e+00 | 10 tok/s | "
+                                      "eval exact_accuracy 0.5 mae 1.25")
+    assert record.row["eval/mae"] == 1.25 and "eval/mae" not in _record(4).row

@@ -1,5 +1,5 @@
 """`token-objectives` command line: count-frequencies, inspect-vocab, build-correction-data,
-ensemble, check-kernels, plan-memory, bench, bench-hf."""
+ensemble, evaluate, check-kernels, plan-memory, bench, bench-hf."""
 
 from __future__ import annotations
 
@@ -66,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
 
     add_ensemble_arguments(commands.add_parser(
         "ensemble", help="GaC token-level ensemble of local models with different tokenizers"
+    ))
+
+    from token_objectives.evaluation.run import add_arguments as add_evaluate_arguments
+
+    add_evaluate_arguments(commands.add_parser(
+        "evaluate", help="greedy answers to JSONL problems, scored by their last number "
+        "(accuracy, MAE, R², digit error), from a Megatron-loop checkpoint or a local HF model"
     ))
 
     kernels = commands.add_parser(
@@ -180,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             from token_objectives.ensemble.cli import run as run_ensemble
 
             return run_ensemble(args)
+        if args.command == "evaluate":
+            from token_objectives.evaluation.run import run_from_args as run_evaluate
+
+            return run_evaluate(args)
         if args.command == "check-kernels":
             from token_objectives.ops.kernel_check import run as check_kernels
 

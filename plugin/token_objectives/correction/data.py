@@ -17,7 +17,6 @@ on a local model directory (see `greedy_generation`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -35,6 +34,7 @@ from token_objectives.tables.files import (
     InputError,
     add_mode_argument,
     check_output_path,
+    json_object_line,
     set_mode,
 )
 from token_objectives.tables.tokenizers import (
@@ -119,21 +119,10 @@ def read_examples(path: str | os.PathLike) -> tuple[list[Example], list[BadLine]
 
 
 def _parse_line(number: int, raw: bytes) -> tuple[Example | None, str]:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        return None, f"not UTF-8 ({error.reason} at byte {error.start})"
-    if not text.strip():
-        return None, "blank line"
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as error:
-        return None, f"invalid JSON ({error.msg} at column {error.colno})"
-    if not isinstance(record, dict):
-        return None, f"a JSON {type(record).__name__}, not an object"
+    record, reason = json_object_line(raw, ("prompt", "answer"))
+    if record is None:
+        return None, reason
     for field in ("prompt", "answer"):
-        if field not in record:
-            return None, f'"{field}" is missing'
         if not isinstance(record[field], str):
             return None, f'"{field}" is a {type(record[field]).__name__}, not a string'
         if not record[field].strip():

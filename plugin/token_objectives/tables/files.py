@@ -8,6 +8,7 @@ one line and exits with 2. Any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import struct
 from dataclasses import dataclass
@@ -34,6 +35,27 @@ _CHUNK = 1 << 24
 
 class InputError(ValueError):
     """A bad input file, path or flag. The message names the file (and line) and the fix."""
+
+
+def json_object_line(raw: bytes, keys: tuple[str, ...] = ()) -> tuple[dict | None, str]:
+    """One JSONL line as a dict holding `keys`, or (None, why not): not UTF-8, blank, invalid
+    JSON, not an object, a key missing."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return None, f"not UTF-8 ({error.reason} at byte {error.start})"
+    if not text.strip():
+        return None, "blank line"
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        return None, f"invalid JSON ({error.msg} at column {error.colno})"
+    if not isinstance(record, dict):
+        return None, f"a JSON {type(record).__name__}, not an object"
+    for key in keys:
+        if key not in record:
+            return None, f'"{key}" is missing'
+    return record, ""
 
 
 @dataclass(frozen=True)

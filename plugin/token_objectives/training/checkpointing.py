@@ -29,7 +29,7 @@ import torch.distributed as dist
 COMPLETE_MARKER = "COMPLETE"
 MANIFEST = "MANIFEST.json"
 CORRUPT_POLICIES = ("fallback", "stop")
-_STEP_DIR = re.compile(r"step_(\d{7})")
+STEP_DIR = re.compile(r"step_(\d{7})")
 _CHUNK = 1 << 22
 
 
@@ -53,7 +53,7 @@ def latest_complete_step(root: str | Path, below: int | None = None) -> int | No
         return None
     steps = []
     for entry in root.iterdir():
-        match = _STEP_DIR.fullmatch(entry.name)
+        match = STEP_DIR.fullmatch(entry.name)
         if match and (entry / COMPLETE_MARKER).is_file():
             steps.append(int(match.group(1)))
     return max((s for s in steps if below is None or s < below), default=None)
@@ -373,7 +373,7 @@ def write_atomically(path: str | Path, text: str) -> None:
 def _remove_old(root: Path, keep: int) -> None:
     complete = sorted(
         int(m.group(1)) for e in root.iterdir()
-        if (m := _STEP_DIR.fullmatch(e.name)) and (e / COMPLETE_MARKER).is_file()
+        if (m := STEP_DIR.fullmatch(e.name)) and (e / COMPLETE_MARKER).is_file()
     )
     for old in complete[:-keep]:
         shutil.rmtree(step_dir(root, old), ignore_errors=True)

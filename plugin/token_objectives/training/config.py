@@ -145,11 +145,15 @@ class TrainConfig:
     keep_checkpoints: int = 0  # >0: keep only the newest N complete checkpoints
     max_skipped_steps: int = 10  # stop after N updates in a row the optimizer skipped; 0: never
     on_corrupt_checkpoint: str = "fallback"  # "fallback" (to the previous one) | "stop"
+    eval_interval: int = 0  # >0: greedy-answer data.eval_data every N steps (Megatron loop)
+    eval_batch_size: int = 32  # prompts per generation batch
+    eval_max_new_tokens: int = 16  # the most tokens generated per prompt
 
     def __post_init__(self) -> None:
-        _check_sizes("train", self, ("steps", "log_interval"), 1)
+        _check_sizes("train", self, ("steps", "log_interval", "eval_batch_size",
+                                     "eval_max_new_tokens"), 1)
         _check_sizes("train", self, ("save_interval", "exit_interval", "keep_checkpoints",
-                                     "max_skipped_steps", "seed"), 0)
+                                     "max_skipped_steps", "seed", "eval_interval"), 0)
         _check_number("train", "lr", self.lr, 0.0, low_open=True)
         _check_number("train", "min_lr", self.min_lr, 0.0)
         _check_number("train", "weight_decay", self.weight_decay, 0.0)
@@ -169,6 +173,7 @@ class DataConfig:
     train_prefix: str | None = None  # Megatron .bin/.idx prefix
     frequencies: str | None = None  # `token-objectives count-frequencies` output, for PDL
     number_tokens: str = "digit"  # "digit" | "multi"
+    eval_data: str | None = None  # JSONL of {"prompt", "answer"}, for train.eval_interval
 
 
 @dataclass(frozen=True)
@@ -186,6 +191,18 @@ class RunConfig:
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     scheduled_sampling: ScheduledSamplingConfig = field(default_factory=ScheduledSamplingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.eval_interval:
+            if self.data.eval_data is None:
+                raise ValueError("train.eval_interval needs data.eval_data: set it to a JSONL "
+                                 'file of {"prompt", "answer"} lines, or set '
+                                 "train.eval_interval: 0")
+            if self.parallel.pipeline > 1:
+                raise ValueError(
+                    "train.eval_interval is not supported with parallel.pipeline > 1 (greedy "
+                    "generation runs the whole model on each rank); set train.eval_interval: 0 "
+                    "and run `token-objectives evaluate` on a checkpoint instead")
 
 
 _SECTION_TYPES = {

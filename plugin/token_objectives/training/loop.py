@@ -34,8 +34,9 @@ class StepRecord:
     """What one optimizer step reports; `row` is its metrics.jsonl line.
 
     values: report name -> mean over the global batch ("lm loss", "ce", ...); sampling: the
-    scheduled-sampling values (sampling.mix.LOG_NAMES), empty without it. grad_norm is None
-    where the loop does not know it.
+    scheduled-sampling values (sampling.mix.LOG_NAMES), empty without it; evaluation: the
+    "eval/<metric>" values of a step that ran train.eval_interval's evaluation, else empty.
+    grad_norm is None where the loop does not know it.
     """
 
     step: int
@@ -44,11 +45,13 @@ class StepRecord:
     grad_norm: float | None
     tokens_per_s: float
     sampling: dict[str, float] = field(default_factory=dict)
+    evaluation: dict[str, float] = field(default_factory=dict)
 
     @property
     def row(self) -> dict[str, float | int | None]:
         return {"step": self.step, **self.values, **self.sampling, "lr": self.lr,
-                "grad_norm": self.grad_norm, "tokens_per_s": self.tokens_per_s}
+                "grad_norm": self.grad_norm, "tokens_per_s": self.tokens_per_s,
+                **self.evaluation}
 
     def __getitem__(self, name: str) -> float | int | None:
         return self.row[name]
@@ -160,6 +163,9 @@ def format_step(record: StepRecord, total: int) -> str:
     if record.grad_norm is not None:
         parts.append(f"grad norm {record.grad_norm:.3f}")
     parts.append(f"{record.tokens_per_s:,.0f} tok/s")
+    if record.evaluation:
+        parts.append("eval " + " ".join(f"{name.removeprefix('eval/')} {value:.4g}"
+                                        for name, value in record.evaluation.items()))
     return " | ".join(parts)
 
 

@@ -259,7 +259,7 @@ def tensorboard_scalars(log: StepRecord) -> list[tuple[str, float]]:
     """The TensorBoard tags of a step: loss/<report name>, sampling/..., train/..."""
     return [*((f"loss/{name}", value) for name, value in log.values.items()),
             *log.sampling.items(), ("train/lr", log.lr), ("train/grad_norm", log.grad_norm),
-            ("train/tokens_per_s", log.tokens_per_s)]
+            ("train/tokens_per_s", log.tokens_per_s), *log.evaluation.items()]
 
 
 class Trainer:
@@ -369,6 +369,52 @@ class Trainer:
         self.metrics = MetricsWriter(out / "metrics.jsonl", logging, sink, tensorboard_scalars)
         self.device = torch.device("cpu")  # the signal flag goes over gloo
         self.print_rank = dist.get_world_size() - 1
+        self.eval_problems = None
+        if cfg.train.eval_interval:
+            from token_objectives.evaluation.data import read_problems
+
+            self.eval_problems = read_problems(cfg.data.eval_data)  # a bad file fails now
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Collective over the run (PP = 1): greedy answers to data.eval_data, scored.
+
+        Each DP replica answers its share of the problems (every `dp_size`-th one); the TP
+        ranks of a replica answer the same ones together (a TP all-reduce per new token). The
+        answers are gathered over DP, so every rank returns the same "eval/<metric>" values;
+        the logging rank also writes the full report to output.dir/eval/step_N.json.
+        """
+        from megatron.core import parallel_state
+
+        from token_objectives.evaluation.generate import MegatronGenerator
+        from token_objectives.evaluation.metrics import METRICS
+        from token_objectives.evaluation.report import build_report, write_report
+
+        cfg, problems = self.cfg, self.eval_problems
+        if cfg.parallel.overlap_param_gather:  # the last update's gather would come later
+            self.model.start_param_sync(force_sync=True)
+        tp_group = (parallel_state.get_tensor_model_parallel_group()
+                    if parallel_state.get_tensor_model_parallel_world_size() > 1 else None)
+        generator = MegatronGenerator(self.model.module, self.tokenizer._tokenizer,
+                                      self.tokenizer.eod, self.tokenizer.vocab_size,
+                                      cfg.model.seq_length, tp_group)
+        mine = list(range(self.dp_rank, len(problems), self.dp_size))
+        texts = generator.generate([problems[i].prompt for i in mine],
+                                   cfg.train.eval_max_new_tokens, cfg.train.eval_batch_size)
+        shares: list = [None] * self.dp_size
+        dist.all_gather_object(shares, (mine, texts),
+                               group=parallel_state.get_data_parallel_group())
+        generations = [""] * len(problems)
+        for indices, answers in shares:
+            for index, text in zip(indices, answers, strict=True):
+                generations[index] = text
+        report = build_report(problems, generations, {"data": cfg.data.eval_data,
+                                                      "step": self.step})
+        if self._is_logging_rank():
+            out = Path(cfg.output.dir) / "eval"
+            out.mkdir(parents=True, exist_ok=True)
+            write_report(out / f"step_{self.step:07d}.json", report)
+        return {f"eval/{name}": report["metrics"][name] for name in METRICS}
 
     @staticmethod
     def _is_logging_rank() -> bool:
@@ -562,8 +608,11 @@ class Trainer:
         elapsed = time.perf_counter() - start
         self.step += 1
         tokens = self.global_batch * cfg.model.seq_length
-        return StepRecord(self.step, values, lr, float(grad_norm or 0.0), tokens / elapsed,
-                          sampling)
+        record = StepRecord(self.step, values, lr, float(grad_norm or 0.0), tokens / elapsed,
+                            sampling)
+        if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
+            record.evaluation = self.evaluate()
+        return record
 
     def close(self) -> None:
         self.metrics.close()
