@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cases import CONFIGS, make_case
+from tokenizer_fixtures import text_batch
 from transformers import PreTrainedTokenizerFast
 
 from token_objectives import NumberTable, ObjectiveConfig, objective_loss
@@ -50,13 +51,7 @@ def digit_batch(bpe_tokenizer_path, corpus_lines):
                                         unk_token="<unk>", pad_token="<pad>",
                                         eos_token="<eos>")
     numbers = NumberTable.from_tokenizer(tokenizer)
-    ids = [tokenizer(line)["input_ids"] for line in corpus_lines[:6]]
-    length = max(map(len, ids))
-    labels = torch.full((len(ids), length), -100, dtype=torch.long)
-    for row, seq in enumerate(ids):
-        labels[row, : len(seq)] = torch.tensor(seq)
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(*labels.shape, len(tokenizer), generator=gen, dtype=torch.float64) * 2
+    labels, logits, _ = text_batch(tokenizer, corpus_lines[:6])
     return numbers, logits, labels
 
 

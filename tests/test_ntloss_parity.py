@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 ntloss = pytest.importorskip("ntloss", reason="ntloss is in the test extra")
+from tokenizer_fixtures import text_batch  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from token_objectives import NumberTable, ObjectiveConfig, objective_loss  # noqa: E402
@@ -22,13 +23,7 @@ def tokenizer(bpe_tokenizer_path):
 @pytest.fixture()
 def batch(tokenizer, corpus_lines):
     """Real text with numbers as labels, random fp64 logits, ignored padding and a loss mask."""
-    ids = [tokenizer(line)["input_ids"] for line in corpus_lines[:6]]
-    length = max(map(len, ids))
-    labels = torch.full((len(ids), length), -100, dtype=torch.long)
-    for row, seq in enumerate(ids):
-        labels[row, : len(seq)] = torch.tensor(seq)
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(*labels.shape, len(tokenizer), generator=gen, dtype=torch.float64) * 2
+    labels, logits, gen = text_batch(tokenizer, corpus_lines[:6])
     weights = (torch.rand(labels.shape, generator=gen) > 0.2).double()
     upstream = torch.rand(labels.shape, generator=gen, dtype=torch.float64)
     return logits, labels, weights, upstream

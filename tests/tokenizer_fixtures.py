@@ -166,3 +166,17 @@ def hf_tokenizer(bpe_tokenizer_path):
         pad_token="<pad>",
         eos_token="<eos>",
     )
+
+
+def text_batch(tokenizer, lines: list[str], seed: int = 0):
+    """Real text as labels [lines, longest] (-100 past each line's end) and random fp64 logits
+    [lines, longest, len(tokenizer)]; returns (labels, logits, the generator, for more draws)."""
+    import torch
+
+    ids = [tokenizer(line)["input_ids"] for line in lines]
+    labels = torch.full((len(ids), max(map(len, ids))), -100, dtype=torch.long)
+    for row, seq in enumerate(ids):
+        labels[row, : len(seq)] = torch.tensor(seq)
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(*labels.shape, len(tokenizer), generator=gen, dtype=torch.float64) * 2
+    return labels, logits, gen
