@@ -384,13 +384,14 @@ def _subnet() -> str:
     raise Unavailable("no free 10.x.y.0/24 subnet for the test hosts")
 
 
-def start_two_hosts(workdir: Path) -> TwoHosts:
+def start_two_hosts(workdir: Path, munge: Cluster | None = None) -> TwoHosts:
     """Two SLURM hosts on this machine: network namespaces `tobj-<id>-node1/2`, each with a veth
     (`tonet0`, 10.x.y.2 and .3) on a bridge `tobjbr<id>` (10.x.y.1, where slurmctld listens, in
     this namespace), its own /etc/hosts (bound over the machine's in a mount namespace) and its
     own hostname (a UTS namespace), one slurmd each; munge is this machine's. Each node declares the
     machine's CPUs and 8 GPUs by count. `stop()` undoes all of it, also after a failed start;
-    `Unavailable` when namespaces cannot be made (no privilege)."""
+    `Unavailable` when namespaces cannot be made (no privilege). A munged started here is left to
+    `munge.stop()` when `munge` is given: another cluster of the session may use it longer."""
     if shutil.which("ip") is None or shutil.which("unshare") is None:
         raise Unavailable("`ip` (iproute2) or `unshare` is missing: no network namespaces")
     install_packages()
@@ -429,7 +430,7 @@ SlurmdTimeout=10
 {nodes}PartitionName=debug Nodes={",".join(HOSTS)} Default=YES MaxTime=INFINITE State=UP
 """))
         _fake_gpus(workdir, ",".join(HOSTS))
-        start_munged(cluster)
+        start_munged(munge or cluster)
         subprocess.run(["slurmctld", "-c", "-f", str(cluster.conf)], check=True, env=cluster.env,
                        capture_output=True, timeout=60)
         cluster.started.append(("slurmctld", workdir / "slurmctld.pid"))

@@ -21,11 +21,12 @@ Skipped, with the reason, where namespaces cannot be made (no root / CAP_NET_ADM
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import pytest
-from slurm_cluster import HOSTS, IFNAME, TwoHosts, Unavailable, start_two_hosts
+from slurm_cluster import HOSTS, IFNAME, Cluster, TwoHosts, Unavailable, start_two_hosts
 from slurm_jobs import (
     REPO,
     SLURM,
@@ -51,10 +52,19 @@ SIGNALLED = re.compile(r"^rank (\d+) on (\S+): SIGUSR1 received, checkpoint of s
                        re.MULTILINE)
 
 
+@pytest.fixture(scope="session")
+def munge():
+    """Whatever munged the hosts start lives to the end of the session: the one-node cluster of
+    test_slurm.py, started later, would find it running and rely on it."""
+    keeper = Cluster(env=dict(os.environ))
+    yield keeper
+    keeper.stop()
+
+
 @pytest.fixture(scope="module")
-def hosts(tmp_path_factory):
+def hosts(munge, tmp_path_factory):
     try:
-        cluster = start_two_hosts(tmp_path_factory.mktemp("two-hosts"))
+        cluster = start_two_hosts(tmp_path_factory.mktemp("two-hosts"), munge)
     except Unavailable as why:
         pytest.skip(f"no two-host SLURM here: {why}")
     yield cluster
