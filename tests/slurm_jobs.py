@@ -20,10 +20,11 @@ TINY = [
 STEP_LINE = re.compile(r"^step\s+(\d+)/(\d+) \|", re.MULTILINE)
 
 
-def tiny_env(data) -> dict[str, str]:
-    """tiny_cpu.sbatch's environment: the test's data, and a smaller model for speed."""
+def tiny_env(data, *settings: str, **env: str) -> dict[str, str]:
+    """tiny_cpu.sbatch's environment: the test's data, a smaller model for speed, `settings`
+    (`section.key=value`) after those, and `env`."""
     return {"DATA_DIR": str(data.tokenizer_path.parent),
-            "TRAIN_ARGS": " ".join(f"--set {item}" for item in TINY)}
+            "TRAIN_ARGS": " ".join(f"--set {item}" for item in [*TINY, *settings]), **env}
 
 
 def job_info(cluster: Cluster, job: str) -> dict[str, str]:

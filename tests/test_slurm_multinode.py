@@ -31,7 +31,6 @@ from slurm_jobs import (
     REPO,
     SLURM,
     STEP_LINE,
-    TINY,
     finished,
     job_info,
     metric_steps,
@@ -40,6 +39,7 @@ from slurm_jobs import (
     run_dir,
     submit,
     tensorboard_steps,
+    tiny_env,
     wait_for,
     wait_for_steps,
 )
@@ -76,13 +76,11 @@ def data(tmp_path_factory):
     return build_quickstart_data(tmp_path_factory.mktemp("data"), num_documents=300)
 
 
-def tiny_env(data, workers: int, *settings: str) -> dict[str, str]:
-    """tiny_cpu.sbatch's environment: the test's data, the tiny model, `workers` per node, one
-    thread each, gloo on the namespace interface (passed through env.sh as a site would)."""
-    items = [*TINY, f"train.steps={STEPS}", *settings]
-    return {"DATA_DIR": str(data.tokenizer_path.parent), "NPROC_PER_NODE": str(workers),
-            "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": IFNAME,
-            "TRAIN_ARGS": " ".join(f"--set {item}" for item in items)}
+def two_host_env(data, workers: int, *settings: str) -> dict[str, str]:
+    """The tiny run with `workers` per node, one thread each, gloo on the namespace interface
+    (passed through env.sh as a site would)."""
+    return tiny_env(data, f"train.steps={STEPS}", *settings, NPROC_PER_NODE=str(workers),
+                    OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=IFNAME)
 
 
 def losses(directory: Path) -> list[float]:
@@ -95,7 +93,7 @@ def losses(directory: Path) -> list[float]:
 def one_node(hosts, data, tmp_path_factory) -> list[float]:
     """The reference: the same global batch (8 sequences a step) by 2 workers on node1."""
     out = tmp_path_factory.mktemp("one-node")
-    job = submit(hosts, "tiny_cpu", out, sbatch=("--nodes=1",), **tiny_env(data, 2))
+    job = submit(hosts, "tiny_cpu", out, sbatch=("--nodes=1",), **two_host_env(data, 2))
     directory = run_dir(out, "tiny-cpu", job)
     info = wait_for(hosts, job, finished, 180, "the one-node run", directory)
     assert info["NumNodes"] == "1"
@@ -113,7 +111,7 @@ def assert_two_hosts(hosts: TwoHosts, job: str, directory: Path) -> None:
 
 def test_dp2_across_two_hosts_preempted_resumes_like_one_node(hosts, data, one_node, tmp_path):
     job = submit(hosts, "tiny_cpu", tmp_path, sbatch=("--nodes=2",),
-                 **tiny_env(data, 1, "parallel.tensor=1", "train.save_interval=0"))
+                 **two_host_env(data, 1, "parallel.tensor=1", "train.save_interval=0"))
     directory = run_dir(tmp_path, "tiny-cpu", job)
     saved = preempt_and_resume(hosts, job, directory, STEPS, after=2)
     assert_two_hosts(hosts, job, directory)
@@ -132,7 +130,7 @@ def test_dp2_across_two_hosts_preempted_resumes_like_one_node(hosts, data, one_n
 
 def test_tp2_across_two_hosts_loses_a_node_and_resumes(hosts, data, one_node, tmp_path):
     job = submit(hosts, "tiny_cpu", tmp_path, sbatch=("--nodes=2",),
-                 **tiny_env(data, 1, "parallel.tensor=2", "train.save_interval=4"))
+                 **two_host_env(data, 1, "parallel.tensor=2", "train.save_interval=4"))
     directory = run_dir(tmp_path, "tiny-cpu", job)
     wait_for_steps(directory, 8, timeout=120)
     # node2 is lost: its worker first, then its slurmd (and its torchrun agent, slurmstepd).
