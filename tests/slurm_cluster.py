@@ -14,6 +14,8 @@ checks of the GPU scripts, never used to run anything on a GPU.
 from __future__ import annotations
 
 import os
+import random
+import secrets
 import shutil
 import signal
 import socket
@@ -148,17 +150,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_conf(workdir: Path) -> Path:
-    """slurm.conf + gres.conf for this host. Ports of its own, so that a cluster already on the
-    default ports (one `sinfo` cannot find a configuration for) is never talked to."""
-    host = socket.gethostname().split(".")[0]
-    cpus = os.cpu_count() or 1
+def _conf_text(workdir: Path, controller: str, slurmd_files: str, extra: str = "") -> str:
+    """The slurm.conf lines every test cluster shares. `slurmd_files` names slurmd's pid, log
+    and spool files ("slurmd", or "slurmd-%n" for one slurmd per node on this machine)."""
     for sub in ("state", "spool"):
         (workdir / sub).mkdir(parents=True, exist_ok=True)
-    conf = workdir / "slurm.conf"
-    conf.write_text(f"""\
+    spool = workdir / "spool" if slurmd_files == "slurmd" else workdir / "spool" / "%n"
+    return f"""\
 ClusterName=tests
-SlurmctldHost={host}
+SlurmctldHost={controller}
 AuthType=auth/munge
 CredType=cred/munge
 SlurmctldPort={_free_port()}
@@ -183,22 +183,36 @@ AuthInfo=cred_expire=10
 KillWait=30
 MinJobAge=600
 StateSaveLocation={workdir}/state
-SlurmdSpoolDir={workdir}/spool
+SlurmdSpoolDir={spool}
 SlurmctldPidFile={workdir}/slurmctld.pid
-SlurmdPidFile={workdir}/slurmd.pid
+SlurmdPidFile={workdir}/{slurmd_files}.pid
 SlurmctldLogFile={workdir}/slurmctld.log
-SlurmdLogFile={workdir}/slurmd.log
+SlurmdLogFile={workdir}/{slurmd_files}.log
 GresTypes=gpu
-NodeName={host} CPUs={cpus} RealMemory=4000 Gres=gpu:{FAKE_GPUS} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
-""")
-    # The gpu plugin counts device files: empty files stand in for /dev/nvidia*.
+{extra}"""
+
+
+def _fake_gpus(workdir: Path, nodes: str) -> None:
+    """The gpu plugin counts device files: empty files stand in for /dev/nvidia*."""
     devices = workdir / "dev"
     devices.mkdir(exist_ok=True)
     for index in range(FAKE_GPUS):
         (devices / f"gpu{index}").touch()
     (workdir / "gres.conf").write_text(
-        f"NodeName={host} Name=gpu File={devices}/gpu[0-{FAKE_GPUS - 1}]\n")
+        f"NodeName={nodes} Name=gpu File={devices}/gpu[0-{FAKE_GPUS - 1}]\n")
+
+
+def write_conf(workdir: Path) -> Path:
+    """slurm.conf + gres.conf for this host. Ports of its own, so that a cluster already on the
+    default ports (one `sinfo` cannot find a configuration for) is never talked to."""
+    host = socket.gethostname().split(".")[0]
+    cpus = os.cpu_count() or 1
+    conf = workdir / "slurm.conf"
+    conf.write_text(_conf_text(workdir, host, "slurmd", f"""\
+NodeName={host} CPUs={cpus} RealMemory=4000 Gres=gpu:{FAKE_GPUS} State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""))
+    _fake_gpus(workdir, host)
     return conf
 
 
@@ -246,6 +260,185 @@ def ensure_cluster(workdir: Path) -> Cluster:
         log = (workdir / "slurmd.log").read_text()[-2000:] if (workdir / "slurmd.log").exists() \
             else ""
         raise AssertionError(f"the node did not become idle (sinfo: {state!r}):\n{log}")
+    except BaseException:
+        cluster.stop()
+        raise
+
+
+# ------------------------------------------------------------------------- two hosts, one machine
+IFNAME = "tonet0"  # the node's network interface, the same name in both namespaces
+HOSTS = ("node1", "node2")
+
+
+@dataclass
+class TwoHosts(Cluster):
+    """Two SLURM hosts in network namespaces of this machine; see `start_two_hosts`."""
+
+    run_id: str = ""
+    addresses: dict[str, str] = field(default_factory=dict)  # node -> its address (NodeAddr)
+    namespaces: dict[str, str] = field(default_factory=dict)  # node -> network namespace
+    undo: list[list[str]] = field(default_factory=list)  # commands that remove what was made
+
+    def start_slurmd(self, node: str) -> None:
+        """slurmd of `node` in its namespace, with a UTS namespace of its own so that `hostname`
+        (and everything slurmd starts: the batch shell, srun's tasks, torchrun) says `node`."""
+        assert self.conf is not None
+        workdir = self.conf.parent
+        pidfile = workdir / f"slurmd-{node}.pid"
+        (workdir / "spool" / node).mkdir(parents=True, exist_ok=True)
+        # nsenter, not `ip netns exec`: that one mounts a fresh /sys, without the cgroup
+        # filesystems slurmd needs. The node's /etc/hosts is bound in a mount namespace of its own.
+        script = (f'mount --bind {workdir / "hosts"} /etc/hosts && hostname {node} && '
+                  f'exec slurmd -f {self.conf} -N {node}')
+        subprocess.run(["nsenter", f"--net=/run/netns/{self.namespaces[node]}", "unshare",
+                        "--uts", "--mount", "--propagation", "private", "sh", "-c", script],
+                       check=True, env=self.env, capture_output=True, timeout=60)
+        self.started.append((f"slurmd {node}", pidfile))
+        _check_running(f"slurmd {node}", pidfile, self.conf.parent / f"slurmd-{node}.log")
+
+    def pids(self, node: str) -> list[int]:
+        """Every process in the node's network namespace."""
+        done = subprocess.run(["ip", "netns", "pids", self.namespaces[node]], capture_output=True,
+                              text=True)
+        return [int(pid) for pid in done.stdout.split()]
+
+    def signal(self, node: str, signum: int, match: str | None = None) -> list[int]:
+        """`signum` to the node's processes whose command line contains `match` (all: None)."""
+        sent = []
+        for pid in self.pids(node):
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if match is None or match in command:
+                try:
+                    os.kill(pid, signum)
+                    sent.append(pid)
+                except ProcessLookupError:
+                    pass
+        return sent
+
+    def lose(self, node: str, workers: str) -> list[int]:
+        """The node is lost at once: all of its processes are stopped (so none reports anything
+        to the other node or to slurmctld), its workers (command lines with `workers`) killed,
+        then slurmd and the rest. Returns the workers' pids."""
+        self.signal(node, signal.SIGSTOP)
+        killed = self.signal(node, signal.SIGKILL, workers)
+        self.signal(node, signal.SIGKILL)
+        return killed
+
+    def log(self, daemon: str) -> str:
+        """The log of `slurmctld` or `slurmd-<node>`."""
+        assert self.conf is not None
+        return (self.conf.parent / f"{daemon}.log").read_text(errors="replace")
+
+    def node_state(self, node: str) -> str:
+        return self.run("sinfo", "-h", "-n", node, "-o", "%T").stdout.strip()
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        deadline = time.time() + timeout
+        states = ""
+        while time.time() < deadline:
+            states = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False).stdout
+            if states.split()[1::2] == ["idle"] * len(HOSTS):
+                return
+            time.sleep(0.5)
+        assert self.conf is not None
+        logs = "\n".join(_tail(self.conf.parent / f"slurmd-{n}.log") for n in HOSTS)
+        raise AssertionError(f"the nodes did not become idle (sinfo: {states!r}):\n{logs}")
+
+    def stop(self) -> None:
+        """The daemons (by pid), every process left in the namespaces, then the namespaces, the
+        links and the files that were made, and nothing else."""
+        # SIGKILL: the daemons' state is thrown away with the cluster, and a slurmd takes seconds
+        # to stop on SIGTERM.
+        for node in self.namespaces:
+            self.signal(node, signal.SIGKILL)
+        super().stop()
+        for command in reversed(self.undo):
+            subprocess.run(command, capture_output=True)
+        self.undo.clear()
+
+
+def _tail(path: Path, chars: int = 2000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else f"(no {path.name})"
+
+
+def _ip(cluster: TwoHosts, *args: str, undo: list[str] | None = None) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise Unavailable(f"`ip {' '.join(args)}` failed: {done.stderr.strip()} (network "
+                          f"namespaces need root or CAP_NET_ADMIN)")
+    if undo:
+        cluster.undo.append(undo)
+
+
+def _subnet() -> str:
+    """A 10.x.y.0/24 that no route of this machine covers."""
+    routes = subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+    rng = random.Random()
+    for _ in range(100):
+        prefix = f"10.{rng.randrange(200, 250)}.{rng.randrange(1, 250)}"
+        if f"{prefix}." not in routes:
+            return prefix
+    raise Unavailable("no free 10.x.y.0/24 subnet for the test hosts")
+
+
+def start_two_hosts(workdir: Path, munge: Cluster | None = None) -> TwoHosts:
+    """Two SLURM hosts on this machine: network namespaces `tobj-<id>-node1/2`, each with a veth
+    (`tonet0`, 10.x.y.2 and .3) on a bridge `tobjbr<id>` (10.x.y.1, where slurmctld listens, in
+    this namespace), its own /etc/hosts (bound over the machine's in a mount namespace) and its
+    own hostname (a UTS namespace), one slurmd each; munge is this machine's. Each node declares the
+    machine's CPUs and 8 GPUs by count. `stop()` undoes all of it, also after a failed start;
+    `Unavailable` when namespaces cannot be made (no privilege). A munged started here is left to
+    `munge.stop()` when `munge` is given: another cluster of the session may use it longer."""
+    if shutil.which("ip") is None or shutil.which("unshare") is None:
+        raise Unavailable("`ip` (iproute2) or `unshare` is missing: no network namespaces")
+    install_packages()
+    run_id = secrets.token_hex(3)
+    prefix = _subnet()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cluster = TwoHosts(env={}, conf=workdir / "slurm.conf", run_id=run_id)
+    cluster.env = dict(os.environ, SLURM_CONF=str(cluster.conf))
+    try:
+        bridge = f"tobjbr{run_id}"
+        _ip(cluster, "link", "add", bridge, "type", "bridge", undo=["ip", "link", "del", bridge])
+        _ip(cluster, "addr", "add", f"{prefix}.1/24", "dev", bridge)
+        _ip(cluster, "link", "set", bridge, "up")
+        hosts = "127.0.0.1 localhost\n" + "".join(
+            f"{prefix}.{index + 2} {node}\n" for index, node in enumerate(HOSTS))
+        (workdir / "hosts").write_text(hosts)
+        for index, node in enumerate(HOSTS):
+            namespace, veth = f"tobj-{run_id}-{node}", f"tobj{run_id}v{index + 1}"
+            address = f"{prefix}.{index + 2}"
+            _ip(cluster, "netns", "add", namespace, undo=["ip", "netns", "del", namespace])
+            cluster.namespaces[node], cluster.addresses[node] = namespace, address
+            _ip(cluster, "link", "add", veth, "type", "veth", "peer", "name", IFNAME, "netns",
+                namespace, undo=["ip", "link", "del", veth])
+            _ip(cluster, "link", "set", veth, "master", bridge, "up")
+            _ip(cluster, "-n", namespace, "addr", "add", f"{address}/24", "dev", IFNAME)
+            _ip(cluster, "-n", namespace, "link", "set", IFNAME, "up")
+            _ip(cluster, "-n", namespace, "link", "set", "lo", "up")
+        cpus = os.cpu_count() or 1
+        nodes = "".join(f"NodeName={node} NodeAddr={address} NodeHostname={node} CPUs={cpus} "
+                        f"RealMemory=4000 Gres=gpu:{FAKE_GPUS} State=UNKNOWN\n"
+                        for node, address in cluster.addresses.items())
+        host = socket.gethostname().split(".")[0]
+        # A lost node is marked after SlurmdTimeout (300 s by default) without an answer.
+        cluster.conf.write_text(_conf_text(workdir, f"{host}({prefix}.1)", "slurmd-%n", f"""\
+SlurmdTimeout=10
+{nodes}PartitionName=debug Nodes={",".join(HOSTS)} Default=YES MaxTime=INFINITE State=UP
+"""))
+        _fake_gpus(workdir, ",".join(HOSTS))
+        start_munged(munge or cluster)
+        subprocess.run(["slurmctld", "-c", "-f", str(cluster.conf)], check=True, env=cluster.env,
+                       capture_output=True, timeout=60)
+        cluster.started.append(("slurmctld", workdir / "slurmctld.pid"))
+        _check_running("slurmctld", workdir / "slurmctld.pid", workdir / "slurmctld.log")
+        for node in HOSTS:
+            cluster.start_slurmd(node)
+        cluster.wait_idle()
+        return cluster
     except BaseException:
         cluster.stop()
         raise

@@ -14,6 +14,9 @@ checkpoint format); everything a run does around its steps is here, once:
 from __future__ import annotations
 
 import math
+import signal
+import socket
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -209,6 +212,12 @@ def run_loop(build: Callable[[], Trainer], steps: int, save_interval: int = 0,
             trainer.save()
         result.last_step = trainer.step
         if result.stopped_by_signal or flag.received is not None:  # saved after the signal
+            if flag.received is not None:
+                # Per worker, with its host: shows which ranks the signal itself reached.
+                rank = dist.get_rank() if dist.is_initialized() else 0
+                print(f"rank {rank} on {socket.gethostname()}: "
+                      f"{signal.Signals(flag.received).name} received, checkpoint of step "
+                      f"{trainer.step} saved", file=sys.stderr, flush=True)
             report_clean_stop(trainer.step)
         return result
     finally:
