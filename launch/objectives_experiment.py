@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=REPO / "runs" / "objectives")
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), help=f"among {list(ARMS)}")
     parser.add_argument("--documents", type=int, default=4000, help="corpus size (quickstart)")

@@ -25,7 +25,6 @@ from slurm_cluster import FAKE_GPUS, Cluster, Unavailable, ensure_cluster
 from slurm_jobs import (
     REPO,
     SLURM,
-    STEP_LINE,
     finished,
     metric_steps,
     preempt_and_resume,
@@ -85,37 +84,30 @@ def test_scripts_parse(script):
 
 
 # ---------------------------------------------------------------------------------- tiny on CPU
-def test_tiny_cpu_runs_to_completion(cluster, data, tmp_path):
-    job = submit(cluster, "tiny_cpu", tmp_path, "--set", "train.steps=40", **tiny_env(data))
-    directory = run_dir(tmp_path, "tiny-cpu", job)
-    info = wait_for(cluster, job, finished, 180, "the run to finish", directory)
-    assert info["ExitCode"] == "0:0" and info["Restarts"] == "0"
-    assert info["NumCPUs"] == "2" and info["NumNodes"] == "1"
-    log = read_log(directory)
-    assert f"rendezvous {_node(cluster)['NodeHostName']}:{20000 + int(job) % 40000}" in log
-    assert "network: NCCL_SOCKET_IFNAME=auto GLOO_SOCKET_IFNAME=auto;" in log
-    assert re.search(rf"triton cache \S*/triton-cache-\S+-{job}$", log, re.MULTILINE), log[:2000]
-    assert [int(m.group(1)) for m in STEP_LINE.finditer(log)] == list(range(1, 41))
-    assert metric_steps(directory) == list(range(1, 41))
-    rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
-    assert all(row["lm loss"] > 0 and row["tokens_per_s"] > 0 for row in rows)
-    assert rows[-1]["lm loss"] < rows[0]["lm loss"]  # it learns
-    checkpoint = directory / "checkpoints" / "step_0000040"
-    assert (checkpoint / "COMPLETE").is_file()
-    # Two workers (TP=2), each wrote its shard of the checkpoint.
-    assert len(list(checkpoint.glob("__*_0.distcp"))) == 2
-    assert tensorboard_steps(directory / "tensorboard", "loss/lm loss") == list(range(1, 41))
-
-
-def test_tiny_cpu_preempted_requeues_and_resumes(cluster, data, tmp_path):
+def test_tiny_cpu_preempted_requeues_resumes_and_completes(cluster, data, tmp_path):
+    """USR1 mid-run: the workers save, the job requeues, resumes and runs to completion."""
     total = 60
     job = submit(cluster, "tiny_cpu", tmp_path, "--set", f"train.steps={total}",
                  "--set", "train.save_interval=0", **tiny_env(data))
     directory = run_dir(tmp_path, "tiny-cpu", job)
     saved = preempt_and_resume(cluster, job, directory, total)
-    assert f"resuming from checkpoint: step_{saved:07d}" in read_log(directory)
+    info = wait_for(cluster, job, finished, 10, "the run to finish", directory)
+    assert info["ExitCode"] == "0:0" and info["Restarts"] == "1"
+    assert info["NumCPUs"] == "2" and info["NumNodes"] == "1"
+    log = read_log(directory)
+    assert f"resuming from checkpoint: step_{saved:07d}" in log
+    assert f"rendezvous {_node(cluster)['NodeHostName']}:{20000 + int(job) % 40000}" in log
+    assert "network: NCCL_SOCKET_IFNAME=auto GLOO_SOCKET_IFNAME=auto;" in log
+    assert re.search(rf"triton cache \S*/triton-cache-\S+-{job}$", log, re.MULTILINE), log[:2000]
+    rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["lm loss"] > 0 and row["tokens_per_s"] > 0 for row in rows)
+    assert rows[-1]["lm loss"] < rows[0]["lm loss"]  # it learns
     checkpoints = sorted(p.name for p in (directory / "checkpoints").iterdir())
     assert checkpoints == [f"step_{saved:07d}", f"step_{total:07d}"]
+    final = directory / "checkpoints" / f"step_{total:07d}"
+    assert (final / "COMPLETE").is_file()
+    # Two workers (TP=2), each wrote its shard of the checkpoint.
+    assert len(list(final.glob("__*_0.distcp"))) == 2
     # One TensorBoard run for the job, continued after the requeue.
     assert tensorboard_steps(directory / "tensorboard", "loss/lm loss") == \
         list(range(1, total + 1))
