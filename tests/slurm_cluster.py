@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PACKAGES = ("slurm-wlm", "munge")
+PACKAGES = ("slurm-wlm", "munge", "iproute2")
 FAKE_GPUS = 8
 
 
@@ -91,8 +91,9 @@ def _answers(env: dict[str, str]) -> bool:
 
 
 def install_packages() -> None:
-    """apt-get install slurm-wlm munge when a binary is missing (about a minute)."""
-    needed = ("sbatch", "slurmctld", "slurmd", "munged", "scontrol", "sinfo")
+    """apt-get install slurm-wlm, munge and iproute2 (the two-host cluster's `ip`) when a binary
+    is missing (about a minute)."""
+    needed = ("sbatch", "slurmctld", "slurmd", "munged", "scontrol", "sinfo", "ip")
     if all(shutil.which(tool) for tool in needed):
         return
     if shutil.which("apt-get") is None:
@@ -392,9 +393,9 @@ def start_two_hosts(workdir: Path, munge: Cluster | None = None) -> TwoHosts:
     machine's CPUs and 8 GPUs by count. `stop()` undoes all of it, also after a failed start;
     `Unavailable` when namespaces cannot be made (no privilege). A munged started here is left to
     `munge.stop()` when `munge` is given: another cluster of the session may use it longer."""
+    install_packages()
     if shutil.which("ip") is None or shutil.which("unshare") is None:
         raise Unavailable("`ip` (iproute2) or `unshare` is missing: no network namespaces")
-    install_packages()
     run_id = secrets.token_hex(3)
     prefix = _subnet()
     workdir.mkdir(parents=True, exist_ok=True)
