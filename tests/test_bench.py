@@ -45,8 +45,8 @@ def test_bench_prints_every_method_with_ratios(capsys):
     out = capsys.readouterr().out
     assert "% peak = of the data-sheet 50 GB/s" in out
     table = out.split("TP      T")[-1].splitlines()[1:]
-    methods = ["megatron", "megatron_fused", "naive", "unchunked", "ours", "head_unfused",
-               "head_fused"]
+    methods = ["megatron", "megatron_fused", "naive", "unchunked", "ours", "ours_gaussian",
+               "head_unfused", "head_fused"]
     for tp in (1, 2):
         rows = [line.split() for line in table if line.split()[:3] == [str(tp), "64", "256"]]
         assert [row[4] for row in rows] == methods

@@ -6,6 +6,7 @@ Logits in ([T, V/tp] shard per rank):
   naive           all-gather the logits, F.cross_entropy * PDL weight + 0.3 * ntloss.NTLoss
   unchunked       ours (CE + NTL-WAS + PDL), torch stages, one chunk of all T rows
   ours            ours, default chunks; the Triton kernels on CUDA
+  ours_gaussian   ours with Gaussian number targets as well (gaussian_sigma = 1)
 Hidden states in ([T, h] and the output-layer shard [V/tp, h]):
   head_unfused    hidden @ weight.T, then `ours`
   head_fused      fused_linear_objective_loss: no [T, V/tp] tensor is kept
@@ -13,6 +14,7 @@ Hidden states in ([T, h] and the output-layer shard [V/tp, h]):
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -29,9 +31,10 @@ from token_objectives import (
     objective_loss,
 )
 
-LOGIT_METHODS = ("megatron", "megatron_fused", "naive", "unchunked", "ours")
+LOGIT_METHODS = ("megatron", "megatron_fused", "naive", "unchunked", "ours", "ours_gaussian")
 HEAD_METHODS = ("head_unfused", "head_fused")
 CONFIG = ObjectiveConfig(ntl="was", ntl_weight=0.3, pdl_alpha=0.5)
+GAUSSIAN_CONFIG = dataclasses.replace(CONFIG, gaussian_sigma=1.0)
 
 
 @dataclass
@@ -122,10 +125,11 @@ def _loss_of(method: str, p: Problem, x: torch.Tensor, w: torch.Tensor | None) -
         return fused_vocab_parallel_cross_entropy(x, p.labels, group).sum()
     if method == "naive":
         return _naive_loss(p, x)
-    if method in ("unchunked", "ours"):
+    if method in ("unchunked", "ours", "ours_gaussian"):
         rows = x.shape[0] if method == "unchunked" else None
         kernel = "torch" if method == "unchunked" else None
-        return objective_loss(x, p.labels, CONFIG, p.numbers, p.pdl_weights, p.group,
+        config = GAUSSIAN_CONFIG if method == "ours_gaussian" else CONFIG
+        return objective_loss(x, p.labels, config, p.numbers, p.pdl_weights, p.group,
                               rows_per_chunk=rows, kernel=kernel).loss.sum()
     if method == "head_unfused":
         if p.group is not None:  # a column-parallel head all-reduces grad_hidden, as fused does
