@@ -184,7 +184,8 @@ def test_evaluate_a_local_hf_model_end_to_end(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def megatron_run(tmp_path_factory):
-    """2 steps at TP = 2 with train.eval_interval = 2 on five problems."""
+    """2 steps at TP = 2 with sequence parallelism and train.eval_interval = 2 on five problems
+    (evaluate then reads the checkpoint at TP = 1 without it)."""
     from token_objectives.quickstart.data import build_quickstart_data
 
     root = tmp_path_factory.mktemp("megatron_eval")
@@ -193,7 +194,8 @@ def megatron_run(tmp_path_factory):
     problems.write_text(PROBLEMS_JSONL)
     settings = [f"data.tokenizer={data.tokenizer_path}", f"data.train_prefix={data.train_prefix}",
                 f"data.frequencies={data.frequencies_path}", f"output.dir={root / 'run'}",
-                *TINY, "parallel.tensor=2", "train.steps=2", "train.eval_interval=2",
+                *TINY, "parallel.tensor=2", "parallel.sequence_parallel=true", "train.steps=2",
+                "train.eval_interval=2",
                 f"data.eval_data={problems}", "train.eval_max_new_tokens=4",
                 "train.eval_batch_size=2"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",

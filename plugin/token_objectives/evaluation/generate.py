@@ -100,6 +100,12 @@ class MegatronGenerator:
                  tp_group=None) -> None:
         self.model, self.tokenizer, self.eod = model, tokenizer, eod
         self.real_vocab, self.seq_length, self.tp_group = real_vocab, seq_length, tp_group
+        # Sequence parallelism splits the sequence over the TP ranks: the window is padded on
+        # the right to a multiple of TP, which the causal attention keeps out of the real
+        # positions' logits.
+        config = getattr(model, "config", None)
+        self.length_multiple = (config.tensor_model_parallel_size
+                                if getattr(config, "sequence_parallel", False) else 1)
 
     @torch.no_grad()
     def ids(self, prompts: list[list[int]], max_new_tokens: int,
@@ -114,8 +120,12 @@ class MegatronGenerator:
         start = tokens.shape[1]
         for _ in range(max_new_tokens):
             window = tokens[:, -self.seq_length:]
+            length = window.shape[1]
+            pad = -length % self.length_multiple
+            if pad:
+                window = torch.cat([window, window.new_full((len(prompts), pad), self.eod)], 1)
             positions = torch.arange(window.shape[1], device=device).expand_as(window)
-            logits = self.model(window, positions, None)[:, -1]  # [b, V/tp]
+            logits = self.model(window, positions, None)[:, length - 1]  # [b, V/tp]
             chosen = vocab_parallel_argmax(logits, self.tp_group, real_vocab=self.real_vocab)
             chosen = torch.where(done, torch.full_like(chosen, stop[0]), chosen)
             tokens = torch.cat([tokens, chosen[:, None]], dim=1)

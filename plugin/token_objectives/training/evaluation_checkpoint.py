@@ -85,8 +85,8 @@ def load_megatron_checkpoint(checkpoint: str | os.PathLike, config_path: str | o
     tokenizer = MegatronTokenizer(cfg.data.tokenizer)
     vocab = padded_vocab_size(cfg.model.vocab_size or tokenizer.vocab_size,
                               cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor)
-    one_rank = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tensor=1,
-                                                                     pipeline=1))
+    one_rank = dataclasses.replace(cfg, parallel=dataclasses.replace(
+        cfg.parallel, tensor=1, pipeline=1, sequence_parallel=False))
     model = build_model(one_rank, vocab, None, initialize=False)
     problem = checkpointing.manifest_problem(checkpointing.step_dir(root, step))
     if problem is not None:
