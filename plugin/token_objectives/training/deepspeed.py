@@ -254,8 +254,9 @@ def build_model(config, seed: int, ds_config: Mapping[str, Any] | None = None
 
 def seeded_init(model: torch.nn.Module, seed: int, std: float, partitioned: bool) -> None:
     """Each parameter from a generator seeded by (seed, its name): matrices N(0, std), as
-    transformers' Llama init, norm gains 1. partitioned: ZeRO-3 parameters, gathered one at a
-    time, drawn on rank 0, and partitioned again on leaving the context."""
+    transformers' Llama init, norm gains 1, biases 0. partitioned: ZeRO-3 parameters, gathered
+    one at a time and partitioned again on leaving the context (every rank draws the same;
+    DeepSpeed keeps the first rank's)."""
     for name, param in model.named_parameters():
         gather = contextlib.nullcontext()
         if partitioned:
@@ -263,10 +264,8 @@ def seeded_init(model: torch.nn.Module, seed: int, std: float, partitioned: bool
 
             gather = deepspeed.zero.GatheredParameters([param], modifier_rank=0)
         with gather, torch.no_grad():
-            if partitioned and dist.get_rank() != 0:
-                continue
             if param.dim() == 1:
-                param.fill_(1.0)
+                param.fill_(1.0 if "norm" in name.rsplit(".", 2)[-2] else 0.0)
                 continue
             generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             param.copy_(torch.randn(param.shape, generator=generator) * std)
