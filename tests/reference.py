@@ -59,11 +59,43 @@ def _digit_runs(digits: list[bool], dots: list[bool], float_mode: bool,
     return runs
 
 
-def _whole_number(per_digit: torch.Tensor, members: list[int], max_len: int) -> torch.Tensor:
-    count = len(members)
-    return sum(
-        per_digit[p] * 10.0 ** min(count - 1 - i, max_len - 1) for i, p in enumerate(members)
-    )
+def _whole_number(per_digit: torch.Tensor, members: list[int], max_len: int,
+                  widths: list[int] | None = None) -> torch.Tensor:
+    """sum of each member's value times 10 ** (the digits of the members after it); widths: the
+    digits each member holds (one each by default)."""
+    widths = widths or [1] * len(members)
+    total = 0.0
+    for i, p in enumerate(members):
+        after = sum(widths[i + 1 :])
+        total = total + per_digit[p] * 10.0 ** min(after, max_len - 1)
+    return total
+
+
+def _digits_of(numbers: NumberTable, token_id: int) -> int:
+    """Digits a number token holds: 1 in a digit-level table, else its text's (or value's)."""
+    if numbers.digit_level:
+        return 1
+    ids = numbers.number_ids.tolist()
+    if numbers.number_token_texts:
+        return sum(c.isdigit() for c in numbers.number_token_texts[ids.index(token_id)])
+    return len(str(int(numbers.values[token_id].item())))
+
+
+def _group_mask(numbers: NumberTable, target: torch.Tensor, is_num: torch.Tensor
+                ) -> torch.Tensor:
+    """bool [..., N]: the number tokens each position's NTL covers. A grouped table: those with
+    the target's digit count (every one where the target is no number); else all."""
+    ids = numbers.number_ids
+    if not numbers.grouped:
+        return torch.ones((*target.shape, len(ids)), dtype=torch.bool)
+    digits = [len([c for c in text if c.isdigit()]) for text in numbers.number_token_texts]
+    if not digits:  # a table built from values: count the integer digits
+        digits = [len(str(int(v))) for v in numbers.values[ids].tolist()]
+    by_id = dict(zip(ids.tolist(), digits, strict=True))
+    wanted = torch.tensor([by_id.get(int(y), -1) for y in target.flatten().tolist()])
+    wanted = torch.where(is_num.flatten(), wanted, -1).reshape(target.shape)
+    member_digits = torch.tensor(digits)
+    return (member_digits == wanted.unsqueeze(-1)) | (wanted.unsqueeze(-1) < 0)
 
 
 def _target_distribution(target: torch.Tensor, ignored: torch.Tensor, numbers: NumberTable,
@@ -75,6 +107,11 @@ def _target_distribution(target: torch.Tensor, ignored: torch.Tensor, numbers: N
     is_number_token = ~torch.isnan(values)
     gauss = torch.exp(-((values - u.unsqueeze(-1)) ** 2) / (2 * sigma**2))
     gauss = torch.where(is_number_token, gauss, 0.0)
+    if numbers.grouped:  # only the number tokens of the target's digit count
+        ids = numbers.number_ids
+        covered = torch.zeros((*target.shape, real), dtype=torch.bool)
+        covered[..., ids] = _group_mask(numbers, target, ~torch.isnan(u) & ~ignored)
+        gauss = torch.where(covered, gauss, 0.0)
     gauss = gauss / gauss.sum(-1, keepdim=True)
     one_hot = F.one_hot(target, real).double()
     is_number = (~torch.isnan(u) & ~ignored).unsqueeze(-1)
@@ -132,12 +169,13 @@ def reference_objective_loss(
     if config.ntl is not None:
         ids = numbers.number_ids
         values = numbers.values[ids].double()
-        p_numbers = torch.softmax(x[..., ids], dim=-1)
-        mass = torch.softmax(x_real, dim=-1)[..., ids].sum(-1)
-        yhat = p_numbers @ values
         u = numbers.values.double()[target]
         is_num = ~torch.isnan(u) & ~ignored
         u = torch.where(is_num, u, 0.0)
+        covered = _group_mask(numbers, target, is_num)
+        p_numbers = torch.softmax(x[..., ids].masked_fill(~covered, float("-inf")), dim=-1)
+        mass = (torch.softmax(x_real, dim=-1)[..., ids] * covered).sum(-1)
+        yhat = p_numbers @ values
         if config.ntl == "was":
             table = _distance_table(values, config.squash_factor)
             column = {v: i for i, v in enumerate(values.tolist())}
@@ -148,11 +186,18 @@ def reference_objective_loss(
                 ]
             )
             raw = (p_numbers.reshape(-1, len(ids)) * rows).sum(-1).reshape(labels.shape)
-            max_d = table.max()
+            # The largest distance among the number tokens each position covers.
+            max_d = torch.stack([
+                table[m][:, m].max() for m in covered.reshape(-1, len(ids))
+            ]).reshape(labels.shape)
             positions = is_num
         elif config.ntl in ("mse", "l1", "huber"):
             raw = _pointwise(config, yhat, u)
-            lo, hi = values.min(), values.max()
+            spread = torch.stack([
+                torch.stack([values[m].min(), values[m].max()])
+                for m in covered.reshape(-1, len(ids))
+            ]).reshape(*labels.shape, 2)
+            lo, hi = spread.unbind(-1)
             max_d = torch.maximum(
                 _pointwise(config, lo, hi).abs(), _pointwise(config, hi, lo).abs()
             )
@@ -178,8 +223,10 @@ def reference_objective_loss(
                 ]
                 runs = _digit_runs(flat_num[r].tolist(), dots, config.number_level_float, starts)
                 for members in runs:
-                    true = _whole_number(flat_u[r], members, config.max_number_length)
-                    guess = _whole_number(flat_yhat[r], members, config.max_number_length)
+                    widths = [_digits_of(numbers, int(flat_lab[r, p])) for p in members]
+                    true = _whole_number(flat_u[r], members, config.max_number_length, widths)
+                    guess = _whole_number(flat_yhat[r], members, config.max_number_length,
+                                          widths)
                     raw_rows[r, members[0]] = (guess - true).abs() / (
                         guess.abs() + true.abs() + torch.finfo(torch.float32).eps
                     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from cases import CONFIGS, Case, make_case
+from cases import CONFIGS, Case, case_named, make_case
 from dist_pool import counted_collectives, tp_group
 from reference import reference_objective_loss
 
@@ -13,7 +13,8 @@ from token_objectives.objectives.fused_linear import fused_linear_objective_loss
 
 HIDDEN = 16
 NAMES = ["ce", "was", "was_squash", "mse", "number", "label_smoothing", "z_loss", "all",
-         "all_mse_weighted_mean", "gaussian_was"]
+         "all_mse_weighted_mean", "gaussian_was", "groups_all", "groups_number_float",
+         "groups_gaussian_was"]
 
 
 def _inputs(case: Case, seed: int = 0):
@@ -53,7 +54,7 @@ def _reference(case: Case) -> dict:
 
 @pytest.fixture(scope="module")
 def fused_runs(pool4):
-    cases = [make_case(name, CONFIGS[name], seed=40 + i) for i, name in enumerate(NAMES)]
+    cases = [case_named(name, seed=40 + i) for i, name in enumerate(NAMES)]
     runs = {(tp, rows): pool4.run(run_fused, tp, cases, rows)
             for tp, rows in ((1, None), (2, None), (4, 7), (2, 1))}
     return cases, runs
@@ -124,13 +125,12 @@ def run_sequence_parallel(tp_size: int, cases: list[Case]) -> list[dict]:
     return out
 
 
-SEQUENCE_PARALLEL = ["all", "number", "was_squash", "gaussian_was"]
+SEQUENCE_PARALLEL = ["all", "number", "was_squash", "gaussian_was", "groups_all"]
 
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_sequence_parallel_head_matches_reference(pool4, tp):
-    cases = [make_case(name, CONFIGS[name], seed=70 + i)
-             for i, name in enumerate(SEQUENCE_PARALLEL)]
+    cases = [case_named(name, seed=70 + i) for i, name in enumerate(SEQUENCE_PARALLEL)]
     per_rank = pool4.run(run_sequence_parallel, tp, cases)
     for index, case in enumerate(cases):
         expected = _reference(case)

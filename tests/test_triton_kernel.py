@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 import torch.distributed as dist
-from cases import CONFIGS, all_cases, make_case
+from cases import all_cases, case_named
 from test_fused_linear import NAMES as FUSED_NAMES
 from test_fused_linear import _reference as fused_reference
 from test_fused_linear import run_fused
@@ -27,7 +27,8 @@ if importlib.util.find_spec("triton") is None:
 # Shorter rows than the torch tests' 24: the interpreter's time goes as the rows.
 SEQ = 14
 SHARDED_CASES = ("all", "was_squash", "label_smoothing", "numbers_first_shard",
-                 "numbers_last_shard", "wide_padding", "gaussian_numbers_last_shard")
+                 "numbers_last_shard", "wide_padding", "gaussian_numbers_last_shard",
+                 "groups_all", "groups_gaussian_was")
 
 
 def first_group_only(task, tp_size: int, *args):
@@ -72,12 +73,12 @@ def test_triton_matches_float64_reference_at_every_tp(triton_runs, name):
 
 
 FUSED_CASES = [name for name in FUSED_NAMES
-               if name in ("ce", "was_squash", "number", "all", "gaussian_was")]
+               if name in ("ce", "was_squash", "number", "all", "gaussian_was", "groups_all")]
 
 
 @pytest.fixture(scope="module")
 def fused_triton_runs(pool4):
-    cases = [make_case(name, CONFIGS[name], seed=40 + i, seq=SEQ)
+    cases = [case_named(name, seed=40 + i, seq=SEQ)
              for i, name in enumerate(FUSED_NAMES) if name in FUSED_CASES]
     return cases, {(tp, rows): pool4.run(first_group_only, run_fused, tp, cases, rows,
                                          torch.float32, "triton")

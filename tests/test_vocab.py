@@ -81,7 +81,7 @@ def test_word_boundary_markers_strip_exactly_one():
     numbers = ["7", "\u25817", "\u01207", " 7"]
     not_numbers = ["\u2581\u25817", "\u0120 7", "  7", "7\u2581", "7 ", "77", "\u2581", "a7"]
     tokenizer = word_level_tokenizer(["a", *numbers, *not_numbers])
-    table = NumberTable.from_tokenizer(tokenizer)
+    table = NumberTable.from_tokenizer(tokenizer, number_tokens="digit")
     assert table_as_dict(table) == {tokenizer.token_to_id(t): 7.0 for t in numbers}
     assert len(set(numbers)) == table.number_ids.numel() == 4
 
@@ -175,9 +175,10 @@ def test_vocab_size_smaller_than_tokenizer(bpe_tokenizer_path):
 def test_no_number_tokens_digit_mode_names_the_fixes():
     tokenizer = word_level_tokenizer(["a", "b", "\u2581x", "42"])
     with pytest.raises(ValueError) as error:
-        NumberTable.from_tokenizer(tokenizer)
+        NumberTable.from_tokenizer(tokenizer, number_tokens="digit")
     message = str(error.value)
-    for fix in ("--split_digits=true", "digit_level=False", "--number-tokens multi", "ntl=None"):
+    for fix in ("--split_digits=true", "number_tokens='auto'", "--number-tokens auto",
+                "ntl=None"):
         assert fix in message
     assert tokenizer_identity(tokenizer) in message
 
@@ -227,7 +228,8 @@ def test_describe_lists_every_number_token(sp_model_path):
     processor = sentencepiece.SentencePieceProcessor(model_file=str(sp_model_path))
     table = NumberTable.from_tokenizer(processor)
     text = table.describe()
-    assert f"{table.number_ids.numel()} number tokens (digit-level)" in text
+    assert f"{table.number_ids.numel()} number tokens (digit: digit-level)" in text
+    assert "by digit count: 10 of 1 digit\n" in text
     assert table.tokenizer_identity in text
     for token_id, value in expected_digit_ids(sp_lookup(processor), "\u2581").items():
         piece = processor.id_to_piece(token_id)

@@ -56,8 +56,9 @@ def shard_of(numbers: NumberTable | None, layout: VocabLayout,
     if numbers is None:  # keyed on the layout's value: each call resolves a new, equal one
         return _cached(_NO_TABLE, ("shard", layout, str(device)),
                        lambda: vocab_shard(None, layout, device))
+    groups = numbers.digit_counts if numbers.grouped else None
     return _cached(numbers.values, ("shard", layout, str(device)),
-                   lambda: vocab_shard(numbers.values, layout, device))
+                   lambda: vocab_shard(numbers.values, layout, device, groups))
 
 
 def distance_for(numbers: NumberTable, squash_factor: float | None) -> Distance:
@@ -70,3 +71,17 @@ def max_distance_for(numbers: NumberTable, distance: Distance) -> float:
     """The largest distance between two of the table's number values (Wasserstein's scale)."""
     return _cached(numbers.values, ("max_distance", distance), lambda: distance.max_distance(
         numbers.values[numbers.is_number]))
+
+
+def group_bounds_for(numbers: NumberTable, device: torch.device) -> torch.Tensor:
+    """float64 [G + 1, 2] (lowest, highest) number value of each group of a grouped table
+    (group = digit count; rows of absent groups hold 0, 0), on `device`."""
+    def build() -> torch.Tensor:
+        counts = numbers.digit_counts[numbers.is_number].long()
+        values = numbers.values[numbers.is_number].double()
+        bounds = torch.zeros(int(counts.max()) + 1, 2, dtype=torch.float64)
+        for group in counts.unique().tolist():
+            members = values[counts == group]
+            bounds[group] = torch.stack([members.min(), members.max()])
+        return bounds.to(device)
+    return _cached(numbers.values, ("group_bounds", str(device)), build)

@@ -84,5 +84,6 @@ def fused_linear_objective_loss(
         hidden.reshape(-1, hidden.shape[-1]), weight, prep.targets.flatten(),
         prep.target_values.flatten(), prep.shard, prep.columns, prep.distance, prep.real_vocab,
         tp_group, rows_per_chunk, kernel, prep.label_check, sequence_parallel,
+        prep.flat_target_groups(),
     )
     return compose(stats, prep, labels, config, numbers, pdl_weights, loss_mask, seq_dim)

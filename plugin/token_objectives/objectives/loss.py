@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from token_objectives.objectives.config import ObjectiveConfig
 from token_objectives.objectives.device_tables import (
     distance_for,
+    group_bounds_for,
     max_distance_for,
     on_device,
     shard_of,
@@ -137,17 +138,30 @@ def _ntl_term(
     labels: torch.Tensor,
     targets: torch.Tensor,
     seq_dim: int,
+    target_groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ntl [...], positions bool [...]) before lambda; ntl is 0 outside positions."""
-    if config.ntl == "was":
-        raw, max_distance = was, max_distance_for(numbers, distance)
-    elif config.ntl == "number":
+    """(ntl [...], positions bool [...]) before lambda; ntl is 0 outside positions.
+
+    target_groups [...] (grouped tables): reweigh's largest distance is that of the target's
+    group, the number tokens its softmax covered."""
+    if config.ntl == "number":
         return _number_level_term(
             config, numbers, yhat, mass, target_values, is_number, labels, targets, seq_dim
         )
+    if target_groups is not None:
+        bounds = group_bounds_for(numbers, yhat.device)[target_groups.clamp(min=0).long()]
+        low, high = bounds.to(yhat.dtype).unbind(-1)
+    if config.ntl == "was":
+        raw = was
+        if target_groups is None:
+            max_distance = max_distance_for(numbers, distance)
+        else:
+            spread = (high - low).unsqueeze(-1)
+            max_distance = distance(spread, torch.zeros_like(spread)).squeeze(-1)
     else:
-        values = numbers.values[numbers.is_number].to(yhat.dtype)
-        low, high = values.min(), values.max()
+        if target_groups is None:
+            values = numbers.values[numbers.is_number].to(yhat.dtype)
+            low, high = values.min(), values.max()
         raw = _pointwise(config, yhat, target_values)
         max_distance = torch.maximum(
             _pointwise(config, low, high).abs(), _pointwise(config, high, low).abs()
@@ -167,10 +181,11 @@ def _pointwise(config: ObjectiveConfig, prediction: torch.Tensor, target: torch.
 
 def _number_level_term(config, numbers, yhat, mass, target_values, is_number, labels, targets,
                        seq_dim):
-    if not numbers.digit_level:
+    if numbers.mode == "multi":
         raise ValueError(
-            "ntl='number' assembles numbers from single digits: build the NumberTable with "
-            "digit_level=True (--number-tokens digit)"
+            "ntl='number' assembles numbers from digits or digit groups, each in its place: "
+            "number_tokens='multi' compares tokens of every length by value, so a token has no "
+            "place; use number_tokens='auto' (or 'groups' / 'digit', --number-tokens)"
         )
     if config.number_level_float and numbers.dot_id is None:
         raise ValueError(
@@ -185,7 +200,10 @@ def _number_level_term(config, numbers, yhat, mass, target_values, is_number, la
     word_start = None
     if numbers.word_start is not None:
         word_start = flat(on_device(numbers.word_start, labels.device)[targets] & is_number)
-    runs = digit_runs(flat(is_number), is_dot, config.max_number_length, word_start)
+    digits = None
+    if not numbers.digit_level:  # digit groups: a group shifts the groups before it by its size
+        digits = flat(on_device(numbers.digit_counts, labels.device)[targets] * is_number)
+    runs = digit_runs(flat(is_number), is_dot, config.max_number_length, word_start, digits)
     truth = runs.assemble(flat(target_values).to(yhat.dtype))
     guess = runs.assemble(flat(yhat))
     raw = (guess - truth).abs() / (guess.abs() + truth.abs() + SMAPE_EPS)
@@ -267,6 +285,7 @@ def objective_loss(
         kernel,
         prep.label_check,
         grad_in_place,
+        prep.flat_target_groups(),
     )
     return compose(stats, prep, labels, config, numbers, pdl_weights, loss_mask, seq_dim)
 
@@ -284,6 +303,11 @@ class PreparedTargets:
     is_number_target: torch.Tensor  # bool [...]
     counted: torch.Tensor  # bool [...]
     label_check: LabelCheck = LabelCheck()  # raised after the MAX all-reduce under TP
+    # int32 [...] with a grouped table: the target's digit count, -1 where it is no number.
+    target_groups: torch.Tensor | None = None
+
+    def flat_target_groups(self) -> torch.Tensor | None:
+        return None if self.target_groups is None else self.target_groups.flatten()
 
 
 def prepare_targets(
@@ -350,10 +374,14 @@ def prepare_targets(
         counted = counted & (loss_mask != 0)
     targets = torch.where(ignored, torch.zeros_like(labels), labels).long()
 
+    target_groups = None
     if config.uses_numbers:  # NTL or the Gaussian target
         values = on_device(numbers.values, device)[targets]
         is_number_target = ~torch.isnan(values) & ~ignored
         target_values = torch.where(is_number_target, values, torch.zeros_like(values))
+        if numbers.grouped:
+            groups = on_device(numbers.digit_counts, device)[targets]
+            target_groups = torch.where(is_number_target, groups, -1).to(torch.int32)
     else:
         is_number_target = torch.zeros_like(ignored)
         target_values = torch.zeros(labels.shape, device=device)
@@ -367,7 +395,7 @@ def prepare_targets(
     if config.ntl is not None:
         distance = distance_for(numbers, config.squash_factor)
     return PreparedTargets(shard, real_vocab, columns, distance, targets, target_values,
-                           is_number_target, counted, label_check)
+                           is_number_target, counted, label_check, target_groups)
 
 
 def _check_loss_mask(loss_mask: torch.Tensor, labels: torch.Tensor) -> None:
@@ -436,6 +464,7 @@ def compose(
             labels,
             targets,
             seq_dim,
+            prep.target_groups,
         )
         loss = loss + config.ntl_weight * ntl
     else:

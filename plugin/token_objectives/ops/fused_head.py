@@ -72,25 +72,26 @@ class FusedLinearStatistics(torch.autograd.Function):
         plan: Plan,
         tp_group: dist.ProcessGroup | None,
         sequence_parallel: bool = False,
+        target_groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
         full = gather_sequence(hidden, tp_group) if sequence_parallel else hidden
-        rows = RowChunk(targets, target_values)
+        rows = RowChunk(targets, target_values, target_groups=target_groups)
         maxima, sums = chunked_partials(lambda chunk: full[chunk] @ weight.t(), full, rows, plan)
         stats, log_q, gauss_scale = finish_statistics(maxima, sums, plan, tp_group)
         # The local slice is saved, not the gathered [T, h]: backward gathers it again.
-        ctx.save_for_backward(hidden, weight, targets, target_values, stats, log_q, gauss_scale)
+        ctx.save_for_backward(hidden, weight, stats, log_q, gauss_scale)
+        ctx.rows = rows
         ctx.plan, ctx.tp_group, ctx.sequence_parallel = plan, tp_group, sequence_parallel
         return stats
 
     @staticmethod
     def backward(ctx, grad_stats: torch.Tensor):
-        hidden, weight, targets, target_values, stats, log_q, gauss_scale = ctx.saved_tensors
+        hidden, weight, stats, log_q, gauss_scale = ctx.saved_tensors
         plan = ctx.plan
         if ctx.sequence_parallel:
             hidden = gather_sequence(hidden, ctx.tp_group)
         real = plan.shard.real_width
-        rows = RowChunk(targets, target_values, stats, log_q, grad_stats.to(stats.dtype),
-                        gauss_scale)
+        rows = ctx.rows.backward_rows(stats, log_q, grad_stats.to(stats.dtype), gauss_scale)
         grad_hidden = torch.zeros(hidden.shape, dtype=stats.dtype, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=stats.dtype, device=weight.device)
         real_weight = weight[:real]
@@ -110,7 +111,7 @@ class FusedLinearStatistics(torch.autograd.Function):
         elif ctx.tp_group is not None:
             dist.all_reduce(grad_hidden, group=ctx.tp_group)
         return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None,
-                None, None)
+                None, None, None)
 
 
 def fused_linear_statistics(
@@ -127,10 +128,12 @@ def fused_linear_statistics(
     kernel: str | None = None,
     labels: LabelCheck | None = None,
     sequence_parallel: bool = False,
+    target_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """hidden [T, h], weight [V/tp, h] (this rank's output-layer shard), targets long [T]
     (global ids, in range), target_values [T] (0 where the target is not a number) ->
     statistics [T, 6] of hidden @ weight.T, differentiable in hidden and weight.
+    target_groups: int32 [T], needed with a grouped shard (plan.RowChunk.target_groups).
 
     As `statistics.vocab_parallel_statistics`, but rows_per_chunk tokens' logits [rows, V/tp]
     are all it holds at a time (default: HEAD_CHUNK_ELEMENTS of them, 64 MiB in fp32).
@@ -147,4 +150,4 @@ def fused_linear_statistics(
                 chunk_rows(weight.shape[0], rows_per_chunk, HEAD_CHUNK_ELEMENTS),
                 resolve_kernel(kernel, hidden.device, hidden.dtype), labels or LabelCheck())
     return FusedLinearStatistics.apply(hidden, weight, targets, target_values, plan, tp_group,
-                                       sequence_parallel)
+                                       sequence_parallel, target_groups)

@@ -36,6 +36,7 @@ PADDED_WIDTH, REAL_WIDTH = 50304, 50257
 ALIGNED_INTS = ("row_stride", "grad_row_stride", "width")
 FLOATS = ("squash_min", "squash_scale", "inv_real_vocab", "inv_sigma")
 LONG_POINTERS = ("targets_ptr", "number_cols_ptr")
+INT_POINTERS = ("number_groups_ptr", "target_groups_ptr")
 LOGIT_POINTERS = ("logits_ptr", "grad_ptr")
 
 
@@ -79,10 +80,10 @@ def variants(dtypes: tuple[str, ...] = tuple(DTYPES)) -> list[Variant]:
     """Every distinct constexpr combination the dispatch can launch on a wide (>= MAX_BLOCK)
     shard, per kernel and logits dtype."""
     combos = []
-    for numbers, wasserstein, mean_logit, squash, gaussian in itertools.product(
-            (False, True), repeat=5):
+    for numbers, wasserstein, mean_logit, squash, gaussian, grouped in itertools.product(
+            (False, True), repeat=6):
         flags = triton_kernels.launch_flags(numbers, wasserstein, mean_logit, squash,
-                                            PADDED_WIDTH, gaussian)
+                                            PADDED_WIDTH, gaussian, grouped)
         key = tuple(sorted(flags.items()))
         if key not in combos:
             combos.append(key)
@@ -114,6 +115,8 @@ def compile_variant(variant: Variant, arch: str, *, hint_real_width: bool = Fals
             signature[name] = f"*{DTYPES[variant.dtype]}"
         elif name in LONG_POINTERS:
             signature[name] = "*i64"
+        elif name in INT_POINTERS:
+            signature[name] = "*i32"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32"
         elif name in FLOATS:

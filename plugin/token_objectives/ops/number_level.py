@@ -1,7 +1,9 @@
 """Digit runs -> whole numbers, for the number-level NTL (ntloss's NumberLevelLoss semantics).
 
 A run of consecutive digit targets along the sequence is one number; its value is
-sum_i digit_i * 10**(run_length - 1 - i). In float mode a single "." between two digits continues
+sum_i digit_i * 10**(run_length - 1 - i). With digit groups (Llama-3's "123 456 7") each token
+counts its own digits: sum_i group_i * 10**(digits after token i), so 123|456|7 is 1234567 and
+a leading-zero group "007" keeps its place. In float mode a single "." between two digits continues
 the run and contributes nothing, so 12.34 reads as 1234, as in ntloss. A digit token that starts
 a word ("▁3" in sentencepiece, "Ġ3" in byte-level BPE) starts a new number, so the targets
 "▁1 2 ▁3 4" are the two numbers 12 and 34 (ntloss, which knows only bare digits, reads 1234).
@@ -60,12 +62,13 @@ def digit_runs(
     is_dot: torch.Tensor | None = None,
     max_number_length: int = 20,
     word_start: torch.Tensor | None = None,
+    digits: torch.Tensor | None = None,
 ) -> DigitRuns:
     """is_digit, is_dot, word_start: bool [B, S] over target positions (sequence last).
 
     is_dot None means integer mode: any non-digit ends a run. word_start marks digits that
-    begin a word; each starts a new run. Exponents are clamped to max_number_length - 1, as in
-    ntloss.
+    begin a word; each starts a new run. digits: long [B, S], the digits each number token
+    holds (None: one each). Exponents are clamped to max_number_length - 1, as in ntloss.
     """
     batch, seq = is_digit.shape
     digit_before = _shift_right(is_digit)
@@ -85,13 +88,14 @@ def digit_runs(
     run_id = row_base + run_in_row
 
     slots = batch * (seq + 1)
+    width = is_digit.long() if digits is None else torch.where(is_digit, digits.long(), 0)
     digits_per_run = torch.zeros(slots, dtype=torch.long, device=is_digit.device)
-    digits_per_run.index_add_(0, run_id.flatten(), is_digit.long().flatten())
-    digits_so_far = torch.cumsum(is_digit.long(), dim=-1)
-    # digits_so_far at the run's first position, minus one, counts the digits before the run.
+    digits_per_run.index_add_(0, run_id.flatten(), width.flatten())
+    digits_so_far = torch.cumsum(width, dim=-1)
+    # digits_so_far at the run's first position, less its own, counts the digits before the run.
     before_run = torch.zeros(slots, dtype=torch.long, device=is_digit.device)
-    before_run[run_id[starts_run]] = digits_so_far[starts_run] - is_digit[starts_run].long()
-    position_in_run = digits_so_far - before_run[run_id]  # 1-based among the run's digits
-    exponent = (digits_per_run[run_id] - position_in_run).clamp(0, max_number_length - 1)
+    before_run[run_id[starts_run]] = digits_so_far[starts_run] - width[starts_run]
+    through_token = digits_so_far - before_run[run_id]  # the run's digits up to this token's last
+    exponent = (digits_per_run[run_id] - through_token).clamp(0, max_number_length - 1)
     scale = torch.where(is_digit, torch.pow(10.0, exponent.double()), 0.0)
     return DigitRuns(starts=starts_run & is_digit, scale=scale, run_id=run_id)

@@ -98,11 +98,18 @@ class VocabShard:
     layout: which global ids the shard holds, the global padded and real vocab sizes.
     real_width: local columns that are real tokens; [real_width, width) is vocab padding.
     number_cols: long [n] local column ids of number tokens; number_values: float32 [n].
+    number_groups: int32 [n], each number token's group (its digit count) when NTL compares a
+        target only with the number tokens of the target's group; None: one group for all.
     """
 
     layout: VocabLayout
     number_cols: torch.Tensor
     number_values: torch.Tensor
+    number_groups: torch.Tensor | None = None
+
+    @property
+    def grouped(self) -> bool:
+        return self.number_groups is not None
 
     @property
     def vocab_start(self) -> int:
@@ -118,19 +125,24 @@ class VocabShard:
 
 
 def vocab_shard(
-    values: torch.Tensor | None, layout: VocabLayout, device: torch.device
+    values: torch.Tensor | None, layout: VocabLayout, device: torch.device,
+    groups: torch.Tensor | None = None,
 ) -> VocabShard:
     """The number tokens inside this rank's `layout`. values: [V] a value per global id, NaN
-    for non-numbers (NumberTable.values); None: no number tokens."""
+    for non-numbers (NumberTable.values); None: no number tokens. groups: int [V] the group of
+    each number token (NumberTable.digit_counts of a grouped table), None: one group."""
     if values is None:
         empty = torch.empty(0, dtype=torch.long, device=device)
         return VocabShard(layout, empty, empty.float())
-    local_values = values[layout.vocab_start : layout.vocab_start + layout.width]
+    window = slice(layout.vocab_start, layout.vocab_start + layout.width)
+    local_values = values[window]
     cols = torch.nonzero(~torch.isnan(local_values)).flatten()
     return VocabShard(
         layout=layout,
         number_cols=cols.to(device),
         number_values=local_values[cols].to(device=device, dtype=torch.float32),
+        number_groups=None if groups is None else groups[window][cols].to(
+            device=device, dtype=torch.int32),
     )
 
 
@@ -298,6 +310,9 @@ class RowChunk:
     statistics, log_q [t] log sum_N exp(z) (`statistics.number_log_normaliser`), grads [t, 6 or
     7] the upstream gradient of stats, gauss_scale [t] 1 / Z (the Gaussian target's normaliser,
     0 where Z = 0; None when the target is off).
+    target_groups: int32 [t] with a grouped shard: the target's group; the row's number
+    softmax, its mass and the Gaussian target cover only the number tokens of that group (-1,
+    a target that is no number: every number token). None otherwise.
 
     A whole batch's RowChunk indexed by a slice of rows is that chunk's.
     """
@@ -308,11 +323,17 @@ class RowChunk:
     log_q: torch.Tensor | None = None
     grads: torch.Tensor | None = None
     gauss_scale: torch.Tensor | None = None
+    target_groups: torch.Tensor | None = None
 
     def __getitem__(self, rows: slice) -> RowChunk:
         return RowChunk(*(None if t is None else t[rows] for t in (
             self.targets, self.target_values, self.stats, self.log_q, self.grads,
-            self.gauss_scale)))
+            self.gauss_scale, self.target_groups)))
+
+    def backward_rows(self, stats, log_q, grads, gauss_scale) -> RowChunk:
+        """These rows with what backward adds: the saved statistics and their gradient."""
+        return RowChunk(self.targets, self.target_values, stats, log_q, grads, gauss_scale,
+                        self.target_groups)
 
     def __len__(self) -> int:
         return self.targets.shape[0]

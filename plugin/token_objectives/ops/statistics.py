@@ -108,10 +108,11 @@ def local_partials(
 
     has_numbers = shard.number_cols.numel() > 0
     if (columns.numbers or columns.gaussian) and has_numbers:
-        number_logits = logits.index_select(1, shard.number_cols).to(acc)
+        number_logits = _group_logits(logits.index_select(1, shard.number_cols).to(acc), shard,
+                                      rows)
         values = shard.number_values.to(acc)
     if columns.gaussian and has_numbers:
-        g = _gaussian(values, rows.target_values.to(acc), columns)
+        g = _group_weights(_gaussian(values, rows.target_values.to(acc), columns), shard, rows)
         # where(): a -inf logit under a weight that underflowed to 0 adds 0, not NaN.
         sums[:, GAUSSIAN_SUMS[0]] = torch.where(g > 0, g * number_logits, 0.0).sum(dim=-1)
         sums[:, GAUSSIAN_SUMS[1]] = g.sum(dim=-1)
@@ -126,6 +127,27 @@ def local_partials(
         shift = _finite_or_zero(maxima[:, 0]).unsqueeze(-1)
         sums[:, 6] = (number_logits - shift).exp().sum(dim=-1)
     return maxima, sums
+
+
+def _members(shard: VocabShard, rows: RowChunk) -> torch.Tensor | None:
+    """bool [t, n]: the number tokens of each row's target group (None: all of them)."""
+    if not shard.grouped:
+        return None
+    groups = rows.target_groups.unsqueeze(-1)
+    return (shard.number_groups.unsqueeze(0) == groups) | (groups < 0)
+
+
+def _group_logits(number_logits: torch.Tensor, shard: VocabShard, rows: RowChunk
+                  ) -> torch.Tensor:
+    """[t, n] number logits, -inf outside each row's target group: no softmax mass there."""
+    members = _members(shard, rows)
+    return number_logits if members is None else number_logits.masked_fill(~members, -torch.inf)
+
+
+def _group_weights(weights: torch.Tensor, shard: VocabShard, rows: RowChunk) -> torch.Tensor:
+    """[t, n] weights, 0 outside each row's target group."""
+    members = _members(shard, rows)
+    return weights if members is None else torch.where(members, weights, 0.0)
 
 
 def _gaussian(values: torch.Tensor, target_values: torch.Tensor, columns: Columns
@@ -196,7 +218,8 @@ def local_gradient(logits: torch.Tensor, rows: RowChunk, plan: Plan, out: torch.
     numbers = columns.numbers and has_numbers
     gaussian = columns.gaussian and has_numbers
     if numbers or gaussian:  # before out is written: out may be the logits' own buffer
-        number_logits = logits.index_select(1, shard.number_cols).to(out.dtype)
+        number_logits = _group_logits(logits.index_select(1, shard.number_cols).to(out.dtype),
+                                      shard, rows)
     torch.sub(logits[:, : shard.real_width], lse.unsqueeze(-1), out=out)
     out.exp_().mul_((g_lse - g_mass * mass).unsqueeze(-1))
     if columns.mean_logit:
@@ -224,8 +247,8 @@ def local_gradient(logits: torch.Tensor, rows: RowChunk, plan: Plan, out: torch.
         softmax_numbers = (number_logits - lse.unsqueeze(-1)).exp()
         number_grad += softmax_numbers * g_mass.unsqueeze(-1)
     if gaussian:
-        g = _gaussian(shard.number_values.to(out.dtype), rows.target_values.to(out.dtype),
-                      columns)
+        g = _group_weights(_gaussian(shard.number_values.to(out.dtype),
+                                     rows.target_values.to(out.dtype), columns), shard, rows)
         g_soft = rows.grads[:, GAUSSIAN_STATISTIC] * rows.gauss_scale
         gaussian_grad = g * g_soft.unsqueeze(-1)
         number_grad = gaussian_grad if not numbers else number_grad + gaussian_grad
@@ -393,13 +416,15 @@ class VocabParallelStatistics(torch.autograd.Function):
         plan: Plan,
         tp_group: dist.ProcessGroup | None,
         grad_in_place: bool = False,
+        target_groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if plan.kernel == "triton":  # no fp32 working set to bound: one launch for all rows
             plan = replace(plan, rows=max(logits.shape[0], 1))
-        rows = RowChunk(targets, target_values)
+        rows = RowChunk(targets, target_values, target_groups=target_groups)
         maxima, sums = chunked_partials(lambda chunk: logits[chunk], logits, rows, plan)
         stats, log_q, gauss_scale = finish_statistics(maxima, sums, plan, tp_group)
-        ctx.save_for_backward(logits, targets, target_values, stats, log_q, gauss_scale)
+        ctx.save_for_backward(logits, stats, log_q, gauss_scale)
+        ctx.rows = rows
         ctx.plan = plan
         # A leaf is the caller's own tensor (a test's, a user's), and so is the buffer of a
         # view of one (objective_loss reshapes): never written over.
@@ -411,15 +436,14 @@ class VocabParallelStatistics(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_stats: torch.Tensor):
-        logits, targets, target_values, stats, log_q, gauss_scale = ctx.saved_tensors
-        rows = RowChunk(targets, target_values, stats, log_q, grad_stats.to(stats.dtype),
-                        gauss_scale)
+        logits, stats, log_q, gauss_scale = ctx.saved_tensors
+        rows = ctx.rows.backward_rows(stats, log_q, grad_stats.to(stats.dtype), gauss_scale)
         grad = logits if ctx.in_place else torch.empty_like(logits)
         chunked_gradient(lambda chunk: logits[chunk], logits, rows, ctx.plan, logits.dtype,
                          into=grad)
         if ctx.in_place:
             torch.autograd.graph.increment_version(logits)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def vocab_parallel_statistics(
@@ -435,10 +459,12 @@ def vocab_parallel_statistics(
     kernel: str | None = None,
     labels: LabelCheck | None = None,
     grad_in_place: bool = True,
+    target_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """logits [T, V/tp] (local shard), targets long [T] (global ids, in range), target_values
     [T] (0 where the target is not a number) -> statistics [T, 6] ([T, 7] with
-    columns.gaussian_sigma > 0), differentiable.
+    columns.gaussian_sigma > 0), differentiable. target_groups: int32 [T], needed with a
+    grouped shard (RowChunk.target_groups).
 
     tp_group None (or of size 1) means the logits hold the whole vocab and nothing is sent.
     rows_per_chunk bounds the fp32 working set to [rows, V/tp] (default: CHUNK_ELEMENTS).
@@ -453,4 +479,4 @@ def vocab_parallel_statistics(
     plan = Plan(shard, columns, distance, real_vocab, rows,
                 resolve_kernel(kernel, logits.device, logits.dtype), labels or LabelCheck())
     return VocabParallelStatistics.apply(logits, targets, target_values, plan, tp_group,
-                                         grad_in_place)
+                                         grad_in_place, target_groups)

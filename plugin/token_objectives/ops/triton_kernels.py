@@ -124,13 +124,23 @@ def _number_block(number_cols_ptr, start, n_numbers, NUMBER_BLOCK: tl.constexpr)
 
 
 @triton.jit
+def _group_members(number_groups_ptr, index, present, target_group, GROUPED: tl.constexpr):
+    """The block's number tokens in the row's target group (a target group < 0: all)."""
+    if GROUPED:
+        group = tl.load(number_groups_ptr + index, mask=present, other=-2)
+        present = present & ((group == target_group) | (target_group < 0))
+    return present
+
+
+@triton.jit
 def _partials_kernel(
     logits_ptr, row_stride, targets_ptr, target_values_ptr, number_cols_ptr, number_values_ptr,
+    number_groups_ptr, target_groups_ptr,
     maxima_ptr, sums_ptr, vocab_start, width, real_width, n_numbers, squash_min, squash_scale,
     inv_sigma,
     NUMBERS: tl.constexpr, WASSERSTEIN: tl.constexpr, MEAN_LOGIT: tl.constexpr,
     SQUASH: tl.constexpr, GAUSSIAN: tl.constexpr, SUMS: tl.constexpr, BLOCK: tl.constexpr,
-    NUMBER_BLOCK: tl.constexpr,
+    NUMBER_BLOCK: tl.constexpr, GROUPED: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_logits = logits_ptr + row * row_stride
@@ -166,9 +176,11 @@ def _partials_kernel(
     gauss_total = tl.zeros((), tl.float32)  # Z = sum_N g
     if NUMBERS or GAUSSIAN:
         target_value = tl.load(target_values_ptr + row).to(tl.float32)
+        target_group = tl.load(target_groups_ptr + row) if GROUPED else 0
         shift = tl.where(top == neg_inf, 0.0, top)
         for start in range(0, n_numbers, NUMBER_BLOCK):
             index, present, cols = _number_block(number_cols_ptr, start, n_numbers, NUMBER_BLOCK)
+            present = _group_members(number_groups_ptr, index, present, target_group, GROUPED)
             values = tl.load(number_values_ptr + index, mask=present, other=0.0)
             z = tl.load(row_logits + cols, mask=present, other=neg_inf).to(tl.float32)
             if NUMBERS:
@@ -213,12 +225,12 @@ def _partials_kernel(
 def _gradient_kernel(
     logits_ptr, row_stride, grad_ptr, grad_row_stride, stats_ptr, log_q_ptr, grads_ptr,
     targets_ptr, target_values_ptr, number_cols_ptr, number_values_ptr, stash_ptr,
-    gauss_scale_ptr,
+    gauss_scale_ptr, number_groups_ptr, target_groups_ptr,
     vocab_start, width, real_width, n_numbers, inv_real_vocab, squash_min, squash_scale,
     inv_sigma,
     NUMBERS: tl.constexpr, WASSERSTEIN: tl.constexpr, MEAN_LOGIT: tl.constexpr,
     SQUASH: tl.constexpr, GAUSSIAN: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr,
-    NUMBER_BLOCK: tl.constexpr,
+    NUMBER_BLOCK: tl.constexpr, GROUPED: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_logits = logits_ptr + row * row_stride
@@ -278,6 +290,7 @@ def _gradient_kernel(
         if GAUSSIAN:  # d soft / d z_j = q_j = g_j / Z: the upstream gradient of soft, over Z
             g_soft = tl.load(upstream + GAUSS_STAT) * tl.load(gauss_scale_ptr + row)
         target_value = tl.load(target_values_ptr + row).to(tl.float32)
+        target_group = tl.load(target_groups_ptr + row) if GROUPED else 0
         for start in range(0, n_numbers, NUMBER_BLOCK):
             index, present, cols = _number_block(number_cols_ptr, start, n_numbers, NUMBER_BLOCK)
             values = tl.load(number_values_ptr + index, mask=present, other=0.0)
@@ -285,6 +298,10 @@ def _gradient_kernel(
             is_target = present & (cols == local_target)
             grad = _softmax_grad(z, lse2, softmax_scale, flat, MEAN_LOGIT)
             grad += tl.where(is_target, g_target, 0.0)
+            # Outside the row's target group a number token is in the CE softmax only.
+            member = _group_members(number_groups_ptr, index, present, target_group, GROUPED)
+            if GROUPED:
+                z = tl.where(member, z, float("-inf"))
             if NUMBERS:
                 softmax = _exp2(z * LOG2E - lse2)  # as in _softmax_grad: the compiler shares it
                 number_softmax = tl.exp(z - log_q)
@@ -293,7 +310,7 @@ def _gradient_kernel(
                     dist = _distance(values, target_value, SQUASH, squash_min, squash_scale)
                     grad += number_softmax * g_was * (dist - was)
             if GAUSSIAN:
-                grad += _gaussian(values, target_value, inv_sigma, present) * g_soft
+                grad += _gaussian(values, target_value, inv_sigma, member) * g_soft
             tl.store(row_grad + cols, grad.to(dtype), mask=present)
             target_hits += tl.sum(is_target.to(tl.int32), axis=0)
     if (local_target >= 0) & (target_hits == 0):
@@ -303,14 +320,16 @@ def _gradient_kernel(
 
 
 def launch_flags(numbers: bool, wasserstein: bool, mean_logit: bool, squash: bool,
-                 width: int, gaussian: bool = False) -> dict:
+                 width: int, gaussian: bool = False, grouped: bool = False) -> dict:
     """The constexpr flags and num_warps of both kernels for a shard of `width` columns (the
     variants `kernel_check` compiles ahead of time). Wasserstein needs the numbers, the squash
     needs Wasserstein: flags that change nothing are cleared, so that no variant repeats.
-    gaussian: the Gaussian number target (with or without the NTL numbers)."""
+    gaussian: the Gaussian number target (with or without the NTL numbers). grouped: each
+    row's number tokens are those of its target's group (digit groups)."""
     block = _block(width)
     wasserstein = numbers and wasserstein
     return {
+        "GROUPED": grouped and (numbers or gaussian),
         "NUMBERS": numbers,
         "WASSERSTEIN": wasserstein,
         "MEAN_LOGIT": mean_logit,
@@ -328,7 +347,16 @@ def _flags(plan: Plan) -> dict:
     has_numbers = plan.shard.number_cols.numel() > 0
     return launch_flags(columns.numbers and has_numbers, columns.wasserstein,
                         columns.mean_logit, _squash(plan)[0], plan.shard.width,
-                        columns.gaussian and has_numbers)
+                        columns.gaussian and has_numbers, plan.shard.grouped)
+
+
+def _groups(plan: Plan, rows: RowChunk) -> tuple[torch.Tensor, torch.Tensor]:
+    """(number_groups, target_groups) for the launch; without groups, placeholders the kernels
+    never read."""
+    shard = plan.shard
+    if shard.grouped:
+        return shard.number_groups, rows.target_groups.contiguous()
+    return shard.number_cols, rows.targets
 
 
 def _inv_sigma(plan: Plan) -> float:
@@ -353,8 +381,8 @@ def triton_partials(
     with _on_device(logits):
         _partials_kernel[(tokens,)](
             logits, logits.stride(0), rows.targets, rows.target_values, shard.number_cols,
-            shard.number_values, maxima, sums, shard.vocab_start, width, shard.real_width,
-            shard.number_cols.numel(), squash_min, squash_scale, _inv_sigma(plan),
+            shard.number_values, *_groups(plan, rows), maxima, sums, shard.vocab_start, width,
+            shard.real_width, shard.number_cols.numel(), squash_min, squash_scale, _inv_sigma(plan),
             SUMS=plan.columns.sum_width, **_flags(plan),
         )
     return maxima, sums
@@ -387,8 +415,8 @@ def triton_gradient(logits: torch.Tensor, rows: RowChunk, plan: Plan, out: torch
             logits, logits.stride(0), out, out.stride(0), rows.stats.contiguous(),
             rows.log_q.contiguous(), rows.grads.contiguous(), rows.targets, rows.target_values,
             shard.number_cols, shard.number_values, stash, gauss_scale.contiguous(),
-            shard.vocab_start, width, shard.real_width, numbers, 1.0 / plan.real_vocab,
-            squash_min, squash_scale, _inv_sigma(plan),
+            *_groups(plan, rows), shard.vocab_start, width, shard.real_width, numbers,
+            1.0 / plan.real_vocab, squash_min, squash_scale, _inv_sigma(plan),
             STATS=plan.columns.stat_width, **flags, **GRADIENT_OPTIONS,
         )
 
