@@ -52,8 +52,13 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect-vocab", help="list the number tokens of a tokenizer")
     inspect.add_argument("tokenizer", help="local tokenizer path")
-    inspect.add_argument("--number-tokens", choices=("digit", "multi"), default="digit")
+    inspect.add_argument("--number-tokens", choices=("auto", "digit", "groups", "multi"),
+                         default="auto", help="the mode to list (default auto: digit or groups, "
+                         "from the vocabulary)")
     inspect.add_argument("--vocab-size", type=int, help="the model's padded vocab size")
+    inspect.add_argument("--text", nargs="+", metavar="FILE",
+                         help="UTF-8 text files: print the share of their digits that NTL "
+                         "reaches under each mode")
 
     from token_objectives.correction.data import add_arguments as add_correction_arguments
 
@@ -146,12 +151,23 @@ def _count_frequencies(args: argparse.Namespace, parser: argparse.ArgumentParser
 
 
 def _inspect_vocab(args: argparse.Namespace) -> int:
-    from token_objectives.tables.numbers import NumberTable
+    from token_objectives.tables.numbers import NumberTable, digit_share
+    from token_objectives.tables.tokenizers import as_tokenizer
 
-    table = NumberTable.from_tokenizer(
-        args.tokenizer, vocab_size=args.vocab_size, digit_level=args.number_tokens == "digit"
-    )
+    tokenizer = as_tokenizer(args.tokenizer)
+    table = NumberTable.from_tokenizer(tokenizer, vocab_size=args.vocab_size,
+                                       number_tokens=args.number_tokens)
     print(table.describe())
+    for path in args.text or ():
+        try:
+            lines = open(path, encoding="utf-8").read().splitlines()  # noqa: SIM115
+        except (OSError, UnicodeDecodeError) as error:
+            raise InputError(f"--text {path}: cannot read it as UTF-8 text ({error})") from None
+        digits = sum(ch.isascii() and ch.isdigit() for line in lines for ch in line)
+        print(f"digits of {path} that NTL reaches ({digits} digits):")
+        for mode in ("digit", "groups", "multi"):
+            chosen = "  <- this table" if mode == table.mode else ""
+            print(f"  {mode:<7}{digit_share(lines, tokenizer, mode):>8.1%}{chosen}")
     return 0
 
 

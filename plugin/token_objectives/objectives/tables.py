@@ -10,10 +10,8 @@ import torch
 from token_objectives.objectives.config import ObjectiveConfig
 from token_objectives.objectives.pdl import pdl_weights_for
 from token_objectives.tables.frequencies import load_frequencies
-from token_objectives.tables.numbers import NumberTable
+from token_objectives.tables.numbers import NUMBER_TOKEN_MODES, NumberTable
 from token_objectives.tables.tokenizers import TokenizerLike
-
-NUMBER_TOKENS = ("digit", "multi")
 
 
 def objective_tables(
@@ -21,17 +19,18 @@ def objective_tables(
     tokenizer: TokenizerLike | None,
     frequencies: str | os.PathLike | None,
     vocab_size: int | None,
-    number_tokens: str = "digit",
+    number_tokens: str = "auto",
 ) -> tuple[NumberTable | None, torch.Tensor | None]:
     """(numbers, pdl_weights) for `config`: None where it needs none.
 
     tokenizer: a local path or a tokenizer object (NumberTable.from_tokenizer), needed with NTL.
     frequencies: a count-frequencies file, needed with pdl_alpha > 0; it must hold vocab_size
         counts. vocab_size: the model's padded vocab V (default: the tokenizer's size).
-    number_tokens: "digit" (single-digit tokens) or "multi" (multi-digit number tokens).
+    number_tokens: one of tables.numbers.NUMBER_TOKEN_MODES (NUMBER_TOKENS_HELP).
     """
-    if number_tokens not in NUMBER_TOKENS:
-        raise ValueError(f"number_tokens must be one of {NUMBER_TOKENS}, got {number_tokens!r}")
+    if number_tokens not in NUMBER_TOKEN_MODES:
+        raise ValueError(f"number_tokens must be one of {NUMBER_TOKEN_MODES}, got "
+                         f"{number_tokens!r}")
     numbers = None
     if config.uses_numbers:
         if tokenizer is None:
@@ -39,7 +38,7 @@ def objective_tables(
                              f"the tokenizer object) for its number tokens, or ntl=None and "
                              f"gaussian_sigma=0")
         numbers = NumberTable.from_tokenizer(tokenizer, vocab_size=vocab_size,
-                                             digit_level=number_tokens == "digit")
+                                             number_tokens=number_tokens)
         vocab_size = numbers.vocab_size
     weights = None
     if config.pdl_alpha > 0:

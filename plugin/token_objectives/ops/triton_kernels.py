@@ -124,15 +124,6 @@ def _number_block(number_cols_ptr, start, n_numbers, NUMBER_BLOCK: tl.constexpr)
 
 
 @triton.jit
-def _group_members(number_groups_ptr, index, present, target_group, GROUPED: tl.constexpr):
-    """The block's number tokens in the row's target group (a target group < 0: all)."""
-    if GROUPED:
-        group = tl.load(number_groups_ptr + index, mask=present, other=-2)
-        present = present & ((group == target_group) | (target_group < 0))
-    return present
-
-
-@triton.jit
 def _partials_kernel(
     logits_ptr, row_stride, targets_ptr, target_values_ptr, number_cols_ptr, number_values_ptr,
     number_groups_ptr, target_groups_ptr,
@@ -176,11 +167,16 @@ def _partials_kernel(
     gauss_total = tl.zeros((), tl.float32)  # Z = sum_N g
     if NUMBERS or GAUSSIAN:
         target_value = tl.load(target_values_ptr + row).to(tl.float32)
-        target_group = tl.load(target_groups_ptr + row) if GROUPED else 0
+        if GROUPED:
+            target_group = tl.load(target_groups_ptr + row)
         shift = tl.where(top == neg_inf, 0.0, top)
         for start in range(0, n_numbers, NUMBER_BLOCK):
             index, present, cols = _number_block(number_cols_ptr, start, n_numbers, NUMBER_BLOCK)
-            present = _group_members(number_groups_ptr, index, present, target_group, GROUPED)
+            if GROUPED:  # only the number tokens of the row's target group (< 0: all)
+                group = tl.load(number_groups_ptr + index, mask=present, other=-2)
+                # The broadcast keeps the mask a block of int1 (the interpreter needs it).
+                any_group = tl.zeros_like(group) + target_group < 0
+                present = present & ((group == target_group) | any_group)
             values = tl.load(number_values_ptr + index, mask=present, other=0.0)
             z = tl.load(row_logits + cols, mask=present, other=neg_inf).to(tl.float32)
             if NUMBERS:
@@ -290,7 +286,8 @@ def _gradient_kernel(
         if GAUSSIAN:  # d soft / d z_j = q_j = g_j / Z: the upstream gradient of soft, over Z
             g_soft = tl.load(upstream + GAUSS_STAT) * tl.load(gauss_scale_ptr + row)
         target_value = tl.load(target_values_ptr + row).to(tl.float32)
-        target_group = tl.load(target_groups_ptr + row) if GROUPED else 0
+        if GROUPED:
+            target_group = tl.load(target_groups_ptr + row)
         for start in range(0, n_numbers, NUMBER_BLOCK):
             index, present, cols = _number_block(number_cols_ptr, start, n_numbers, NUMBER_BLOCK)
             values = tl.load(number_values_ptr + index, mask=present, other=0.0)
@@ -299,8 +296,11 @@ def _gradient_kernel(
             grad = _softmax_grad(z, lse2, softmax_scale, flat, MEAN_LOGIT)
             grad += tl.where(is_target, g_target, 0.0)
             # Outside the row's target group a number token is in the CE softmax only.
-            member = _group_members(number_groups_ptr, index, present, target_group, GROUPED)
+            member = present
             if GROUPED:
+                group = tl.load(number_groups_ptr + index, mask=present, other=-2)
+                any_group = tl.zeros_like(group) + target_group < 0
+                member = present & ((group == target_group) | any_group)
                 z = tl.where(member, z, float("-inf"))
             if NUMBERS:
                 softmax = _exp2(z * LOG2E - lse2)  # as in _softmax_grad: the compiler shares it

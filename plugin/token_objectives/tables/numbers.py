@@ -13,6 +13,7 @@ from token_objectives.tables.files import InputError
 from token_objectives.tables.tokenizers import (
     TokenizerLike,
     as_tokenizer,
+    encode_batch,
     list_vocab,
     load_tokenizer,
     tokenizer_identity,
@@ -39,6 +40,14 @@ _PATTERNS = {
 }
 # "auto" resolves to "digit" or "groups" from the vocabulary (resolve_number_tokens).
 NUMBER_TOKEN_MODES = ("auto", "digit", "groups", "multi")
+# The one help text of the option on every surface (ds_config, YAML, flags, HF, CLI).
+NUMBER_TOKENS_HELP = (
+    "which tokens are number tokens for NTL and the Gaussian target: 'auto' (digit when the "
+    "vocabulary's number tokens are all single digits, else groups), 'digit' (one digit), "
+    "'groups' (runs of digits such as Llama-3's 1-3 digit tokens; a target is compared with the "
+    "tokens of its own digit count) or 'multi' (integers and decimals, all compared by value, "
+    "as ntloss's digit_level=False)"
+)
 _MODE_WORDS = {
     "digit": "digit-level",
     "groups": "digit groups, each compared within its digit count",
@@ -102,19 +111,21 @@ def resolve_number_tokens(mode: str, pieces) -> str:
     return "groups" if multi_digit else "digit"
 
 
-def digit_share(token_ids: list[list[int]], pieces: dict[int, str], mode: str) -> float:
-    """The share of the ASCII digits of tokenized text that lie in number tokens of `mode`
-    ("digit" | "groups" | "multi"): what NTL reaches. token_ids: the text's token ids, per line;
-    pieces: id -> token string (VocabListing.pieces). 1.0 for text without digits."""
+def digit_share(lines: list[str], tokenizer: TokenizerLike, mode: str) -> float:
+    """The share of the ASCII digits of `lines` that NTL reaches under `mode` ("digit" |
+    "groups" | "multi"): the digits that the tokenizer puts into number tokens of that mode.
+    1.0 for text without digits. Tokenizes without special tokens."""
+    tokenizer = as_tokenizer(tokenizer)
+    listing = list_vocab(tokenizer)
     pattern = _PATTERNS[mode]
-    total = reached = 0
-    for line in token_ids:
-        for token_id in line:
-            token = pieces.get(int(token_id), "")
-            digits = _digit_count(token)
-            total += digits
-            if digits and pattern.fullmatch(_strip_marker(token)):
-                reached += digits
+    total = sum(ch in "0123456789" for line in lines for ch in line)
+    reached = 0
+    for ids in encode_batch(tokenizer, lines):
+        for token_id in ids:
+            token = listing.pieces.get(int(token_id), "")
+            if int(token_id) not in listing.special_ids and pattern.fullmatch(
+                    _strip_marker(token)):
+                reached += _digit_count(token)
     return reached / total if total else 1.0
 
 

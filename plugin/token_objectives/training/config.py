@@ -21,6 +21,7 @@ import yaml
 from token_objectives.objectives.config import ObjectiveConfig
 from token_objectives.objectives.sections import section_from_mapping
 from token_objectives.scheduled_sampling.schedule import ScheduledSamplingConfig
+from token_objectives.tables.numbers import NUMBER_TOKEN_MODES, NUMBER_TOKENS_HELP
 
 
 def _check_sizes(section: str, config: object, names: Sequence[str], least: int) -> None:
@@ -172,8 +173,13 @@ class DataConfig:
     tokenizer: str | None = None
     train_prefix: str | None = None  # Megatron .bin/.idx prefix
     frequencies: str | None = None  # `token-objectives count-frequencies` output, for PDL
-    number_tokens: str = "digit"  # "digit" | "multi"
+    number_tokens: str = "auto"  # tables.numbers.NUMBER_TOKEN_MODES
     eval_data: str | None = None  # JSONL of {"prompt", "answer"}, for train.eval_interval
+
+    def __post_init__(self) -> None:
+        if self.number_tokens not in NUMBER_TOKEN_MODES:
+            raise ValueError(f"data.number_tokens must be one of {list(NUMBER_TOKEN_MODES)}, "
+                             f"got {self.number_tokens!r}: {NUMBER_TOKENS_HELP}")
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from token_objectives.objectives.pdl import pdl_weights_for
 from token_objectives.objectives.sections import section_from_mapping
 from token_objectives.scheduled_sampling.schedule import ScheduledSamplingConfig
 from token_objectives.tables.frequencies import load_frequencies
-from token_objectives.tables.numbers import NumberTable
+from token_objectives.tables.numbers import NUMBER_TOKEN_MODES, NumberTable
 
 SECTION = "token_objectives"
 
@@ -85,11 +85,12 @@ _ObjectiveSection = create_model("_ObjectiveSection", __base__=_base_model(),
 class TokenObjectivesConfig(_ObjectiveSection):
     """The "token_objectives" section. Keys are ObjectiveConfig's (made from its fields), plus
     where the tables come from: `tokenizer` (local path, for the number tokens), `number_tokens`
-    ("digit" | "multi") and `frequencies` (a `token-objectives count-frequencies` file, for PDL),
+    (tables.numbers.NUMBER_TOKEN_MODES, default "auto") and `frequencies` (a `token-objectives
+    count-frequencies` file, for PDL),
     the `scheduled_sampling` object and `fused_lm_head`."""
 
     tokenizer: str | None = None
-    number_tokens: Literal["digit", "multi"] = "digit"
+    number_tokens: Literal[NUMBER_TOKEN_MODES] = "auto"
     frequencies: str | None = None
     scheduled_sampling: dict[str, Any] | None = None
     fused_lm_head: bool = False
@@ -192,7 +193,7 @@ def numbers_from_section(section: TokenObjectivesConfig, vocab_size: int) -> Num
         raise ValueError(f'ds_config["{SECTION}"].{asks} needs "tokenizer"')
     try:
         return NumberTable.from_tokenizer(section.tokenizer, vocab_size=vocab_size,
-                                          digit_level=section.number_tokens == "digit")
+                                          number_tokens=section.number_tokens)
     except ValueError as error:
         raise ValueError(
             f'ds_config["{SECTION}"].{asks} with tokenizer '

@@ -205,7 +205,7 @@ def objective_loss_from_options(
     *,
     model: Any = None,
     vocab_size: int | None = None,
-    number_tokens: str = "digit",
+    number_tokens: str = "auto",
     fused: bool = False,
     **kwargs: Any,
 ) -> ObjectiveLoss:

@@ -36,7 +36,7 @@ from token_objectives.objectives.fused_linear import fused_linear_objective_loss
 from token_objectives.objectives.loss import ObjectiveConfig, ObjectiveOutput, objective_loss
 from token_objectives.objectives.pdl import pdl_weights_for
 from token_objectives.tables.frequencies import load_frequencies
-from token_objectives.tables.numbers import NumberTable
+from token_objectives.tables.numbers import NUMBER_TOKEN_MODES, NUMBER_TOKENS_HELP, NumberTable
 from token_objectives.tables.tokenizers import as_tokenizer, list_vocab, tokenizer_identity
 
 _COMPONENTS_ATTR = "token_objectives_components"
@@ -95,7 +95,7 @@ class Objectives:
         config: ObjectiveConfig,
         padded_vocab_size: int,
         tokenizer: Any = None,
-        number_tokens: str = "digit",
+        number_tokens: str = "auto",
         frequencies_path: str | None = None,
         real_vocab_size: int | None = None,
     ) -> Objectives:
@@ -108,8 +108,9 @@ class Objectives:
             `get_tokenizer().vocab_size`); must equal `tokenizer`'s with NTL, and be at least it
             without.
         """
-        if number_tokens not in ("digit", "multi"):
-            raise ValueError(f"number_tokens must be 'digit' or 'multi', got {number_tokens!r}")
+        if number_tokens not in NUMBER_TOKEN_MODES:
+            raise ValueError(f"number_tokens must be one of {NUMBER_TOKEN_MODES}, got "
+                             f"{number_tokens!r}")
         numbers = None
         identity = None
         listed_size = None
@@ -118,7 +119,7 @@ class Objectives:
                 raise ValueError(f"{config.number_options()} needs the tokenizer to find number "
                                  f"tokens")
             numbers = NumberTable.from_tokenizer(
-                tokenizer, vocab_size=padded_vocab_size, digit_level=number_tokens == "digit"
+                tokenizer, vocab_size=padded_vocab_size, number_tokens=number_tokens
             )
             identity, listed_size = numbers.tokenizer_identity, numbers.valid_vocab_size
         elif tokenizer is not None:
@@ -447,7 +448,8 @@ def add_objective_args(
         else:
             group.add_argument(flag, type=kind, default=field.default,
                                help=f"{help_text} (default {field.default})")
-    group.add_argument("--number-tokens", choices=("digit", "multi"), default="digit")
+    group.add_argument("--number-tokens", choices=NUMBER_TOKEN_MODES, default="auto",
+                       help=NUMBER_TOKENS_HELP)
     group.add_argument("--pdl-frequencies", type=str, default=None,
                        help="token-frequency file from `token-objectives count-frequencies`")
     group.add_argument("--objective-tokenizer", type=str, default=None,
