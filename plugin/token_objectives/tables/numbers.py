@@ -371,12 +371,15 @@ def _warn_left_out(table: NumberTable, left_out: int, asked: str) -> None:
     _WARNED.add(key)
     kept = int(table.is_number.sum())
     share = left_out / (left_out + kept)
-    fix = ("number_tokens='auto' (--number-tokens auto)" if table.mode == "digit" else
-           "number_tokens='multi' to compare them too")
+    if table.mode == "digit":
+        what, fix = "multi-digit", "Use number_tokens='auto' (--number-tokens auto)"
+    else:  # groups: the decimals ("3.5") that "multi" would take
+        what, fix = "decimal", ("number_tokens='multi' takes them too, but compares every "
+                                "number token with every other by value")
     warnings.warn(
         f"number_tokens={asked!r} ({table.mode}) leaves {left_out} of {left_out + kept} number "
-        f"tokens ({share:.1%}) of {table.tokenizer_identity} out of NTL: they train by CE "
-        f"alone, and NTL's softmax over number tokens ignores them. Use {fix}; "
+        f"tokens ({share:.1%}, {what}) of {table.tokenizer_identity} out of NTL: they train by "
+        f"CE alone, and NTL's softmax over number tokens ignores them. {fix}; "
         f"`token-objectives inspect-vocab --text FILE` shows the share of a text's digits "
         f"each mode reaches",
         stacklevel=3,
