@@ -1,4 +1,5 @@
-"""Shared fixtures: locally built tokenizers and one pool of gloo worker processes per session."""
+"""Shared fixtures: locally built tokenizers, one pool of gloo worker processes per session and a
+one-process gloo group per module."""
 
 import pytest  # noqa: E402
 from dist_pool import WorkerPool  # noqa: E402
@@ -11,3 +12,18 @@ def pool4():
     pool = WorkerPool(4)
     yield pool
     pool.close()
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A real one-process gloo group: gpt_dataset synchronises its index cache with barriers."""
+    import torch.distributed as dist
+    from torchrun_helpers import free_port
+
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()

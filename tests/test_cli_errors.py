@@ -137,6 +137,34 @@ def test_a_truncated_dataset_through_the_console_script(prefix, tmp_path):
     assert prefix + ".idx" in _one_error_line(result.stderr, "count-frequencies")
 
 
+def test_a_dataset_rebuilt_at_the_same_path_rebuilds_its_cached_indices(
+        process_group, sp_model_path, tmp_path, capsys):
+    """The loops cache the GPTDataset indices under <output>/data_cache, keyed by the prefix
+    and the config, not by the data: indices of the old .idx index into the new one."""
+    from token_objectives.quickstart.data import write_indexed_dataset
+    from token_objectives.training.data import MegatronTokenizer, gpt_dataset
+
+    tokenizer = MegatronTokenizer(str(sp_model_path))
+    prefix, cache = str(tmp_path / "data"), tmp_path / "out" / "data_cache"
+
+    def samples(cache_dir) -> list[list[int]]:
+        dataset = gpt_dataset(prefix, 16, 0, tokenizer, None, cache_dir)
+        return [dataset[i]["tokens"].tolist() for i in range(len(dataset))]
+
+    write_indexed_dataset(DOCUMENTS, sp_model_path, prefix)
+    first = samples(cache)
+    assert samples(cache) == first  # a cache hit, quietly
+    assert "data_cache" not in capsys.readouterr().err
+    write_indexed_dataset(DOCUMENTS[:5], sp_model_path, prefix)  # fewer, other documents
+    rebuilt = samples(cache)
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and f"{cache}: the cached indices of {prefix} were built" in note[0]
+    assert f"from another {prefix}.idx" in note[0] and "rebuilding them" in note[0]
+    assert rebuilt == samples(tmp_path / "fresh_cache") != first
+    os.utime(prefix + ".idx", ns=(0, 0))  # touched, not changed: the cache stays
+    assert samples(cache) == rebuilt and "data_cache" not in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------ other inputs
 
 
@@ -245,6 +273,26 @@ def test_ensemble_missing_output_directory(tmp_path, capsys):
     assert f"--output {output}: the directory {output.parent} does not exist" in line
 
 
+@pytest.mark.parametrize("holds", [(), ("config.json",), ("config.json", "model.safetensors"),
+                                   ("model.safetensors", "tokenizer.json")])
+def test_ensemble_a_model_directory_without_a_model(tmp_path, capsys, holds):
+    """Checked before any model loads: an empty directory is a transformers traceback today."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in holds:
+        (model / name).write_text("{}")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The train to\n", encoding="utf-8")
+    assert main(["ensemble", "--model", str(model), "--prompts", str(prompts), "--output",
+                 str(tmp_path / "out.jsonl")]) == 2
+    line = _one_error_line(capsys.readouterr().err, "ensemble")
+    missing = [what for what, name in (("config.json", "config.json"),
+                                       ("weights", "model.safetensors"),
+                                       ("tokenizer", "tokenizer.json")) if name not in holds]
+    assert f"--model {model} holds no {' and no '.join(missing)}; pass a local" in line
+    assert "save_pretrained" in line and not (tmp_path / "out.jsonl").exists()
+
+
 def test_correction_data_missing_output_directory(tmp_path, capsys):
     """Checked before the input is read and the model loaded (neither exists here)."""
     prefix = tmp_path / "absent" / "correction"
@@ -252,6 +300,46 @@ def test_correction_data_missing_output_directory(tmp_path, capsys):
                  str(tmp_path / "model"), "--output-prefix", str(prefix)]) == 2
     line = _one_error_line(capsys.readouterr().err, "build-correction-data")
     assert f"the directory {prefix.parent} does not exist" in line
+
+
+# ------------------------------------------------------------------------------ plan-memory
+
+PLAN_MEMORY = ["plan-memory", "--config", "configs/deepspeed/zero1.json", "--model-config",
+               "configs/deepspeed/llama3.2-3b.json"]
+
+
+@pytest.mark.parametrize(("flag", "value", "accepts"), [
+    ("--gpus", "0", "a positive integer"),
+    ("--gpus", "-8", "a positive integer"),
+    ("--tp", "0", "a positive integer"),
+    ("--seq-length", "-5", "a positive integer"),
+    ("--gpu-memory", "nan", "a positive number of GiB"),
+    ("--gpu-memory", "-80", "a positive number of GiB"),
+    ("--gpu-memory", "inf", "a positive number of GiB"),
+])
+def test_plan_memory_refuses_a_count_below_one(flag, value, accepts, capsys, monkeypatch):
+    """A usage error, before any config is read: --gpus 0 divided by zero, the rest gave a plan."""
+    from torchrun_helpers import REPO
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*PLAN_MEMORY, flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"plan-memory: error: argument {flag}: {value!r} is not {accepts}" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("key", ["tensor_parallel.autotp_size", "train_micro_batch_size_per_gpu"])
+def test_plan_memory_refuses_a_ds_config_count_below_one(key, capsys, monkeypatch):
+    """autotp_size 0 divided by zero; a micro-batch of 0 gave a plan."""
+    from torchrun_helpers import REPO
+
+    monkeypatch.chdir(REPO)
+    assert main([*PLAN_MEMORY, "--ds-set", f"{key}=0"]) == 2
+    line = _one_error_line(capsys.readouterr().err, "plan-memory")
+    assert f"configs/deepspeed/zero1.json: {key} is 0, plan-memory needs an integer >= 1" in line
+    assert f"--ds-set {key}=N" in line
 
 
 # ------------------------------------------------------------------------------ file modes

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torchrun_helpers import free_port, read_metrics, run_checked, torchrun_command
+from torchrun_helpers import read_metrics, run_checked, torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_NEW_TOKENS = 10
@@ -184,20 +184,6 @@ def _documents(prefix) -> list[np.ndarray]:
 
     dataset = IndexedDataset(str(prefix))
     return [np.asarray(dataset[i], dtype=np.int64) for i in range(len(dataset))]
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A real one-process gloo group: gpt_dataset synchronises its index cache with barriers."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                            world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _samples(prefix, tokenizer: Path, seq_length: int, cache: Path,

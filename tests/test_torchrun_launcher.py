@@ -6,7 +6,10 @@ test_slurm.py::test_tiny_cpu_scancel_saves_and_ends_with_status_0.
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -52,3 +55,56 @@ def test_workers_outside_the_launcher_write_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torchrun.report_clean_stop(3)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ the counts
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """torchrun itself replaced: the argv each launch would have started."""
+    import torch.distributed.run
+
+    calls = []
+    monkeypatch.setattr(torch.distributed.run, "main", calls.append)
+    return calls
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--nproc-per-node", "0"], "--nproc-per-node 0: pass an integer >= 1"),
+    (["--nproc_per_node=-2"], "--nproc-per-node -2: pass an integer >= 1"),
+    (["--nproc-per-node", "gpus"], "--nproc-per-node gpus: pass an integer >= 1"),
+    (["--nnodes", "0"], "--nnodes 0: pass N or MIN:MAX with 1 <= MIN <= MAX"),
+    (["--nnodes", "2:1"], "--nnodes 2:1: pass N or MIN:MAX"),
+    (["--nnodes", "x"], "--nnodes x: pass N or MIN:MAX"),
+    (["--max-restarts", "-1"], "--max-restarts -1: pass 0 or more"),
+    (["--monitor-interval", "0"], "--monitor-interval 0.0: pass a positive number of seconds"),
+    (["--shutdown-timeout", "-5"], "--shutdown-timeout -5: pass 0 or more seconds"),
+    (["--node-rank", "-1", "--standalone"], "--node-rank -1: pass 0 to --nnodes - 1"),
+    # The static rendezvous waits 15 minutes for nodes that never come.
+    (["--nnodes", "2", "--node-rank", "2"], "--node-rank 2: pass 0 to --nnodes - 1 (here 1)"),
+], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
+def test_a_count_torchrun_would_refuse_with_a_bare_assertion(launched, capsys, argv, says):
+    assert torchrun.main([*argv, "train.py", "--lr", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{torchrun.PREFIX}: error: {says}"), err
+    assert launched == []
+
+
+def test_sound_counts_reach_torchrun(launched):
+    argv = ["--nnodes", "1:2", "--nproc-per-node", "auto", "--node-rank", "1", "train.py", "-x"]
+    assert torchrun.main(argv) == 0
+    assert launched == [argv]
+
+
+def test_nproc_per_node_0_through_the_module(tmp_path):
+    """A real process: one line on stderr, exit status 2, no traceback, no worker started."""
+    script = tmp_path / "train.py"
+    script.write_text("raise SystemExit('started')\n")
+    result = subprocess.run([sys.executable, "-m", "token_objectives.training.torchrun",
+                             "--nproc-per-node", "0", "--standalone", str(script)],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"{torchrun.PREFIX}: error: --nproc-per-node 0: ")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -19,7 +19,7 @@ from token_objectives.tables.files import (
     set_mode,
 )
 
-__all__ = ["add_arguments", "load_models", "read_prompts", "run"]
+__all__ = ["add_arguments", "check_model_dir", "load_models", "read_prompts", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,22 +99,49 @@ def _decoded_lines(path: Path) -> list[str]:
     return lines
 
 
+# What save_pretrained writes: the model's weights (whole or sharded) and its tokenizer.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model")
+
+
+def check_model_dir(directory: str) -> None:
+    """A --model directory must hold a local Hugging Face model: config.json, weights and a
+    tokenizer. Raises FileNotFoundError or InputError naming the directory and what it lacks."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model directory {directory!r} does not exist; the ensemble never downloads: "
+            "pass local save_pretrained directories (model and tokenizer saved together)"
+        )
+    missing = [what for what, names in (("config.json", ("config.json",)),
+                                        ("weights", WEIGHT_FILES),
+                                        ("tokenizer", TOKENIZER_FILES))
+               if not any((path / name).is_file() for name in names)]
+    if missing:
+        raise InputError(
+            f"--model {directory} holds no {' and no '.join(missing)}; pass a local Hugging Face "
+            f"model directory as model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR) "
+            f"write it (config.json, model.safetensors or pytorch_model.bin, tokenizer.json or "
+            f"tokenizer_config.json)"
+        )
+
+
 def load_models(dirs: list[str], device: str = "cpu", dtype: str = "float32"):
-    """Load each directory's causal LM and tokenizer, local files only.
+    """Load each directory's causal LM and tokenizer, local files only; every directory is
+    checked (`check_model_dir`) before the first model loads.
 
     Returns (models, tokenizers, eos_ids) where eos_ids[m] lists the EOS ids of the model's
     generation_config.
     """
+    for directory in dirs:
+        check_model_dir(directory)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     models, tokenizers, eos_ids = [], [], []
     for directory in dirs:
-        if not Path(directory).is_dir():
-            raise FileNotFoundError(
-                f"model directory {directory!r} does not exist; the ensemble never downloads: "
-                "pass local save_pretrained directories (model and tokenizer saved together)"
-            )
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
         model = AutoModelForCausalLM.from_pretrained(
             directory, local_files_only=True, dtype=torch_dtype

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -53,5 +55,14 @@ def _parse_line(number: int, raw: bytes) -> tuple[Problem | None, str]:
     if isinstance(answer, str):
         if NUMBER.fullmatch(answer.strip()) is None:
             return None, f'"answer" {answer!r} is not one number'
-        answer = parse_number(answer.strip())
-    return Problem(number, prompt, float(answer)), ""
+        value = parse_number(answer.strip())
+    else:
+        try:
+            value = float(answer)
+        except OverflowError:  # an integer past a float's range
+            value = math.inf
+    # JSON's NaN and Infinity parse, and so do numbers past a float's range: the metrics and
+    # the report cannot hold them.
+    if not math.isfinite(value):
+        return None, f'"answer" {json.dumps(answer)} is not a finite number'
+    return Problem(number, prompt, value), ""

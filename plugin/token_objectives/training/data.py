@@ -4,10 +4,19 @@ which data-parallel ranks and micro-batches read it.
 A prefix may come with a loss-mask sidecar, `<prefix>_loss_mask.bin/.idx` (written by
 `correction_data`): an indexed dataset with the same document lengths holding 0/1 per token.
 Then only the positions whose label token has a 1 there count in the loss.
+
+megatron-core caches a GPTDataset's indices (`path_to_cache`, the loops' <output>/data_cache)
+under a key of the prefix and the config, not of the data. `sources.json` beside them records
+the .idx each prefix's indices were built from; a dataset rebuilt at the same prefix has its
+cached indices deleted and rebuilt, with a one-line note, instead of indexing into the new data.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,12 +93,81 @@ def gpt_dataset(prefix: str | None, seq_length: int, seed: int, tokenizer: Megat
     # Rank 0 writes the index cache first; the others then read it.
     for turn in (0, 1):
         if (dist.get_rank() == 0) == (turn == 0):
+            if turn == 0:
+                for source in (prefix, mask_prefix):
+                    if source is not None:
+                        refresh_cache(source, Path(cache))
             built = _build(prefix, seq_length, seed, tokenizer, num_samples, cache)
             if mask_prefix is not None:
                 # Same config, other path: the cache key differs, the indices do not.
                 mask = _build(mask_prefix, seq_length, seed, tokenizer, num_samples, cache)
         dist.barrier()
     return built if mask is None else LossMaskedDataset(built, mask)
+
+
+SOURCES = "sources.json"
+
+
+def refresh_cache(prefix: str, cache: Path) -> None:
+    """Rank 0, before megatron-core builds or loads the cached indices of `prefix` in `cache`:
+    unless `cache`/sources.json records this very `prefix`.idx, delete them (with a one-line
+    note on stderr) so that megatron-core builds them again, and record the .idx.
+
+    The indices depend only on the .idx (the sequence lengths and document boundaries) and the
+    config, so the record is the .idx's sha256; its size and mtime spare the hashing while the
+    file is unchanged.
+    """
+    sources_path = cache / SOURCES
+    try:
+        sources = json.loads(sources_path.read_text()) if sources_path.is_file() else {}
+    except ValueError:
+        sources = {}  # edited by hand: as if absent, so every cached index is rebuilt once
+    recorded = sources.get(prefix)
+    source = _idx_source(prefix, recorded)
+    cached = _cached_files(prefix, cache)
+    if cached and (recorded is None or recorded.get("sha256") != source["sha256"]):
+        why = (f"were built from another {prefix}.idx" if recorded is not None
+               else "have no record of the .idx they were built from")  # before sources.json
+        print(f"{cache}: the cached indices of {prefix} {why}; rebuilding them",
+              file=sys.stderr, flush=True)
+        for path in cached:
+            path.unlink()
+    if source != recorded:
+        cache.mkdir(parents=True, exist_ok=True)
+        sources[prefix] = source
+        partial = sources_path.with_suffix(".partial")
+        partial.write_text(json.dumps(sources, indent=1))
+        partial.replace(sources_path)
+
+
+def _idx_source(prefix: str, recorded: dict | None) -> dict:
+    """The record of `prefix`.idx: its size, mtime and sha256 (`recorded` itself while the
+    size and mtime are unchanged: no hashing)."""
+    stat = os.stat(prefix + ".idx")
+    source = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if recorded is not None and all(recorded.get(key) == value for key, value in source.items()):
+        return recorded
+    digest = hashlib.sha256()
+    with open(prefix + ".idx", "rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    source["sha256"] = digest.hexdigest()
+    return source
+
+
+def _cached_files(prefix: str, cache: Path) -> list[Path]:
+    """The files megatron-core cached for `prefix` in `cache`: every
+    `<hash>-<class>-<split>-*` whose description.txt names `prefix` as its dataset_path."""
+    files = []
+    for description in cache.glob("*-description.txt"):
+        try:
+            dataset_path = json.loads(description.read_text()).get("dataset_path")
+        except (OSError, ValueError, AttributeError):
+            continue  # not a description megatron-core wrote
+        if dataset_path == prefix:
+            base = description.name[:-len("description.txt")]
+            files += [path for path in cache.glob(f"{base}*") if path.is_file()]
+    return files
 
 
 def _build(prefix: str, seq_length: int, seed: int, tokenizer: MegatronTokenizer,

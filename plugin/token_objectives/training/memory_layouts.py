@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 
@@ -33,10 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-config", help="DeepSpeed: the HF model config JSON")
     parser.add_argument("--ds-set", dest="ds_overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="DeepSpeed: ds_config overrides")
-    parser.add_argument("--gpus", type=int, default=8, help="GPUs in the job (default 8)")
-    parser.add_argument("--tp", type=int, help="DeepSpeed: AutoTP size (default: the "
+    parser.add_argument("--gpus", type=_count, default=8, help="GPUs in the job (default 8)")
+    parser.add_argument("--tp", type=_count, help="DeepSpeed: AutoTP size (default: the "
                         "ds_config's tensor_parallel.autotp_size or 1)")
-    parser.add_argument("--seq-length", type=int, default=4096,
+    parser.add_argument("--seq-length", type=_count, default=4096,
                         help="DeepSpeed: tokens per sequence (default 4096)")
     parser.add_argument("--recompute", choices=("none", "full"),
                         help="DeepSpeed: activation checkpointing (default: full when the "
@@ -44,8 +45,32 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--spec", choices=("te", "local"),
                         help="Megatron: the layer spec to estimate (default: model.layer_spec; "
                         "auto is estimated as te, flash attention, as on a GPU node with TE)")
-    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    parser.add_argument("--gpu-memory", type=_gibibytes, default=80.0,
+                        help="GiB per GPU (default 80)")
     return parser
+
+
+def _count(text: str) -> int:
+    """argparse type of --gpus, --tp and --seq-length: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer: pass 1 or more")
+    return value
+
+
+def _gibibytes(text: str) -> float:
+    """argparse type of --gpu-memory: a finite number of GiB > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of GiB: pass the "
+                                         f"memory of one GPU, e.g. 80")
+    return value
 
 
 def megatron_layout(path: str, overrides: Sequence[str], gpus: int,
@@ -94,7 +119,10 @@ def deepspeed_layout(path: str, overrides: Sequence[str], model_path: str, gpus:
     ds = load_ds_config(path, list(overrides))
     with open(model_path, encoding="utf-8") as handle:
         hf = json.load(handle)
-    tp = tp or int((ds.get("tensor_parallel") or {}).get("autotp_size", 1))
+    tp = tp or _ds_count(path, "tensor_parallel.autotp_size",
+                         (ds.get("tensor_parallel") or {}).get("autotp_size", 1))
+    micro_batch = _ds_count(path, "train_micro_batch_size_per_gpu",
+                            ds.get("train_micro_batch_size_per_gpu", 1))
     if gpus % tp:
         raise ValueError(f"--gpus {gpus} is not a multiple of the AutoTP size {tp}")
     data = gpus // tp
@@ -111,7 +139,7 @@ def deepspeed_layout(path: str, overrides: Sequence[str], model_path: str, gpus:
                   hf.get("num_key_value_heads") or hf["num_attention_heads"], vocab,
                   bool(hf.get("tie_word_embeddings", False)))
     layout = Layout(
-        seq=seq, micro_batch=int(ds.get("train_micro_batch_size_per_gpu", 1)), tensor=tp,
+        seq=seq, micro_batch=micro_batch, tensor=tp,
         data=data, dtype_bytes=2 if half else FP32, grad_bytes=FP32 if grad_fp32 else 2,
         master_params=half, optimizer_shards=data if stage >= 1 else 1,
         grad_shards=data if stage >= 2 else 1, param_shards=data if stage >= 3 else 1,
@@ -122,6 +150,18 @@ def deepspeed_layout(path: str, overrides: Sequence[str], model_path: str, gpus:
               f"ZeRO {stage}; micro-batch {layout.micro_batch} x seq {seq}; sdpa (flash) "
               f"attention; recompute {recompute}")
     return shape, layout, header
+
+
+def _ds_count(path: str, key: str, value) -> int:
+    """A count of the ds_config at `path`: an integer >= 1, else ValueError naming the key."""
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1 or isinstance(value, bool):
+        raise ValueError(f"{path}: {key} is {value!r}, plan-memory needs an integer >= 1; set "
+                         f"it in the file or with --ds-set {key}=N")
+    return count
 
 
 def main(argv: Sequence[str]) -> int:

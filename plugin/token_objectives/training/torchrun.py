@@ -11,11 +11,17 @@ into a directory this launcher made for its own node (`report_clean_stop`, from 
 loop); when every local worker did, the launcher exits 0 and says so. A worker that did not (it
 was still saving when the agent killed it) gives exit status 128 + the signal, naming the
 worker and the option to raise.
+
+Before torchrun starts, the counts it takes are checked (`check_counts`): --nproc-per-node 0 or
+--nnodes 0 would stop it with a bare AssertionError, a static --node-rank outside --nnodes would
+wait 15 minutes for nodes that never come. Each is one line naming the flag and exit status 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -71,14 +77,66 @@ def stop_status(directory: Path, signum: int) -> tuple[int, str]:
         f"save time); resume from the newest complete checkpoint. Exit status {128 + signum}")
 
 
+def check_counts(args: argparse.Namespace) -> None:
+    """Refuse the counts of torchrun's parsed `args` that torchrun stops on with a bare
+    AssertionError or ValueError, or waits on until its rendezvous times out (a static
+    --node-rank outside --nnodes). Raises InputError naming the flag, the value and what it
+    accepts."""
+    import torch
+
+    from token_objectives.tables.files import InputError
+
+    nproc = args.nproc_per_node
+    named = ("auto", "cpu", "gpu", "xpu", torch._C._get_privateuse1_backend_name())
+    if nproc not in named and _integer(nproc) < 1:
+        raise InputError(f"--nproc-per-node {nproc}: pass an integer >= 1 (the workers of this "
+                         f"node, e.g. its GPUs) or one of {', '.join(named[:4])}")
+    bounds = [_integer(part) for part in args.nnodes.split(":")]
+    low, high = bounds[0], bounds[-1]
+    if len(bounds) > 2 or not 1 <= low <= high:
+        raise InputError(f"--nnodes {args.nnodes}: pass N or MIN:MAX with 1 <= MIN <= MAX (the "
+                         f"nodes of the job, e.g. --nnodes 2)")
+    if args.max_restarts < 0:
+        raise InputError(f"--max-restarts {args.max_restarts}: pass 0 or more (the restarts of "
+                         f"the worker group before the job fails; default 0)")
+    if not (math.isfinite(args.monitor_interval) and args.monitor_interval > 0):
+        raise InputError(f"--monitor-interval {args.monitor_interval}: pass a positive number of "
+                         f"seconds (default 0.1)")
+    if args.shutdown_timeout is not None and args.shutdown_timeout < 0:
+        raise InputError(f"--shutdown-timeout {args.shutdown_timeout}: pass 0 or more seconds "
+                         f"(default 30)")
+    # Only the static rendezvous reads --node-rank; its world is --nnodes's MAX nodes.
+    static = args.rdzv_backend == "static" and not args.standalone
+    if args.node_rank < 0 or (static and args.node_rank >= high):
+        raise InputError(f"--node-rank {args.node_rank}: pass 0 to --nnodes - 1 (here "
+                         f"{high - 1}), this node's rank, e.g. $SLURM_NODEID")
+
+
+def _integer(text: str) -> int:
+    """`text` as an integer; 0, which no count accepts, when it is none."""
+    try:
+        return int(text)
+    except ValueError:
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun_main
+    from torch.distributed.run import parse_args
 
+    from token_objectives.tables.files import InputError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        check_counts(parse_args(argv))
+    except InputError as error:
+        print(f"{PREFIX}: error: {error}", file=sys.stderr, flush=True)
+        return 2
     directory = Path(tempfile.mkdtemp(prefix="token-objectives-stop-"))
     os.environ[STOP_DIR_ENV] = str(directory)  # the workers inherit it
     try:
-        torchrun_main(sys.argv[1:] if argv is None else argv)
+        torchrun_main(argv)
         return 0
     except SignalException as stopped:
         status, line = stop_status(directory, int(stopped.sigval))
