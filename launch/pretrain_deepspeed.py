@@ -43,6 +43,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         default="fallback",
                         help="a tag whose files do not match its MANIFEST.json: resume from the "
                         "previous tag (fallback) or stop with the fix (stop)")
+    parser.add_argument("--resume-schedule", choices=("refuse", "override", "checkpoint"),
+                        default="refuse",
+                        help="a resume whose optimizer params, scheduler or --steps differ "
+                        "from the checkpoint's: refuse with the changed keys (default), "
+                        "override (the ds_config's from the resumed step on; Megatron-LM's "
+                        "--override-opt_param-scheduler) or checkpoint (the checkpoint's; "
+                        "--use-checkpoint-opt_param-scheduler)")
+    parser.add_argument("--resume-objectives", choices=("refuse", "override"),
+                        default="refuse",
+                        help="a resume with another token_objectives section, tokenizer or "
+                        "frequency file than the checkpoint's: refuse (default) or override "
+                        "(train on with the new ones)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute each decoder layer in backward (activation memory of "
                         "one layer instead of all; the 3B configs need it at sequence 4096)")
@@ -72,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         max_skipped_steps=args.max_skipped_steps,
         on_corrupt_checkpoint=args.on_corrupt_checkpoint,
         gradient_checkpointing=args.gradient_checkpointing,
+        resume_schedule=args.resume_schedule,
+        resume_objectives=args.resume_objectives,
     ))
     finish_distributed()
     return 0 if result.last_step > 0 or result.stopped_by_signal else 1

@@ -888,3 +888,42 @@ if __name__ == "__main__" and sys.argv[1:2] == ["nan-loss-probe"]:
     nan_loss_probe(sys.argv[2:])
 if __name__ == "__main__" and sys.argv[1:2] == ["fp16-skip-probe"]:
     fp16_skip_probe(sys.argv[2:])
+
+
+def test_a_resume_follows_the_ds_config_or_refuses_naming_each_changed_key(data, tmp_path):
+    """--ds-set optimizer.params.lr on a resume: refused with the key and both options, applied
+    with --resume-schedule override, ignored with --resume-schedule checkpoint; another
+    frequency file is refused unless --resume-objectives override."""
+    config = ds_config(data, tmp_path, "zero1")
+    out = tmp_path / "run"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(_train(data, config, out, *args), capture_output=True, text=True,
+                              env=WORKER_ENV, timeout=600)
+
+    check(run("--steps", "2"))
+    lrs = lambda: {m["step"]: m["lr"] for m in read_metrics(out)}  # noqa: E731
+    assert lrs() == {1: 1e-3, 2: 1e-3}
+    lower = ("--ds-set", "optimizer.params.lr=5e-4")
+    refused = run("--steps", "3", *lower)
+    assert refused.returncode != 0 and max(lrs()) == 2
+    assert "optimizer.params.lr: 0.001 in the checkpoint, 0.0005 now" in refused.stderr
+    assert "--resume-schedule override" in refused.stderr
+    assert "--resume-schedule checkpoint" in refused.stderr
+    check(run("--steps", "3", *lower, "--resume-schedule", "override"))
+    assert lrs()[3] == pytest.approx(5e-4, rel=1e-9)
+    check(run("--steps", "4", "--resume-schedule", "checkpoint"))  # 1e-3 in the ds_config
+    assert lrs()[4] == pytest.approx(5e-4, rel=1e-9)
+
+    from token_objectives.tables.frequencies import load_frequencies, save_frequencies
+
+    table = load_frequencies(data.frequencies_path)  # the same vocab, other counts
+    other = tmp_path / "other.safetensors"
+    save_frequencies(other, table.counts + 1, tokenizer_identity=table.tokenizer_identity)
+    frequencies = ("--ds-set", f"token_objectives.frequencies={other}", *lower)
+    changed = run("--steps", "5", *frequencies)
+    assert changed.returncode != 0
+    assert "frequencies (sha256)" in changed.stderr
+    assert "--resume-objectives override" in changed.stderr
+    check(run("--steps", "5", *frequencies, "--resume-objectives", "override"))
+    assert max(lrs()) == 5

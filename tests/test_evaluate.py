@@ -95,6 +95,18 @@ def test_undefined_metrics_are_nan_and_a_wrong_sign_is_not_a_digit_error():
     ('{"prompt": "a", "answer": true}\n', r"eval\.jsonl:1: \"answer\" is a bool"),
     ('["a", 1]\n', r"eval\.jsonl:1: a JSON list, not an object"),
     ("{oops\n", r"eval\.jsonl:1: invalid JSON"),
+    # JSON's NaN and Infinity (and numbers past a float's range) parse; they used to fail only
+    # when the report was written, after all the generation.
+    ('{"prompt": "a", "answer": 1}\n{"prompt": "b", "answer": NaN}\n',
+     r"eval\.jsonl:2: \"answer\" NaN is not a finite number"),
+    ('{"prompt": "a", "answer": Infinity}\n', r"eval\.jsonl:1: \"answer\" Infinity is not a "
+     r"finite number"),
+    ('{"prompt": "a", "answer": -Infinity}\n', r"eval\.jsonl:1: \"answer\" -Infinity is not"),
+    ('{"prompt": "a", "answer": 1e400}\n', r"eval\.jsonl:1: \"answer\" Infinity is not"),
+    pytest.param('{"prompt": "a", "answer": "1' + "0" * 400 + '"}\n',
+                 r"eval\.jsonl:1: \"answer\" \"10+\" is not a finite number", id="1e400 string"),
+    pytest.param('{"prompt": "a", "answer": 1' + "0" * 400 + '}\n',
+                 r"eval\.jsonl:1: \"answer\" 10+ is not a finite number", id="1e400 integer"),
 ])
 def test_bad_lines_are_named_with_the_fix(tmp_path, capsys, content, message):
     path = tmp_path / "eval.jsonl"
@@ -288,3 +300,18 @@ def test_eval_settings_are_checked():
         load_config(None, ["train.eval_max_new_tokens=0"])
     with pytest.raises(ValueError, match="eval_intervals"):
         load_config(None, ["train.eval_intervals=5"])
+
+
+def test_evaluate_with_another_model_s_config_says_so_not_corrupt(megatron_run, tmp_path):
+    root, settings = megatron_run
+    command = [sys.executable, "-m", "token_objectives.cli", "evaluate",
+               "--checkpoint", str(root / "run"), "--config", str(REPO / "configs" / "tiny.yaml"),
+               "--data", str(root / "eval.jsonl"), "--out", str(tmp_path / "m.json"),
+               "--no-progress"]
+    for item in (*settings, "model.hidden_size=128"):
+        command += ["--set", item]
+    done = subprocess.run(command, capture_output=True, text=True, env=WORKER_ENV, timeout=300)
+    assert done.returncode != 0
+    assert "describes another model than checkpoint" in done.stderr
+    assert "model.hidden_size: 64 in the checkpoint, 128 now" in done.stderr
+    assert "corrupt" not in done.stderr and "delete" not in done.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -311,7 +312,8 @@ def nan_loss_probe(argv: list[str]) -> None:
     """`nan-loss-probe OUT MODE OVERRIDE...`: training.megatron.run for 3 steps, its loss_func
     wrapped in this process only: in step 2, MODE "report" makes the reported "ntl" sum NaN
     while the loss it returns, and so the gradients, stay finite; MODE "grads" makes the
-    per-token loss NaN, and so the gradients too. Writes what the run raised, how many weights
+    per-token loss NaN, and so the gradients too; MODE "gradient-only" a NaN gradient under a
+    finite loss. Writes what the run raised, how many weights
     step 2 moved and the trainer's step, per rank."""
     import token_objectives.training.megatron as megatron
     from token_objectives.training.config import load_config
@@ -319,9 +321,22 @@ def nan_loss_probe(argv: list[str]) -> None:
     out, mode = Path(argv[0]), argv[1]
     original, seen = megatron.loss_func, {}
 
+    class NanGradient(torch.autograd.Function):
+        """Identity forward; a NaN gradient backward (the loss stays finite)."""
+
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("nan")
+
     def loss_func(loss_mask, output_tensor, model=None):
         if seen and mode == "grads":
             output_tensor = output_tensor * float("nan")
+        if seen and mode == "gradient-only":
+            output_tensor = NanGradient.apply(output_tensor)
         loss, tokens, report = original(loss_mask, output_tensor, model)
         if seen and mode == "report":
             nan = torch.tensor([float("nan"), 0.0], device=report["ntl"].device)
@@ -341,6 +356,8 @@ def nan_loss_probe(argv: list[str]) -> None:
         megatron.run(load_config(REPO / "configs" / "tiny.yaml", argv[2:]), printer=None)
     except FloatingPointError as raised:
         error = str(raised)
+    except Exception as raised:  # noqa: BLE001 - what else stopped the run, for the test
+        error = f"{type(raised).__name__}: {raised}"
     trainer = seen["trainer"]
     moved = sum(not torch.equal(a, b) for a, b in
                 zip(seen["before"], trainer.model.parameters(), strict=True))
@@ -348,6 +365,22 @@ def nan_loss_probe(argv: list[str]) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps({
         "error": error, "moved": moved, "step": trainer.step,
         "scheduler_moved": trainer.scheduler.num_steps != seen["scheduled"]}))
+
+
+def test_a_nan_gradient_under_a_finite_loss_stops_with_the_step_and_the_fix(data, tmp_path):
+    """megatron-core's own check said 'iteration -1 ... found NaN in local grad norm'."""
+    overrides = [*TINY, f"data.tokenizer={data.tokenizer_path}",
+                 f"data.train_prefix={data.train_prefix}",
+                 f"data.frequencies={data.frequencies_path}", f"output.dir={tmp_path}",
+                 "parallel.tensor=1", "train.steps=3"]
+    check(subprocess.run(torchrun_command(Path(__file__), "nan-loss-probe", str(tmp_path),
+                                          "gradient-only", *overrides, nproc=1),
+                         capture_output=True, text=True, env=WORKER_ENV, timeout=600))
+    got = json.loads((tmp_path / "rank0.json").read_text())
+    assert got["error"].startswith("step 2: a gradient is NaN or inf while the loss is finite "
+                                   "(lm loss "), got
+    assert "lower train.lr and train.resume_schedule override" in got["error"], got
+    assert got["moved"] == 0 and got["step"] == 1 and not got["scheduler_moved"], got
 
 
 @pytest.mark.parametrize(("mode", "component"), [("report", "ntl"), ("grads", "lm loss")])
@@ -374,3 +407,52 @@ def test_a_nan_loss_stops_before_the_update(data, tmp_path, mode, component):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["nan-loss-probe"]:
     nan_loss_probe(sys.argv[2:])
+
+
+def _cosine(step: int, max_lr: float, min_lr: float, steps: int) -> float:
+    """The rate megatron-core's cosine schedule (no warm-up) gives the update of `step`
+    (1-based): the schedule has advanced over the steps before it."""
+    return min_lr + (max_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
+
+
+def test_a_resume_follows_the_config_or_refuses_naming_each_changed_key(data, tmp_path):
+    """Megatron-LM's rule for the optimizer schedule (refuse a mismatch unless told to
+    override it or to keep the checkpoint's), and the same for the objectives; a different
+    model is reported as one, never as a corrupt checkpoint."""
+    out = tmp_path / "run"
+    lrs = lambda: {m["step"]: m["lr"] for m in metrics(out)}  # noqa: E731
+
+    def run(*overrides: str, check: bool = True):
+        return train(data, out, 1, "parallel.tensor=1", "train.min_lr=3e-4", *overrides,
+                     check=check)
+
+    run("train.steps=4")
+    for step in range(1, 5):
+        assert lrs()[step] == pytest.approx(_cosine(step, 1e-3, 3e-4, 4), rel=1e-6)
+
+    refused = run("train.steps=6", check=False)
+    assert refused.returncode != 0 and max(lrs()) == 4
+    assert "train.steps: 4 in the checkpoint, 6 now" in refused.stderr
+    assert "train.resume_schedule override" in refused.stderr
+    assert "train.resume_schedule checkpoint" in refused.stderr
+
+    # A lower lr (what the NaN stop suggests) and more steps: the new schedule from step 5 on.
+    run("train.steps=8", "train.lr=5e-4", "train.resume_schedule=override")
+    for step in (5, 6, 7, 8):
+        assert lrs()[step] == pytest.approx(_cosine(step, 5e-4, 3e-4, 8), rel=1e-6)
+    # Keeping the checkpoint's schedule: its decay ended at step 8, so min_lr from then on.
+    run("train.steps=10", "train.lr=9e-4", "train.resume_schedule=checkpoint")
+    assert lrs()[9] == lrs()[10] == pytest.approx(3e-4, rel=1e-6)
+
+    # (The schedule kept is the checkpoint's: saying so again is what a user would do.)
+    objectives = run("train.steps=10", "train.lr=9e-4", "train.resume_schedule=checkpoint",
+                     "objectives.ntl_weight=0.5", check=False)
+    assert objectives.returncode != 0
+    assert "objectives.ntl_weight: 0.3 in the checkpoint, 0.5 now" in objectives.stderr
+    assert "train.resume_objectives override" in objectives.stderr
+
+    other = run("train.steps=10", "model.hidden_size=128", check=False)
+    assert other.returncode != 0
+    assert "holds a different model" in other.stderr
+    assert "model.hidden_size: 64 in the checkpoint, 128 now" in other.stderr
+    assert "corrupt" not in other.stderr and "delete" not in other.stderr

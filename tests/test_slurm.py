@@ -117,12 +117,19 @@ def test_tiny_cpu_scancel_saves_and_ends_with_status_0(cluster, data, tmp_path):
     """Plain `scancel`: SIGTERM to every process of the job, the torchrun agents included. The
     workers save; the launcher (training.torchrun) exits 0 where torchrun would exit 1, so the
     step and the batch script end with 0 and SLURM shows ExitCode 0:0 (the state is CANCELLED,
-    SLURM's record of who ended the job). No requeue: a plain scancel means stop."""
+    SLURM's record of who ended the job). No requeue: a plain scancel means stop.
+
+    It comes after periodic saves, and twice: megatron-core's checkpoint writer keeps a Manager
+    process from the first save on, which the job-wide SIGTERM used to kill, failing the
+    emergency save (BrokenPipeError, exit 143)."""
     job = submit(cluster, "tiny_cpu", tmp_path, "--set", "train.steps=300",
-                 "--set", "train.save_interval=0", **tiny_env(data))
+                 "--set", "train.save_interval=2", **tiny_env(data))
     directory = run_dir(tmp_path, "tiny-cpu", job)
     wait_for_steps(directory, 5, timeout=120)
+    assert latest_complete_step(directory / "checkpoints") >= 2  # a periodic save came first
     cluster.run("scancel", job)
+    time.sleep(0.5)
+    cluster.run("scancel", job, check=False)  # the job may be completing already
     deadline = time.time() + 90
     while "training step ended" not in read_log(directory) and time.time() < deadline:
         time.sleep(0.5)

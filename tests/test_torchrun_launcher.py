@@ -108,3 +108,58 @@ def test_nproc_per_node_0_through_the_module(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"{torchrun.PREFIX}: error: --nproc-per-node 0: ")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_failed_save_is_named_as_the_cause(stop_dir, monkeypatch):
+    _worker(monkeypatch, 0, 2, 7)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    torchrun.report_failed_stop(7, BrokenPipeError(32, "Broken pipe"))
+    status, line = torchrun.stop_status(stop_dir, signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM
+    assert ("the checkpoint save of step 7 failed on local workers [1]: BrokenPipeError: "
+            "[Errno 32] Broken pipe. Not a timeout") in line
+    assert "--shutdown-timeout" not in line
+
+
+def test_a_group_wide_sigterm_after_a_periodic_save_still_saves(tmp_path):
+    """What torchrun's agent, scancel and SLURM's time limit do after the run has saved once:
+    SIGTERM to the whole process group, twice. megatron-core's writer Manager, started by
+    the first save, used to die with the group and fail the emergency save (BrokenPipeError,
+    exit 143)."""
+    import time
+
+    from torchrun_helpers import REPO, TINY_MEGATRON, WORKER_ENV, free_port, read_metrics
+
+    from token_objectives.quickstart.data import build_quickstart_data
+    from token_objectives.training.checkpointing import latest_complete_step
+
+    data = build_quickstart_data(tmp_path / "data", num_documents=200)
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "token_objectives.training.torchrun",
+               "--nproc-per-node=2", f"--master-port={free_port()}",
+               str(REPO / "launch" / "pretrain_megatron.py"),
+               "--config", str(REPO / "configs" / "tiny.yaml")]
+    for item in (*TINY_MEGATRON, f"data.tokenizer={data.tokenizer_path}",
+                 f"data.train_prefix={data.train_prefix}",
+                 f"data.frequencies={data.frequencies_path}", f"output.dir={out}",
+                 "train.steps=500", "train.save_interval=2"):
+        command += ["--set", item]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=WORKER_ENV, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and launcher.poll() is None and not (
+                latest_complete_step(out / "checkpoints") and len(read_metrics(out)) >= 3):
+            time.sleep(0.1)
+        assert launcher.poll() is None, launcher.communicate()[0][-3000:]
+        os.killpg(launcher.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        os.killpg(launcher.pid, signal.SIGTERM)
+        log, _ = launcher.communicate(timeout=180)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == 0, log[-4000:]
+    assert "all 2 workers of this node saved a checkpoint at step" in log, log[-4000:]
+    saved = latest_complete_step(out / "checkpoints")
+    assert saved >= 3 and saved == len(read_metrics(out)), log[-3000:]

@@ -59,8 +59,12 @@ def latest_complete_step(root: str | Path, below: int | None = None) -> int | No
     return max((s for s in steps if below is None or s < below), default=None)
 
 
-def save(sharded_state_dict: dict, root: str | Path, step: int, keep: int = 0) -> Path:
+def save(sharded_state_dict: dict, root: str | Path, step: int, keep: int = 0,
+         stamp: dict | None = None) -> Path:
     """Collective: every rank calls it. Returns the complete checkpoint's directory.
+
+    stamp: what the run was trained with (training.run_stamp), written as run.json beside the
+    shards before the manifest, so that the manifest covers it.
 
     keep > 0 removes all but the newest `keep` complete checkpoints once this one is complete.
     A write that fails on any rank (a full disk, ...) removes the partial directory, keeps every
@@ -89,6 +93,10 @@ def save(sharded_state_dict: dict, root: str | Path, step: int, keep: int = 0) -
             error = caught
     if not any_rank_failed(error):
         try:
+            if stamp is not None and rank == 0:
+                from token_objectives.training.run_stamp import write_stamp
+
+                write_stamp(partial, stamp)
             write_manifest(partial)  # collective: every rank hashes a share
         except OSError as caught:
             error = caught

@@ -22,6 +22,7 @@ from token_objectives.objectives.config import ObjectiveConfig
 from token_objectives.objectives.sections import section_from_mapping
 from token_objectives.scheduled_sampling.schedule import ScheduledSamplingConfig
 from token_objectives.tables.numbers import NUMBER_TOKEN_MODES, NUMBER_TOKENS_HELP
+from token_objectives.training.run_stamp import RESUME_OBJECTIVES, RESUME_SCHEDULE
 
 
 def _check_sizes(section: str, config: object, names: Sequence[str], least: int) -> None:
@@ -149,6 +150,14 @@ class TrainConfig:
     eval_interval: int = 0  # >0: greedy-answer data.eval_data every N steps (Megatron loop)
     eval_batch_size: int = 32  # prompts per generation batch
     eval_max_new_tokens: int = 16  # the most tokens generated per prompt
+    # A resume whose optimizer schedule (lr, min_lr, warmup, steps, decay, weight decay, betas,
+    # global batch) differs from the checkpoint's: "refuse" (an error naming each changed key),
+    # "override" (the config's: Megatron-LM's --override-opt_param-scheduler) or "checkpoint"
+    # (the checkpoint's: --use-checkpoint-opt_param-scheduler).
+    resume_schedule: str = "refuse"
+    # A resume with other objectives or tables (objectives.*, data.number_tokens, the tokenizer,
+    # the frequency file): "refuse" or "override" (train on with the new ones).
+    resume_objectives: str = "refuse"
 
     def __post_init__(self) -> None:
         _check_sizes("train", self, ("steps", "log_interval", "eval_batch_size",
@@ -161,6 +170,14 @@ class TrainConfig:
         _check_number("train", "clip_grad", self.clip_grad, 0.0)
         for name in ("adam_beta1", "adam_beta2"):
             _check_number("train", name, getattr(self, name), 0.0, 1.0, high_open=True)
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr ({self.min_lr}) must not exceed train.lr "
+                             f"({self.lr}): the schedule decays from lr down to min_lr")
+        for name, choices in (("resume_schedule", RESUME_SCHEDULE),
+                              ("resume_objectives", RESUME_OBJECTIVES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"train.{name} must be one of {list(choices)}, got "
+                                 f"{getattr(self, name)!r}")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(
                 f"train.warmup_steps ({self.warmup_steps}) must lie in [0, train.steps = "

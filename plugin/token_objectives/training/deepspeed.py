@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import re
 import shutil
@@ -56,7 +57,8 @@ from token_objectives.integrations.deepspeed.section import (
 from token_objectives.objectives.device_tables import on_device
 from token_objectives.objectives.loss import ObjectiveOutput
 from token_objectives.scheduled_sampling.mix import ScheduledSampler, sample_indices
-from token_objectives.training import checkpointing
+from token_objectives.tables.tokenizers import tokenizer_identity
+from token_objectives.training import checkpointing, run_stamp
 from token_objectives.training.checkpointing import write_atomically
 from token_objectives.training.data import MegatronTokenizer, Repeated, gpt_dataset, micro_batches
 from token_objectives.training.loop import (  # noqa: F401 (any_rank_signalled: public here too)
@@ -93,6 +95,10 @@ class TrainArgs:
     max_skipped_steps: int = 10  # stop after N updates in a row DeepSpeed skipped; 0: never
     on_corrupt_checkpoint: str = "fallback"  # "fallback" (to the previous tag) | "stop"
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward
+    # A resume with another optimizer schedule / other objectives than the checkpoint's:
+    # run_stamp.RESUME_SCHEDULE ("refuse", "override", "checkpoint") / RESUME_OBJECTIVES.
+    resume_schedule: str = "refuse"
+    resume_objectives: str = "refuse"
 
     def __post_init__(self) -> None:
         for flag, name, least in (("--steps", "steps", 1), ("--seq-length", "seq_length", 1),
@@ -160,12 +166,32 @@ def split_optimizer(ds_config: Mapping[str, Any]) -> tuple[Callable, dict]:
                          f"{sorted(_OPTIMIZER_KEYS)}")
     params.setdefault("lr", 1e-3)
     params["betas"] = tuple(params.get("betas", (0.9, 0.95)))
+    _check_optimizer_params(params)
 
     def factory(parameters) -> torch.optim.Optimizer:
         return torch.optim.AdamW(decay_groups(parameters, params.get("weight_decay", 0.01)),
                                  **params)
 
     return factory, config
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def _check_optimizer_params(params: Mapping[str, Any]) -> None:
+    """Each AdamW param a value torch takes, else an error naming the ds_config key."""
+    where = 'ds_config["optimizer"].params'
+    rules = {"lr": ("a number > 0", lambda v: _is_number(v) and v > 0),
+             "eps": ("a number > 0", lambda v: _is_number(v) and v > 0),
+             "weight_decay": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
+             "betas": ("two numbers in [0, 1), e.g. [0.9, 0.95]",
+                       lambda v: len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v))}
+    for key, (accepts, ok) in rules.items():
+        if key in params and not ok(params[key]):
+            raise ValueError(f"{where}.{key} must be {accepts}, got {params[key]!r} (set it in "
+                             f"the ds_config or with --ds-set optimizer.params.{key}=...)")
 
 
 def decay_groups(parameters, weight_decay: float) -> list[dict]:
@@ -407,6 +433,10 @@ class Trainer:
         self.checkpoint_dir = out / CHECKPOINTS
         self.dataset = Repeated(gpt_dataset(args.data_prefix, args.seq_length, args.seed,
                                             self.tokenizer, None, out / "data_cache"))
+        self.stamp = run_stamp.deepspeed_stamp(
+            model_config, args.ds_config.get("optimizer", {}), args.ds_config.get("scheduler"),
+            self.global_batch, section, tokenizer_identity(self.tokenizer._tokenizer),
+            section.objective_config())
         self.step = 0
         self.skipped = SkippedSteps(args.max_skipped_steps, "--max-skipped-steps")
         logging = dist.get_rank() == 0
@@ -552,6 +582,8 @@ class Trainer:
             error = caught
         if not checkpointing.any_rank_failed(error, self.device):
             try:
+                if dist.get_rank() == 0:
+                    run_stamp.write_stamp(directory, self.stamp)
                 checkpointing.write_manifest(directory)  # collective: every rank hashes a share
             except OSError as caught:
                 error = caught
@@ -621,8 +653,16 @@ class Trainer:
             if fallback is None:
                 return None
             tag = fallback
+        found = run_stamp.check_resume(self.checkpoint_dir / tag, self.stamp,
+                                       self.args.resume_schedule, self.args.resume_objectives,
+                                       "--resume-schedule", "--resume-objectives")
+        override = found is not None and bool(found.schedule) and \
+            self.args.resume_schedule == "override"
+        if found is not None:
+            self.stamp = found.effective(self.stamp, self.args.resume_schedule)
         try:
-            path, state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
+            path, state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag,
+                                                      load_lr_scheduler_states=not override)
         except Exception as error:
             raise ValueError(f"checkpoint {self.checkpoint_dir / tag} could not be loaded "
                              f"({type(error).__name__}: {error}); "
@@ -631,7 +671,25 @@ class Trainer:
             raise ValueError(f"checkpoint {self.checkpoint_dir / tag} could not be loaded; "
                              f"{self._earlier_tags_fix(tag)}")
         self.step = int(state["step"])
+        if override:
+            self._override_schedule()
         return self.step
+
+    def _override_schedule(self) -> None:
+        """The ds_config's optimizer params and scheduler from the resumed step on: the loaded
+        optimizer state came back with the checkpoint's lr, betas, eps and weight decay."""
+        params = dict(self.args.ds_config.get("optimizer", {}).get("params", {}))
+        for group in self.engine.optimizer.param_groups:
+            for key in ("lr", "eps"):
+                if key in params:
+                    group[key] = params[key]
+            if "betas" in params:
+                group["betas"] = tuple(params["betas"])
+            if "weight_decay" in params and group.get("weight_decay", 0.0) > 0:
+                group["weight_decay"] = params["weight_decay"]  # the no-decay group keeps 0
+        scheduler = self.engine.lr_scheduler
+        if scheduler is not None:  # a fresh scheduler of the new section, moved to this step
+            scheduler.step(self.step - 1)
 
 
 def run(args: TrainArgs, printer=print) -> RunResult:

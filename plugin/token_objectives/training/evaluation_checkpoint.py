@@ -61,7 +61,7 @@ def load_megatron_checkpoint(checkpoint: str | os.PathLike, config_path: str | o
     from megatron.core import parallel_state
 
     from token_objectives.integrations.megatron import cpu_patches
-    from token_objectives.training import checkpointing
+    from token_objectives.training import checkpointing, run_stamp
     from token_objectives.training.config import load_config, padded_vocab_size
     from token_objectives.training.data import MegatronTokenizer
     from token_objectives.training.megatron import build_model
@@ -88,9 +88,15 @@ def load_megatron_checkpoint(checkpoint: str | os.PathLike, config_path: str | o
     one_rank = dataclasses.replace(cfg, parallel=dataclasses.replace(
         cfg.parallel, tensor=1, pipeline=1, sequence_parallel=False))
     model = build_model(one_rank, vocab, None, initialize=False)
-    problem = checkpointing.manifest_problem(checkpointing.step_dir(root, step))
+    directory = checkpointing.step_dir(root, step)
+    problem = checkpointing.manifest_problem(directory)
     if problem is not None:
-        raise InputError(f"checkpoint {checkpointing.step_dir(root, step)} is corrupt: {problem}")
+        raise InputError(f"checkpoint {directory} is corrupt: {problem}")
+    other = run_stamp.model_changes(directory, run_stamp.megatron_stamp(cfg, vocab, 1, None, 1))
+    if other:
+        raise InputError(f"--config {config_path} describes another model than checkpoint "
+                         f"{directory} holds ({'; '.join(other)}): pass the run config it was "
+                         f"trained with")
     state = checkpointing.load({"model": model.sharded_state_dict()}, root, step)
     model.load_state_dict(state["model"])
     if torch.cuda.is_available():

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from token_objectives.training.checkpointing import PreemptionFlag
 from token_objectives.training.metrics import MetricsWriter
-from token_objectives.training.torchrun import report_clean_stop
+from token_objectives.training.torchrun import report_clean_stop, report_failed_stop
 
 # The components the console line shows, in this order, when a step reports them.
 CONSOLE_VALUES = ("lm loss", "ce", "ntl", "ce part", "ntl part")
@@ -197,7 +197,11 @@ def run_loop(build: Callable[[], Trainer], steps: int, save_interval: int = 0,
                     record.step % log_interval == 0):
                 printer(format_step(record, steps))
             if any_rank_signalled(flag, trainer.device):
-                trainer.save()
+                try:
+                    trainer.save()
+                except BaseException as error:
+                    report_failed_stop(trainer.step, error)  # the launcher names the cause
+                    raise
                 saved = trainer.step
                 result.stopped_by_signal = True
                 break

@@ -32,10 +32,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from token_objectives.integrations.megatron import cpu_patches
+from token_objectives.integrations.megatron import cpu_patches, writer_queue
 from token_objectives.integrations.megatron.hook import Objectives, attach_objectives, loss_func
 from token_objectives.scheduled_sampling.mix import ScheduledSampler, sample_indices
-from token_objectives.training import checkpointing
+from token_objectives.tables.tokenizers import tokenizer_identity
+from token_objectives.training import checkpointing, run_stamp
 from token_objectives.training.config import RunConfig, padded_vocab_size
 from token_objectives.training.data import MegatronTokenizer, Repeated, gpt_dataset, micro_batches
 from token_objectives.training.layer_specs import decoder_block_spec
@@ -334,7 +335,20 @@ class Trainer:
             # The loss is checked before megatron-core reduces the gradients, whose own NaN
             # check would otherwise stop the run first without naming the component.
             self._values = self._checked_values()
-            finalize_model_grads(*args, **kwargs)
+            try:
+                finalize_model_grads(*args, **kwargs)
+            except RuntimeError as error:
+                # megatron-core's check says "iteration -1 ... found NaN in local grad norm":
+                # no step, no cause, no fix. The loss was finite (checked above).
+                if "in local grad norm" not in str(error):
+                    raise
+                losses = ", ".join(f"{name} {value:.4g}" for name, value in self._values.items())
+                raise FloatingPointError(
+                    f"step {self.step + 1}: a gradient is NaN or inf while the loss is finite "
+                    f"({losses}); the update was not applied. The backward pass overflowed "
+                    f"(bf16 / a custom op) or the data holds an extreme sample: resume from the "
+                    f"last checkpoint with a lower train.lr and train.resume_schedule override"
+                ) from error
 
         config.finalize_model_grads_func = finalize
         self.optimizer = get_megatron_optimizer(
@@ -360,6 +374,9 @@ class Trainer:
         self.dataset = Repeated(gpt_dataset(cfg.data.train_prefix, cfg.model.seq_length,
                                             cfg.train.seed, self.tokenizer, None,
                                             out / "data_cache"))
+        self.stamp = run_stamp.megatron_stamp(
+            cfg, self.vocab_size, global_batch, tokenizer_identity(self.tokenizer._tokenizer),
+            self.dp_size)
         self.step = 0
         self.skipped = SkippedSteps(cfg.train.max_skipped_steps, "train.max_skipped_steps")
         logging = self._is_logging_rank()
@@ -443,12 +460,13 @@ class Trainer:
         return {"metadata": {"distrib_optim_sharding_type": "dp_reshardable"}}
 
     def save(self) -> Path:
+        writer_queue.keep_writer_queue_through_signals()  # before the first save starts it
         if self.cfg.parallel.overlap_param_gather:
             # The last update's all-gather would wait for the next forward: the saved weights
             # would be the previous step's outside this rank's shard.
             self.model.start_param_sync(force_sync=True)
         return checkpointing.save(self._sharded_state(), self.checkpoint_root, self.step,
-                                  keep=self.cfg.train.keep_checkpoints)
+                                  keep=self.cfg.train.keep_checkpoints, stamp=self.stamp)
 
     def resume(self) -> int | None:
         """Load the latest complete checkpoint whose files match its manifest, if there is one;
@@ -475,10 +493,27 @@ class Trainer:
                 "Move it aside to resume from the previous complete checkpoint, or set "
                 "train.on_corrupt_checkpoint=fallback to do so automatically")
             below = step
+        train = self.cfg.train
+        found = run_stamp.check_resume(directory, self.stamp, train.resume_schedule,
+                                       train.resume_objectives, "train.resume_schedule",
+                                       "train.resume_objectives")
+        override = found is not None and bool(found.schedule) and \
+            train.resume_schedule == "override"
+        if found is not None:
+            self.stamp = found.effective(self.stamp, train.resume_schedule)
         state = checkpointing.load(self._sharded_state(is_loading=True), self.checkpoint_root,
                                    step)
         self.model.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if override:  # the groups came back with the checkpoint's betas and per-group lr range
+            for group in self.optimizer.param_groups:
+                group["betas"] = (train.adam_beta1, train.adam_beta2)
+                group.update({key: value for key, value in (("max_lr", train.lr),
+                                                            ("min_lr", train.min_lr))
+                              if key in group})
+        # megatron-core takes max/min lr, warm-up and decay from the checkpoint unless told to
+        # override them (use_checkpoint_opt_param_scheduler is its default).
+        self.scheduler.override_opt_param_scheduler = override
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         return self.step

@@ -49,6 +49,25 @@ def report_clean_stop(step: int, checkpoint: str | None = None) -> None:
     partial.replace(final)  # the launcher never reads half a marker
 
 
+def report_failed_stop(step: int, error: BaseException) -> None:
+    """Worker side, after a signal: this worker's save of `step` failed with `error`; the
+    launcher's verdict names it. Does nothing unless the launcher above started the run."""
+    directory = os.environ.get(STOP_DIR_ENV)
+    if not directory or not Path(directory).is_dir():
+        return
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cause = " ".join(f"{type(error).__name__}: {error}".split())[:500]
+    final = Path(directory) / f"{local_rank}.failed"
+    partial = final.with_suffix(".partial")
+    partial.write_text(json.dumps({"step": step, "local_rank": local_rank, "cause": cause}))
+    partial.replace(final)
+
+
+def read_failed_stops(directory: Path) -> list[dict]:
+    """The failed saves this node's workers reported, by local rank."""
+    return [json.loads(path.read_text()) for path in sorted(directory.glob("*.failed"))]
+
+
 def read_clean_stops(directory: Path) -> tuple[list[dict], int | None]:
     """The markers of this node's workers, and how many workers the node runs (None: none
     reported)."""
@@ -66,6 +85,14 @@ def stop_status(directory: Path, signum: int) -> tuple[int, str]:
         steps = sorted({marker["step"] for marker in markers})
         return 0, (f"{PREFIX}: {name}: all {local_workers} workers of this node saved a "
                    f"checkpoint at step {steps[-1]} and stopped: a clean stop, exit status 0")
+    failed = read_failed_stops(directory)
+    if failed:
+        first = failed[0]
+        ranks = sorted(marker["local_rank"] for marker in failed)
+        return 128 + signum, (
+            f"{PREFIX}: {name}: the checkpoint save of step {first['step']} failed on local "
+            f"workers {ranks}: {first['cause']}. Not a timeout; the newest complete checkpoint "
+            f"is kept: resume from it. Exit status {128 + signum}")
     if local_workers is None:
         who = "no local worker reported a saved checkpoint"
     else:
