@@ -42,6 +42,11 @@ from token_objectives.training.config import config_from_dict, load_config
     ("parallel.use_distributed_optimizer=3", "parallel.use_distributed_optimizer must be bool"),
     ("parallel.overlap_param_gather=true",
      "parallel.overlap_param_gather needs parallel.use_distributed_optimizer: true"),
+    ("train.min_lr=2e-3", "train.min_lr (0.002) must not exceed train.lr (0.001)"),
+    ("train.resume_schedule=maybe",
+     "train.resume_schedule must be one of ['refuse', 'override', 'checkpoint'], got 'maybe'"),
+    ("train.resume_objectives=checkpoint",
+     "train.resume_objectives must be one of ['refuse', 'override'], got 'checkpoint'"),
 ])
 def test_a_bad_value_names_its_key_and_what_it_accepts(override, says):
     with pytest.raises(ValueError, match="^" + re.escape(says)):
@@ -98,3 +103,24 @@ def test_deepspeed_train_args_name_the_flag(field, value, says):
     with pytest.raises(ValueError, match="^" + re.escape(says)):
         TrainArgs(model_config="m.json", data_prefix="d", ds_config={}, output_dir="o",
                   **{field: value})
+
+
+@pytest.mark.parametrize(("override", "says"), [
+    ('optimizer.params.lr="abc"', "optimizer\"].params.lr must be a number > 0, got 'abc'"),
+    ("optimizer.params.betas=[0.9]",
+     "optimizer\"].params.betas must be two numbers in [0, 1), e.g. [0.9, 0.95], got (0.9,)"),
+    ("optimizer.params.eps=0", "optimizer\"].params.eps must be a number > 0, got 0"),
+    ("optimizer.params.weight_decay=-1",
+     "optimizer\"].params.weight_decay must be a number >= 0, got -1"),
+])
+def test_ds_set_optimizer_params_are_checked_by_name(override, says, tmp_path):
+    """--ds-set optimizer.params.lr="abc" was a TypeError inside torch, betas=[0.9] an
+    IndexError."""
+    import json
+
+    from token_objectives.training.deepspeed import load_ds_config, split_optimizer
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}))
+    with pytest.raises(ValueError, match=re.escape(says)):
+        split_optimizer(load_ds_config(path, [override]))
