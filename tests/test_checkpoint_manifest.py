@@ -1,6 +1,8 @@
 """MANIFEST.json written and verified by every rank at once (4 real gloo processes): each file's
 bytes are hashed by exactly one rank, the shares are balanced, the manifest equals sha256
-computed here with hashlib, and a flipped bit in any rank's share is found by every rank."""
+computed here with hashlib, and a flipped bit in any rank's share is found by every rank.
+Without a process group: the manifest covers every file (one it does not list is a problem
+naming it), and leftovers of interrupted writes are never listed and are removed."""
 
 from __future__ import annotations
 
@@ -75,3 +77,58 @@ def test_every_rank_hashes_a_share_and_finds_a_flipped_bit(pool4, tmp_path):
         assert result["clean"] is None
         assert result["flipped"] == f"{flipped} does not match its sha256 in MANIFEST.json"
     assert os.path.getsize(flipped) == SIZES["b.distcp"]
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_file_the_manifest_does_not_list_is_a_problem_naming_it(tmp_path):
+    """A flipped bit in a file whose entry was taken out of the manifest, or under a manifest
+    edited to list nothing, is not loaded: the file is named, as a changed byte is."""
+    _files(tmp_path)
+    checkpointing.write_manifest(tmp_path)
+    (tmp_path / checkpointing.COMPLETE_MARKER).write_text("{}")
+    path = tmp_path / checkpointing.MANIFEST
+    manifest = json.loads(path.read_text())
+    _flip(tmp_path / "b.distcp")
+    del manifest["files"]["b.distcp"]
+    path.write_text(json.dumps(manifest))
+    unlisted = "is not listed in its MANIFEST.json, so its bytes cannot be checked"
+    assert checkpointing.manifest_problem(tmp_path) == f"{tmp_path / 'b.distcp'} {unlisted}"
+
+    path.write_text(json.dumps({**manifest, "files": {}}))
+    assert checkpointing.manifest_problem(tmp_path) == f"{tmp_path / '.metadata'} {unlisted}"
+
+    checkpointing.write_manifest(tmp_path)
+    (tmp_path / "sub" / "extra.distcp").write_bytes(b"late")
+    assert checkpointing.manifest_problem(tmp_path) == (
+        f"{tmp_path / 'sub' / 'extra.distcp'} {unlisted}")
+
+
+LEFTOVERS = ["MANIFEST.json.partial", "COMPLETE.partial", "latest.partial", ".metadata.tmp",
+             "sub/__1.metadata.tmp", ".disk-probe.partial"]
+
+
+def test_leftovers_of_interrupted_writes_are_never_listed_and_are_removed(tmp_path):
+    """A kill inside the MANIFEST.json write of a DeepSpeed tag leaves MANIFEST.json.partial;
+    the next save of that tag wrote a manifest listing it, then renamed it away, and the good
+    tag was reported corrupt. Writing the manifest removes leftovers; checking one ignores a
+    leftover that appears later and skips an entry naming one (older manifests list them)."""
+    _files(tmp_path)
+    for name in LEFTOVERS:
+        (tmp_path / name).write_bytes(b"torn")
+    checkpointing.write_manifest(tmp_path)
+    manifest = json.loads((tmp_path / checkpointing.MANIFEST).read_text())
+    assert sorted(manifest["files"]) == sorted(SIZES)
+    assert not [name for name in LEFTOVERS if (tmp_path / name).exists()]
+    assert checkpointing.manifest_problem(tmp_path) is None
+
+    for name in LEFTOVERS:
+        (tmp_path / name).write_bytes(b"torn again")
+    manifest["files"]["MANIFEST.json.partial"] = {"size": 1, "sha256": "0" * 64}
+    (tmp_path / checkpointing.MANIFEST).write_text(json.dumps(manifest))
+    assert checkpointing.manifest_problem(tmp_path) is None
+

@@ -8,11 +8,21 @@ A save writes into `<name>.partial`, waits for every rank, writes MANIFEST.json 
 of every file), then the COMPLETE marker last, then renames the directory; the marker and the
 rename are needed for a checkpoint to count, and a resume loads it only when every file matches
 the manifest. The DeepSpeed loop writes and checks the same manifest in each tag directory.
+
+The manifest covers every file of its directory: a file it does not list (other than the manifest,
+the marker and the leftovers of an interrupted write, `LEFTOVERS`) or a listed file that is missing
+makes the checkpoint corrupt, as a changed byte does. Leftovers are never listed, and writing a
+manifest removes them.
+
+`kill_point` is a fault-injection hook for tests: each write of a save calls it with the write's
+name, and it SIGKILLs the process where TOKEN_OBJECTIVES_KILL_AT names that write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fnmatch
 import hashlib
 import json
 import os
@@ -31,6 +41,11 @@ MANIFEST = "MANIFEST.json"
 CORRUPT_POLICIES = ("fallback", "stop")
 STEP_DIR = re.compile(r"step_(\d{7})")
 _CHUNK = 1 << 22
+# What an interrupted write leaves: `write_atomically`'s <name>.partial, DCP's .metadata.tmp.
+LEFTOVERS = ("*.partial", "*.metadata.tmp")
+KILL_AT = "TOKEN_OBJECTIVES_KILL_AT"
+_PROBE_BYTES = 1 << 20
+_reached: dict[str, int] = {}
 
 
 class CorruptCheckpointError(ValueError):
@@ -88,9 +103,12 @@ def save(sharded_state_dict: dict, root: str | Path, step: int, keep: int = 0,
     if not any_rank_failed(error):
         try:
             dist_checkpointing.save(sharded_state_dict, str(partial))
+            # DCP's forked writer processes wrote this rank's files: a kill inside them leaves
+            # the same directory, without its marker, as a kill here.
+            kill_point("shards")
         # CheckpointException derives from BaseException, not Exception.
         except (Exception, CheckpointException) as caught:
-            error = caught
+            error = disk_cause(caught, partial)
     if not any_rank_failed(error):
         try:
             if stamp is not None and rank == 0:
@@ -166,6 +184,34 @@ def _os_error(error: BaseException | None) -> OSError | None:
     return None
 
 
+def disk_cause(error: BaseException, directory: Path) -> BaseException:
+    """`error`, or, when it carries no errno, the full disk (ENOSPC) or quota (EDQUOT) that a
+    write of our own into `directory` (1 MiB, synced, then removed) runs into: that OSError,
+    with `error` as its cause.
+
+    NOTE: a shard that DCP's forked writer fails to write on a full disk comes back as the
+    text "[enforce fail at inline_container.cc:672] . unexpected pos": the ENOSPC behind it
+    stayed in that process. The disk is still full when it is probed, before the cleanup.
+    """
+    if _os_error(error) is not None:
+        return error
+    probe = Path(directory) / ".disk-probe.partial"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(bytes(_PROBE_BYTES))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as found:
+        if found.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        found.__cause__ = error
+        return found
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return error
+
+
 def mount_point(path: Path) -> Path:
     path = Path(os.path.abspath(path))
     while not path.exists():
@@ -186,12 +232,23 @@ def _digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def is_leftover(name: str) -> bool:
+    """Whether a file named `name` is what an interrupted write leaves (`LEFTOVERS`)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in LEFTOVERS)
+
+
 def _manifest_files(directory: Path) -> list[str]:
     """The files a manifest covers: every file below `directory` (relative POSIX paths, sorted)
-    except the manifest itself and the COMPLETE marker."""
+    except the manifest itself, the COMPLETE marker and the leftovers of interrupted writes."""
     return [path.relative_to(directory).as_posix() for path in sorted(directory.rglob("*"))
-            if path.is_file() and path.relative_to(directory).as_posix()
-            not in (MANIFEST, COMPLETE_MARKER)]
+            if path.is_file() and not is_leftover(path.name)
+            and path.relative_to(directory).as_posix() not in (MANIFEST, COMPLETE_MARKER)]
+
+
+def _remove_leftovers(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file() and is_leftover(path.name):
+            path.unlink()
 
 
 def _share(sizes: dict[str, int], rank: int, world: int) -> list[str]:
@@ -232,7 +289,9 @@ def _from_rank0(value):
 def write_manifest(directory: str | Path) -> None:
     """Collective when a process group is up: write MANIFEST.json in `directory` with the size and
     sha256 of every file below it (relative POSIX paths), except the manifest itself and the
-    COMPLETE marker. Rank 0 lists the files; every rank hashes its share of the bytes
+    COMPLETE marker. Rank 0 removes the leftovers of interrupted writes (`LEFTOVERS`: a
+    MANIFEST.json.partial of a killed save of the same tag) and lists the files; every rank
+    hashes its share of the bytes
     (sha256 runs at ~1.8 GB/s a core, so one rank alone would spend ~25 s on a 45 GB 3B
     checkpoint); rank 0 writes the manifest. Raises OSError on every rank when any rank failed
     to read a file, or rank 0 to write the manifest."""
@@ -241,6 +300,7 @@ def write_manifest(directory: str | Path) -> None:
     sizes = None
     if rank == 0:
         try:
+            _remove_leftovers(directory)
             sizes = {name: (directory / name).stat().st_size
                      for name in _manifest_files(directory)}
         except OSError as error:
@@ -299,20 +359,28 @@ def _read_manifest(directory: Path) -> tuple[dict | None, str | None]:
 
 
 def manifest_problem(directory: str | Path, share: tuple[int, int] = (0, 1)) -> str | None:
-    """None when every file of `directory`'s manifest is there with its size and sha256, else
-    what is wrong, naming the file (the first in the manifest's order). share=(rank, world):
-    hash only that rank's share of the bytes (sizes are checked for every file)."""
+    """None when every file of `directory`'s manifest is there with its size and sha256 and
+    every file there is in the manifest (other than itself, the marker and `LEFTOVERS`), else
+    what is wrong, naming the file (a listed one first, in the manifest's order). An entry
+    naming a leftover (listed by older versions) is skipped. share=(rank, world): hash only
+    that rank's share of the bytes (sizes are checked for every file)."""
     directory = Path(directory)
     files, problem = _read_manifest(directory)
     if problem is not None:
         return problem
     try:
+        files = {name: entry for name, entry in files.items()
+                 if not is_leftover(name.rpartition("/")[2])}
         sizes = {name: int(entry["size"]) for name, entry in files.items()}
         mine = set(_share(sizes, *share))
         for relative, expected in files.items():
             problem = _problem_of(directory, relative, expected, relative in mine)
             if problem is not None:
                 return problem
+        unlisted = [name for name in _manifest_files(directory) if name not in files]
+        if unlisted:
+            return (f"{directory / unlisted[0]} is not listed in its {MANIFEST}, so its bytes "
+                    f"cannot be checked")
     except OSError as error:
         return f"it cannot be read ({type(error).__name__}: {error})"
     except (KeyError, TypeError, ValueError) as error:
@@ -368,14 +436,35 @@ def _warn(message: str) -> None:
 
 def write_atomically(path: str | Path, text: str) -> None:
     """`path` holds `text` whole or keeps what it held: written to `<path>.partial`, synced to
-    disk, then renamed over `path`."""
+    disk, then renamed over `path`. A kill before the rename leaves `<path>.partial` (a leftover
+    that manifests skip); its write point for `kill_point` is the name of `path`."""
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     with open(partial, "w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+    kill_point(path.name)
     os.replace(partial, path)
+
+
+def kill_point(name: str) -> None:
+    """Fault injection for tests: SIGKILL this process the n-th time it reaches the write point
+    `name` when the environment has TOKEN_OBJECTIVES_KILL_AT=name:n (n = 1 without ":n").
+
+    The points: "shards" (this rank's dist_checkpointing files are written), each
+    `write_atomically` by its file name ("MANIFEST.json", "COMPLETE", "latest", ...) and each
+    DeepSpeed shard by its file name, half written (checkpoint_writes). A no-op otherwise.
+    """
+    wanted = os.environ.get(KILL_AT)
+    if not wanted:
+        return
+    point, _, nth = wanted.rpartition(":") if ":" in wanted else (wanted, "", "1")
+    if point != name:
+        return
+    _reached[name] = _reached.get(name, 0) + 1
+    if _reached[name] == int(nth):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _remove_old(root: Path, keep: int) -> None:

@@ -573,6 +573,9 @@ class Trainer:
         tag = f"global_step{self.step}"
         directory = self.checkpoint_dir / tag
         error: BaseException | None = None
+        if dist.get_rank() == 0 and directory.is_dir() and self._latest_tag() != tag:
+            shutil.rmtree(directory)  # a save of this tag killed before `latest` named it
+        dist.barrier()
         try:
             with deferred_write_errors(self.engine) as failed_writes:
                 self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag,

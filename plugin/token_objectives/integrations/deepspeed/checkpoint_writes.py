@@ -8,14 +8,20 @@ then agrees over the process group that the save failed (`checkpointing.any_rank
 
 Writes go through a Python file object, so a full disk is `OSError(ENOSPC)` with its errno:
 `torch.save` to a path reports it as "[enforce fail at inline_container.cc] unexpected pos".
+A failure without an errno is probed (`checkpointing.disk_cause`) so a full disk is still named.
+Each file is a write point of `checkpointing.kill_point` (by its name): a kill there leaves the
+file cut short, its buffered tail not yet written.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
+
+from token_objectives.training.checkpointing import disk_cause, kill_point
 
 
 @contextlib.contextmanager
@@ -42,10 +48,11 @@ def deferred_write_errors(engine) -> Iterator[list[BaseException]]:
                 with open(path, "wb") as handle:
                     torch.save(state_dict, handle, _use_new_zipfile_serialization=getattr(
                         checkpoint_engine, "zipfile_serialization", True))
+                    kill_point(Path(path).name)
             else:
                 original_save(state_dict, path)
         except Exception as caught:  # noqa: BLE001 (re-raised by the caller on every rank)
-            errors.append(caught)
+            errors.append(disk_cause(caught, Path(path).parent))
 
     def copy_recovery_script(save_path: str) -> None:
         if errors:
