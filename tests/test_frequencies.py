@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -447,3 +448,56 @@ def test_cli_inspect_vocab_no_numbers(tmp_path, capsys):
     word_level_tokenizer(["a", "b"]).save(str(path))
     assert main(["inspect-vocab", str(path)]) == 2
     assert "--split_digits=true" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- the tables are the model's
+
+
+def _two_vocabularies_of_one_size(tmp_path: Path) -> tuple[Path, Path]:
+    """Two word-level tokenizer.json files of the same size, ids mapped to other words."""
+    from tokenizers import models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(40)] + [str(d) for d in range(10)]
+    paths = []
+    for name, order in (("a", words), ("b", list(reversed(words)))):
+        tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(order)},
+                                               unk_token="w0"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        path = tmp_path / f"{name}.json"
+        tokenizer.save(str(path))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def test_every_door_refuses_a_frequency_file_of_another_tokenizer(tmp_path):
+    """The Megatron loop refused it; the ds_config section and the HF helper took it and
+    weighted every id by another token's count."""
+    from token_objectives.integrations.deepspeed.section import from_ds_config
+    from token_objectives.integrations.hf.loss import objective_loss_from_options
+
+    ours, theirs = _two_vocabularies_of_one_size(tmp_path)
+    counts = tmp_path / "theirs.safetensors"
+    save_frequencies(counts, np.arange(50) + 1, tokenizer_identity=tokenizer_identity(
+        Tokenizer.from_file(str(theirs))))
+    section = {"token_objectives": {"ntl": None, "pdl_alpha": 0.5, "tokenizer": str(ours),
+                                    "frequencies": str(counts)}}
+    for build in (lambda: from_ds_config(section, None, vocab_size=50),
+                  lambda: objective_loss_from_options({"ntl": None, "pdl_alpha": 0.5},
+                                                      str(ours), str(counts), vocab_size=50)):
+        with pytest.raises(ValueError, match=r"was counted with tokenizer .*not "
+                           + re.escape(repr(tokenizer_identity(Tokenizer.from_file(str(ours)))))):
+            build()
+    # The same file, counted with our tokenizer, is taken.
+    save_frequencies(counts, np.arange(50) + 1, tokenizer_identity=tokenizer_identity(
+        Tokenizer.from_file(str(ours))))
+    from_ds_config(section, None, vocab_size=50)
+
+
+def test_count_frequencies_refuses_a_tokenizer_that_cannot_have_made_the_data(tmp_path, capsys):
+    ours, _ = _two_vocabularies_of_one_size(tmp_path)
+    prefix = write_indexed_dataset(tmp_path / "data", [np.array([3, 4, 55, 6])], np.int32)
+    code = main(["count-frequencies", "--data-prefix", prefix, "--tokenizer", str(ours),
+                 "--vocab-size", "64", "--output", str(tmp_path / "f.safetensors")])
+    assert code != 0
+    assert "the data holds token id 55, which" in capsys.readouterr().err
+    assert not (tmp_path / "f.safetensors").exists()

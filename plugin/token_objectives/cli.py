@@ -139,6 +139,12 @@ def _count_frequencies(args: argparse.Namespace, parser: argparse.ArgumentParser
     else:
         counts = count_indexed_dataset(args.data_prefix, vocab_size, args.chunk_tokens, progress)
         sources = f"{len(args.data_prefix)} indexed dataset(s)"
+    if tokenizer is not None and counts[tokenizer_size:].any():
+        found = int(counts[tokenizer_size:].nonzero()[0][0]) + tokenizer_size
+        raise InputError(
+            f"the data holds token id {found}, which {args.tokenizer} ({tokenizer_size} ids) "
+            f"cannot produce: the data was built with another tokenizer; pass --tokenizer the "
+            f"one it was preprocessed with")
     # Without a tokenizer the file cannot be checked against one later: record that plainly.
     identity = tokenizer_identity(tokenizer) if tokenizer is not None else "unknown"
     save_frequencies(args.output, counts, tokenizer_identity=identity, vocab_size=vocab_size,

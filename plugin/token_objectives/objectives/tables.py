@@ -11,7 +11,7 @@ from token_objectives.objectives.config import ObjectiveConfig
 from token_objectives.objectives.pdl import pdl_weights_for
 from token_objectives.tables.frequencies import load_frequencies
 from token_objectives.tables.numbers import NUMBER_TOKEN_MODES, NumberTable
-from token_objectives.tables.tokenizers import TokenizerLike
+from token_objectives.tables.tokenizers import TokenizerLike, as_tokenizer, tokenizer_identity
 
 
 def objective_tables(
@@ -45,7 +45,12 @@ def objective_tables(
         if frequencies is None:
             raise ValueError("pdl_alpha > 0 needs a frequencies file: the output of "
                              "`token-objectives count-frequencies --vocab-size <model vocab>`")
-        weights = pdl_weights_for(config, load_frequencies(frequencies, vocab_size=vocab_size))
+        # Counted with this tokenizer, or refused: another vocabulary of the same size would
+        # weight every id by another token's count.
+        identity = numbers.tokenizer_identity if numbers is not None else (
+            tokenizer_identity(as_tokenizer(tokenizer)) if tokenizer is not None else None)
+        weights = pdl_weights_for(config, load_frequencies(frequencies, vocab_size=vocab_size,
+                                                           tokenizer_identity=identity))
     return numbers, weights
 
 

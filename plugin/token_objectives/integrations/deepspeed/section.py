@@ -44,6 +44,7 @@ from token_objectives.objectives.sections import section_from_mapping
 from token_objectives.scheduled_sampling.schedule import ScheduledSamplingConfig
 from token_objectives.tables.frequencies import load_frequencies
 from token_objectives.tables.numbers import NUMBER_TOKEN_MODES, NumberTable
+from token_objectives.tables.tokenizers import tokenizer_identity
 
 SECTION = "token_objectives"
 
@@ -176,8 +177,13 @@ def from_ds_config(
                 f'ds_config["{SECTION}"].pdl_alpha > 0 needs "frequencies": the output of '
                 "`token-objectives count-frequencies`"
             )
-        vocab = numbers.vocab_size if numbers is not None else None
-        table = load_frequencies(section.frequencies, vocab_size=vocab)
+        vocab = numbers.vocab_size if numbers is not None else vocab_size
+        # The table must be the model's tokenizer's: a file counted with another tokenizer of
+        # the same size would weight every id by another token's count.
+        identity = numbers.tokenizer_identity if numbers is not None else (
+            tokenizer_identity(section.tokenizer) if section.tokenizer is not None else None)
+        table = load_frequencies(section.frequencies, vocab_size=vocab,
+                                 tokenizer_identity=identity)
         pdl_weights = pdl_weights_for(config, table.counts)
     return DeepSpeedObjectives(config, numbers, pdl_weights, vocab_size, real_vocab_size)
 
