@@ -222,13 +222,14 @@ def test_logits_wider_than_the_tokenizer_are_padding_or_an_error(tokenizer):
 
 def test_options_and_tables_from_a_tokenizer_path_and_a_frequencies_file(tokenizer, tmp_path):
     from token_objectives.tables.frequencies import pdl_weights, save_frequencies
+    from token_objectives.tables.tokenizers import tokenizer_identity
 
     tokenizer.save_pretrained(tmp_path / "tok")
     model = hf_runs.tiny_llama(len(tokenizer))
     counts = torch.bincount(hf_runs.batch(tokenizer)["input_ids"].flatten(),
                             minlength=len(tokenizer)).numpy()
-    save_frequencies(tmp_path / "freqs.safetensors", counts, tokenizer_identity="t",
-                     vocab_size=len(tokenizer))
+    save_frequencies(tmp_path / "freqs.safetensors", counts,
+                     tokenizer_identity=tokenizer_identity(tokenizer), vocab_size=len(tokenizer))
     options = {"ntl": "mse", "pdl_alpha": 0.5, "ntl_weight": "0.1"}
     objectives = objective_loss_from_options(options, tmp_path / "tok",
                                              tmp_path / "freqs.safetensors", model=model)

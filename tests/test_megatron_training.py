@@ -450,6 +450,11 @@ def test_a_resume_follows_the_config_or_refuses_naming_each_changed_key(data, tm
     assert objectives.returncode != 0
     assert "objectives.ntl_weight: 0.3 in the checkpoint, 0.5 now" in objectives.stderr
     assert "train.resume_objectives override" in objectives.stderr
+    run("train.steps=11", "train.lr=9e-4", "train.resume_schedule=checkpoint",
+        "objectives.ntl_weight=0.5", "train.resume_objectives=override")
+    row = metrics(out)[-1]
+    assert row["step"] == 11  # trained on, with the new weight: lm loss = ce + 0.5 ntl
+    assert (row["lm loss"] - row["ce part"]) / row["ntl part"] == pytest.approx(0.5, rel=1e-4)
 
     other = run("train.steps=10", "model.hidden_size=128", check=False)
     assert other.returncode != 0

@@ -75,11 +75,11 @@ def latest_complete_step(root: str | Path, below: int | None = None) -> int | No
 
 
 def save(sharded_state_dict: dict, root: str | Path, step: int, keep: int = 0,
-         stamp: dict | None = None) -> Path:
+         extra_files: dict[str, str] | None = None) -> Path:
     """Collective: every rank calls it. Returns the complete checkpoint's directory.
 
-    stamp: what the run was trained with (training.run_stamp), written as run.json beside the
-    shards before the manifest, so that the manifest covers it.
+    extra_files: {name: text} that rank 0 writes beside the shards before the manifest, so that
+    the manifest covers them (the run's `run_stamp` as run.json).
 
     keep > 0 removes all but the newest `keep` complete checkpoints once this one is complete.
     A write that fails on any rank (a full disk, ...) removes the partial directory, keeps every
@@ -111,10 +111,9 @@ def save(sharded_state_dict: dict, root: str | Path, step: int, keep: int = 0,
             error = disk_cause(caught, partial)
     if not any_rank_failed(error):
         try:
-            if stamp is not None and rank == 0:
-                from token_objectives.training.run_stamp import write_stamp
-
-                write_stamp(partial, stamp)
+            if rank == 0:
+                for name, text in (extra_files or {}).items():
+                    write_atomically(partial / name, text)
             write_manifest(partial)  # collective: every rank hashes a share
         except OSError as caught:
             error = caught

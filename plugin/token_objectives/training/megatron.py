@@ -466,7 +466,8 @@ class Trainer:
             # would be the previous step's outside this rank's shard.
             self.model.start_param_sync(force_sync=True)
         return checkpointing.save(self._sharded_state(), self.checkpoint_root, self.step,
-                                  keep=self.cfg.train.keep_checkpoints, stamp=self.stamp)
+                                  keep=self.cfg.train.keep_checkpoints,
+                                  extra_files=run_stamp.stamp_files(self.stamp))
 
     def resume(self) -> int | None:
         """Load the latest complete checkpoint whose files match its manifest, if there is one;

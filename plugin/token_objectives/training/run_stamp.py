@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from token_objectives.training.checkpointing import write_atomically
+
 STAMP_FILE = "run.json"
 SECTIONS = ("model", "schedule", "objectives", "layout")
 RESUME_SCHEDULE = ("refuse", "override", "checkpoint")
@@ -105,11 +107,16 @@ def deepspeed_stamp(model_config, optimizer: Mapping[str, Any], scheduler: Any,
     }
 
 
+def stamp_files(stamp: dict) -> dict[str, str]:
+    """{run.json: the stamp as text}: the files a checkpoint keeps it in (written before the
+    checkpoint's manifest, so that the manifest covers them)."""
+    return {STAMP_FILE: json.dumps(stamp, indent=1, sort_keys=True)}
+
+
 def write_stamp(directory: str | Path, stamp: dict) -> None:
     """The stamp as `directory`/run.json (before the directory's manifest is written)."""
-    from token_objectives.training.checkpointing import write_atomically
-
-    write_atomically(Path(directory) / STAMP_FILE, json.dumps(stamp, indent=1, sort_keys=True))
+    for name, text in stamp_files(stamp).items():
+        write_atomically(Path(directory) / name, text)
 
 
 def read_stamp(directory: str | Path) -> dict | None:
