@@ -117,14 +117,12 @@ def digit_share(lines: list[str], tokenizer: TokenizerLike, mode: str) -> float:
     1.0 for text without digits. Tokenizes without special tokens."""
     tokenizer = as_tokenizer(tokenizer)
     listing = list_vocab(tokenizer)
-    pattern = _PATTERNS[mode]
-    total = sum(ch in "0123456789" for line in lines for ch in line)
+    total = sum(map(_digit_count, lines))
     reached = 0
     for ids in encode_batch(tokenizer, lines):
-        for token_id in ids:
-            token = listing.pieces.get(int(token_id), "")
-            if int(token_id) not in listing.special_ids and pattern.fullmatch(
-                    _strip_marker(token)):
+        for token_id in map(int, ids):
+            token = listing.pieces.get(token_id, "")
+            if token_id not in listing.special_ids and number_value(token, mode=mode) is not None:
                 reached += _digit_count(token)
     return reached / total if total else 1.0
 

@@ -375,7 +375,10 @@ class Trainer:
                                             cfg.train.seed, self.tokenizer, None,
                                             out / "data_cache"))
         self.stamp = run_stamp.megatron_stamp(
-            cfg, self.vocab_size, global_batch, tokenizer_identity(self.tokenizer._tokenizer),
+            cfg, self.vocab_size, global_batch,
+            # The table hashed the vocabulary already; hashing 128k entries again costs start-up.
+            objectives.numbers.tokenizer_identity if objectives.numbers is not None
+            else tokenizer_identity(self.tokenizer._tokenizer),
             self.dp_size)
         self.step = 0
         self.skipped = SkippedSteps(cfg.train.max_skipped_steps, "train.max_skipped_steps")
