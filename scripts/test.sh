@@ -1,10 +1,31 @@
 #!/usr/bin/env bash
-# Installs the package with its test extra (CPU torch) and runs lint + the whole test suite.
+# Installs the package with its test extra (CPU torch, megatron-core 0.16.1) and megatron-core
+# 0.19.2 in a second environment beside it, then runs lint, the whole suite under 0.16 and the
+# Megatron tests (tests/test_megatron_*.py) under 0.19, the two side by side. Arguments go to
+# the whole-suite pytest. Exits non-zero when either run fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet "torch==2.13.0" -e ".[test]"
 # T5's sentencepiece model for the real-vocabulary tests, from a wheel whose requirements would
 # replace torch: the file is all the tests read.
 python3 -m pip install --quiet --no-deps "diffsynth==1.1.9"
+# megatron-core 0.19.2 over the same packages: its metadata asks for Python >= 3.12 but its
+# source runs on 3.11 (the dataset helpers compile here); its requirements (torch, numpy,
+# packaging) are the main environment's, so nothing else is installed.
+MCORE19=build/megatron-core-0.19
+if ! "${MCORE19}/bin/python" -c "from megatron.core import package_info as p
+assert p.__version__ == '0.19.2'" 2>/dev/null; then
+    python3 -m venv --clear --system-site-packages "${MCORE19}"
+    "${MCORE19}/bin/python" -m pip install --quiet --ignore-requires-python --no-deps \
+        --no-binary megatron-core "megatron-core==0.19.2"
+fi
 python3 -m ruff check plugin tests launch
-python3 -m pytest -q "$@"
+"${MCORE19}/bin/python" -m pytest -q -p no:cacheprovider --basetemp="${MCORE19}/pytest" \
+    tests/test_megatron_*.py >"${MCORE19}/pytest.log" 2>&1 &
+newer=$!
+status=0
+python3 -m pytest -q "$@" || status=$?
+wait "${newer}" || status=$?
+echo "== the Megatron tests under megatron-core 0.19.2 (${MCORE19}/pytest.log):"
+if [ "${status}" -eq 0 ]; then tail -n 3 "${MCORE19}/pytest.log"; else cat "${MCORE19}/pytest.log"; fi
+exit "${status}"

@@ -1,9 +1,16 @@
 """Shared fixtures: locally built tokenizers, one pool of gloo worker processes per session and a
 one-process gloo group per module."""
 
+import importlib.util
+
 import pytest  # noqa: E402
 from dist_pool import WorkerPool  # noqa: E402
 from tokenizer_fixtures import *  # noqa: F401,F403
+
+# Megatron-LM's training loop ships in megatron-core's wheel from 0.19 on: scripts/test.sh runs
+# this file in its 0.19 environment (the whole suite runs under 0.16, where it cannot import).
+collect_ignore = [] if importlib.util.find_spec("megatron.training") else [
+    "test_megatron_lm_pretrain.py"]
 
 
 @pytest.fixture(scope="session")

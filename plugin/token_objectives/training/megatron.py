@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from token_objectives.integrations.megatron import cpu_patches, writer_queue
+from token_objectives.integrations.megatron import cpu_patches, versions, writer_queue
 from token_objectives.integrations.megatron.hook import Objectives, attach_objectives, loss_func
 from token_objectives.scheduled_sampling.mix import ScheduledSampler, sample_indices
 from token_objectives.tables.tokenizers import tokenizer_identity
@@ -508,7 +508,11 @@ class Trainer:
         state = checkpointing.load(self._sharded_state(is_loading=True), self.checkpoint_root,
                                    step)
         self.model.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved_schedule = found.saved["schedule"] if found is not None and found.schedule else None
+        versions.load_optimizer_state(
+            self.optimizer, state["optimizer"],
+            None if saved_schedule is None else (saved_schedule["train.lr"],
+                                                 saved_schedule["train.min_lr"]))
         if override:  # the groups came back with the checkpoint's betas and per-group lr range
             for group in self.optimizer.param_groups:
                 group["betas"] = (train.adam_beta1, train.adam_beta2)

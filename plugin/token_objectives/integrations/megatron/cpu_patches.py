@@ -3,9 +3,11 @@
 Used only when CUDA is unavailable; `apply()` is idempotent and `revert()` undoes it. Every
 patched callable keeps the original as `__wrapped__` and carries a marker attribute.
 
-What megatron-core 0.16 needs on CPU:
+What megatron-core 0.16 and 0.19 need on CPU:
 - `torch.cuda.current_device()` is asked for the device to allocate on: answer the CPU.
 - `torch.cuda.synchronize()` is called around timers and checkpoints: a no-op.
+- `torch.cuda.current_stream()` (0.19's gradient buffer waits on it before each reduction): a
+  stream whose waits are no-ops, as every CPU op has finished when it returns.
 - The CUDA RNG tracker's `fork()` (dropout in tensor-parallel regions) swaps CUDA RNG states:
   a null context, so dropout draws from the CPU generator.
 - Activation recompute (`CheckpointFunction`) saves and restores the CUDA RNG state around the
@@ -105,6 +107,20 @@ def _stay_on_cpu(self, device=None, non_blocking=False, memory_format=None):
     return self
 
 
+class _HostStream:
+    """What megatron-core 0.19's gradient buffer asks of `torch.cuda.current_stream()`: on the
+    CPU every op has finished when it returns, so waiting is a no-op."""
+
+    def wait_event(self, event) -> None:
+        return None
+
+    def wait_stream(self, stream) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+
 def needed() -> bool:
     """True on a machine without a usable GPU."""
     return not torch.cuda.is_available()
@@ -127,6 +143,7 @@ def apply() -> None:
 
     _set(torch.cuda, "current_device", current_device)
     _set(torch.cuda, "synchronize", synchronize)
+    _set(torch.cuda, "current_stream", lambda device=None: _HostStream())
     _set(tp_random.CudaRNGStatesTracker, "fork", fork)
     _set(tp_random, "_get_cuda_rng_state", _get_cpu_rng_state)
     _set(tp_random, "_set_cuda_rng_state", _set_cpu_rng_state)

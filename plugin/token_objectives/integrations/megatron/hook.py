@@ -6,15 +6,23 @@ logits are never gathered. The per-token components travel on the returned loss 
 a global), and `loss_func` turns them into Megatron's (loss sum, token count, report) triple, so
 the training loop normalises by the GLOBAL token count across DP and micro-batches.
 
-For Megatron-LM's `pretrain_gpt.py` (core_v0.16.1), after its own `loss_func` is defined:
+For Megatron-LM's `pretrain_gpt.py`, after its own `loss_func` is defined:
 
     from token_objectives.integrations.megatron import hook as token_objectives_megatron
-    model_provider = token_objectives_megatron.wrap_model_provider(model_provider)
     loss_func = token_objectives_megatron.wrap_loss_func(loss_func)
-    # and pretrain(..., extra_args_provider=token_objectives_megatron.chain_args_provider(
-    #     add_modelopt_args if has_nvidia_modelopt else None), ...)
 
-run with --calculate-per-token-loss (and --objective-tokenizer when NTL is on). `wrap_loss_func`
+with megatron-core 0.19 (`pretrain` takes a config container), where `__main__` builds
+`model_cfg = gpt_config_from_args(args)`:
+
+    model_cfg.pre_wrap_hooks.append(token_objectives_megatron.attach_to_model_chunks)
+
+with 0.16 (`pretrain` takes a model provider):
+
+    model_provider = token_objectives_megatron.wrap_model_provider(model_provider)
+
+and the flags through `extra_args_provider=token_objectives_megatron.chain_args_provider(
+add_modelopt_args if has_nvidia_modelopt else None)` (0.19: of `parse_and_validate_args`),
+and run with --calculate-per-token-loss (and --objective-tokenizer when NTL is on). `wrap_loss_func`
 keeps Megatron-LM's own loss_func (its NaN/Inf/spiky-loss checks and ModelOpt branch) and adds
 the component entries to its report; `loss_func` is the same contract for loops without
 Megatron-LM.
@@ -66,6 +74,8 @@ class Objectives:
     vocab_size: the output layer's padded vocab V (rows over all TP shards); None: the shards'.
     real_vocab_size: the tokenizer's size; columns [real_vocab_size, V) are padding and stay out
         of the softmax. None: the NumberTable's valid_vocab_size, else no padding.
+    head_rows_per_chunk: tokens per chunk of the fused LM head (a chunk holds [rows, V/tp]
+        logits); None: 64 MiB of fp32 logits a chunk.
     """
 
     config: ObjectiveConfig
@@ -73,6 +83,7 @@ class Objectives:
     pdl_weights: torch.Tensor | None = None
     vocab_size: int | None = None
     real_vocab_size: int | None = None
+    head_rows_per_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.config.pdl_normalization != "token":
@@ -170,7 +181,7 @@ class Objectives:
             out = fused_linear_objective_loss(logits, weight, labels_sb, self.config,
                                               self.numbers, self.pdl_weights, tp_group,
                                               seq_dim=0, sequence_parallel=sequence_parallel,
-                                              **layout)
+                                              rows_per_chunk=self.head_rows_per_chunk, **layout)
         return self._with_components(out)
 
     def _with_components(self, out: ObjectiveOutput) -> torch.Tensor:
@@ -217,13 +228,62 @@ class _FusedHead:
 def attach_objectives(model, objectives: Objectives, fused_head: bool = False):
     """Make a megatron-core GPTModel (or any LanguageModule) compute `objectives` as its loss.
 
-    fused_head: skip the output layer's forward when labels are given and compute the loss
-    from the hidden states and the output weight (with tied embeddings, the word-embedding
-    shard, which gets the gradient), never materialising the [s, b, V/tp] logits.
-    Idempotent: attaching again replaces the objectives. `detach_objectives` undoes it.
-    Returns the model.
+    fused_head: compute the loss from the hidden states and the output weight (with tied
+    embeddings, the word-embedding shard, which gets the gradient), never materialising the
+    [s, b, V/tp] logits; Megatron's output layer does not run while labels are given.
+    megatron-core 0.19: every forward given labels (and no `output_processor` of its own) passes
+    GPTModel's `output_processor` door; 0.16: the model's `compute_language_model_loss` is
+    replaced (and, fused, the output layer's forward while labels are given). Without labels
+    (generation) the model is Megatron's own. Idempotent: attaching again replaces the
+    objectives. `detach_objectives` undoes it. Returns the model.
     """
+    from token_objectives.integrations.megatron import versions
+
     detach_objectives(model)
+    setattr(model, _ATTACHED_ATTR, objectives)
+    if versions.has_output_processor():
+        if fused_head and getattr(model.config, "use_mup", False):
+            raise ValueError("the fused LM head does not apply MuP's logit scaling: leave "
+                             "--objective-fused-lm-head off with --use-mup")
+        processor = functools.partial(_objective_output, model=model, fused_head=fused_head)
+        original_forward = model.forward
+
+        def forward(*args, **kwargs):
+            if kwargs.get("labels") is not None and kwargs.get("output_processor") is None:
+                kwargs["output_processor"] = processor
+            return original_forward(*args, **kwargs)
+
+        model.forward = forward
+        return model
+    _attach_by_replacement(model, fused_head)
+    return model
+
+
+def _objective_output(*, hidden_states, output_layer, output_weight, labels, config, model,
+                      fused_head, runtime_gather_output=None, scale_logits=None, **_):
+    """GPTModel's `output_processor` (megatron-core 0.19): hidden [s, b, h] ([s/tp, b, h] under
+    sequence parallelism), labels [b, s] -> per-token loss [b, s] carrying its LossComponents.
+
+    Fused: the loss from the hidden states and the output weight shard [V/tp, h]. Otherwise
+    the output layer's [s, b, V/tp] logits (MuP-scaled as Megatron scales them), then the loss.
+    """
+    objectives = getattr(model, _ATTACHED_ATTR)
+    tp_group = model.pg_collection.tp
+    if fused_head:
+        weight = output_layer.weight if output_weight is None else output_weight
+        return objectives.per_token_loss(
+            labels, hidden_states, tp_group, weight,
+            sequence_parallel=bool(getattr(config, "sequence_parallel", False)))
+    logits, _ = output_layer(hidden_states, weight=output_weight,
+                             runtime_gather_output=runtime_gather_output)
+    if scale_logits is not None:
+        logits = scale_logits(logits)
+    return objectives.per_token_loss(labels, logits, tp_group)
+
+
+def _attach_by_replacement(model, fused_head: bool) -> None:
+    """megatron-core 0.16: the objectives replace `compute_language_model_loss`; fused, the
+    output layer's forward hands the hidden states through while labels are given."""
     head = _FusedHead(model.output_layer) if fused_head else None
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor):
@@ -234,7 +294,6 @@ def attach_objectives(model, objectives: Objectives, fused_head: bool = False):
             labels, logits, self.pg_collection.tp, weight,
             sequence_parallel=bool(getattr(self.config, "sequence_parallel", False)))
 
-    setattr(model, _ATTACHED_ATTR, objectives)
     model.compute_language_model_loss = types.MethodType(compute_language_model_loss, model)
     if head is not None:
         original_forward = model.forward
@@ -249,17 +308,17 @@ def attach_objectives(model, objectives: Objectives, fused_head: bool = False):
         model.output_layer.forward = head.__call__
         model.forward = forward
         model._token_objectives_head = head
-    return model
 
 
 def detach_objectives(model):
     """Restore the model's own output layer and cross-entropy loss."""
     if hasattr(model, _ATTACHED_ATTR):
         delattr(model, _ATTACHED_ATTR)
-        del model.compute_language_model_loss
+    for name in ("compute_language_model_loss", "forward"):
+        if name in vars(model):
+            delattr(model, name)
     if hasattr(model, "_token_objectives_head"):
         del model.output_layer.forward
-        del model.forward
         del model._token_objectives_head
     return model
 
@@ -458,7 +517,8 @@ def add_objective_args(
                             "--tokenizer-model is one")
     group.add_argument("--objective-fused-lm-head", action="store_true",
                        help="compute the loss from the hidden states and the output weight, "
-                            "never materialising the logits (not with --sequence-parallel yet)")
+                            "never materialising the logits (with --sequence-parallel it "
+                            "gathers the sequence-sharded hidden states itself)")
     return parser
 
 
@@ -541,3 +601,28 @@ def wrap_model_provider(model_provider):
 
     provider.__wrapped__ = model_provider
     return provider
+
+
+def attach_to_model_chunks(models: list) -> list:
+    """Megatron-LM on megatron-core 0.19: a `GPTModelConfig.pre_wrap_hooks` entry.
+
+    models: the pipeline stage's model chunks, before DDP and Float16Module wrap them. Each
+    chunk that holds the output layer (`post_process`) gets the objectives that the flags of
+    `add_objective_args` describe, read from `megatron.training.get_args()`, with the real vocab
+    size from `get_tokenizer().vocab_size`; the settings are checked first
+    (`check_megatron_lm_args`). Returns the same list.
+    """
+    from megatron.training import get_args, get_tokenizer  # Megatron-LM, not megatron-core
+
+    megatron_args = get_args()
+    check_megatron_lm_args(megatron_args)
+    objectives = None
+    for model in models:
+        if not getattr(model, "post_process", True):
+            continue
+        if objectives is None:
+            objectives = objectives_from_args(megatron_args,
+                                              real_vocab_size=get_tokenizer().vocab_size)
+        attach_objectives(model, objectives,
+                          fused_head=getattr(megatron_args, "objective_fused_lm_head", False))
+    return models
