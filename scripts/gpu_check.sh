@@ -70,6 +70,27 @@ print("megatron loop: triton and torch stages give the same losses",
       [round(r["lm loss"], 4) for r in runs["triton"]])
 PY
 
+# Megatron-LM's own loop (megatron.training.pretrain; megatron-core 0.19 with megatron.training)
+# through the CPU test's entry point, unpatched here: TP=1 over NCCL, 3 iterations, the
+# objectives' entries in Megatron's log lines.
+CUDA_DEVICE_MAX_CONNECTIONS=1 step megatron_lm 240 python3 -m torch.distributed.run \
+    --nproc-per-node 1 tests/megatron_lm/pretrain_gpt.py --tensor-model-parallel-size 1 \
+    --num-layers 2 --hidden-size 256 --ffn-hidden-size 512 --num-attention-heads 4 \
+    --group-query-attention --num-query-groups 2 --seq-length 256 --max-position-embeddings 256 \
+    --normalization RMSNorm --swiglu --disable-bias-linear --position-embedding-type rope \
+    --hidden-dropout 0 --attention-dropout 0 --micro-batch-size 4 --global-batch-size 8 \
+    --train-iters 3 --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --adam-beta2 0.95 \
+    --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "${DATA}/tokenizer.model" \
+    --data-path "${DATA}/train_text_document" --split 100,0,0 --num-workers 0 \
+    --eval-iters 0 --eval-interval 1000 --log-interval 1 --data-cache-path "${OUT}/megatron_lm" \
+    --calculate-per-token-loss --ntl was --ntl-weight 0.3 --pdl-alpha 0.2 \
+    --pdl-frequencies "${DATA}/frequencies.safetensors" \
+    --objective-tokenizer "${DATA}/tokenizer.model" --transformer-impl local \
+    --no-masked-softmax-fusion --no-bias-swiglu-fusion --no-bias-dropout-fusion \
+    --no-persist-layer-norm --no-gradient-accumulation-fusion --no-rope-fusion
+grep -q "iteration  *3/  *3 .*| ntl part: " "${OUT}/megatron_lm.log" \
+    || failed+=("megatron_lm_entries")
+
 if (( ${#failed[@]} )); then
     echo "gpu_check: FAILED: ${failed[*]}"
     exit 1
