@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-    from token_objectives.hf import objective_loss_from_options
+    from token_objectives.integrations.hf import objective_loss_from_options
 
     if args.deepspeed and not torch.cuda.is_available():
         from token_objectives.integrations.deepspeed.cpu import disable_shm_comm_op

@@ -114,7 +114,7 @@ def run(mode: str, out: Path, report_to: str = "none", model=None, tokenizer=Non
     """One Trainer step in `mode`; returns (and on rank 0 saves) loss, grads and logs."""
     from transformers import Trainer
 
-    from token_objectives.hf import objective_loss_from_options
+    from token_objectives.integrations.hf import objective_loss_from_options
 
     out = Path(out)
     if mode.startswith(("zero", "autotp")):

@@ -1,4 +1,5 @@
-"""token_objectives.hf in real `transformers.Trainer` (and TRL `SFTTrainer`) runs on the CPU.
+"""token_objectives.integrations.hf in real `transformers.Trainer` (and TRL `SFTTrainer`) runs on
+the CPU.
 
 Every run trains one SGD step (lr 1, no clipping) of a tiny LlamaForCausalLM on the same 8 rows
 (hf_runs.py), so the parameter change is the gradient. The expected values are objective_loss
@@ -26,7 +27,11 @@ import hf_runs  # noqa: E402
 from reference import reference_objective_loss  # noqa: E402
 
 from token_objectives import NumberTable, ObjectiveConfig, objective_loss  # noqa: E402
-from token_objectives.hf import ObjectiveLoss, objective_loss_from_options, patch_model  # noqa: E402
+from token_objectives.integrations.hf import (  # noqa: E402
+    ObjectiveLoss,
+    objective_loss_from_options,
+    patch_model,
+)
 
 CONFIG = ObjectiveConfig(**hf_runs.OPTIONS)
 COMPONENTS = ("lm_loss", "ce", "ntl", "number_tokens")

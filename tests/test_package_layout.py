@@ -17,8 +17,6 @@ import token_objectives
 
 PACKAGE = "token_objectives"
 ROOT = Path(token_objectives.__file__).parent
-# Old public paths that the package root's finder maps to the modules that now hold them.
-MOVED: dict[str, str] = getattr(token_objectives, "_MOVED", {})
 
 
 def _modules() -> dict[str, Path]:
@@ -50,8 +48,7 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
                           else source for alias in node.names]
         else:
             continue
-        targets.update(MOVED.get(c, c) for c in candidates
-                       if c == PACKAGE or c.startswith(f"{PACKAGE}."))
+        targets.update(c for c in candidates if c == PACKAGE or c.startswith(f"{PACKAGE}."))
     return targets
 
 
@@ -134,3 +131,13 @@ def test_package_root_holds_only_entry_points_and_subpackages():
         and not (entry.is_dir() and (entry / "__init__.py").is_file())
     )
     assert not stray, f"the package root holds only {sorted(allowed)} and subpackages: {stray}"
+
+
+def test_no_import_hook_aliases():
+    """Every import path is a real module: no sys.meta_path finder maps an old name to another
+    module (the aliases token_objectives.megatron/.deepspeed/.hf are gone, not redirected)."""
+    hooks = sorted(name for name, path in _modules().items()
+                   if any(word in path.read_text() for word in ("meta_path", "_MOVED")))
+    assert not hooks, f"import-hook aliases (sys.meta_path, _MOVED) in: {hooks}"
+    assert not [finder for finder in sys.meta_path
+                if type(finder).__module__.startswith(PACKAGE)], "a package finder on sys.meta_path"

@@ -12,11 +12,6 @@ Subpackages by role (each one's docstring says what it may import):
 
 from __future__ import annotations
 
-import importlib
-import importlib.abc
-import importlib.util
-import sys
-
 from token_objectives.objectives import (
     ObjectiveConfig,
     ObjectiveOutput,
@@ -34,30 +29,3 @@ __all__ = [
     "fused_linear_objective_loss",
     "objective_loss",
 ]
-
-# Public import paths that now live in a subpackage. Resolved on first import, so that
-# `import token_objectives` never pulls in megatron-core, DeepSpeed or transformers.
-_MOVED = {
-    "token_objectives.megatron": "token_objectives.integrations.megatron.hook",
-    "token_objectives.deepspeed": "token_objectives.integrations.deepspeed.section",
-    "token_objectives.hf": "token_objectives.integrations.hf",
-}
-
-
-class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Makes `token_objectives.megatron` (and the rest of _MOVED) the module it moved to."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname not in _MOVED:
-            return None
-        return importlib.util.spec_from_loader(fullname, self)
-
-    def create_module(self, spec):
-        return importlib.import_module(_MOVED[spec.name])
-
-    def exec_module(self, module) -> None:
-        """The target module ran when create_module imported it."""
-
-
-if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
-    sys.meta_path.insert(0, _MovedModuleFinder())

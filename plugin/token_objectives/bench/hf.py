@@ -27,7 +27,7 @@ METHODS = ("hf", "ours", "ours_fused")
 def _trainer(method: str, model, numbers, weights, device: str):
     from transformers import Trainer, TrainingArguments
 
-    from token_objectives.hf import ObjectiveLoss
+    from token_objectives.integrations.hf import ObjectiveLoss
 
     args = TrainingArguments(output_dir="/tmp/token_objectives_bench_hf", report_to="none",
                              use_cpu=device == "cpu", save_strategy="no", disable_tqdm=True)
@@ -42,7 +42,7 @@ def measure(method: str, args) -> dict:
     """Seconds, saved bytes, big saved tensors and (CUDA) peak bytes of one training_step."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from token_objectives.hf import unpatch_model
+    from token_objectives.integrations.hf import unpatch_model
 
     device = torch.device(args.device)
     torch.manual_seed(0)

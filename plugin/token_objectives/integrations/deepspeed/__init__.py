@@ -1,2 +1,2 @@
 """DeepSpeed: the "token_objectives" ds_config section and its loss callable (section.py), and
-DeepSpeed's CPU workarounds (cpu.py). Public path: token_objectives.deepspeed."""
+DeepSpeed's CPU workarounds (cpu.py)."""

@@ -1,5 +1,4 @@
 """Hugging Face Transformers and TRL: the objectives in `Trainer` and `SFTTrainer`.
-Public path: token_objectives.hf.
 
     objectives = objective_loss_from_options({"ntl": "was"}, tokenizer_dir, model=model)
     trainer = Trainer(model, args, ..., compute_loss_func=objectives)

@@ -1,3 +1,2 @@
 """Megatron-Core and Megatron-LM: the GPTModel loss hook, loss_func and the flags (hook.py), and
-what megatron-core needs to run without a GPU (cpu_patches.py). Public path:
-token_objectives.megatron."""
+what megatron-core needs to run without a GPU (cpu_patches.py)."""
