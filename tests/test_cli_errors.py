@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from token_objectives.cli import main
-from token_objectives.tables.files import InputError, check_indexed_dataset
+from token_objectives.tables.errors import InputError
+from token_objectives.tables.indexed_dataset import check_indexed_dataset
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Transformer Engine and Apex:UserWarning"),

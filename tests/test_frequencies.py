@@ -100,7 +100,7 @@ def test_count_indexed_dataset_missing_prefix(tmp_path):
 
 
 def test_counting_needs_no_megatron(indexed_datasets, monkeypatch):
-    """The .idx is read by tables.files' own check, so counting works without megatron-core."""
+    """The .idx is read by tables.indexed_dataset's own check: counting needs no megatron-core."""
     prefixes, tokens = indexed_datasets
     monkeypatch.setitem(sys.modules, "megatron.core.datasets.indexed_dataset", None)
     counts = count_indexed_dataset(prefixes, VOCAB, progress=False)

@@ -7,7 +7,8 @@ import argparse
 import re
 import sys
 
-from token_objectives.tables.files import InputError, add_mode_argument
+from token_objectives.tables.errors import InputError
+from token_objectives.tables.output_files import add_mode_argument
 
 PROG = "token-objectives"
 
@@ -105,12 +106,12 @@ def _arch(text: str) -> str:
 
 
 def _count_frequencies(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from token_objectives.tables.files import check_output_path
     from token_objectives.tables.frequencies import (
         count_indexed_dataset,
         count_text_files,
         save_frequencies,
     )
+    from token_objectives.tables.output_files import check_output_path
     from token_objectives.tables.tokenizers import list_vocab, load_tokenizer, tokenizer_identity
 
     if args.text and not args.tokenizer:

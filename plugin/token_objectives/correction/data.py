@@ -29,12 +29,12 @@ import torch
 from tqdm.auto import tqdm
 
 from token_objectives.correction.generation import greedy_answers, load_causal_lm, stop_ids
-from token_objectives.tables.files import (
+from token_objectives.tables.errors import InputError
+from token_objectives.tables.jsonl import json_object_line
+from token_objectives.tables.output_files import (
     DEFAULT_MODE,
-    InputError,
     add_mode_argument,
     check_output_path,
-    json_object_line,
     set_mode,
 )
 from token_objectives.tables.tokenizers import (

@@ -12,12 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from token_objectives.tables.files import (
-    InputError,
-    add_mode_argument,
-    check_output_path,
-    set_mode,
-)
+from token_objectives.tables.errors import InputError
+from token_objectives.tables.output_files import add_mode_argument, check_output_path, set_mode
 
 __all__ = ["add_arguments", "check_model_dir", "load_models", "read_prompts", "run"]
 

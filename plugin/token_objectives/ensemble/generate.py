@@ -30,7 +30,7 @@ import torch
 
 from token_objectives.ensemble.tokens import TokenTrack
 from token_objectives.ensemble.vocab import UnionVocab
-from token_objectives.tables.files import InputError
+from token_objectives.tables.errors import InputError
 
 __all__ = [
     "EnsembleConfig",

@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from token_objectives.tables.files import InputError
+from token_objectives.tables.errors import InputError
 
 __all__ = [
     "TokenConvention",

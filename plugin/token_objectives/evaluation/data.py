@@ -8,7 +8,8 @@ import os
 from dataclasses import dataclass
 
 from token_objectives.evaluation.numbers import NUMBER, parse_number
-from token_objectives.tables.files import InputError, json_object_line
+from token_objectives.tables.errors import InputError
+from token_objectives.tables.jsonl import json_object_line
 
 __all__ = ["Problem", "read_problems"]
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from token_objectives.tables.files import InputError
+from token_objectives.tables.errors import InputError
 from token_objectives.tables.tokenizers import encode_batch
 
 __all__ = ["HFGenerator", "MegatronGenerator", "batched_by_length"]

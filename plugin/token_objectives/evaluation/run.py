@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 from token_objectives.evaluation.data import Problem, read_problems
 from token_objectives.evaluation.report import build_report, format_table, write_report
-from token_objectives.tables.files import InputError, check_output_path
+from token_objectives.tables.errors import InputError
+from token_objectives.tables.output_files import check_output_path
 
 __all__ = ["add_arguments", "evaluate", "run_from_args"]
 

@@ -19,7 +19,6 @@ import sentencepiece
 import torch
 
 from token_objectives.quickstart.corpus import CORPUS_VERSION, generate_corpus
-from token_objectives.tables.files import set_mode
 from token_objectives.tables.frequencies import (
     count_indexed_dataset,
     load_frequencies,
@@ -27,6 +26,7 @@ from token_objectives.tables.frequencies import (
     save_frequencies,
 )
 from token_objectives.tables.numbers import NumberTable, tokenizer_identity
+from token_objectives.tables.output_files import set_mode
 from token_objectives.tables.tokenizers import encode_batch, list_vocab, load_tokenizer
 
 __all__ = [

@@ -20,7 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from token_objectives.tables.files import DEFAULT_MODE, InputError, check_indexed_dataset, set_mode
+from token_objectives.tables.errors import InputError
+from token_objectives.tables.indexed_dataset import check_indexed_dataset
+from token_objectives.tables.output_files import DEFAULT_MODE, set_mode
 from token_objectives.tables.tokenizers import (
     TokenizerLike,
     as_tokenizer,

@@ -1,23 +1,14 @@
-"""The files the commands read and write: the error for a bad one, the check of a Megatron
-indexed dataset (.bin/.idx) before anything reads it, and the mode of the files written.
-
-`InputError` is what a bad file or flag raises: the `token-objectives` CLI prints its message as
-one line and exits with 2. Any other exception is a bug and keeps its traceback.
-"""
+"""The check of a Megatron indexed dataset (.bin/.idx) before anything reads it."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-# Group- and world-readable, as a shared cluster's data directories need; --mode overrides it.
-DEFAULT_MODE = 0o644
+from token_objectives.tables.errors import InputError
 
 # megatron-core's .idx header (megatron/core/datasets/indexed_dataset.py, _IndexWriter): magic,
 # <Q version, <B dtype code, <Q sequence count, <Q document count; then int32 sizes [sequences],
@@ -31,31 +22,6 @@ _DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np
 _REBUILD = "rebuild it with Megatron's preprocess_data.py (or the tool that wrote it)"
 # Elements compared per round: bounds the memory the check needs on billion-sequence datasets.
 _CHUNK = 1 << 24
-
-
-class InputError(ValueError):
-    """A bad input file, path or flag. The message names the file (and line) and the fix."""
-
-
-def json_object_line(raw: bytes, keys: tuple[str, ...] = ()) -> tuple[dict | None, str]:
-    """One JSONL line as a dict holding `keys`, or (None, why not): not UTF-8, blank, invalid
-    JSON, not an object, a key missing."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        return None, f"not UTF-8 ({error.reason} at byte {error.start})"
-    if not text.strip():
-        return None, "blank line"
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as error:
-        return None, f"invalid JSON ({error.msg} at column {error.colno})"
-    if not isinstance(record, dict):
-        return None, f"a JSON {type(record).__name__}, not an object"
-    for key in keys:
-        if key not in record:
-            return None, f'"{key}" is missing'
-    return record, ""
 
 
 @dataclass(frozen=True)
@@ -165,45 +131,3 @@ def _check_documents(idx: str, document_index: np.ndarray, sequences: int) -> No
             f"{idx}: the document indices do not run from 0 up to the {sequences} sequences: "
             f"the .idx is corrupt; {_REBUILD}"
         )
-
-
-def check_output_path(path: str | os.PathLike, flag: str) -> Path:
-    """Before any work: the directory `path` is written into exists and is writable, and
-    `path` is not a directory. Returns `path` as a Path; raises InputError."""
-    path = Path(path)
-    parent = path.parent
-    if not parent.is_dir():
-        raise InputError(
-            f"{flag} {path}: the directory {parent} does not exist; create it "
-            f"(mkdir -p {parent}) or pass a path in an existing directory"
-        )
-    if path.is_dir():
-        raise InputError(f"{flag} {path} is a directory; pass a file path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{flag} {path}: the directory {parent} is not writable; pass a path "
-                         f"in a directory you can write")
-    return path
-
-
-def add_mode_argument(parser: argparse.ArgumentParser) -> None:
-    """--mode: the permission bits of the files a command writes, whatever the umask."""
-    parser.add_argument("--mode", type=parse_mode, default=DEFAULT_MODE,
-                        help="octal permission bits of the files written (default: 644, "
-                        "readable by the group whatever the umask)")
-
-
-def parse_mode(text: str) -> int:
-    """An octal file mode such as 644 or 0o640 (argparse type of the --mode flags)."""
-    try:
-        mode = int(text, 8)
-    except ValueError:
-        mode = -1
-    if not 0 <= mode <= 0o777:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an octal file mode such as 644 or 640")
-    return mode
-
-
-def set_mode(path: int | str | os.PathLike, mode: int = DEFAULT_MODE) -> None:
-    """Give a written file (path or open descriptor) `mode` whatever the umask, so the group
-    can read it by default."""
-    os.chmod(path, mode)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from token_objectives.tables.files import InputError
+from token_objectives.tables.errors import InputError
 from token_objectives.tables.tokenizers import (
     TokenizerLike,
     as_tokenizer,

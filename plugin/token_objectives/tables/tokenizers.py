@@ -17,7 +17,7 @@ from pathlib import Path
 import sentencepiece
 import tokenizers
 
-from token_objectives.tables.files import InputError
+from token_objectives.tables.errors import InputError
 
 TokenizerLike = object  # any of the accepted kinds, or a str / os.PathLike pointing to one
 

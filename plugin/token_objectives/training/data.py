@@ -24,7 +24,7 @@ import numpy
 import torch
 import torch.distributed as dist
 
-from token_objectives.tables.files import check_indexed_dataset
+from token_objectives.tables.indexed_dataset import check_indexed_dataset
 from token_objectives.tables.tokenizers import end_of_document_id, list_vocab, load_tokenizer
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from token_objectives.evaluation.generate import MegatronGenerator
-from token_objectives.tables.files import InputError
+from token_objectives.tables.errors import InputError
 
 __all__ = ["load_megatron_checkpoint", "resolve_checkpoint", "single_process_group"]
 

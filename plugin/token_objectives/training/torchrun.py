@@ -111,7 +111,7 @@ def check_counts(args: argparse.Namespace) -> None:
     accepts."""
     import torch
 
-    from token_objectives.tables.files import InputError
+    from token_objectives.tables.errors import InputError
 
     nproc = args.nproc_per_node
     named = ("auto", "cpu", "gpu", "xpu", torch._C._get_privateuse1_backend_name())
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import main as torchrun_main
     from torch.distributed.run import parse_args
 
-    from token_objectives.tables.files import InputError
+    from token_objectives.tables.errors import InputError
 
     argv = sys.argv[1:] if argv is None else argv
     try:
