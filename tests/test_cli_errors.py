@@ -110,7 +110,8 @@ def test_the_training_data_is_checked_before_megatron_reads_it(prefix, sp_model_
                                                                sidecar):
     """gpt_dataset fails at start-up, naming the file, before any process group or step."""
     from token_objectives.quickstart.data import write_indexed_dataset
-    from token_objectives.training.data import MegatronTokenizer, gpt_dataset, loss_mask_prefix
+    from token_objectives.tables.indexed_dataset import loss_mask_prefix
+    from token_objectives.training.data import MegatronTokenizer, gpt_dataset
 
     target = prefix
     if sidecar:

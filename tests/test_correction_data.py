@@ -201,7 +201,7 @@ def _samples(prefix, tokenizer: Path, seq_length: int, cache: Path,
 def test_each_document_is_prompt_own_answer_marker_reference(built, model_dir, data, questions):
     from transformers import LlamaForCausalLM
 
-    from token_objectives.training.data import loss_mask_prefix
+    from token_objectives.tables.indexed_dataset import loss_mask_prefix
 
     model = LlamaForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
     prompts = _encode(data.tokenizer_path, [q["prompt"] for q in questions])
@@ -326,7 +326,7 @@ def test_written_files_are_group_readable_whatever_the_umask(model_dir, question
     import os
     import stat
 
-    from token_objectives.training.data import loss_mask_prefix
+    from token_objectives.tables.indexed_dataset import loss_mask_prefix
 
     jsonl = _write_jsonl(tmp_path / "qa.jsonl", questions[:2])
     prefix = tmp_path / "out"
@@ -359,7 +359,8 @@ def _expected_window(tokens_dataset, raw_tokens, raw_masks, index: int, seq_leng
 @pytest.mark.parametrize("epochs", [None, 3])
 def test_samples_carry_the_sidecar_aligned_with_the_labels(built, data, process_group, tmp_path,
                                                            epochs):
-    from token_objectives.training.data import LossMaskedDataset, loss_mask_prefix
+    from token_objectives.tables.indexed_dataset import loss_mask_prefix
+    from token_objectives.training.data import LossMaskedDataset
 
     seq_length = 16  # shorter than a document: samples start and end inside documents
     one_epoch = len(_samples(built, data.tokenizer_path, seq_length, tmp_path / "probe"))
@@ -401,7 +402,7 @@ def test_data_without_a_sidecar_is_unchanged(built, data, process_group, tmp_pat
 
 
 def test_a_broken_sidecar_is_a_clear_error(built, data, process_group, tmp_path):
-    from token_objectives.training.data import loss_mask_prefix
+    from token_objectives.tables.indexed_dataset import loss_mask_prefix
 
     prefix = tmp_path / "data"
     for suffix in (".bin", ".idx"):

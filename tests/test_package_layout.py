@@ -1,5 +1,6 @@
 """The package's shape: no import cycle, ops/ imports only torch (and triton), the
-integrations stay apart, and the package root holds only its entry points and subpackages.
+integrations stay apart, evaluation/ and correction/ never import training/, the package root
+holds only its entry points and subpackages, and no import hook maps one module name to another.
 
 The import graph is read statically with `ast`, imports inside functions included, so a cycle
 that only a lazy import closes is caught too; `import a.b` counts as an edge to a.b only (not to
@@ -121,6 +122,23 @@ def test_the_integrations_never_import_each_other():
     crossing = {f"{name} -> {target}" for name, targets in graph.items() for target in targets
                 if owner(name) and owner(target) and owner(name) != owner(target)}
     assert not crossing, f"integrations import each other: {sorted(crossing)}"
+
+
+def test_evaluation_and_correction_never_import_training():
+    """evaluation/ and correction/ read what training/ writes, and the training loop calls
+    `evaluate`: no arrow back up. What both need sits below them (generation/, tables/); the
+    `evaluate` command gets its Megatron-checkpoint reader from training/ passed in."""
+    graph = import_graph()
+    readers = (f"{PACKAGE}.evaluation", f"{PACKAGE}.correction", f"{PACKAGE}.generation")
+    training = f"{PACKAGE}.training"
+
+    def under(module: str, package: str) -> bool:
+        return module == package or module.startswith(f"{package}.")
+
+    upward = {f"{name} -> {target}" for name, targets in graph.items()
+              if any(under(name, reader) for reader in readers)
+              for target in targets if under(target, training)}
+    assert not upward, f"an arrow back up to training/: {sorted(upward)}"
 
 
 def test_package_root_holds_only_entry_points_and_subpackages():

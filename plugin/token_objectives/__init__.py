@@ -7,12 +7,15 @@ Subpackages by role (each one's docstring says what it may import):
     integrations/  megatron/, deepspeed/, hf/: thin adapters to the frameworks
     training/      what both loops share, and the Megatron and DeepSpeed loops
     scheduled_sampling/, correction/, ensemble/   the papers' methods, on the core
+    evaluation/    `token-objectives evaluate`, which the Megatron loop calls too
+    generation/    greedy answers of a local HF model, for evaluation/ and correction/
     quickstart/, bench/   the quickstart's data and `token-objectives bench`
 """
 
 from __future__ import annotations
 
 from token_objectives.objectives import (
+    Objective,
     ObjectiveConfig,
     ObjectiveOutput,
     fused_linear_objective_loss,
@@ -23,6 +26,7 @@ from token_objectives.version import __version__
 
 __all__ = [
     "NumberTable",
+    "Objective",
     "ObjectiveConfig",
     "ObjectiveOutput",
     "__version__",

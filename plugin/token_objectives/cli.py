@@ -212,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_ensemble(args)
         if args.command == "evaluate":
             from token_objectives.evaluation.run import run_from_args as run_evaluate
+            from token_objectives.training.evaluation_checkpoint import load_megatron_checkpoint
 
-            return run_evaluate(args)
+            return run_evaluate(args, load_megatron_checkpoint)
         if args.command == "check-kernels":
             from token_objectives.ops.kernel_check import run as check_kernels
 

@@ -11,7 +11,7 @@ Each JSONL line {"prompt": ..., "answer": ...} becomes one document
 in `<prefix>.bin/.idx`, and `<prefix>_loss_mask.bin/.idx` holds the same documents' 0/1 mask:
 1 on the reference answer and its EOS, 0 elsewhere. `gpt_data.gpt_dataset` pairs the two, so
 both training loops read the data unchanged. The own answer comes from Hugging Face `generate`
-on a local model directory (see `greedy_generation`).
+on a local model directory (`generation.hf.greedy_answers`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from token_objectives.correction.generation import greedy_answers, load_causal_lm, stop_ids
+from token_objectives.generation.hf import greedy_answers, load_causal_lm, stop_ids
 from token_objectives.tables.errors import InputError
+from token_objectives.tables.indexed_dataset import loss_mask_prefix
 from token_objectives.tables.jsonl import json_object_line
 from token_objectives.tables.output_files import (
     DEFAULT_MODE,
@@ -43,7 +44,6 @@ from token_objectives.tables.tokenizers import (
     list_vocab,
     load_tokenizer,
 )
-from token_objectives.training.data import loss_mask_prefix
 
 __all__ = [
     "DEFAULT_MARKER",

@@ -11,7 +11,7 @@ Megatron: GPTModel has no KV cache here, so each new token is one forward over t
 (at most model.seq_length tokens, cut on the left); a batch holds prompts of one token length
 only, so no padding enters the causal attention. The next id is `vocab_parallel_argmax` over the
 vocab-sharded logits (one TP all-reduce; every TP rank gets the same id, so every TP rank must
-call this with the same prompts). Hugging Face: `correction.generation.greedy_answers` (left
+call this with the same prompts). Hugging Face: `generation.hf.greedy_answers` (left
 padding, `generate`).
 """
 
@@ -160,14 +160,14 @@ class HFGenerator:
     def __init__(self, path: str | os.PathLike, dtype: str = "float32") -> None:
         from transformers import AutoTokenizer
 
-        from token_objectives.correction.generation import load_causal_lm
+        from token_objectives.generation.hf import load_causal_lm
 
         self.model = load_causal_lm(path, dtype=dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
                  stop_at_newline: bool = True, progress: bool = False) -> list[str]:
-        from token_objectives.correction.generation import greedy_answers, stop_ids
+        from token_objectives.generation.hf import greedy_answers, stop_ids
         from token_objectives.tables.tokenizers import end_of_document_id
 
         stop = stop_ids(self.model, end_of_document_id(self.tokenizer))

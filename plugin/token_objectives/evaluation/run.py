@@ -3,19 +3,26 @@
     token-objectives evaluate --checkpoint runs/quickstart --config configs/tiny.yaml \\
         --data eval.jsonl --out metrics.json
     token-objectives evaluate --hf-model hf_dir --data eval.jsonl --out metrics.json
+
+--checkpoint is read by the function the caller passes (the CLI passes
+`training.evaluation_checkpoint.load_megatron_checkpoint`): reading a Megatron-loop checkpoint
+needs the loop's model builder, and evaluation/ never imports training/.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from token_objectives.evaluation.data import Problem, read_problems
 from token_objectives.evaluation.report import build_report, format_table, write_report
 from token_objectives.tables.errors import InputError
 from token_objectives.tables.output_files import check_output_path
 
-__all__ = ["add_arguments", "evaluate", "run_from_args"]
+__all__ = ["CheckpointLoader", "add_arguments", "evaluate", "run_from_args"]
+
+# (--checkpoint, --config, --set overrides) -> a generator (evaluation.generate.MegatronGenerator)
+CheckpointLoader = Callable[[str, str, Sequence[str]], object]
 
 
 def evaluate(generator, problems: Sequence[Problem], max_new_tokens: int = 16,
@@ -50,8 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """The command: read, check, generate, score, print the table, write the JSON."""
+def run_from_args(args: argparse.Namespace, load_checkpoint: CheckpointLoader) -> int:
+    """The command: read, check, generate, score, print the table, write the JSON.
+    load_checkpoint: reads --checkpoint (see the module docstring)."""
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
     if args.batch_size < 1:
@@ -61,9 +69,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     problems = read_problems(args.data)
     check_output_path(args.out, "--out")
     if args.checkpoint is not None:
-        from token_objectives.training.evaluation_checkpoint import load_megatron_checkpoint
-
-        generator = load_megatron_checkpoint(args.checkpoint, args.config, args.overrides)
+        generator = load_checkpoint(args.checkpoint, args.config, args.overrides)
         source = {"checkpoint": str(args.checkpoint), "config": str(args.config)}
     else:
         from token_objectives.evaluation.generate import HFGenerator

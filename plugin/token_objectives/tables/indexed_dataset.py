@@ -1,10 +1,12 @@
-"""The check of a Megatron indexed dataset (.bin/.idx) before anything reads it."""
+"""The check of a Megatron indexed dataset (.bin/.idx) before anything reads it, and the name of
+its loss-mask sidecar (written by `token-objectives build-correction-data`, read by the loops)."""
 
 from __future__ import annotations
 
 import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -22,6 +24,12 @@ _DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np
 _REBUILD = "rebuild it with Megatron's preprocess_data.py (or the tool that wrote it)"
 # Elements compared per round: bounds the memory the check needs on billion-sequence datasets.
 _CHUNK = 1 << 24
+LOSS_MASK_SUFFIX = "_loss_mask"
+
+
+def loss_mask_prefix(prefix: str | Path) -> str:
+    """The loss-mask sidecar's .bin/.idx prefix of a dataset prefix."""
+    return f"{prefix}{LOSS_MASK_SUFFIX}"
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import numpy
 import torch
 import torch.distributed as dist
 
-from token_objectives.tables.indexed_dataset import check_indexed_dataset
+from token_objectives.tables.indexed_dataset import check_indexed_dataset, loss_mask_prefix
 from token_objectives.tables.tokenizers import end_of_document_id, list_vocab, load_tokenizer
 
 
@@ -41,14 +41,6 @@ class MegatronTokenizer:
         # Part of the dataset cache key: a different tokenizer must not reuse the cached index.
         self.unique_identifiers = {"class": type(self).__name__, "path": str(path),
                                    "vocab_size": self.vocab_size}
-
-
-LOSS_MASK_SUFFIX = "_loss_mask"
-
-
-def loss_mask_prefix(prefix: str | Path) -> str:
-    """The loss-mask sidecar's .bin/.idx prefix of a dataset prefix."""
-    return f"{prefix}{LOSS_MASK_SUFFIX}"
 
 
 def _sidecar(prefix: str) -> str | None:

@@ -1,8 +1,8 @@
 """Greedy answers of a local Hugging Face causal LM, batched with left padding.
 
-Used by `correction_data`. Reads a Hugging Face model directory: the form of the DeepSpeed
-loop's LlamaForCausalLM once exported with `save_pretrained` (docs/correction_data.md shows
-how). Megatron dist checkpoints are not read.
+Used by `correction/` (build-correction-data) and `evaluation/` (evaluate --hf-model). Reads a
+Hugging Face model directory: the form of the DeepSpeed loop's LlamaForCausalLM once exported
+with `save_pretrained` (docs/correction_data.md shows how). Megatron dist checkpoints are not read.
 """
 
 from __future__ import annotations
