@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     check_arms(args.arms)
     torch.set_num_threads(args.threads)
 
-    from token_objectives.evaluation.data import Problem as EvalProblem
+    from token_objectives.evaluation.problems import Problem as EvalProblem
     from token_objectives.quickstart.corpus import generate_corpus
     from token_objectives.quickstart.data import build_quickstart_data, split_train_valid
     from token_objectives.quickstart.problems import held_out_problems, training_problems

@@ -111,7 +111,7 @@ def test_the_training_data_is_checked_before_megatron_reads_it(prefix, sp_model_
     """gpt_dataset fails at start-up, naming the file, before any process group or step."""
     from token_objectives.quickstart.data import write_indexed_dataset
     from token_objectives.tables.indexed_dataset import loss_mask_prefix
-    from token_objectives.training.data import MegatronTokenizer, gpt_dataset
+    from token_objectives.training.gpt_data import MegatronTokenizer, gpt_dataset
 
     target = prefix
     if sidecar:
@@ -144,7 +144,7 @@ def test_a_dataset_rebuilt_at_the_same_path_rebuilds_its_cached_indices(
     """The loops cache the GPTDataset indices under <output>/data_cache, keyed by the prefix
     and the config, not by the data: indices of the old .idx index into the new one."""
     from token_objectives.quickstart.data import write_indexed_dataset
-    from token_objectives.training.data import MegatronTokenizer, gpt_dataset
+    from token_objectives.training.gpt_data import MegatronTokenizer, gpt_dataset
 
     tokenizer = MegatronTokenizer(str(sp_model_path))
     prefix, cache = str(tmp_path / "data"), tmp_path / "out" / "data_cache"

@@ -189,7 +189,7 @@ def _documents(prefix) -> list[np.ndarray]:
 def _samples(prefix, tokenizer: Path, seq_length: int, cache: Path,
              num_samples: int | None = None):
     """gpt_dataset as the loops build it (needs the process_group fixture)."""
-    from token_objectives.training.data import MegatronTokenizer, gpt_dataset
+    from token_objectives.training.gpt_data import MegatronTokenizer, gpt_dataset
 
     return gpt_dataset(str(prefix), seq_length, SEED, MegatronTokenizer(str(tokenizer)),
                        num_samples, cache)
@@ -245,7 +245,7 @@ def bad_jsonl(tmp_path) -> Path:
 
 
 def test_bad_lines_are_reported_by_line_number(bad_jsonl):
-    from token_objectives.correction.data import read_examples
+    from token_objectives.correction.build_data import read_examples
 
     examples, bad = read_examples(bad_jsonl)
     assert [e.line for e in examples] == [1, 9]
@@ -257,7 +257,7 @@ def test_bad_lines_are_reported_by_line_number(bad_jsonl):
 
 
 def test_error_mode_names_the_lines_and_the_flag(bad_jsonl, model_dir, tmp_path, capsys):
-    from token_objectives.correction.data import build_correction_data
+    from token_objectives.correction.build_data import build_correction_data
 
     prefix = tmp_path / "out"
     assert _cli("--input", str(bad_jsonl), "--model", str(model_dir),
@@ -287,7 +287,7 @@ def test_skip_mode_skips_and_lists_every_line(bad_jsonl, model_dir, data, tmp_pa
 
 
 def test_no_room_for_the_answer_is_an_error_before_generation(model_dir, questions, tmp_path):
-    from token_objectives.correction.data import build_correction_data
+    from token_objectives.correction.build_data import build_correction_data
 
     jsonl = _write_jsonl(tmp_path / "qa.jsonl", questions[:3])
     # The model has 256 positions; the first prompt's tokens + 250 new ones do not fit.
@@ -360,7 +360,7 @@ def _expected_window(tokens_dataset, raw_tokens, raw_masks, index: int, seq_leng
 def test_samples_carry_the_sidecar_aligned_with_the_labels(built, data, process_group, tmp_path,
                                                            epochs):
     from token_objectives.tables.indexed_dataset import loss_mask_prefix
-    from token_objectives.training.data import LossMaskedDataset
+    from token_objectives.training.gpt_data import LossMaskedDataset
 
     seq_length = 16  # shorter than a document: samples start and end inside documents
     one_epoch = len(_samples(built, data.tokenizer_path, seq_length, tmp_path / "probe"))

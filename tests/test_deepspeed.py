@@ -76,8 +76,8 @@ class CollectiveCounter:
 def _reference(trainer, path: Path) -> None:
     """No DeepSpeed: the plain model on the whole global batch, full logits, one process."""
     from token_objectives.objectives.loss import objective_loss
-    from token_objectives.training.data import micro_batches
     from token_objectives.training.deepspeed import build_model
+    from token_objectives.training.gpt_data import micro_batches
 
     model = build_model(trainer.engine.module.config, SEED)
     (batch,) = micro_batches(trainer.dataset, 0, GLOBAL_BATCH, 0, 1, 1)

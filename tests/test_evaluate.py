@@ -17,9 +17,9 @@ from torchrun_helpers import REPO, WORKER_ENV, check, free_port, read_metrics
 from torchrun_helpers import TINY_MEGATRON as TINY
 
 from token_objectives.cli import main
-from token_objectives.evaluation.data import read_problems
 from token_objectives.evaluation.metrics import METRICS, number_metrics
 from token_objectives.evaluation.numbers import last_number
+from token_objectives.evaluation.problems import read_problems
 from token_objectives.evaluation.report import build_report
 from token_objectives.training.config import load_config
 

@@ -374,7 +374,7 @@ def test_selection_rate_and_layout_independence():
 
 
 def test_sample_indices_follow_micro_batches():
-    from token_objectives.training.data import micro_batches
+    from token_objectives.training.gpt_data import micro_batches
 
     class Numbered:
         def __getitem__(self, index):

@@ -177,7 +177,7 @@ def megatron_probe(out: Path, overrides: list[str]) -> None:
     from megatron.core import parallel_state
 
     from token_objectives.training.config import load_config
-    from token_objectives.training.data import micro_batches
+    from token_objectives.training.gpt_data import micro_batches
     from token_objectives.training.megatron import Trainer
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)

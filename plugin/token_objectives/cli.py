@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="UTF-8 text files: print the share of their digits that NTL "
                          "reaches under each mode")
 
-    from token_objectives.correction.data import add_arguments as add_correction_arguments
+    from token_objectives.correction.build_data import add_arguments as add_correction_arguments
 
     add_correction_arguments(commands.add_parser(
         "build-correction-data",
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "count-frequencies":
             return _count_frequencies(args, parser)
         if args.command == "build-correction-data":
-            from token_objectives.correction.data import run_from_args
+            from token_objectives.correction.build_data import run_from_args
 
             return run_from_args(args)
         if args.command == "ensemble":

@@ -7,9 +7,9 @@ import math
 import os
 from collections.abc import Sequence
 
-from token_objectives.evaluation.data import Problem
 from token_objectives.evaluation.metrics import METRICS, number_metrics
 from token_objectives.evaluation.numbers import last_number
+from token_objectives.evaluation.problems import Problem
 
 __all__ = ["build_report", "format_table", "write_report"]
 

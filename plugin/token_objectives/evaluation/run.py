@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
-from token_objectives.evaluation.data import Problem, read_problems
+from token_objectives.evaluation.problems import Problem, read_problems
 from token_objectives.evaluation.report import build_report, format_table, write_report
 from token_objectives.tables.errors import InputError
 from token_objectives.tables.output_files import check_output_path

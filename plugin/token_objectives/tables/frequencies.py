@@ -178,7 +178,7 @@ def count_text_files(
     Turn it off for data built without --append-eod.
 
     tokenizer: tokenizers.Tokenizer, transformers tokenizer, SentencePieceProcessor, or path.
-    eod_id: the end-of-document id (default: the training loops' gpt_data.end_of_document_id).
+    eod_id: the end-of-document id (default: tokenizers.end_of_document_id, as the training loops).
     Returns int64 [vocab_size].
     """
     tokenizer = as_tokenizer(tokenizer)

@@ -60,7 +60,12 @@ from token_objectives.scheduled_sampling.mix import ScheduledSampler, sample_ind
 from token_objectives.tables.tokenizers import tokenizer_identity
 from token_objectives.training import checkpointing, run_stamp
 from token_objectives.training.checkpointing import write_atomically
-from token_objectives.training.data import MegatronTokenizer, Repeated, gpt_dataset, micro_batches
+from token_objectives.training.gpt_data import (
+    MegatronTokenizer,
+    Repeated,
+    gpt_dataset,
+    micro_batches,
+)
 from token_objectives.training.loop import (  # noqa: F401 (any_rank_signalled: public here too)
     RunResult,
     SkippedSteps,

@@ -63,7 +63,7 @@ def load_megatron_checkpoint(checkpoint: str | os.PathLike, config_path: str | o
     from token_objectives.integrations.megatron import cpu_patches
     from token_objectives.training import checkpointing, run_stamp
     from token_objectives.training.config import load_config, padded_vocab_size
-    from token_objectives.training.data import MegatronTokenizer
+    from token_objectives.training.gpt_data import MegatronTokenizer
     from token_objectives.training.megatron import build_model
 
     if not os.path.isfile(config_path):

@@ -38,7 +38,12 @@ from token_objectives.scheduled_sampling.mix import ScheduledSampler, sample_ind
 from token_objectives.tables.tokenizers import tokenizer_identity
 from token_objectives.training import checkpointing, run_stamp
 from token_objectives.training.config import RunConfig, padded_vocab_size
-from token_objectives.training.data import MegatronTokenizer, Repeated, gpt_dataset, micro_batches
+from token_objectives.training.gpt_data import (
+    MegatronTokenizer,
+    Repeated,
+    gpt_dataset,
+    micro_batches,
+)
 from token_objectives.training.layer_specs import decoder_block_spec
 from token_objectives.training.loop import (
     RunResult,
@@ -391,7 +396,7 @@ class Trainer:
         self.print_rank = dist.get_world_size() - 1
         self.eval_problems = None
         if cfg.train.eval_interval:
-            from token_objectives.evaluation.data import read_problems
+            from token_objectives.evaluation.problems import read_problems
 
             self.eval_problems = read_problems(cfg.data.eval_data)  # a bad file fails now
 

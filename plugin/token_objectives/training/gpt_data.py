@@ -2,8 +2,8 @@
 which data-parallel ranks and micro-batches read it.
 
 A prefix may come with a loss-mask sidecar, `<prefix>_loss_mask.bin/.idx` (written by
-`correction_data`): an indexed dataset with the same document lengths holding 0/1 per token.
-Then only the positions whose label token has a 1 there count in the loss.
+`token-objectives build-correction-data`): an indexed dataset with the same document lengths
+holding 0/1 per token. Then only the positions whose label token has a 1 there count in the loss.
 
 megatron-core caches a GPTDataset's indices (`path_to_cache`, the loops' <output>/data_cache)
 under a key of the prefix and the config, not of the data. `sources.json` beside them records
