@@ -151,6 +151,19 @@ def test_package_root_holds_only_entry_points_and_subpackages():
     assert not stray, f"the package root holds only {sorted(allowed)} and subpackages: {stray}"
 
 
+def test_every_cli_command_is_a_module_with_main():
+    """cli.COMMANDS declares each subcommand one way: a module whose `main(argv)` runs it."""
+    from token_objectives.cli import COMMANDS
+
+    modules = _modules()
+    for command, (module, help_text) in COMMANDS.items():
+        assert module in modules, f"{command}: no module {module}"
+        tree = ast.parse(modules[module].read_text())
+        assert any(isinstance(node, ast.FunctionDef) and node.name == "main"
+                   for node in tree.body), f"{command}: {module} has no main(argv)"
+        assert help_text, command
+
+
 def test_no_import_hook_aliases():
     """Every import path is a real module: no sys.meta_path finder maps an old name to another
     module (the aliases token_objectives.megatron/.deepspeed/.hf are gone, not redirected)."""

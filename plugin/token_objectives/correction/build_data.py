@@ -55,6 +55,7 @@ __all__ = [
     "bad_lines_error",
     "build_correction_data",
     "correction_document",
+    "main",
     "read_examples",
     "run_from_args",
 ]
@@ -379,3 +380,12 @@ def run_from_args(args: argparse.Namespace) -> int:
           f"({data.num_loss_tokens} in the loss) -> {data.prefix}.bin/.idx + "
           f"{data.mask_prefix}.bin/.idx; skipped {len(data.skipped)} bad line(s)")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`token-objectives build-correction-data ARGS`: parse ARGS, then `run_from_args`."""
+    parser = argparse.ArgumentParser(
+        prog="token-objectives build-correction-data",
+        description="reference-answer correction data: the model's greedy answers + reference "
+        "answers")
+    return run_from_args(add_arguments(parser).parse_args(argv))

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from token_objectives.tables.errors import InputError
 from token_objectives.tables.output_files import add_mode_argument, check_output_path, set_mode
 
-__all__ = ["add_arguments", "check_model_dir", "load_models", "read_prompts", "run"]
+__all__ = ["add_arguments", "check_model_dir", "load_models", "main", "read_prompts", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -195,3 +196,12 @@ def run(args: argparse.Namespace) -> int:
         f"-> {args.output}"
     )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`token-objectives ensemble ARGS`: parse ARGS, then `run`."""
+    parser = argparse.ArgumentParser(
+        prog="token-objectives ensemble",
+        description="GaC token-level ensemble of local models with different tokenizers")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -4,9 +4,9 @@
         --data eval.jsonl --out metrics.json
     token-objectives evaluate --hf-model hf_dir --data eval.jsonl --out metrics.json
 
---checkpoint is read by the function the caller passes (the CLI passes
-`training.evaluation_checkpoint.load_megatron_checkpoint`): reading a Megatron-loop checkpoint
-needs the loop's model builder, and evaluation/ never imports training/.
+--checkpoint is read by the function the caller passes: the command's entry point is
+`training.evaluation_checkpoint.main`, which passes its `load_megatron_checkpoint`, since reading
+a Megatron-loop checkpoint needs the loop's model builder and evaluation/ never imports training/.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from token_objectives.evaluation.report import build_report, format_table, write
 from token_objectives.tables.errors import InputError
 from token_objectives.tables.output_files import check_output_path
 
-__all__ = ["CheckpointLoader", "add_arguments", "evaluate", "run_from_args"]
+__all__ = ["CheckpointLoader", "add_arguments", "evaluate", "main", "run_from_args"]
 
 # (--checkpoint, --config, --set overrides) -> a generator (evaluation.generate.MegatronGenerator)
 CheckpointLoader = Callable[[str, str, Sequence[str]], object]
@@ -84,3 +84,13 @@ def run_from_args(args: argparse.Namespace, load_checkpoint: CheckpointLoader) -
     print(format_table(report["metrics"]))
     print(f"report: {args.out}")
     return 0
+
+
+def main(argv: Sequence[str] | None, load_checkpoint: CheckpointLoader) -> int:
+    """`token-objectives evaluate ARGS`: parse ARGS, then `run_from_args`."""
+    parser = argparse.ArgumentParser(
+        prog="token-objectives evaluate",
+        description="greedy answers to JSONL problems, scored by their last number (accuracy, "
+        "MAE, R², digit error), from a Megatron-loop checkpoint or a local HF model")
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv), load_checkpoint)

@@ -8,14 +8,18 @@ the loop's backward branch to that branch) divided by the columns one thread han
 iteration (BLOCK / (32 * num_warps)). It says nothing measured about time on a GPU.
 
 No communication; imports triton, the standard library and `triton_kernels` only.
+
+    token-objectives check-kernels --arch sm_90 --dtype bf16
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import re
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,3 +238,23 @@ def run(archs: tuple[str, ...] = ARCHS, dtypes: tuple[str, ...] = tuple(DTYPES),
                 f"{report.per_element:>10.2f}")
     out(f"ntl/ce instructions per element: {ntl_over_ce(reports):.2f}")
     return 1 if failed else 0
+
+
+def _arch(text: str) -> str:
+    if re.fullmatch(r"sm_\d+a?", text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an architecture: use e.g. sm_90")
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`token-objectives check-kernels`: `run` over --arch and --dtype; returns its exit code."""
+    parser = argparse.ArgumentParser(
+        prog="token-objectives check-kernels",
+        description="compile every Triton kernel variant ahead of time (no GPU needed) and print "
+        "registers, spills and the inner loop's SASS instructions per element")
+    parser.add_argument("--arch", nargs="+", default=list(ARCHS), type=_arch,
+                        help="architectures to compile for (default: sm_80 sm_90 sm_100)")
+    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=list(DTYPES),
+                        help="logits dtypes (default: all)")
+    args = parser.parse_args(argv)
+    return run(tuple(args.arch), tuple(args.dtype))

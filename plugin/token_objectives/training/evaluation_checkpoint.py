@@ -1,5 +1,9 @@
 """A Megatron-loop dist checkpoint read for `token-objectives evaluate`: its model alone, in one
-process at TP = PP = 1, as an `evaluation.generate.MegatronGenerator`."""
+process at TP = PP = 1, as an `evaluation.generate.MegatronGenerator`.
+
+`main` is the `evaluate` command: evaluation.run's, given `load_megatron_checkpoint` for
+--checkpoint. It lives here, not in evaluation/, because reading the checkpoint needs the loop's
+model builder and evaluation/ never imports training/."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import torch
 from token_objectives.evaluation.generate import MegatronGenerator
 from token_objectives.tables.errors import InputError
 
-__all__ = ["load_megatron_checkpoint", "resolve_checkpoint", "single_process_group"]
+__all__ = ["load_megatron_checkpoint", "main", "resolve_checkpoint", "single_process_group"]
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, int]:
@@ -103,3 +107,10 @@ def load_megatron_checkpoint(checkpoint: str | os.PathLike, config_path: str | o
         model.cuda()
     return MegatronGenerator(model.eval(), tokenizer._tokenizer, tokenizer.eod,
                              tokenizer.vocab_size, cfg.model.seq_length)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`token-objectives evaluate ARGS` (see the module docstring)."""
+    from token_objectives.evaluation import run
+
+    return run.main(argv, load_megatron_checkpoint)

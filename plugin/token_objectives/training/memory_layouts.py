@@ -9,6 +9,7 @@ import math
 import sys
 from collections.abc import Sequence
 
+from token_objectives.tables.errors import InputError
 from token_objectives.training.memory_plan import (
     FP32,
     Layout,
@@ -164,9 +165,17 @@ def _ds_count(path: str, key: str, value) -> int:
     return count
 
 
-def main(argv: Sequence[str]) -> int:
-    """Print the estimate; 0 when at least 10% of --gpu-memory is left, 1 otherwise."""
-    args = _parser().parse_args(list(argv))
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the estimate; 0 when at least 10% of --gpu-memory is left, 1 otherwise. A config
+    that cannot be planned (a ValueError naming the file and key) is an InputError."""
+    args = _parser().parse_args(argv)
+    try:
+        return _plan_memory(args)
+    except ValueError as error:
+        raise InputError(str(error)) from error
+
+
+def _plan_memory(args: argparse.Namespace) -> int:
     if args.config.endswith(".json"):
         if not args.model_config:
             raise ValueError(f"{args.config} is a ds_config: pass --model-config (the HF model "
