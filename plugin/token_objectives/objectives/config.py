@@ -21,12 +21,18 @@ PDL_NORMALIZATIONS = ("token", "weighted_mean")
 PDL_UNSEEN_RULES = ("rarest",)
 
 
-def _option(default: Any, accepts: str, help: str, choices: tuple[str, ...] = ()) -> Any:
+def _option(default: Any, accepts: str, help: str, choices: tuple[str, ...] = (),
+            off_help: str = "") -> Any:
     """A config field whose help text, accepted values and choices live in its metadata, so the
-    DeepSpeed section, the Megatron-LM flags and the docs are all made from one place."""
+    DeepSpeed section, the Megatron-LM flags and the docs are all made from one place.
+
+    off_help: for a bool that is on by default, what turning it off does: the help of the
+    Megatron-LM flag that does it (--ntl-no-reweigh), where `help` would say the opposite."""
     metadata = {"help": help, "accepts": accepts}
     if choices:
         metadata["choices"] = choices
+    if off_help:
+        metadata["off_help"] = off_help
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -113,7 +119,9 @@ class ObjectiveConfig:
         "ntl='was' only: how much worse the farthest number is than the nearest wrong one",
     )
     reweigh: bool = _option(
-        True, "a bool", "ntloss's reweighing of NTL by the probability mass on number tokens"
+        True, "a bool", "ntloss's reweighing of NTL by the probability mass on number tokens",
+        off_help="turn off ntloss's reweighing of NTL by the probability mass on number tokens "
+        "(ntloss reweigh=False; on by default)",
     )
     huber_delta: float = _option(1.0, "a number > 0", "ntl='huber' only: the Huber delta")
     number_level_float: bool = _option(
@@ -146,6 +154,8 @@ class ObjectiveConfig:
         True, "a bool",
         "PDL: scale the weight table to a corpus-weighted mean of 1 (not the loss denominator: "
         "that is pdl_normalization)",
+        off_help="PDL: leave the weight table unscaled, (count + eps) ** -alpha, instead of "
+        "scaling it to a corpus-weighted mean of 1 (scaled by default)",
     )
     label_smoothing: float = _option(
         0.0, "a number in [0, 1)", "label smoothing over the global real vocab"

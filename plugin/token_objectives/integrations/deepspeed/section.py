@@ -43,7 +43,7 @@ from token_objectives.objectives.pdl import pdl_weights_for
 from token_objectives.objectives.sections import section_from_mapping
 from token_objectives.scheduled_sampling.schedule import ScheduledSamplingConfig
 from token_objectives.tables.frequencies import load_frequencies
-from token_objectives.tables.numbers import NUMBER_TOKEN_MODES, NumberTable
+from token_objectives.tables.numbers import NUMBER_TOKEN_MODES, NUMBER_TOKENS_HELP, NumberTable
 from token_objectives.tables.tokenizers import tokenizer_identity
 
 SECTION = "token_objectives"
@@ -91,7 +91,7 @@ class TokenObjectivesConfig(_ObjectiveSection):
     the `scheduled_sampling` object and `fused_lm_head`."""
 
     tokenizer: str | None = None
-    number_tokens: Literal[NUMBER_TOKEN_MODES] = "auto"
+    number_tokens: Literal[NUMBER_TOKEN_MODES] = Field("auto", description=NUMBER_TOKENS_HELP)
     frequencies: str | None = None
     scheduled_sampling: dict[str, Any] | None = None
     fused_lm_head: bool = False

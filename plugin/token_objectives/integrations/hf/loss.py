@@ -212,7 +212,8 @@ def objective_loss_from_options(
     """ObjectiveLoss from ObjectiveConfig's options (a mapping, keys checked by name, or a
     config), the tokenizer (a local path, or the trainer's processing_class) and a
     count-frequencies file. vocab_size: the model's padded V (default model.config.vocab_size,
-    else the tokenizer's). kwargs: ObjectiveLoss's keywords."""
+    else the tokenizer's). number_tokens: which tokens are number tokens, 'auto', 'digit',
+    'groups' or 'multi' (tables.numbers.NUMBER_TOKENS_HELP). kwargs: ObjectiveLoss's keywords."""
     from token_objectives.objectives.sections import section_from_mapping
     from token_objectives.objectives.tables import objective_tables
 

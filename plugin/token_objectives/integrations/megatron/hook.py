@@ -501,9 +501,13 @@ def add_objective_args(
         if field.name == "ntl":
             group.add_argument(flag, choices=NTL_CHOICES, default=field.default or "none",
                                help=f"{help_text}; 'none' for CE only (no digit tokens needed)")
+        elif kind is bool and field.default:
+            # --ntl-no-reweigh turns the option off: its help says so, not what "on" does.
+            off = field.metadata.get("off_help") or f"turn off (on by default): {help_text}"
+            group.add_argument(flag, action="store_false", dest=_dest(field, flag),
+                               help=off.replace("%", "%%"))
         elif kind is bool:
-            action = "store_false" if field.default else "store_true"
-            group.add_argument(flag, action=action, dest=_dest(field, flag), help=help_text)
+            group.add_argument(flag, action="store_true", dest=_dest(field, flag), help=help_text)
         else:
             group.add_argument(flag, type=kind, default=field.default,
                                help=f"{help_text} (default {field.default})")
