@@ -75,7 +75,7 @@ class CollectiveCounter:
 
 def _reference(trainer, path: Path) -> None:
     """No DeepSpeed: the plain model on the whole global batch, full logits, one process."""
-    from token_objectives.objectives.loss import objective_loss
+    from token_objectives.objectives.objective import objective_loss
     from token_objectives.training.deepspeed import build_model
     from token_objectives.training.gpt_data import micro_batches
 
@@ -655,10 +655,10 @@ def _section(**values) -> dict:
 
 def test_full_logits_are_not_mistaken_for_a_shard_without_tables():
     """ntl null and no PDL: no table tells V, the model's vocab_size does."""
-    from token_objectives import ObjectiveConfig
+    from token_objectives import Objective, ObjectiveConfig
     from token_objectives.integrations.deepspeed.section import DeepSpeedObjectives
 
-    objectives = DeepSpeedObjectives(ObjectiveConfig(ntl=None), None, None, vocab_size=64)
+    objectives = DeepSpeedObjectives(Objective(ObjectiveConfig(ntl=None), vocab_size=64))
     assert objectives._group(64) is None
     with pytest.raises(ValueError, match="no AutoTP group is set up"):
         objectives._group(32)  # a shard, outside any AutoTP run
@@ -763,7 +763,7 @@ def test_weighted_mean_divides_the_whole_loss_by_the_counted_pdl_weights():
     NTL and z-loss terms, unweighted in the numerator, are divided by that N as well."""
     from cases import make_case
 
-    from token_objectives import ObjectiveConfig
+    from token_objectives import Objective, ObjectiveConfig
     from token_objectives.integrations.deepspeed.section import DeepSpeedObjectives
     from token_objectives.training.deepspeed import counted_denominator
 
@@ -773,7 +773,7 @@ def test_weighted_mean_divides_the_whole_loss_by_the_counted_pdl_weights():
     labels, mask = case.labels, case.loss_mask.clone()
     mask[0, 3] = 0.5  # a fractional mask scales the loss; the token still counts once
     mask[1, 12] = 1.0  # ignored label under a mask of 1: not counted
-    objectives = DeepSpeedObjectives(config, case.numbers, case.pdl_weights)
+    objectives = DeepSpeedObjectives(Objective(config, case.numbers, case.pdl_weights))
     logits = case.logits.double()
     out = objectives(logits, labels, loss_mask=mask)
     denominator = counted_denominator([{"labels": labels, "loss_mask": mask}], objectives)
@@ -800,8 +800,8 @@ def test_weighted_mean_divides_the_whole_loss_by_the_counted_pdl_weights():
     split = (torch.where(counted, weight * ce * mask, 0.0).sum() / weights
              + torch.where(counted, (per_token - weight * ce) * mask, 0.0).sum() / counted.sum())
     assert not torch.isclose(out.loss.sum() / denominator, split, rtol=1e-4)
-    token = DeepSpeedObjectives(ObjectiveConfig(ntl="mse", pdl_alpha=1.0), case.numbers,
-                                case.pdl_weights)
+    token = DeepSpeedObjectives(Objective(ObjectiveConfig(ntl="mse", pdl_alpha=1.0),
+                                          case.numbers, case.pdl_weights))
     assert counted_denominator([{"labels": labels, "loss_mask": mask}], token) == counted.sum()
     # The logs divide by the same N (the fractional mask included) and show what is trained.
     from token_objectives.integrations.deepspeed.section import log_components
@@ -813,7 +813,7 @@ def test_weighted_mean_divides_the_whole_loss_by_the_counted_pdl_weights():
 
 
 def test_weighted_mean_denominator_with_an_ignore_index_beyond_the_vocab():
-    from token_objectives import ObjectiveConfig
+    from token_objectives import Objective, ObjectiveConfig
     from token_objectives.integrations.deepspeed.section import DeepSpeedObjectives
     from token_objectives.training.deepspeed import counted_denominator
 
@@ -823,7 +823,7 @@ def test_weighted_mean_denominator_with_an_ignore_index_beyond_the_vocab():
     labels = torch.tensor([[0, 1000, 2, 3]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     total = counted_denominator([{"labels": labels, "loss_mask": mask}],
-                                DeepSpeedObjectives(config, None, weights))
+                                DeepSpeedObjectives(Objective(config, None, weights)))
     assert total.item() == 2.5
 
 

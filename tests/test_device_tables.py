@@ -1,6 +1,7 @@
 """The per-run tables (number values and word starts, PDL weights, the vocab shard, the squash
 and Wasserstein constants, each rank's layout row) are built once, not per micro-batch: repeated
-calls of the objective build nothing, and give the same result; a new table is built anew."""
+calls of one Objective build nothing, and give the same result; a new table is built anew. The
+copies belong to the Objective (its DeviceTables), not to a module."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import torch
 from cases import CONFIGS, make_case
 from torch.overrides import TorchFunctionMode
 
-from token_objectives import objective_loss
-from token_objectives.objectives import device_tables
+from token_objectives import Objective
+from token_objectives.objectives.device_tables import DeviceTables
 from token_objectives.ops import layout
 from token_objectives.ops.plan import Distance
 
@@ -41,9 +42,10 @@ def test_repeated_calls_build_no_table(name, monkeypatch):
         word_start[numbers.is_number.nonzero()[::2].flatten()] = True
         numbers = dataclasses.replace(numbers, word_start=word_start)
 
+    objective = Objective(case.config, numbers, case.pdl_weights)
+
     def call():
-        return objective_loss(case.logits, case.labels, case.config, numbers, case.pdl_weights,
-                              kernel="torch").loss
+        return objective(case.logits, case.labels, kernel="torch").loss
 
     constants = []
     for method in ("for_values", "max_distance"):
@@ -51,7 +53,7 @@ def test_repeated_calls_build_no_table(name, monkeypatch):
         monkeypatch.setattr(Distance, method, (lambda f: lambda *a, **k: (
             constants.append(f.__name__), f(*a, **k))[1])(original))
     first = call()
-    built = device_tables.builds
+    built = objective.tables.builds
     rows = layout._rows_template.cache_info().misses
     computed = len(constants)
     copies = TableCopies([numbers.values, numbers.word_start, case.pdl_weights])
@@ -60,18 +62,18 @@ def test_repeated_calls_build_no_table(name, monkeypatch):
             torch.testing.assert_close(call(), first, rtol=0, atol=0)
     assert copies.count == 0
     assert len(constants) == computed  # the squash and Wasserstein constants: once
-    assert device_tables.builds == built
+    assert objective.tables.builds == built
     assert layout._rows_template.cache_info().misses == rows
 
     other = dataclasses.replace(numbers, values=numbers.values.clone())
-    objective_loss(case.logits, case.labels, case.config, other, case.pdl_weights,
-                   kernel="torch")
-    assert device_tables.builds > built  # a new table is not served from another's entry
+    objective.numbers = other
+    objective(case.logits, case.labels, kernel="torch")
+    assert objective.tables.builds > built  # a new table is not served from another's entry
 
 
 def test_a_table_on_another_dtype_is_copied_once():
     weights = torch.rand(16, dtype=torch.float32)
-    copies = [device_tables.on_device(weights, torch.device("cpu"), torch.float64)
-              for _ in range(3)]
+    tables = DeviceTables()
+    copies = [tables.on_device(weights, torch.device("cpu"), torch.float64) for _ in range(3)]
     assert copies[0].dtype == torch.float64 and all(c is copies[0] for c in copies)
-    assert device_tables.on_device(weights, torch.device("cpu")) is weights  # nothing to copy
+    assert tables.on_device(weights, torch.device("cpu")) is weights  # nothing to copy

@@ -9,7 +9,7 @@ from cases import CONFIGS, Case, case_named, make_case
 from dist_pool import counted_collectives, tp_group
 from reference import reference_objective_loss
 
-from token_objectives.objectives.fused_linear import fused_linear_objective_loss
+from token_objectives.objectives.objective import fused_linear_objective_loss
 
 HIDDEN = 16
 NAMES = ["ce", "was", "was_squash", "mse", "number", "label_smoothing", "z_loss", "all",

@@ -26,7 +26,12 @@ pytest.importorskip("accelerate")
 import hf_runs  # noqa: E402
 from reference import reference_objective_loss  # noqa: E402
 
-from token_objectives import NumberTable, ObjectiveConfig, objective_loss  # noqa: E402
+from token_objectives import (  # noqa: E402
+    NumberTable,
+    Objective,
+    ObjectiveConfig,
+    objective_loss,
+)
 from token_objectives.integrations.hf import (  # noqa: E402
     ObjectiveLoss,
     objective_loss_from_options,
@@ -192,7 +197,7 @@ def test_sft_trainer_takes_the_same_loss(tokenizer, expected, tmp_path):
               "logs": [row for row in trainer.state.log_history if "ntl" in row]}
     _assert_matches(record, expected, "SFTTrainer, accumulation 2 x 4")
     with pytest.raises(ValueError, match="fused=False"):
-        ObjectiveLoss(CONFIG, objectives.numbers, fused=True).attach(trainer)
+        ObjectiveLoss(Objective(CONFIG, objectives.numbers), fused=True).attach(trainer)
 
 
 def test_a_batch_without_labels_is_an_error_not_a_skipped_loss(tokenizer, tmp_path):
@@ -247,7 +252,7 @@ def test_options_and_tables_from_a_tokenizer_path_and_a_frequencies_file(tokeniz
     with pytest.raises(ValueError, match="frequencies file"):
         objective_loss_from_options({"pdl_alpha": 0.5, "ntl": None}, tokenizer)
     with pytest.raises(ValueError, match="ignore_index=-100"):
-        ObjectiveLoss(ObjectiveConfig(ignore_index=-1), objectives.numbers)
+        ObjectiveLoss(Objective(ObjectiveConfig(ignore_index=-1), objectives.numbers))
 
 
 def test_bench_hf_prints_the_three_methods(capsys):

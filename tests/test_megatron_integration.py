@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from token_objectives import ObjectiveConfig
+from token_objectives import Objective, ObjectiveConfig
 from token_objectives.integrations.megatron.hook import (
     LossComponents,
     Objectives,
@@ -88,8 +88,9 @@ def test_pdl_without_a_table_and_ntl_without_a_tokenizer_are_errors():
     with pytest.raises(ValueError, match="needs the tokenizer"):
         Objectives.build(ObjectiveConfig(ntl="was"), padded_vocab_size=512)
     with pytest.raises(ValueError, match="pdl_normalization='token'"):
-        Objectives(ObjectiveConfig(ntl=None, pdl_alpha=0.5, pdl_normalization="weighted_mean"),
-                   None, torch.ones(4))
+        Objectives(Objective(ObjectiveConfig(ntl=None, pdl_alpha=0.5,
+                                             pdl_normalization="weighted_mean"),
+                             None, torch.ones(4)))
 
 
 def test_config_errors_name_the_key():

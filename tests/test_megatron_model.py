@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import torch
 from reference import reference_objective_loss
 
-from token_objectives import ObjectiveConfig
+from token_objectives import Objective, ObjectiveConfig
 
 VOCAB, HIDDEN, SEQ, BATCH, TP = 2048, 16, 16, 2, 2
 HEAD_ROWS = 4  # the fused head's chunk: [4, V/tp] logits, an eighth of the [s, b, V/tp] ones
@@ -49,7 +49,8 @@ def fused_head_task(seed: int) -> dict:
                          position_embedding_type="rope")
         values = torch.full((vocab,), float("nan"))
         values[10:20] = torch.arange(10.0)
-        objectives = Objectives(ObjectiveConfig(ntl="was"), NumberTable.from_values(values))
+        objectives = Objectives(Objective(ObjectiveConfig(ntl="was"),
+                                           NumberTable.from_values(values)))
         gen = torch.Generator().manual_seed(seed)
         tokens = torch.randint(0, vocab, (2, 16), generator=gen)
         labels = torch.randint(0, vocab, (2, 16), generator=gen)
@@ -157,7 +158,7 @@ def output_door_task(seed: int, sequence_parallel: bool) -> dict:
             model = GPTModel(config, spec, vocab_size=VOCAB,
                              max_sequence_length=SEQ, share_embeddings_and_output_weights=False,
                              position_embedding_type="rope")
-            attach_objectives(model, Objectives(objective_config, numbers,
+            attach_objectives(model, Objectives(Objective(objective_config, numbers),
                                                 head_rows_per_chunk=HEAD_ROWS), fused_head=fused)
             calls = []
             model.output_layer.register_forward_hook(lambda *_, calls=calls: calls.append(1))

@@ -15,6 +15,7 @@ Subpackages by role (each one's docstring says what it may import):
 from __future__ import annotations
 
 from token_objectives.objectives import (
+    Objective,
     ObjectiveConfig,
     ObjectiveOutput,
     fused_linear_objective_loss,
@@ -25,6 +26,7 @@ from token_objectives.version import __version__
 
 __all__ = [
     "NumberTable",
+    "Objective",
     "ObjectiveConfig",
     "ObjectiveOutput",
     "__version__",

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from token_objectives.bench.grid import synthetic_tables
 from token_objectives.objectives.config import ObjectiveConfig
-from token_objectives.objectives.loss import objective_loss
+from token_objectives.objectives.objective import Objective, objective_loss
 from token_objectives.tables.numbers import NumberTable
 
 CONFIG = ObjectiveConfig(ntl="was", ntl_weight=0.3, pdl_alpha=0.5, label_smoothing=0.05)
@@ -131,10 +131,11 @@ def check_host_syncs(device: torch.device) -> Iterator[str]:
     shape = Shape(4096, 32768, 32000, torch.bfloat16)
     logits, labels = _inputs(shape, device)
     weights, numbers = _tables(shape, device)
+    objective = Objective(CONFIG, numbers, weights, real_vocab_size=shape.real)
 
     def step():
         x = logits.detach().requires_grad_()
-        out = objective_loss(x, labels, CONFIG, numbers, weights, real_vocab_size=shape.real)
+        out = objective(x, labels)
         out.loss.sum().backward()
 
     step()  # tables built and cached, kernels compiled

@@ -27,6 +27,7 @@ METHODS = ("hf", "ours", "ours_fused")
 def _trainer(method: str, model, numbers, weights, device: str):
     from transformers import Trainer, TrainingArguments
 
+    from token_objectives import Objective
     from token_objectives.integrations.hf import ObjectiveLoss
 
     args = TrainingArguments(output_dir="/tmp/token_objectives_bench_hf", report_to="none",
@@ -34,7 +35,8 @@ def _trainer(method: str, model, numbers, weights, device: str):
     trainer = Trainer(model=model, args=args)
     trainer.current_gradient_accumulation_steps = 1
     if method != "hf":
-        ObjectiveLoss(CONFIG, numbers, weights, fused=method == "ours_fused").attach(trainer)
+        ObjectiveLoss(Objective(CONFIG, numbers, weights),
+                      fused=method == "ours_fused").attach(trainer)
     return trainer
 
 

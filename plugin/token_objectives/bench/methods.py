@@ -9,7 +9,7 @@ Logits in ([T, V/tp] shard per rank):
   ours_gaussian   ours with Gaussian number targets as well (gaussian_sigma = 1)
 Hidden states in ([T, h] and the output-layer shard [V/tp, h]):
   head_unfused    hidden @ weight.T, then `ours`
-  head_fused      fused_linear_objective_loss: no [T, V/tp] tensor is kept
+  head_fused      Objective.fused: no [T, V/tp] tensor is kept
 """
 
 from __future__ import annotations
@@ -18,18 +18,13 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from token_objectives import (
-    NumberTable,
-    ObjectiveConfig,
-    fused_linear_objective_loss,
-    objective_loss,
-)
+from token_objectives import NumberTable, Objective, ObjectiveConfig
 
 LOGIT_METHODS = ("megatron", "megatron_fused", "naive", "unchunked", "ours", "ours_gaussian")
 HEAD_METHODS = ("head_unfused", "head_fused")
@@ -49,6 +44,13 @@ class Problem:
     numbers: NumberTable
     group: dist.ProcessGroup | None
     naive_ntl: Callable | None
+    # One Objective per config, built on first use as a training run builds it once.
+    objectives: dict = field(default_factory=dict)
+
+    def objective(self, config: ObjectiveConfig) -> Objective:
+        if config not in self.objectives:
+            self.objectives[config] = Objective(config, self.numbers, self.pdl_weights)
+        return self.objectives[config]
 
 
 @dataclass
@@ -129,8 +131,8 @@ def _loss_of(method: str, p: Problem, x: torch.Tensor, w: torch.Tensor | None) -
         rows = x.shape[0] if method == "unchunked" else None
         kernel = "torch" if method == "unchunked" else None
         config = GAUSSIAN_CONFIG if method == "ours_gaussian" else CONFIG
-        return objective_loss(x, p.labels, config, p.numbers, p.pdl_weights, p.group,
-                              rows_per_chunk=rows, kernel=kernel).loss.sum()
+        return p.objective(config)(x, p.labels, tp_group=p.group, rows_per_chunk=rows,
+                                   kernel=kernel).loss.sum()
     if method == "head_unfused":
         if p.group is not None:  # a column-parallel head all-reduces grad_hidden, as fused does
             from megatron.core.tensor_parallel.mappings import (
@@ -138,11 +140,9 @@ def _loss_of(method: str, p: Problem, x: torch.Tensor, w: torch.Tensor | None) -
             )
 
             x = copy_to_tensor_model_parallel_region(x)
-        return objective_loss(x @ w.t(), p.labels, CONFIG, p.numbers, p.pdl_weights,
-                              p.group).loss.sum()
+        return p.objective(CONFIG)(x @ w.t(), p.labels, tp_group=p.group).loss.sum()
     if method == "head_fused":
-        return fused_linear_objective_loss(x, w, p.labels, CONFIG, p.numbers, p.pdl_weights,
-                                           p.group).loss.sum()
+        return p.objective(CONFIG).fused(x, w, p.labels, tp_group=p.group).loss.sum()
     raise ValueError(f"unknown method {method!r}")
 
 

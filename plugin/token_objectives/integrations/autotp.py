@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from token_objectives.objectives.fused_linear import fused_linear_objective_loss
-from token_objectives.objectives.loss import ObjectiveConfig, ObjectiveOutput, objective_loss
-from token_objectives.objectives.tables import stated_vocab
+from token_objectives.objectives.config import ObjectiveConfig
+from token_objectives.objectives.loss import ObjectiveOutput
+from token_objectives.objectives.objective import Objective
 from token_objectives.tables.numbers import NumberTable
 
 
@@ -41,26 +41,31 @@ def vocab_parallel_head_shard(module: torch.nn.Module) -> tuple[int, int] | None
 
 
 class AutoTPObjectives:
-    """`objectives(logits, labels, loss_mask=None)` -> ObjectiveOutput, per token.
+    """`objectives(logits, labels, loss_mask=None)` -> ObjectiveOutput, per token: an
+    `Objective` under DeepSpeed AutoTP's layout.
 
     logits: [..., V] (full vocab) or [..., w] (this rank's AutoTP vocab-parallel lm_head shard,
     columns [vocab_start, vocab_start + w)); which one is read from the width against the
-    model's vocab size. labels: [...] global ids. `use_head_shard(start, width)` states the
+    objective's vocab size. labels: [...] global ids. `use_head_shard(start, width)` states the
     shard (the trainer reads it from the model with `vocab_parallel_head_shard`); without it a
     shard is taken to be the even one, and the objective's layout check refuses uneven shards.
-    real_vocab_size: the tokenizer's size; columns past it are padding (default: the table's).
     """
 
-    def __init__(self, config: ObjectiveConfig, numbers: NumberTable | None,
-                 pdl_weights: torch.Tensor | None = None, vocab_size: int | None = None,
-                 real_vocab_size: int | None = None) -> None:
-        self.config = config
-        self.numbers = numbers
-        self.pdl_weights = pdl_weights
-        # The model's padded vocab (None: unknown, plain CE) and the tokenizer's size.
-        self.vocab_size, self.real_vocab_size = stated_vocab(numbers, pdl_weights, vocab_size,
-                                                             real_vocab_size)
+    def __init__(self, objective: Objective) -> None:
+        self.objective = objective
         self.head_shard: tuple[int, int] | None = None
+
+    @property
+    def config(self) -> ObjectiveConfig:
+        return self.objective.config
+
+    @property
+    def numbers(self) -> NumberTable | None:
+        return self.objective.numbers
+
+    @property
+    def pdl_weights(self) -> torch.Tensor | None:
+        return self.objective.pdl_weights
 
     def use_head_shard(self, shard: tuple[int, int] | None) -> None:
         """(vocab_start, width) of this rank's lm_head shard, or None for the even layout."""
@@ -68,32 +73,28 @@ class AutoTPObjectives:
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor,
                  loss_mask: torch.Tensor | None = None, **options) -> ObjectiveOutput:
-        """options: objective_loss's rows_per_chunk and kernel."""
-        group, layout = self._layout(logits.shape[-1])
-        return objective_loss(logits, labels, self.config, self.numbers, self.pdl_weights,
-                              group, loss_mask=loss_mask, **layout, **options)
+        """options: Objective's rows_per_chunk and kernel."""
+        group, vocab_start = self._layout(logits.shape[-1])
+        return self.objective(logits, labels, tp_group=group, loss_mask=loss_mask,
+                              vocab_start=vocab_start, **options)
 
     def fused(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
               loss_mask: torch.Tensor | None = None, **options) -> ObjectiveOutput:
         """The same from hidden states [..., h] and the lm_head weight [V or w, h], with no
-        logits held (fused_linear_objective_loss); gradients go to hidden and weight."""
-        group, layout = self._layout(weight.shape[0])
-        return fused_linear_objective_loss(hidden, weight, labels, self.config, self.numbers,
-                                           self.pdl_weights, group, loss_mask=loss_mask,
-                                           **layout, **options)
+        logits held (Objective.fused); gradients go to hidden and weight."""
+        group, vocab_start = self._layout(weight.shape[0])
+        return self.objective.fused(hidden, weight, labels, tp_group=group,
+                                    loss_mask=loss_mask, vocab_start=vocab_start, **options)
 
     def _group(self, width: int):
         """The AutoTP group when `width` vocab columns are a shard of the model's vocab."""
         return self._layout(width)[0]
 
-    def _layout(self, width: int) -> tuple[dist.ProcessGroup | None, dict[str, int | None]]:
-        """(group, the objective's layout keywords) for logits `width` columns wide."""
-        vocab = self.vocab_size
-        # A table states the real vocab itself; a second figure could only disagree with it.
-        real = self.real_vocab_size if self.numbers is None else None
-        sizes = {"vocab_size": vocab, "real_vocab_size": real}
+    def _layout(self, width: int) -> tuple[dist.ProcessGroup | None, int | None]:
+        """(group, vocab_start) for logits `width` columns wide."""
+        vocab = self.objective.vocab_size
         if vocab is not None and width == vocab:
-            return None, sizes
+            return None, None
         group = tensor_parallel_group()
         if group is None and vocab is not None:
             raise ValueError(
@@ -101,7 +102,7 @@ class AutoTPObjectives:
                 f"group is set up; build the NumberTable with vocab_size={width}"
             )
         if self.head_shard is None:
-            return group, sizes
+            return group, None
         start, shard_width = self.head_shard
         if shard_width != width:
             raise ValueError(
@@ -109,4 +110,4 @@ class AutoTPObjectives:
                 f"{shard_width} (ids [{start}, {start + shard_width})); pass the model's own "
                 f"logits or its lm_head weight"
             )
-        return group, dict(sizes, vocab_start=start)
+        return group, start

@@ -1,4 +1,5 @@
-"""ObjectiveConfig and objective_loss: CE + NTL + PDL composed on the fused statistics.
+"""ObjectiveOutput and the composition of CE + NTL + PDL on the fused statistics (the math that
+`Objective` runs: targets looked up and checked, then the per-token terms).
 
 Per token t with target y (global id) and PDL weight w[y] (1 without PDL):
 
@@ -20,13 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from token_objectives.objectives.config import ObjectiveConfig
-from token_objectives.objectives.device_tables import (
-    distance_for,
-    group_bounds_for,
-    max_distance_for,
-    on_device,
-    shard_of,
-)
+from token_objectives.objectives.device_tables import DeviceTables
 from token_objectives.ops.layout import layout_problem, resolve_layout
 from token_objectives.ops.number_level import digit_runs
 from token_objectives.ops.plan import (
@@ -36,7 +31,6 @@ from token_objectives.ops.plan import (
     LabelCheck,
     VocabShard,
 )
-from token_objectives.ops.statistics import vocab_parallel_statistics
 from token_objectives.tables.numbers import NumberTable
 
 # ntloss's symmetric-MAPE denominator guard: float32 machine epsilon, whatever the dtype.
@@ -138,6 +132,7 @@ def _ntl_term(
     labels: torch.Tensor,
     targets: torch.Tensor,
     seq_dim: int,
+    tables: DeviceTables,
     target_groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ntl [...], positions bool [...]) before lambda; ntl is 0 outside positions.
@@ -146,15 +141,17 @@ def _ntl_term(
     group, the number tokens its softmax covered."""
     if config.ntl == "number":
         return _number_level_term(
-            config, numbers, yhat, mass, target_values, is_number, labels, targets, seq_dim
+            config, numbers, yhat, mass, target_values, is_number, labels, targets, seq_dim,
+            tables,
         )
     if target_groups is not None:
-        bounds = group_bounds_for(numbers, yhat.device)[target_groups.clamp(min=0).long()]
+        bounds = tables.group_bounds_for(numbers, yhat.device)
+        bounds = bounds[target_groups.clamp(min=0).long()]
         low, high = bounds.to(yhat.dtype).unbind(-1)
     if config.ntl == "was":
         raw = was
         if target_groups is None:
-            max_distance = max_distance_for(numbers, distance)
+            max_distance = tables.max_distance_for(numbers, distance)
         else:
             spread = (high - low).unsqueeze(-1)
             max_distance = distance(spread, torch.zeros_like(spread)).squeeze(-1)
@@ -180,7 +177,7 @@ def _pointwise(config: ObjectiveConfig, prediction: torch.Tensor, target: torch.
 
 
 def _number_level_term(config, numbers, yhat, mass, target_values, is_number, labels, targets,
-                       seq_dim):
+                       seq_dim, tables):
     if numbers.mode == "multi":
         raise ValueError(
             "ntl='number' assembles numbers from digits or digit groups, each in its place: "
@@ -199,10 +196,12 @@ def _number_level_term(config, numbers, yhat, mass, target_values, is_number, la
     is_dot = flat(labels == numbers.dot_id) if config.number_level_float else None
     word_start = None
     if numbers.word_start is not None:
-        word_start = flat(on_device(numbers.word_start, labels.device)[targets] & is_number)
+        word_start = flat(tables.on_device(numbers.word_start, labels.device)[targets]
+                          & is_number)
     digits = None
     if not numbers.digit_level:  # digit groups: a group shifts the groups before it by its size
-        digits = flat(on_device(numbers.digit_counts, labels.device)[targets] * is_number)
+        digits = flat(tables.on_device(numbers.digit_counts, labels.device)[targets]
+                      * is_number)
     runs = digit_runs(flat(is_number), is_dot, config.max_number_length, word_start, digits)
     truth = runs.assemble(flat(target_values).to(yhat.dtype))
     guess = runs.assemble(flat(yhat))
@@ -213,81 +212,6 @@ def _number_level_term(config, numbers, yhat, mass, target_values, is_number, la
     shape = to_rows(yhat).shape
     back = lambda x: x.reshape(shape).movedim(-1, seq_dim)  # noqa: E731
     return back(raw), back(runs.starts)
-
-
-def objective_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    config: ObjectiveConfig,
-    numbers: NumberTable | None,
-    pdl_weights: torch.Tensor | None = None,
-    tp_group: dist.ProcessGroup | None = None,
-    *,
-    loss_mask: torch.Tensor | None = None,
-    seq_dim: int = -1,
-    rows_per_chunk: int | None = None,
-    kernel: str | None = None,
-    vocab_start: int | None = None,
-    vocab_size: int | None = None,
-    real_vocab_size: int | None = None,
-    grad_in_place: bool = True,
-) -> ObjectiveOutput:
-    """CE + NTL + PDL per token, vocab-parallel.
-
-    logits: this rank's shard [..., w] of the global vocab: columns [vocab_start,
-        vocab_start + w), any float dtype; Megatron passes [s, b, V/tp].
-    labels: global target ids [...] (logits' leading shape), or config.ignore_index.
-    numbers: NumberTable over the padded vocab V (None only when ntl is None).
-    pdl_weights: fp32 [V] per-token weights (frequencies.pdl_weights), needs pdl_alpha > 0.
-    tp_group: the tensor-parallel group; None means the logits hold the whole vocab.
-    loss_mask: float [...] multiplies every per-token output (Megatron's loss_mask).
-    seq_dim: the sequence axis of labels, for ntl="number" (which reads digit runs along it).
-    rows_per_chunk: tokens per chunk; the fp32 working set is [rows, V/tp] (default ~4 MiB).
-    kernel: "auto" (Triton on CUDA, else torch), "torch" or "triton"; None reads
-        $TOKEN_OBJECTIVES_KERNEL (ops.plan.resolve_kernel).
-    vocab_start: the global id of this rank's first column (default tp_rank * w, even shards).
-    vocab_size: the global padded vocab V (default: the NumberTable's size, else w * tp).
-    real_vocab_size: the tokenizer's size; columns at or past it are padding, excluded from the
-        softmax and the label-smoothing mean (default: the NumberTable's valid_vocab_size, else
-        V). The shards must tile [0, V): every rank's layout rides on the MAX all-reduce and a
-        gap, an overlap or a bad label raises the same error on every rank.
-    grad_in_place: backward writes the logit gradient over the logits (as Megatron's CE does)
-        when they are an intermediate of the graph, not a leaf; pass False if the logits are
-        read after backward.
-
-    Two all-reduces on tp_group in forward, none in backward. Returns ObjectiveOutput, whose
-    tensors have labels' shape; reduce them with ObjectiveOutput.totals().
-    """
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(
-            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: logits "
-            f"must be labels' shape plus the vocab shard (transpose Megatron's [b, s] labels to "
-            f"[s, b] for [s, b, V/tp] logits)"
-        )
-    if not logits.dtype.is_floating_point:
-        raise TypeError(f"logits must be floating point, got {logits.dtype}")
-    width = logits.shape[-1]
-    if tp_group is not None and dist.get_world_size(tp_group) == 1:
-        tp_group = None
-    prep = prepare_targets(labels, config, numbers, pdl_weights, tp_group, width, logits.device,
-                           loss_mask, vocab_start=vocab_start, vocab_size=vocab_size,
-                           real_vocab_size=real_vocab_size)
-    stats = vocab_parallel_statistics(
-        logits.reshape(-1, width),
-        prep.targets.flatten(),
-        prep.target_values.flatten(),
-        prep.shard,
-        prep.columns,
-        prep.distance,
-        prep.real_vocab,
-        tp_group,
-        rows_per_chunk,
-        kernel,
-        prep.label_check,
-        grad_in_place,
-        prep.flat_target_groups(),
-    )
-    return compose(stats, prep, labels, config, numbers, pdl_weights, loss_mask, seq_dim)
 
 
 @dataclass(frozen=True)
@@ -302,6 +226,7 @@ class PreparedTargets:
     target_values: torch.Tensor  # [...] value of the target, 0 where not a number
     is_number_target: torch.Tensor  # bool [...]
     counted: torch.Tensor  # bool [...]
+    tables: DeviceTables  # the objective's device copies
     label_check: LabelCheck = LabelCheck()  # raised after the MAX all-reduce under TP
     # int32 [...] with a grouped table: the target's digit count, -1 where it is no number.
     target_groups: torch.Tensor | None = None
@@ -319,6 +244,7 @@ def prepare_targets(
     width: int,
     device: torch.device,
     loss_mask: torch.Tensor | None,
+    tables: DeviceTables,
     *,
     vocab_start: int | None = None,
     vocab_size: int | None = None,
@@ -331,19 +257,6 @@ def prepare_targets(
     """
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if config.uses_numbers and numbers is None:
-        raise ValueError(f"{config.number_options()} needs a NumberTable; pass numbers= or "
-                         f"set ntl=None and gaussian_sigma=0")
-    if config.pdl_alpha > 0 and pdl_weights is None:
-        raise ValueError(
-            "pdl_alpha > 0 needs pdl_weights: build them with "
-            "token_objectives.tables.frequencies.pdl_weights(load_frequencies(path).counts, alpha)"
-        )
-    if pdl_weights is not None and config.pdl_alpha == 0:
-        raise ValueError(
-            "pdl_weights were given but pdl_alpha is 0: set pdl_alpha to the table's alpha, "
-            "or drop pdl_weights"
-        )
     tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
     tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
     layout = resolve_layout(
@@ -357,7 +270,7 @@ def prepare_targets(
                                    layout.real_vocab, 0]], layout.source)
         if problem is not None:
             raise ValueError(problem)
-    shard = shard_of(numbers, layout, device)
+    shard = tables.shard_of(numbers, layout, device)
     padded_vocab, real_vocab = layout.vocab_size, layout.real_vocab
     if pdl_weights is not None and pdl_weights.numel() != padded_vocab:
         raise ValueError(
@@ -376,11 +289,11 @@ def prepare_targets(
 
     target_groups = None
     if config.uses_numbers:  # NTL or the Gaussian target
-        values = on_device(numbers.values, device)[targets]
+        values = tables.on_device(numbers.values, device)[targets]
         is_number_target = ~torch.isnan(values) & ~ignored
         target_values = torch.where(is_number_target, values, torch.zeros_like(values))
         if numbers.grouped:
-            groups = on_device(numbers.digit_counts, device)[targets]
+            groups = tables.on_device(numbers.digit_counts, device)[targets]
             target_groups = torch.where(is_number_target, groups, -1).to(torch.int32)
     else:
         is_number_target = torch.zeros_like(ignored)
@@ -393,9 +306,9 @@ def prepare_targets(
     )
     distance = Distance()
     if config.ntl is not None:
-        distance = distance_for(numbers, config.squash_factor)
+        distance = tables.distance_for(numbers, config.squash_factor)
     return PreparedTargets(shard, real_vocab, columns, distance, targets, target_values,
-                           is_number_target, counted, label_check, target_groups)
+                           is_number_target, counted, tables, label_check, target_groups)
 
 
 def _check_loss_mask(loss_mask: torch.Tensor, labels: torch.Tensor) -> None:
@@ -443,7 +356,7 @@ def compose(
         eps = config.label_smoothing
         trained_ce = (1 - eps) * trained_ce + eps * (lse - mean_logit)
     if pdl_weights is not None:
-        weight = on_device(pdl_weights, stats.device, stats.dtype)[targets]
+        weight = prep.tables.on_device(pdl_weights, stats.device, stats.dtype)[targets]
         loss = weight * trained_ce
     else:
         weight = torch.ones_like(ce)
@@ -464,6 +377,7 @@ def compose(
             labels,
             targets,
             seq_dim,
+            prep.tables,
             prep.target_groups,
         )
         loss = loss + config.ntl_weight * ntl

@@ -20,10 +20,13 @@ def objective_tables(
     frequencies: str | os.PathLike | None,
     vocab_size: int | None,
     number_tokens: str = "auto",
+    numbers: NumberTable | None = None,
 ) -> tuple[NumberTable | None, torch.Tensor | None]:
-    """(numbers, pdl_weights) for `config`: None where it needs none.
+    """(numbers, pdl_weights) for `config`: None where it needs none. The one place the tables
+    of a config are made (Objective.build calls it).
 
-    tokenizer: a local path or a tokenizer object (NumberTable.from_tokenizer), needed with NTL.
+    tokenizer: a local path or a tokenizer object (NumberTable.from_tokenizer), needed with NTL
+        unless `numbers` is given (a table made already, over the model's padded vocab).
     frequencies: a count-frequencies file, needed with pdl_alpha > 0; it must hold vocab_size
         counts. vocab_size: the model's padded vocab V (default: the tokenizer's size).
     number_tokens: one of tables.numbers.NUMBER_TOKEN_MODES (NUMBER_TOKENS_HELP).
@@ -31,8 +34,11 @@ def objective_tables(
     if number_tokens not in NUMBER_TOKEN_MODES:
         raise ValueError(f"number_tokens must be one of {NUMBER_TOKEN_MODES}, got "
                          f"{number_tokens!r}")
-    numbers = None
-    if config.uses_numbers:
+    if not config.uses_numbers:
+        numbers = None
+    elif numbers is not None:
+        vocab_size = numbers.vocab_size
+    else:
         if tokenizer is None:
             raise ValueError(f"{config.number_options()} needs a tokenizer (a local path or "
                              f"the tokenizer object) for its number tokens, or ntl=None and "

@@ -6,7 +6,7 @@ data is megatron-core's GPTDataset over .bin/.idx; the loss is the ds_config's
 "token_objectives" section (`deepspeed.from_ds_config`) on `engine(input_ids).logits`, never
 HF's built-in loss. Under AutoTP with `vocab_parallel_lm_head` the logits stay [b, s, V/tp].
 With the section's `fused_lm_head` the decoder's hidden states and the lm_head weight go to
-`fused_linear_objective_loss` instead, and no logits are made (ZeRO-1/2, with or without AutoTP).
+`Objective.fused` instead, and no logits are made (ZeRO-1/2, with or without AutoTP).
 The optimizer is torch's AdamW from the ds_config's "optimizer" params, passed as DeepSpeed's
 client optimizer (nothing JIT-built; see deepspeed_cpu for the other CPU workarounds).
 
@@ -49,12 +49,10 @@ from token_objectives.integrations.deepspeed.section import (
     DeepSpeedObjectives,
     from_ds_config,
     log_components,
-    numbers_from_section,
     read_section,
     tensor_parallel_group,
     vocab_parallel_head_shard,
 )
-from token_objectives.objectives.device_tables import on_device
 from token_objectives.objectives.loss import ObjectiveOutput
 from token_objectives.scheduled_sampling.mix import ScheduledSampler, sample_indices
 from token_objectives.tables.tokenizers import tokenizer_identity
@@ -340,7 +338,8 @@ def counted_denominator(batches: list[dict], objectives: DeepSpeedObjectives) ->
         counted = (batch["loss_mask"] != 0) & (labels != ignore)
         if weighted:
             targets = torch.where(counted, labels, torch.zeros_like(labels))
-            weights = on_device(objectives.pdl_weights, total.device)[targets]
+            weights = objectives.objective.tables.on_device(objectives.pdl_weights,
+                                                            total.device)[targets]
             total += (weights * counted).sum(dtype=torch.float64)
         else:
             total += counted.sum(dtype=torch.float64)
@@ -409,8 +408,7 @@ class Trainer:
         self.tokenizer = MegatronTokenizer(section.tokenizer)
         model_config = llama_config(args.model_config, self.tokenizer.vocab_size)
         self.vocab_size = model_config.vocab_size
-        numbers = numbers_from_section(section, self.vocab_size)
-        self.objectives = from_ds_config(args.ds_config, numbers, vocab_size=self.vocab_size,
+        self.objectives = from_ds_config(args.ds_config, vocab_size=self.vocab_size,
                                          real_vocab_size=self.tokenizer.vocab_size)
         sampling = section.sampling_config()
         self.sampler = None

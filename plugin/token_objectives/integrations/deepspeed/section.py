@@ -38,13 +38,12 @@ from token_objectives.integrations.autotp import (  # noqa: F401 (public names h
     vocab_parallel_head_shard,
 )
 from token_objectives.objectives.components import component_means
-from token_objectives.objectives.loss import ObjectiveConfig, ObjectiveOutput
-from token_objectives.objectives.pdl import pdl_weights_for
+from token_objectives.objectives.config import ObjectiveConfig
+from token_objectives.objectives.loss import ObjectiveOutput
+from token_objectives.objectives.objective import Objective
 from token_objectives.objectives.sections import section_from_mapping
 from token_objectives.scheduled_sampling.schedule import ScheduledSamplingConfig
-from token_objectives.tables.frequencies import load_frequencies
 from token_objectives.tables.numbers import NUMBER_TOKEN_MODES, NUMBER_TOKENS_HELP, NumberTable
-from token_objectives.tables.tokenizers import tokenizer_identity
 
 SECTION = "token_objectives"
 
@@ -152,40 +151,44 @@ DeepSpeedObjectives = AutoTPObjectives
 
 def from_ds_config(
     ds_config: Mapping[str, Any] | str | Path,
-    numbers: NumberTable | None,
+    numbers: NumberTable | None = None,
     pdl_weights: torch.Tensor | None = None,
     vocab_size: int | None = None,
     real_vocab_size: int | None = None,
 ) -> DeepSpeedObjectives:
-    """Validate the "token_objectives" section and return the loss callable.
+    """Validate the "token_objectives" section and return the loss callable (an Objective
+    under AutoTP's layout), its tables made now: a missing one fails here, not at the first
+    call.
 
-    numbers: the number table over the model's (padded) vocab; None only with ntl null.
+    numbers: the number table over the model's (padded) vocab; None: made from the section's
+    "tokenizer" when the section needs one (NTL or the Gaussian target).
     vocab_size: the model's padded vocab, which tells full logits from an AutoTP shard when
     there is no table to tell it (ntl null, no PDL); default: the tables' size.
     real_vocab_size: the tokenizer's size, so that without a table the padding columns still
     leave the softmax (a table states its own).
     pdl_weights: [V] weights; when None and the section has pdl_alpha > 0, they are built from
-    the section's `frequencies` file (checked against numbers.vocab_size).
+    the section's `frequencies` file (checked against the vocab and the tokenizer's identity).
     """
     section = read_section(ds_config)
     if section is None:
         raise ValueError(f'the ds_config has no "{SECTION}" section')
     config = section.objective_config()
-    if config.pdl_alpha > 0 and pdl_weights is None:
-        if section.frequencies is None:
-            raise ValueError(
-                f'ds_config["{SECTION}"].pdl_alpha > 0 needs "frequencies": the output of '
-                "`token-objectives count-frequencies`"
-            )
-        vocab = numbers.vocab_size if numbers is not None else vocab_size
-        # The table must be the model's tokenizer's: a file counted with another tokenizer of
-        # the same size would weight every id by another token's count.
-        identity = numbers.tokenizer_identity if numbers is not None else (
-            tokenizer_identity(section.tokenizer) if section.tokenizer is not None else None)
-        table = load_frequencies(section.frequencies, vocab_size=vocab,
-                                 tokenizer_identity=identity)
-        pdl_weights = pdl_weights_for(config, table.counts)
-    return DeepSpeedObjectives(config, numbers, pdl_weights, vocab_size, real_vocab_size)
+    if pdl_weights is not None:
+        objective = Objective(config, numbers, pdl_weights, vocab_size=vocab_size,
+                              real_vocab_size=real_vocab_size)
+        return DeepSpeedObjectives(objective)
+    if config.pdl_alpha > 0 and section.frequencies is None:
+        raise ValueError(
+            f'ds_config["{SECTION}"].pdl_alpha > 0 needs "frequencies": the output of '
+            "`token-objectives count-frequencies`"
+        )
+    if numbers is None and config.uses_numbers:
+        numbers = numbers_from_section(section, vocab_size)
+    objective = Objective.build(config, tokenizer=section.tokenizer, numbers=numbers,
+                                frequencies=section.frequencies, vocab_size=vocab_size,
+                                real_vocab_size=real_vocab_size,
+                                number_tokens=section.number_tokens)
+    return DeepSpeedObjectives(objective)
 
 
 def numbers_from_section(section: TokenObjectivesConfig, vocab_size: int) -> NumberTable | None:

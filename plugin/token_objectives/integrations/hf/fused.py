@@ -7,7 +7,7 @@ originals stay in `__wrapped__`, `unpatch_model` puts them back):
   [b, s, h] and calls the lm_head MODULE with them and the labels; it returns a
   CausalLMOutputWithPast whose loss is the objective and whose logits are None. Without labels
   it is the original forward.
-- the lm_head's: called with labels it returns the loss (fused_linear_objective_loss on its own
+- the lm_head's: called with labels it returns the loss (Objective.fused on its own
   weight), else its original linear.
 The loss runs inside the lm_head's own forward, so DDP sees the weight used in forward, and
 DeepSpeed ZeRO-3's module hooks gather the partitioned weight for it and gather it again for

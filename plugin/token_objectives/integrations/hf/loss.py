@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from token_objectives.integrations.autotp import AutoTPObjectives, vocab_parallel_head_shard
 from token_objectives.objectives.config import ObjectiveConfig
 from token_objectives.objectives.loss import ObjectiveOutput
+from token_objectives.objectives.objective import Objective
 from token_objectives.tables.numbers import NumberTable
 
 # What Trainer counts num_items_in_batch over (labels.ne(-100)), and every HF collator writes.
@@ -52,19 +53,16 @@ def _logits_of(outputs: Any) -> torch.Tensor:
 class ObjectiveLoss:
     """`loss = objectives(outputs, labels, num_items_in_batch=None)`, Trainer's compute_loss_func.
 
-    config: the objectives (ObjectiveConfig; `from_options` builds one from a mapping).
-    numbers: NumberTable over the model's vocab V (config.vocab_size, padding included); None
-        only with ntl=None. pdl_weights: fp32 [V], with config.pdl_alpha > 0.
+    objective: the Objective (its config, its tables over the model's vocab V, padding
+        included; `objective_loss_from_options` builds it from options, a tokenizer and a
+        frequency file). Its ignore_index must be -100 and its pdl_normalization "token".
     fused: compute the loss from the last hidden state [b, s, h] and the lm_head weight [V, h]
-        (fused_linear_objective_loss), never holding the [b, s, V] logits; needs
-        `attach(trainer)`, which makes the model compute it (fused.py).
-    vocab_size: the model's V when neither table states it (ntl=None, no PDL).
-    real_vocab_size: the tokenizer's size when there is no NumberTable to state it; logits
-        columns past it are vocab padding, outside the softmax.
+        (Objective.fused), never holding the [b, s, V] logits; needs `attach(trainer)`, which
+        makes the model compute it (fused.py).
     Under Trainer's DeepSpeed AutoTP with a vocab-parallel lm_head the logits stay this rank's
     shard [b, s, V/tp] and the vocab-parallel objective runs on it (two all-reduces over the TP
     group; integrations.autotp); `attach` lets it read an uneven shard's ids from the model.
-    rows_per_chunk, kernel: as objective_loss.
+    rows_per_chunk, kernel: as Objective's.
 
     outputs.logits: [b, s, V]; labels: [b, s] unshifted, -100 where there is no target (the
     shift is done here, as in HF's causal-LM loss). Returns the scalar
@@ -73,10 +71,9 @@ class ObjectiveLoss:
     time by ObjectiveLogCallback.
     """
 
-    def __init__(self, config: ObjectiveConfig, numbers: NumberTable | None,
-                 pdl_weights: torch.Tensor | None = None, *, fused: bool = False,
-                 vocab_size: int | None = None, real_vocab_size: int | None = None,
+    def __init__(self, objective: Objective, *, fused: bool = False,
                  rows_per_chunk: int | None = None, kernel: str | None = None) -> None:
+        config = objective.config
         if config.ignore_index != HF_IGNORE_INDEX:
             raise ValueError(
                 f"ignore_index={config.ignore_index}: Trainer counts num_items_in_batch over "
@@ -89,15 +86,25 @@ class ObjectiveLoss:
                 "which Trainer does not count (its num_items_in_batch is a token count); use "
                 "pdl_normalization='token' with Trainer"
             )
-        self.config = config
-        self.numbers = numbers
-        self.pdl_weights = pdl_weights
+        self.objective = objective
         self.fused = fused
         # The layout: full logits, or under Trainer's DeepSpeed AutoTP this rank's shard.
-        self.core = AutoTPObjectives(config, numbers, pdl_weights, vocab_size, real_vocab_size)
+        self.core = AutoTPObjectives(objective)
         self.chunking = {"rows_per_chunk": rows_per_chunk, "kernel": kernel}
         self._pending: torch.Tensor | None = None
         self._model: torch.nn.Module | None = None  # attach's, to read an AutoTP head shard
+
+    @property
+    def config(self) -> ObjectiveConfig:
+        return self.objective.config
+
+    @property
+    def numbers(self) -> NumberTable | None:
+        return self.objective.numbers
+
+    @property
+    def pdl_weights(self) -> torch.Tensor | None:
+        return self.objective.pdl_weights
 
     def __call__(self, outputs: Any, labels: torch.Tensor | None,
                  num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
@@ -194,7 +201,7 @@ class ObjectiveLoss:
         """Under AutoTP the lm_head is replaced when Trainer prepares the model: read this
         rank's vocab shard from the attached model once the logits are narrower."""
         if (self.core.head_shard is None and self._model is not None
-                and width != self.core.vocab_size):
+                and width != self.objective.vocab_size):
             self.core.use_head_shard(vocab_parallel_head_shard(self._model))
 
 
@@ -205,6 +212,7 @@ def objective_loss_from_options(
     *,
     model: Any = None,
     vocab_size: int | None = None,
+    real_vocab_size: int | None = None,
     number_tokens: str = "auto",
     fused: bool = False,
     **kwargs: Any,
@@ -215,7 +223,6 @@ def objective_loss_from_options(
     else the tokenizer's). number_tokens: which tokens are number tokens, 'auto', 'digit',
     'groups' or 'multi' (tables.numbers.NUMBER_TOKENS_HELP). kwargs: ObjectiveLoss's keywords."""
     from token_objectives.objectives.sections import section_from_mapping
-    from token_objectives.objectives.tables import objective_tables
 
     if isinstance(options, ObjectiveConfig):
         config = options
@@ -223,6 +230,7 @@ def objective_loss_from_options(
         config = section_from_mapping(ObjectiveConfig, "objectives", dict(options or {}))
     if vocab_size is None and model is not None:
         vocab_size = model.config.vocab_size
-    numbers, weights = objective_tables(config, tokenizer, frequencies, vocab_size,
-                                        number_tokens)
-    return ObjectiveLoss(config, numbers, weights, fused=fused, vocab_size=vocab_size, **kwargs)
+    objective = Objective.build(config, tokenizer=tokenizer, frequencies=frequencies,
+                                vocab_size=vocab_size, real_vocab_size=real_vocab_size,
+                                number_tokens=number_tokens)
+    return ObjectiveLoss(objective, fused=fused, **kwargs)

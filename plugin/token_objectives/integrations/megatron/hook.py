@@ -1,7 +1,7 @@
 """Megatron-Core integration: the objectives inside a GPTModel, a loss_func, and CLI arguments.
 
 No math lives here. `attach_objectives(model, objectives)` makes a megatron-core `GPTModel`
-compute its per-token loss with `objective_loss` on the vocab-sharded logits [s, b, V/tp]; the
+compute its per-token loss with an `Objective` on the vocab-sharded logits [s, b, V/tp]; the
 logits are never gathered. The per-token components travel on the returned loss tensor (not in
 a global), and `loss_func` turns them into Megatron's (loss sum, token count, report) triple, so
 the training loop normalises by the GLOBAL token count across DP and micro-batches.
@@ -40,12 +40,11 @@ from typing import Any
 
 import torch
 
-from token_objectives.objectives.fused_linear import fused_linear_objective_loss
-from token_objectives.objectives.loss import ObjectiveConfig, ObjectiveOutput, objective_loss
-from token_objectives.objectives.pdl import pdl_weights_for
-from token_objectives.tables.frequencies import load_frequencies
+from token_objectives.objectives.config import ObjectiveConfig
+from token_objectives.objectives.loss import ObjectiveOutput
+from token_objectives.objectives.objective import Objective
 from token_objectives.tables.numbers import NUMBER_TOKEN_MODES, NUMBER_TOKENS_HELP, NumberTable
-from token_objectives.tables.tokenizers import as_tokenizer, list_vocab, tokenizer_identity
+from token_objectives.tables.tokenizers import as_tokenizer, list_vocab
 
 _COMPONENTS_ATTR = "token_objectives_components"
 _ATTACHED_ATTR = "_token_objectives_attached"
@@ -67,38 +66,52 @@ class LossComponents:
     weight: torch.Tensor
 
 
-@dataclass
 class Objectives:
-    """What a model needs to compute the objectives: the config and the per-token tables.
+    """An `Objective` as a megatron-core GPTModel computes it: labels [b, s] against logits
+    [s, b, V/tp] (or hidden states, for the fused head), the per-token loss [b, s] carrying its
+    LossComponents.
 
-    vocab_size: the output layer's padded vocab V (rows over all TP shards); None: the shards'.
-    real_vocab_size: the tokenizer's size; columns [real_vocab_size, V) are padding and stay out
-        of the softmax. None: the NumberTable's valid_vocab_size, else no padding.
+    objective: the Objective, its vocab_size the output layer's padded V (rows over all TP
+        shards; None: the shards') and its real_vocab_size the tokenizer's size (columns
+        [real, V) are padding, outside the softmax). Its pdl_normalization must be "token".
     head_rows_per_chunk: tokens per chunk of the fused LM head (a chunk holds [rows, V/tp]
         logits); None: 64 MiB of fp32 logits a chunk.
     """
 
-    config: ObjectiveConfig
-    numbers: NumberTable | None
-    pdl_weights: torch.Tensor | None = None
-    vocab_size: int | None = None
-    real_vocab_size: int | None = None
-    head_rows_per_chunk: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.config.pdl_normalization != "token":
+    def __init__(self, objective: Objective, head_rows_per_chunk: int | None = None) -> None:
+        if objective.config.pdl_normalization != "token":
             raise ValueError(
                 "Megatron normalises by an integer token count: use pdl_normalization='token' "
                 "(the weight table is already normalised to a corpus mean of 1)"
             )
-        if self.real_vocab_size is None and self.numbers is not None:
-            self.real_vocab_size = self.numbers.valid_vocab_size
-        if (self.vocab_size is not None and self.real_vocab_size is not None
-                and self.real_vocab_size > self.vocab_size):
+        vocab, real = objective.vocab_size, objective.real_vocab_size
+        if vocab is not None and real is not None and real > vocab:
             raise ValueError(
-                f"real_vocab_size {self.real_vocab_size} exceeds the padded vocab size "
-                f"{self.vocab_size}: the output layer must have a row for every tokenizer id"
+                f"real_vocab_size {real} exceeds the padded vocab size {vocab}: the output "
+                f"layer must have a row for every tokenizer id"
             )
+        self.objective = objective
+        self.head_rows_per_chunk = head_rows_per_chunk
+
+    @property
+    def config(self) -> ObjectiveConfig:
+        return self.objective.config
+
+    @property
+    def numbers(self) -> NumberTable | None:
+        return self.objective.numbers
+
+    @property
+    def pdl_weights(self) -> torch.Tensor | None:
+        return self.objective.pdl_weights
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self.objective.vocab_size
+
+    @property
+    def real_vocab_size(self) -> int | None:
+        return self.objective.real_vocab_size
 
     @classmethod
     def build(
@@ -110,57 +123,44 @@ class Objectives:
         frequencies_path: str | None = None,
         real_vocab_size: int | None = None,
     ) -> Objectives:
-        """Tables for a model whose output layer has `padded_vocab_size` rows.
+        """The objectives of a model whose output layer has `padded_vocab_size` rows.
 
         tokenizer: a local path or tokenizer object (needed for NTL; without NTL it only pins the
             vocab size and the frequency table's identity, and needs no digit tokens).
         frequencies_path: a `token-objectives count-frequencies` file (needed for PDL).
         real_vocab_size: the tokenizer's size as the trainer knows it (Megatron-LM's
             `get_tokenizer().vocab_size`); must equal `tokenizer`'s with NTL, and be at least it
-            without.
+            without. The tables are made by `Objective.build`.
         """
-        if number_tokens not in NUMBER_TOKEN_MODES:
-            raise ValueError(f"number_tokens must be one of {NUMBER_TOKEN_MODES}, got "
-                             f"{number_tokens!r}")
-        numbers = None
-        identity = None
-        listed_size = None
-        if config.uses_numbers:
-            if tokenizer is None:
-                raise ValueError(f"{config.number_options()} needs the tokenizer to find number "
-                                 f"tokens")
-            numbers = NumberTable.from_tokenizer(
-                tokenizer, vocab_size=padded_vocab_size, number_tokens=number_tokens
-            )
-            identity, listed_size = numbers.tokenizer_identity, numbers.valid_vocab_size
-        elif tokenizer is not None:
-            # CE and PDL never look at digits: no NumberTable, so any vocabulary works.
-            loaded = as_tokenizer(tokenizer)
-            identity, listed_size = tokenizer_identity(loaded), list_vocab(loaded).size
-        # Without a NumberTable the trainer's tokenizer may add ids past the file's (Megatron-LM's
-        # SentencePieceTokenizer adds special tokens); the NumberTable must cover them all.
-        short = numbers is None and real_vocab_size is not None and listed_size is not None \
-            and real_vocab_size > listed_size
-        if real_vocab_size is not None and listed_size is not None \
-                and real_vocab_size != listed_size and not short:
+        if config.uses_numbers and tokenizer is None:
+            raise ValueError(f"{config.number_options()} needs the tokenizer to find number "
+                             f"tokens")
+        if config.pdl_alpha > 0 and frequencies_path is None:
             raise ValueError(
-                f"the trainer's tokenizer has {real_vocab_size} ids but {identity} has "
-                f"{listed_size}: point --objective-tokenizer at the tokenizer the data was built "
-                f"with"
+                "pdl_alpha > 0 needs a token-frequency table: run `token-objectives "
+                f"count-frequencies --vocab-size {padded_vocab_size} ...` and pass its path"
             )
-        real_vocab_size = listed_size if real_vocab_size is None else real_vocab_size
-        weights = None
-        if config.pdl_alpha > 0:
-            if frequencies_path is None:
+        objective = Objective.build(config, tokenizer=tokenizer, frequencies=frequencies_path,
+                                    vocab_size=padded_vocab_size, number_tokens=number_tokens)
+        listed = None
+        if objective.numbers is not None:
+            listed = objective.numbers.valid_vocab_size
+        elif tokenizer is not None:
+            listed = list_vocab(as_tokenizer(tokenizer)).size
+        if real_vocab_size is not None and listed is not None and real_vocab_size != listed:
+            # Without a NumberTable the trainer's tokenizer may add ids past the file's
+            # (Megatron-LM's SentencePieceTokenizer adds special tokens); a table covers them.
+            if objective.numbers is not None or real_vocab_size < listed:
                 raise ValueError(
-                    "pdl_alpha > 0 needs a token-frequency table: run `token-objectives "
-                    f"count-frequencies --vocab-size {padded_vocab_size} ...` and pass its path"
+                    f"the trainer's tokenizer has {real_vocab_size} ids but "
+                    f"{objective.numbers.tokenizer_identity if objective.numbers else tokenizer}"
+                    f" has {listed}: point --objective-tokenizer at the tokenizer the data was "
+                    f"built with"
                 )
-            table = load_frequencies(frequencies_path, vocab_size=padded_vocab_size,
-                                     tokenizer_identity=identity)
-            weights = pdl_weights_for(config, table.counts)
-        return cls(config, numbers, weights, vocab_size=padded_vocab_size,
-                   real_vocab_size=real_vocab_size)
+        real = listed if real_vocab_size is None else real_vocab_size
+        return cls(Objective(config, objective.numbers, objective.pdl_weights,
+                             vocab_size=padded_vocab_size,
+                             real_vocab_size=None if objective.numbers is not None else real))
 
     def per_token_loss(
         self, labels: torch.Tensor, logits: torch.Tensor, tp_group, weight=None,
@@ -173,15 +173,12 @@ class Objectives:
         instead.
         """
         labels_sb = labels.transpose(0, 1)
-        layout = {"vocab_size": self.vocab_size, "real_vocab_size": self.real_vocab_size}
         if weight is None:
-            out = objective_loss(logits, labels_sb, self.config, self.numbers,
-                                 self.pdl_weights, tp_group, seq_dim=0, **layout)
+            out = self.objective(logits, labels_sb, tp_group=tp_group, seq_dim=0)
         else:
-            out = fused_linear_objective_loss(logits, weight, labels_sb, self.config,
-                                              self.numbers, self.pdl_weights, tp_group,
-                                              seq_dim=0, sequence_parallel=sequence_parallel,
-                                              rows_per_chunk=self.head_rows_per_chunk, **layout)
+            out = self.objective.fused(logits, weight, labels_sb, tp_group=tp_group, seq_dim=0,
+                                       sequence_parallel=sequence_parallel,
+                                       rows_per_chunk=self.head_rows_per_chunk)
         return self._with_components(out)
 
     def _with_components(self, out: ObjectiveOutput) -> torch.Tensor:
