@@ -8,7 +8,8 @@ from dist_pool import WorkerPool  # noqa: E402
 from tokenizer_fixtures import *  # noqa: F401,F403
 
 # Megatron-LM's training loop ships in megatron-core's wheel from 0.19 on: scripts/test.sh runs
-# this file in its 0.19 environment (the whole suite runs under 0.16, where it cannot import).
+# this file with 0.19 first on PYTHONPATH (the whole suite runs under 0.16, where it cannot
+# import).
 collect_ignore = [] if importlib.util.find_spec("megatron.training") else [
     "test_megatron_lm_pretrain.py"]
 
