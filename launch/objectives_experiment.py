@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from token_objectives.evaluation.problems import Problem as EvalProblem
+    from token_objectives.quickstart.build_data import build_quickstart_data, split_train_valid
     from token_objectives.quickstart.corpus import generate_corpus
-    from token_objectives.quickstart.data import build_quickstart_data, split_train_valid
     from token_objectives.quickstart.problems import held_out_problems, training_problems
     from token_objectives.tables.frequencies import load_frequencies
 

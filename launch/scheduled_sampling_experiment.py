@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    from token_objectives.quickstart.data import build_quickstart_data
+    from token_objectives.quickstart.build_data import build_quickstart_data
 
     data = build_quickstart_data(args.output_dir / "data", num_documents=args.documents)
     seen = training_problems(args.documents, seed=0)
@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     variants = {"CE": common, "CE + batch-scheduled sampling": [*common, *sampling]}
     _single_process_group()
+    from token_objectives.quickstart.build_data import split_train_valid
     from token_objectives.quickstart.corpus import generate_corpus
-    from token_objectives.quickstart.data import split_train_valid
 
     _, valid_documents = split_train_valid(generate_corpus(args.documents, seed=0))
     rows = []

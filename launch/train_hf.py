@@ -30,8 +30,8 @@ PAD_MULTIPLE = 64
 
 def build_data(data_dir: Path, documents: int, vocab: int) -> tuple[Path, Path, int]:
     """(tokenizer path, frequencies path, padded vocab) of the quickstart corpus."""
+    from token_objectives.quickstart.build_data import train_tokenizer
     from token_objectives.quickstart.corpus import generate_corpus
-    from token_objectives.quickstart.data import train_tokenizer
     from token_objectives.tables.frequencies import count_text_files, save_frequencies
     from token_objectives.tables.tokenizers import list_vocab, load_tokenizer, tokenizer_identity
 

@@ -41,7 +41,7 @@ step bench 150 token-objectives bench --device cuda --tp 1 --tokens 8192 65536 \
     --vocab 32768 131072 --dtypes bf16 --hidden 3072 --repeats 5
 
 DATA=${OUT}/data
-[[ -f ${DATA}/manifest.json ]] || python3 -m token_objectives.quickstart.data --output-dir "${DATA}" \
+[[ -f ${DATA}/manifest.json ]] || python3 -m token_objectives.quickstart.build_data --output-dir "${DATA}" \
     >"${OUT}/data.log" 2>&1
 for kernel in triton torch; do
     TOKEN_OBJECTIVES_KERNEL=${kernel} step "megatron_${kernel}" 120 \

@@ -31,7 +31,7 @@ SEQUENCES = len(DOCUMENTS)
 @pytest.fixture
 def prefix(tmp_path, sp_model_path) -> str:
     """A real indexed dataset of 20 documents, written by the quickstart's writer."""
-    from token_objectives.quickstart.data import write_indexed_dataset
+    from token_objectives.quickstart.build_data import write_indexed_dataset
 
     write_indexed_dataset(DOCUMENTS, sp_model_path, tmp_path / "data")
     return str(tmp_path / "data")
@@ -109,7 +109,7 @@ def test_count_frequencies_refuses_a_bad_dataset(prefix, tmp_path, capsys, name,
 def test_the_training_data_is_checked_before_megatron_reads_it(prefix, sp_model_path, tmp_path,
                                                                sidecar):
     """gpt_dataset fails at start-up, naming the file, before any process group or step."""
-    from token_objectives.quickstart.data import write_indexed_dataset
+    from token_objectives.quickstart.build_data import write_indexed_dataset
     from token_objectives.tables.indexed_dataset import loss_mask_prefix
     from token_objectives.training.gpt_data import MegatronTokenizer, gpt_dataset
 
@@ -143,7 +143,7 @@ def test_a_dataset_rebuilt_at_the_same_path_rebuilds_its_cached_indices(
         process_group, sp_model_path, tmp_path, capsys):
     """The loops cache the GPTDataset indices under <output>/data_cache, keyed by the prefix
     and the config, not by the data: indices of the old .idx index into the new one."""
-    from token_objectives.quickstart.data import write_indexed_dataset
+    from token_objectives.quickstart.build_data import write_indexed_dataset
     from token_objectives.training.gpt_data import MegatronTokenizer, gpt_dataset
 
     tokenizer = MegatronTokenizer(str(sp_model_path))
@@ -370,7 +370,7 @@ def test_frequencies_are_group_readable_whatever_the_umask(prefix, tmp_path, str
 
 def test_the_quickstart_writer_is_group_readable_whatever_the_umask(prefix, strict_umask,
                                                                     sp_model_path, tmp_path):
-    from token_objectives.quickstart.data import write_indexed_dataset
+    from token_objectives.quickstart.build_data import write_indexed_dataset
 
     write_indexed_dataset(DOCUMENTS, sp_model_path, tmp_path / "strict")
     for suffix in (".bin", ".idx"):

@@ -96,7 +96,7 @@ def _deepspeed_probe(out: Path, prefix: str, config: str) -> None:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """The quickstart's tokenizer (digits are number tokens, </s> = 2) and PDL counts."""
-    from token_objectives.quickstart.data import build_quickstart_data
+    from token_objectives.quickstart.build_data import build_quickstart_data
 
     return build_quickstart_data(tmp_path_factory.mktemp("quickstart"), num_documents=300)
 

@@ -300,7 +300,7 @@ def ds_config(data, directory: Path, name: str, **overrides) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from token_objectives.quickstart.data import build_quickstart_data
+    from token_objectives.quickstart.build_data import build_quickstart_data
 
     return build_quickstart_data(tmp_path_factory.mktemp("data"), num_documents=300)
 

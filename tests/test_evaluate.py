@@ -198,7 +198,7 @@ def test_evaluate_a_local_hf_model_end_to_end(tmp_path, capsys):
 def megatron_run(tmp_path_factory):
     """2 steps at TP = 2 with sequence parallelism and train.eval_interval = 2 on five problems
     (evaluate then reads the checkpoint at TP = 1 without it)."""
-    from token_objectives.quickstart.data import build_quickstart_data
+    from token_objectives.quickstart.build_data import build_quickstart_data
 
     root = tmp_path_factory.mktemp("megatron_eval")
     data = build_quickstart_data(root / "data", num_documents=300)

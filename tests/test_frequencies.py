@@ -366,7 +366,7 @@ def test_cli_count_text_equals_the_indexed_dataset_built_from_it(layout, corpus_
     in the .bin: every token and one EOD per document, so EOD is not an unseen token."""
     import json
 
-    from token_objectives.quickstart.data import write_indexed_dataset as write_documents
+    from token_objectives.quickstart.build_data import write_indexed_dataset as write_documents
 
     if layout == "lines":
         documents = corpus_lines[:120]

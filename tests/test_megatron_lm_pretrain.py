@@ -55,7 +55,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torchrun_helpers import REPO, TINY_MEGATRON, WORKER_ENV, torchrun_command  # noqa: E402
 from torchrun_helpers import read_metrics as metrics  # noqa: E402
 
-from token_objectives.quickstart.data import build_quickstart_data  # noqa: E402
+from token_objectives.quickstart.build_data import build_quickstart_data  # noqa: E402
 from token_objectives.training.checkpointing import step_dir  # noqa: E402
 
 ENTRY_POINT = REPO / "tests" / "megatron_lm" / "pretrain_gpt.py"

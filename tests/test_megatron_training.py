@@ -22,7 +22,7 @@ from torchrun_helpers import REPO, WORKER_ENV, check, free_port, small_tmpfs, to
 from torchrun_helpers import TINY_MEGATRON as TINY
 from torchrun_helpers import read_metrics as metrics
 
-from token_objectives.quickstart.data import build_quickstart_data
+from token_objectives.quickstart.build_data import build_quickstart_data
 from token_objectives.training import checkpointing
 from token_objectives.training.checkpointing import (
     COMPLETE_MARKER,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import sentencepiece
 
-from token_objectives.quickstart.data import (
+from token_objectives.quickstart.build_data import (
     build_quickstart_data,
     generate_corpus,
     main,
@@ -266,7 +266,7 @@ def test_cli_prints_a_summary(build_copy, capsys):
 
 
 def test_interrupted_rebuild_leaves_no_manifest(built, build_copy, monkeypatch):
-    import token_objectives.quickstart.data as quickstart_data
+    import token_objectives.quickstart.build_data as quickstart_data
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

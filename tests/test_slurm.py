@@ -37,7 +37,7 @@ from slurm_jobs import (
     wait_for_steps,
 )
 
-from token_objectives.quickstart.data import build_quickstart_data
+from token_objectives.quickstart.build_data import build_quickstart_data
 from token_objectives.training.checkpointing import latest_complete_step
 
 GPU_SCRIPTS = ("megatron_3b", "deepspeed_3b")

@@ -44,7 +44,7 @@ from slurm_jobs import (
     wait_for_steps,
 )
 
-from token_objectives.quickstart.data import build_quickstart_data
+from token_objectives.quickstart.build_data import build_quickstart_data
 from token_objectives.training.checkpointing import latest_complete_step, manifest_problem
 
 STEPS = 20

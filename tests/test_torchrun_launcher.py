@@ -130,7 +130,7 @@ def test_a_group_wide_sigterm_after_a_periodic_save_still_saves(tmp_path):
 
     from torchrun_helpers import REPO, TINY_MEGATRON, WORKER_ENV, free_port, read_metrics
 
-    from token_objectives.quickstart.data import build_quickstart_data
+    from token_objectives.quickstart.build_data import build_quickstart_data
     from token_objectives.training.checkpointing import latest_complete_step
 
     data = build_quickstart_data(tmp_path / "data", num_documents=200)

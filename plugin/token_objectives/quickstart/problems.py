@@ -55,8 +55,8 @@ def draw_problem(rng: random.Random) -> Problem:
 
 def training_problems(num_documents: int, seed: int) -> set[Problem]:
     """Every (a, operator, b) the training split asks, in either phrasing."""
+    from token_objectives.quickstart.build_data import split_train_valid
     from token_objectives.quickstart.corpus import generate_corpus
-    from token_objectives.quickstart.data import split_train_valid
 
     train, _ = split_train_valid(generate_corpus(num_documents, seed=seed))
     seen = set()

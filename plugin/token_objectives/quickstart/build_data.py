@@ -1,7 +1,7 @@
 """Local data for the CPU quickstart: a generated number-rich corpus, its tokenizer, Megatron
 .bin/.idx train/valid splits and the PDL token counts. Nothing is downloaded; every step is seeded.
 
-    python -m token_objectives.quickstart.data --output-dir data/quickstart
+    python -m token_objectives.quickstart.build_data --output-dir data/quickstart
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ TRAIN_NAME = "train_text_document"
 VALID_NAME = "valid_text_document"
 FREQUENCIES_NAME = "frequencies.safetensors"
 MANIFEST_NAME = "manifest.json"
+# The module's old name, kept so that data built before the rename is reused.
 _MANIFEST_FORMAT = "token_objectives.quickstart.data"
 # Bump when the tokenizer settings or the file layout change, so old builds are not reused.
 _BUILD_VERSION = 1
@@ -323,9 +324,10 @@ def _summary(data: QuickstartData) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m token_objectives.quickstart.data`: build (or reuse) the data, print a summary."""
+    """`python -m token_objectives.quickstart.build_data`: build (or reuse) the data, print a
+    summary."""
     parser = argparse.ArgumentParser(
-        prog="python -m token_objectives.quickstart.data",
+        prog="python -m token_objectives.quickstart.build_data",
         description="Generate the quickstart corpus, tokenizer, Megatron datasets and PDL counts.",
     )
     parser.add_argument("--output-dir", required=True, type=Path)
