@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Installs the package with its test extra (CPU torch, megatron-core 0.16.1) and megatron-core
-# 0.19.2 in a folder beside it, then runs lint, the whole suite under 0.16 and the
-# Megatron tests (tests/test_megatron_*.py) under 0.19, the two side by side. Arguments go to
-# the whole-suite pytest. Exits non-zero when either run fails.
+# 0.19.2 in a folder beside it, then runs lint and the tests in two streams side by side (one
+# thread each, so the two share the 2 cores without oversubscribing them):
+#   A: the launcher-heavy files (SLURM, DeepSpeed, HF, Triton), megatron-core 0.16;
+#   B: every other file under megatron-core 0.16, then tests/test_megatron_*.py again under
+#      0.19.2.
+# Arguments go to both 0.16 runs. Each stream's pytest output is printed when it ends; the
+# exit status is non-zero when any run fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet "torch==2.13.0" -e ".[test]"
@@ -23,15 +27,30 @@ fi
 python3 -m ruff check plugin tests launch
 NEWER="${PWD}/${MCORE19}/site${PYTHONPATH:+:${PYTHONPATH}}"
 version='from megatron.core import package_info as p; print("megatron-core", p.__shortversion__)'
-echo "== the whole suite under $(python3 -c "${version}"), the Megatron tests under" \
-    "$(PYTHONPATH="${NEWER}" python3 -c "${version}") side by side"
-PYTHONPATH="${NEWER}" python3 -m pytest -q \
-    -p no:cacheprovider --basetemp="${MCORE19}/pytest" tests/test_megatron_*.py \
-    >"${MCORE19}/pytest.log" 2>&1 &
-newer=$!
+echo "== streams A and B under $(python3 -W ignore -c "${version}"), then the Megatron tests" \
+    "under $(PYTHONPATH="${NEWER}" python3 -W ignore -c "${version}")"
+export OMP_NUM_THREADS=1
+STREAM_A=(tests/test_slurm.py tests/test_slurm_multinode.py tests/test_deepspeed.py
+          tests/test_hf.py tests/test_triton_kernel.py)
+IGNORE_A=("${STREAM_A[@]/#/--ignore=}")
+LOGS=build/test-logs
+mkdir -p "${LOGS}"
+python3 -m pytest -q -p no:cacheprovider --basetemp=build/pytest-a "${STREAM_A[@]}" "$@" \
+    >"${LOGS}/a.log" 2>&1 &
+stream_a=$!
 status=0
-python3 -m pytest -q "$@" || status=$?
-wait "${newer}" || status=$?
-echo "== the Megatron tests under megatron-core 0.19.2 (${MCORE19}/pytest.log):"
-if [ "${status}" -eq 0 ]; then tail -n 3 "${MCORE19}/pytest.log"; else cat "${MCORE19}/pytest.log"; fi
+{
+    python3 -m pytest -q -p no:cacheprovider --basetemp=build/pytest-b "${IGNORE_A[@]}" "$@" \
+        >"${LOGS}/b.log" 2>&1 || status=$?
+    PYTHONPATH="${NEWER}" python3 -m pytest -q -p no:cacheprovider --basetemp=build/pytest-19 \
+        tests/test_megatron_*.py >"${LOGS}/megatron-core-0.19.log" 2>&1 || status=$?
+    exit "${status}"
+} &
+stream_b=$!
+wait "${stream_a}" || status=$?
+wait "${stream_b}" || status=$?
+for log in a b megatron-core-0.19; do
+    echo "== ${log} (${LOGS}/${log}.log)"
+    if [ "${status}" -eq 0 ]; then tail -n 1 "${LOGS}/${log}.log"; else cat "${LOGS}/${log}.log"; fi
+done
 exit "${status}"
