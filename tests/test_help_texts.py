@@ -47,7 +47,7 @@ def test_number_tokens_has_its_help_on_every_surface():
     from token_objectives.tables.inspect_vocab import _parser
 
     assert _flags()["--number-tokens"].help == NUMBER_TOKENS_HELP
-    assert TokenObjectivesConfig.model_fields["number_tokens"].description == NUMBER_TOKENS_HELP
-    assert TokenObjectivesConfig.model_fields["number_tokens"].default == "auto"
+    key = TokenObjectivesConfig.__dataclass_fields__["number_tokens"]
+    assert key.metadata["help"] == NUMBER_TOKENS_HELP and key.default == "auto"
     inspect = _parser()._option_string_actions["--number-tokens"]
     assert NUMBER_TOKENS_HELP in inspect.help

@@ -101,7 +101,7 @@ def test_config_errors_name_the_key():
         load_config(None, ["optim.lr=1"])
     with pytest.raises(ValueError, match="unknown objective option|unknown key"):
         load_config(None, ["objectives.ntl_wieght=1"])
-    with pytest.raises(ValueError, match="train.lr must be float, got 'fast'"):
+    with pytest.raises(ValueError, match="train.lr: expected a number > 0, got 'fast'"):
         load_config(None, ["train.lr=fast"])
     assert load_config(None, ["train.lr=1e-3"]).train.lr == 1e-3
 

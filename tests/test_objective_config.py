@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from token_objectives import ObjectiveConfig
+from token_objectives.objectives.options import options_of
 from token_objectives.objectives.pdl import pdl_weights_for
 from token_objectives.tables.frequencies import pdl_weights
 from token_objectives.training.config import config_from_dict
@@ -54,7 +55,7 @@ def test_every_field_is_covered_by_a_wrong_type_case():
 @pytest.mark.parametrize("name,value", WRONG + OUT_OF_RANGE,
                          ids=[f"{n}={v!r}" for n, v in WRONG + OUT_OF_RANGE])
 def test_a_bad_value_is_a_value_error_naming_the_field_and_what_it_accepts(name, value):
-    accepts = ObjectiveConfig.__dataclass_fields__[name].metadata["accepts"]
+    accepts = options_of(ObjectiveConfig)[name].accepts
     with pytest.raises(ValueError) as error:
         ObjectiveConfig(**{name: value})
     assert str(error.value).startswith(f"{name}: expected {accepts}, got {value!r}")
@@ -76,7 +77,7 @@ def test_an_int_is_a_float_and_stays_one():
 def test_every_field_has_help_and_accepts():
     for option in dataclasses.fields(ObjectiveConfig):
         assert option.metadata.get("help"), option.name
-        assert option.metadata.get("accepts"), option.name
+        assert options_of(ObjectiveConfig)[option.name].accepts, option.name
     assert ObjectiveConfig.__dataclass_fields__["ntl"].metadata["choices"][0] == "was"
 
 

@@ -192,7 +192,8 @@ def test_number_level_along_the_first_axis():
 
 
 def test_config_rejects_unknown_keys_and_bad_values():
-    with pytest.raises(ValueError, match=r"unknown objective option\(s\) \['ntl_wieght'\]"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['ntl_wieght'\] in config "
+                                         r"section 'objectives'; valid keys"):
         ObjectiveConfig.from_dict({"ntl": "mse", "ntl_wieght": 0.1})
     assert ObjectiveConfig.from_dict({"ntl": "mse"}).ntl == "mse"
     with pytest.raises(TypeError):

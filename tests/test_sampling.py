@@ -272,10 +272,10 @@ def test_disabled_is_always_zero():
     ({"schedule": "exponential", "k": 1.5}, "0 < k < 1"),
     ({"schedule": "inverse_sigmoid", "k": 0.5}, "k >= 1"),
     ({"schedule": "constant", "k": 2.0}, "takes no k or c"),
-    ({"schedule": "cosine"}, "schedule must be one of"),
-    ({"mode": "top_k"}, "mode must be one of"),
-    ({"max_p": 1.5}, "max_p must lie in"),
-    ({"temperature": 0.0}, "temperature must be > 0"),
+    ({"schedule": "cosine"}, "schedule: expected one of 'constant', 'linear'"),
+    ({"mode": "top_k"}, "mode: expected one of 'argmax', 'sample', got 'top_k'"),
+    ({"max_p": 1.5}, r"max_p: expected a number in \[0, 1\], got 1.5"),
+    ({"temperature": 0.0}, "temperature: expected a number > 0, got 0.0"),
 ])
 def test_bad_schedule_settings_are_named(values, message):
     with pytest.raises(ValueError, match=message):
@@ -400,7 +400,7 @@ def test_yaml_section_is_typed_and_closed():
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['temprature'\] in config section "
                                          r"'scheduled_sampling'"):
         config_from_dict({"scheduled_sampling": {"temprature": 0.7}})
-    with pytest.raises(ValueError, match="scheduled_sampling.enabled must be bool"):
+    with pytest.raises(ValueError, match="scheduled_sampling.enabled: expected a bool"):
         config_from_dict({"scheduled_sampling": {"enabled": "yes"}})
     assert not config_from_dict({}).scheduled_sampling.enabled
     from pathlib import Path
@@ -423,7 +423,7 @@ def test_ds_config_section_is_typed_and_closed():
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['p'\] in config section "
                                          r"'scheduled_sampling'"):
         read_section(section({"p": 0.2}))
-    with pytest.raises(ValueError, match="scheduled_sampling.max_p must be float"):
+    with pytest.raises(ValueError, match=r"scheduled_sampling.max_p: expected a number in"):
         read_section(section({"max_p": "high"}))
     with pytest.raises(ValueError, match="needs 0 < k < 1"):
         read_section(section({"schedule": "exponential"}))

@@ -21,6 +21,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from token_objectives.objectives import options
+from token_objectives.objectives.options import option
+
 __all__ = ["MODES", "SCHEDULES", "ScheduledSamplingConfig"]
 
 SCHEDULES = ("constant", "linear", "exponential", "inverse_sigmoid")
@@ -34,31 +37,29 @@ class ScheduledSamplingConfig:
     enabled: off by default; off (or p = 0) trains exactly as without this section.
     schedule / max_p / warmup_steps / k / c: p(step), see the module docstring.
     mode: "argmax" (greedy) or "sample" (from softmax(logits / temperature)).
+    The fields are declared with `options.option` and checked by `options.check`: the YAML
+    `scheduled_sampling` section and the ds_config section's "scheduled_sampling" object are
+    made from them (options.from_mapping); None leaves k and c unset.
     """
 
-    enabled: bool = False
-    schedule: str = "constant"
-    max_p: float = 0.25
-    warmup_steps: int = 0
-    k: float | None = None
-    c: float | None = None
-    mode: str = "argmax"
-    temperature: float = 1.0
+    enabled: bool = option(False, help="replace input tokens by the model's own predictions")
+    schedule: str = option("constant", choices=SCHEDULES, help="p(step), see the module docstring")
+    max_p: float = option(0.25, low=0, high=1, help="the most p reaches")
+    warmup_steps: int = option(0, low=0, help="steps of teacher forcing (p = 0) first")
+    k: float | None = option(None, help="exponential: 0 < k < 1; inverse_sigmoid: k >= 1; "
+                             "linear: the start, p = 1 - k (default 1)")
+    c: float | None = option(None, low=0, open="low",
+                             help="linear only: the increase of p per step")
+    mode: str = option("argmax", choices=MODES,
+                       help="'argmax' (greedy) or 'sample' (from softmax(logits / temperature))")
+    temperature: float = option(1.0, low=0, open="low",
+                                help="mode sample: the softmax temperature")
 
     def __post_init__(self) -> None:
+        """Each option by its declaration (options.check); then the parameters each schedule
+        needs."""
         where = "scheduled_sampling"
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"{where}.schedule must be one of {list(SCHEDULES)}, "
-                             f"got {self.schedule!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"{where}.mode must be one of {list(MODES)}, got {self.mode!r}")
-        if not 0.0 <= self.max_p <= 1.0:
-            raise ValueError(f"{where}.max_p must lie in [0, 1], got {self.max_p}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"{where}.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not self.temperature > 0:
-            raise ValueError(f"{where}.temperature must be > 0 (mode: argmax for greedy), got "
-                             f"{self.temperature}")
+        options.check(self, where)
         self._check_schedule_parameters(where)
 
     def _check_schedule_parameters(self, where: str) -> None:
@@ -69,7 +70,7 @@ class ScheduledSamplingConfig:
         if name != "linear" and self.c is not None:
             raise ValueError(f"{where}.c is the slope of the linear schedule only; remove it")
         if name == "linear":
-            if self.c is None or self.c <= 0:
+            if self.c is None:
                 raise ValueError(f"{where}: schedule linear needs c > 0, the increase of p per "
                                  f"step (c = max_p / N reaches max_p after N steps), got {self.c}")
         elif name == "exponential":

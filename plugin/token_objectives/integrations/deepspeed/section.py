@@ -9,8 +9,11 @@
                                                   "max_p": 0.25, "c": 0.001}}
     }
 
-DeepSpeed ignores unknown top-level sections, so ours is validated here with DeepSpeed's own
-pydantic base: an unknown key or a wrong type is an error that names it. `from_ds_config`
+DeepSpeed ignores unknown top-level sections, so ours is validated here, by the checker of every
+config surface (objectives.options): an unknown key lists the valid ones, a bad value reads
+`invalid ds_config["token_objectives"]: key: expected <accepts>, got <value!r>`, and `null` turns
+an optional option off (`"ntl": null` is CE only). JSON is read as written: "0.5" is not a
+number and 1 is not a bool (an int is a number: JSON writes 1.0 as 1). `from_ds_config`
 returns `objectives(logits, labels)`; under AutoTP with a vocab-parallel lm_head the logits stay
 sharded [..., V/tp] and the vocab-parallel loss runs on the shard (two all-reduces, no gather).
 The optional "scheduled_sampling" object holds the keys of the Megatron YAML section of the same
@@ -19,97 +22,83 @@ name (`sampling_schedule.ScheduledSamplingConfig`), checked the same way.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
-import operator
 import typing
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from pydantic import ConfigDict, Field, ValidationError, create_model, field_validator
 
 from token_objectives.integrations.autotp import (  # noqa: F401 (public names here too)
     AutoTPObjectives,
     tensor_parallel_group,
     vocab_parallel_head_shard,
 )
+from token_objectives.objectives import options
 from token_objectives.objectives.components import component_means
-from token_objectives.objectives.config import ObjectiveConfig
+from token_objectives.objectives.config import NUMBER_TOKENS, ObjectiveConfig
 from token_objectives.objectives.loss import ObjectiveOutput
 from token_objectives.objectives.objective import Objective
-from token_objectives.objectives.sections import section_from_mapping
+from token_objectives.objectives.options import option
 from token_objectives.scheduled_sampling.schedule import ScheduledSamplingConfig
-from token_objectives.tables.numbers import NUMBER_TOKEN_MODES, NUMBER_TOKENS_HELP, NumberTable
+from token_objectives.tables.numbers import NumberTable
 
 SECTION = "token_objectives"
 
 
-def _base_model():
-    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
-
-    class StrictModel(DeepSpeedConfigModel):
-        # DeepSpeed's own strict=True only keeps "auto" values; pydantic's strict mode refuses
-        # "0.5" for a number and 1 or "true" for a bool (an int is still a float: JSON writes 1).
-        model_config = ConfigDict(strict=True, allow_inf_nan=False)
-
-    return StrictModel
-
-
-def _section_type(option, hint: Any) -> Any:
-    """The pydantic type of an ObjectiveConfig field: its choices as a Literal."""
-    choices = option.metadata.get("choices")
-    if not choices:
-        return hint
-    kinds = [kind for kind in typing.get_args(hint) or (hint,) if kind is not str]
-    return functools.reduce(operator.or_, kinds, Literal[choices])
-
-
-def _objective_section_fields() -> dict[str, Any]:
-    """Every ObjectiveConfig field as a section key, with its type, default and help."""
+def _objective_keys() -> list[tuple[str, Any, Any]]:
+    """Every ObjectiveConfig field as a section key: the same declaration (type, default,
+    help, choices, range)."""
     hints = typing.get_type_hints(ObjectiveConfig)
-    return {
-        option.name: (_section_type(option, hints[option.name]),
-                      Field(option.default, description=option.metadata["help"]))
-        for option in fields(ObjectiveConfig)
-    }
+    declared = options.options_of(ObjectiveConfig)
+    return [(field.name, hints[field.name], declared[field.name].field())
+            for field in dataclasses.fields(ObjectiveConfig)]
 
 
-_ObjectiveSection = create_model("_ObjectiveSection", __base__=_base_model(),
-                                 **_objective_section_fields())
+_ObjectiveKeys = dataclasses.make_dataclass("_ObjectiveKeys", _objective_keys(), frozen=True)
 
 
-class TokenObjectivesConfig(_ObjectiveSection):
-    """The "token_objectives" section. Keys are ObjectiveConfig's (made from its fields), plus
-    where the tables come from: `tokenizer` (local path, for the number tokens), `number_tokens`
+@dataclass(frozen=True)
+class TokenObjectivesConfig(_ObjectiveKeys):
+    """The "token_objectives" section. Keys are ObjectiveConfig's (made from its declarations:
+    a new option is a key without anyone adding it here), plus where the tables come from:
+    `tokenizer` (local path, for the number tokens), `number_tokens`
     (tables.numbers.NUMBER_TOKEN_MODES, default "auto") and `frequencies` (a `token-objectives
-    count-frequencies` file, for PDL),
-    the `scheduled_sampling` object and `fused_lm_head`."""
+    count-frequencies` file, for PDL), the `scheduled_sampling` object and `fused_lm_head`.
+    Checked at construction by objectives.options, as every surface; a missing tokenizer or
+    frequencies file is named."""
 
-    tokenizer: str | None = None
-    number_tokens: Literal[NUMBER_TOKEN_MODES] = Field("auto", description=NUMBER_TOKENS_HELP)
-    frequencies: str | None = None
-    scheduled_sampling: dict[str, Any] | None = None
-    fused_lm_head: bool = False
+    tokenizer: str | None = option(None, help="local tokenizer (HF directory, tokenizer.json or "
+                                   "SentencePiece model), for the number tokens")
+    number_tokens: str = NUMBER_TOKENS.field()
+    frequencies: str | None = option(None, help="a `token-objectives count-frequencies` file, "
+                                     "for PDL")
+    scheduled_sampling: dict[str, Any] | None = option(
+        None, help="the keys of the YAML scheduled_sampling section (ScheduledSamplingConfig)")
+    fused_lm_head: bool = option(False, help="compute the loss from the hidden states and the "
+                                 "lm_head weight, never holding the logits")
 
-    @field_validator("tokenizer", "frequencies")
-    @classmethod
-    def _file_exists(cls, path: str | None, info) -> str | None:
-        if path is not None and not Path(path).exists():
-            raise ValueError(f"{info.field_name} file {path!r} does not exist")
-        return path
+    def __post_init__(self) -> None:
+        options.check(self)
+        for key in ("tokenizer", "frequencies"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).exists():
+                raise ValueError(f"{key}: file {path!r} does not exist")
+        self.objective_config()  # the cross-key rules (squash_factor, ...)
+        self.sampling_config()
 
     def objective_config(self) -> ObjectiveConfig:
-        names = {f.name for f in fields(ObjectiveConfig)}
-        return ObjectiveConfig(**{k: v for k, v in self.model_dump().items() if k in names})
+        return ObjectiveConfig(**{field.name: getattr(self, field.name)
+                                  for field in dataclasses.fields(ObjectiveConfig)})
 
     def sampling_config(self) -> ScheduledSamplingConfig:
         """The "scheduled_sampling" object (disabled when absent); ValueError names a bad key."""
-        return section_from_mapping(ScheduledSamplingConfig, "scheduled_sampling",
-                                    self.scheduled_sampling or {})
+        return options.from_mapping(ScheduledSamplingConfig, self.scheduled_sampling or {},
+                                    "scheduled_sampling", text=True)
 
 
 def _load_ds_config(ds_config: Mapping[str, Any] | str | Path) -> Mapping[str, Any]:
@@ -127,22 +116,11 @@ def read_section(ds_config: Mapping[str, Any] | str | Path) -> TokenObjectivesCo
     raw = _load_ds_config(ds_config).get(SECTION)
     if raw is None:
         return None
-    if not isinstance(raw, Mapping):
-        raise ValueError(f'ds_config["{SECTION}"] must be an object, got {raw!r}')
+    keys = {key: key for key in options.options_of(TokenObjectivesConfig)}  # named within it
     try:
-        section = TokenObjectivesConfig(strict=True, **raw)
-        section.objective_config()  # the cross-field checks (squash_factor, ranges, ...)
-        section.sampling_config()
-    except ValidationError as error:
-        # One entry per key: a union type (pdl_unseen) reports each alternative it tried.
-        by_key: dict[str, list[str]] = {}
-        for e in error.errors():
-            by_key.setdefault(str(e["loc"][0]) if e["loc"] else SECTION, []).append(e["msg"])
-        problems = "; ".join(f"{key}: {' or '.join(msgs)}" for key, msgs in by_key.items())
-        raise ValueError(f'invalid ds_config["{SECTION}"]: {problems}') from None
-    except (TypeError, ValueError) as error:
+        return options.from_mapping(TokenObjectivesConfig, raw, SECTION, spelling=keys)
+    except ValueError as error:
         raise ValueError(f'invalid ds_config["{SECTION}"]: {error}') from None
-    return section
 
 
 # The section's loss callable: AutoTP's layout handling, shared with the HF adapter.

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from token_objectives.integrations.autotp import AutoTPObjectives, vocab_parallel_head_shard
-from token_objectives.objectives.config import ObjectiveConfig
+from token_objectives.objectives import options as checker
+from token_objectives.objectives.config import NUMBER_TOKENS, ObjectiveConfig
 from token_objectives.objectives.loss import ObjectiveOutput
 from token_objectives.objectives.objective import Objective
 from token_objectives.tables.numbers import NumberTable
@@ -217,17 +218,20 @@ def objective_loss_from_options(
     fused: bool = False,
     **kwargs: Any,
 ) -> ObjectiveLoss:
-    """ObjectiveLoss from ObjectiveConfig's options (a mapping, keys checked by name, or a
-    config), the tokenizer (a local path, or the trainer's processing_class) and a
-    count-frequencies file. vocab_size: the model's padded V (default model.config.vocab_size,
-    else the tokenizer's). number_tokens: which tokens are number tokens, 'auto', 'digit',
-    'groups' or 'multi' (tables.numbers.NUMBER_TOKENS_HELP). kwargs: ObjectiveLoss's keywords."""
-    from token_objectives.objectives.sections import section_from_mapping
-
+    """ObjectiveLoss from ObjectiveConfig's options (a mapping, or a config), the tokenizer (a
+    local path, or the trainer's processing_class) and a count-frequencies file. The mapping
+    is checked by objectives.options as the YAML `objectives` section is (an unknown key lists
+    the valid ones; `objectives.key: expected <accepts>, got <value!r>`; None turns an optional
+    option off). vocab_size: the model's padded V (default model.config.vocab_size, else the
+    tokenizer's). number_tokens: which tokens are number tokens, 'auto', 'digit', 'groups' or
+    'multi' (objectives.config.NUMBER_TOKENS, tables.numbers.NUMBER_TOKENS_HELP). kwargs:
+    ObjectiveLoss's keywords."""
     if isinstance(options, ObjectiveConfig):
         config = options
     else:
-        config = section_from_mapping(ObjectiveConfig, "objectives", dict(options or {}))
+        config = checker.from_mapping(ObjectiveConfig, dict(options or {}), "objectives",
+                                      text=True)
+    number_tokens = NUMBER_TOKENS.checked(number_tokens)
     if vocab_size is None and model is not None:
         vocab_size = model.config.vocab_size
     objective = Objective.build(config, tokenizer=tokenizer, frequencies=frequencies,

@@ -34,16 +34,16 @@ import argparse
 import dataclasses
 import functools
 import types
-import typing
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from token_objectives.objectives.config import ObjectiveConfig
+from token_objectives.objectives import options
+from token_objectives.objectives.config import NUMBER_TOKENS, ObjectiveConfig
 from token_objectives.objectives.loss import ObjectiveOutput
 from token_objectives.objectives.objective import Objective
-from token_objectives.tables.numbers import NUMBER_TOKEN_MODES, NUMBER_TOKENS_HELP, NumberTable
+from token_objectives.tables.numbers import NumberTable
 from token_objectives.tables.tokenizers import as_tokenizer, list_vocab
 
 _COMPONENTS_ATTR = "token_objectives_components"
@@ -412,9 +412,9 @@ def wrap_loss_func(original):
     return wrapped
 
 
-NTL_CHOICES = ("was", "mse", "l1", "huber", "number", "none")
 # ObjectiveConfig field -> flag; any other field gets --objective-<field> (--objective-no-<field>
-# for a bool that is on by default). The fields and their metadata are the one source.
+# for a bool that is on by default). The fields and their declarations are the one source: the
+# flags' help, choices and the checks of their values (objectives.options).
 _FLAGS = {
     "ntl": "--ntl",
     "ntl_weight": "--ntl-weight",
@@ -432,26 +432,29 @@ _FLAGS = {
 }
 # Fixed under Megatron: it divides by an integer token count and has no ignore_index.
 _NOT_FLAGS = ("pdl_normalization", "ignore_index")
+# On the command line the word `none` is None: the option is off (`--ntl none`: CE only).
+NONE = "none"
 
 
-def _str_or_float(text: str) -> str | float:
-    try:
-        return float(text)
-    except ValueError:
-        return text
+def _flag_reader(declared: options.Option):
+    """argparse's `type` for a flag: the text read and checked by the option's declaration,
+    `none` read as None; a bad value is argparse's error `argument --flag: expected <accepts>,
+    got <value!r>`."""
+
+    def read(text: str) -> Any:
+        try:
+            return options.read_flag(declared, text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    read.__name__ = declared.name  # argparse names a type by it
+    return read
 
 
-def _flag_type(name: str, hint: Any):
-    kinds = {t for t in typing.get_args(hint) or (hint,) if t is not type(None)}
-    for kind in (bool, int, float, str):
-        if kinds == {kind}:
-            return kind
-    if kinds == {str, float}:
-        return _str_or_float
-    raise TypeError(
-        f"ObjectiveConfig.{name}: {hint} has no command-line form; give it one in "
-        f"megatron._flag_type or list it in megatron._NOT_FLAGS"
-    )
+def _metavar(declared: options.Option) -> str | None:
+    if not declared.choices or float in declared.kinds:
+        return None
+    return "{" + ",".join([*declared.choices, *([NONE] if declared.optional else [])]) + "}"
 
 
 def _dest(field: dataclasses.Field, flag: str) -> str:
@@ -460,18 +463,17 @@ def _dest(field: dataclasses.Field, flag: str) -> str:
     return dest.replace("no_", "", 1) if field.default is True else dest
 
 
-def _config_options() -> list[tuple[dataclasses.Field, str, Any]]:
-    """(field, flag, argparse type) for each ObjectiveConfig field that is a flag."""
-    hints = typing.get_type_hints(ObjectiveConfig)
-    options = []
+def _config_options() -> list[tuple[dataclasses.Field, str, options.Option]]:
+    """(field, flag, its declaration) for each ObjectiveConfig field that is a flag."""
+    declared = options.options_of(ObjectiveConfig)
+    flags = []
     for field in dataclasses.fields(ObjectiveConfig):
         if field.name in _NOT_FLAGS:
             continue
-        kind = _flag_type(field.name, hints[field.name])
         prefix = "--objective-no-" if field.default is True else "--objective-"
-        flag = _FLAGS.get(field.name, prefix + field.name.replace("_", "-"))
-        options.append((field, flag, kind))
-    return options
+        flags.append((field, _FLAGS.get(field.name, prefix + field.name.replace("_", "-")),
+                      declared[field.name]))
+    return flags
 
 
 def add_objective_args(
@@ -481,35 +483,40 @@ def add_objective_args(
 
     chain: another extra_args_provider (pretrain_gpt.py passes ModelOpt's `add_modelopt_args`
     when ModelOpt is installed) that runs first; see `chain_args_provider`. Every
-    ObjectiveConfig field but `_NOT_FLAGS` is a flag, its help text from the field's metadata
-    (`_FLAGS` names the ones not called --objective-<field>). Megatron-LM core_v0.16.1 has no
-    --label-smoothing; a parser that already has one (a fork, or a later version) keeps it and
-    the objectives read it.
+    ObjectiveConfig field but `_NOT_FLAGS` is a flag, made from the field's declaration: its
+    help text and what it accepts, and its value read and checked by objectives.options as on
+    every other surface (`none` is None: `--ntl none`, `--ntl-squash-factor none`); `_FLAGS`
+    names the ones not called --objective-<field>. --number-tokens is made from
+    objectives.config.NUMBER_TOKENS. Megatron-LM core_v0.16.1 has no --label-smoothing; a
+    parser that already has one (a fork, or a later version) keeps it and the objectives read
+    it.
     """
     if chain is not None:
         parser = chain(parser)
     taken = set(parser._option_string_actions)
     group = parser.add_argument_group("token objectives")
-    for field, flag, kind in _config_options():
+    for field, flag, declared in _config_options():
         if flag in taken:
             continue
-        help_text = f"{field.metadata.get('help', field.name)}; {field.metadata.get('accepts')}"
+        help_text = f"{declared.help}; {declared.accepts}"
+        if declared.optional:
+            help_text += f"; '{NONE}' for None" + (
+                ": CE only, no digit tokens needed" if field.name == "ntl" else " (off)")
         help_text = help_text.replace("%", "%%")  # argparse formats help with %
-        if field.name == "ntl":
-            group.add_argument(flag, choices=NTL_CHOICES, default=field.default or "none",
-                               help=f"{help_text}; 'none' for CE only (no digit tokens needed)")
-        elif kind is bool and field.default:
+        if bool in declared.kinds and field.default:
             # --ntl-no-reweigh turns the option off: its help says so, not what "on" does.
-            off = field.metadata.get("off_help") or f"turn off (on by default): {help_text}"
+            off = declared.off_help or f"turn off (on by default): {help_text}"
             group.add_argument(flag, action="store_false", dest=_dest(field, flag),
                                help=off.replace("%", "%%"))
-        elif kind is bool:
+        elif bool in declared.kinds:
             group.add_argument(flag, action="store_true", dest=_dest(field, flag), help=help_text)
         else:
-            group.add_argument(flag, type=kind, default=field.default,
+            group.add_argument(flag, type=_flag_reader(declared), default=field.default,
+                               metavar=_metavar(declared),
                                help=f"{help_text} (default {field.default})")
-    group.add_argument("--number-tokens", choices=NUMBER_TOKEN_MODES, default="auto",
-                       help=NUMBER_TOKENS_HELP)
+    group.add_argument("--number-tokens", type=_flag_reader(NUMBER_TOKENS),
+                       default=NUMBER_TOKENS.default, metavar=_metavar(NUMBER_TOKENS),
+                       help=NUMBER_TOKENS.help)
     group.add_argument("--pdl-frequencies", type=str, default=None,
                        help="token-frequency file from `token-objectives count-frequencies`")
     group.add_argument("--objective-tokenizer", type=str, default=None,
@@ -529,16 +536,17 @@ def chain_args_provider(other=None):
 
 
 def objective_config_from_args(args: argparse.Namespace) -> ObjectiveConfig:
-    """The ObjectiveConfig that `add_objective_args`' flags describe."""
-    options = {}
-    for field, flag, _ in _config_options():
+    """The ObjectiveConfig that `add_objective_args`' flags describe, each value checked by
+    its declaration (a Namespace not made by the parser too); an error names the flag."""
+    values, flags = {}, {}
+    for field, flag, declared in _config_options():
         value = getattr(args, _dest(field, flag), field.default)
-        if field.name == "ntl" and value == "none":
+        if value == NONE and declared.optional:
             value = None
         if field.name == "label_smoothing":
-            value = value or 0.0
-        options[field.name] = value
-    return ObjectiveConfig(**options)
+            value = value or 0.0  # a parser's own --label-smoothing may default to None
+        values[field.name], flags[field.name] = value, flag
+    return options.from_mapping(ObjectiveConfig, values, "megatron", spelling=flags)
 
 
 def objectives_from_args(
