@@ -10,10 +10,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from token_objectives.objectives.config import ObjectiveConfig
 from token_objectives.objectives.loss import ObjectiveOutput
-from token_objectives.objectives.objective import Objective
-from token_objectives.tables.numbers import NumberTable
+from token_objectives.objectives.objective import Objective, ObjectiveDoor
 
 
 def tensor_parallel_group() -> dist.ProcessGroup | None:
@@ -40,7 +38,7 @@ def vocab_parallel_head_shard(module: torch.nn.Module) -> tuple[int, int] | None
     return None
 
 
-class AutoTPObjectives:
+class AutoTPObjectives(ObjectiveDoor):
     """`objectives(logits, labels, loss_mask=None)` -> ObjectiveOutput, per token: an
     `Objective` under DeepSpeed AutoTP's layout.
 
@@ -54,18 +52,6 @@ class AutoTPObjectives:
     def __init__(self, objective: Objective) -> None:
         self.objective = objective
         self.head_shard: tuple[int, int] | None = None
-
-    @property
-    def config(self) -> ObjectiveConfig:
-        return self.objective.config
-
-    @property
-    def numbers(self) -> NumberTable | None:
-        return self.objective.numbers
-
-    @property
-    def pdl_weights(self) -> torch.Tensor | None:
-        return self.objective.pdl_weights
 
     def use_head_shard(self, shard: tuple[int, int] | None) -> None:
         """(vocab_start, width) of this rank's lm_head shard, or None for the even layout."""

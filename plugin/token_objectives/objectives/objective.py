@@ -183,6 +183,33 @@ class Objective:
                        loss_mask, seq_dim)
 
 
+class ObjectiveDoor:
+    """Base of the doors that hold one `Objective` and show its settings and tables: the
+    Megatron `Objectives`, `AutoTPObjectives` and the HF `ObjectiveLoss` (self.objective)."""
+
+    objective: Objective
+
+    @property
+    def config(self) -> ObjectiveConfig:
+        return self.objective.config
+
+    @property
+    def numbers(self) -> NumberTable | None:
+        return self.objective.numbers
+
+    @property
+    def pdl_weights(self) -> torch.Tensor | None:
+        return self.objective.pdl_weights
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self.objective.vocab_size
+
+    @property
+    def real_vocab_size(self) -> int | None:
+        return self.objective.real_vocab_size
+
+
 def _real_group(tp_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
     """tp_group, or None for a group of one rank (nothing to reduce)."""
     if tp_group is not None and dist.get_world_size(tp_group) == 1:

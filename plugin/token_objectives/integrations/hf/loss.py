@@ -21,8 +21,7 @@ from token_objectives.integrations.autotp import AutoTPObjectives, vocab_paralle
 from token_objectives.objectives import options as checker
 from token_objectives.objectives.config import NUMBER_TOKENS, ObjectiveConfig
 from token_objectives.objectives.loss import ObjectiveOutput
-from token_objectives.objectives.objective import Objective
-from token_objectives.tables.numbers import NumberTable
+from token_objectives.objectives.objective import Objective, ObjectiveDoor
 
 # What Trainer counts num_items_in_batch over (labels.ne(-100)), and every HF collator writes.
 HF_IGNORE_INDEX = -100
@@ -51,7 +50,7 @@ def _logits_of(outputs: Any) -> torch.Tensor:
     return logits
 
 
-class ObjectiveLoss:
+class ObjectiveLoss(ObjectiveDoor):
     """`loss = objectives(outputs, labels, num_items_in_batch=None)`, Trainer's compute_loss_func.
 
     objective: the Objective (its config, its tables over the model's vocab V, padding
@@ -94,18 +93,6 @@ class ObjectiveLoss:
         self.chunking = {"rows_per_chunk": rows_per_chunk, "kernel": kernel}
         self._pending: torch.Tensor | None = None
         self._model: torch.nn.Module | None = None  # attach's, to read an AutoTP head shard
-
-    @property
-    def config(self) -> ObjectiveConfig:
-        return self.objective.config
-
-    @property
-    def numbers(self) -> NumberTable | None:
-        return self.objective.numbers
-
-    @property
-    def pdl_weights(self) -> torch.Tensor | None:
-        return self.objective.pdl_weights
 
     def __call__(self, outputs: Any, labels: torch.Tensor | None,
                  num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:

@@ -42,8 +42,8 @@ import torch
 from token_objectives.objectives import options
 from token_objectives.objectives.config import NUMBER_TOKENS, ObjectiveConfig
 from token_objectives.objectives.loss import ObjectiveOutput
-from token_objectives.objectives.objective import Objective
-from token_objectives.tables.numbers import NumberTable
+from token_objectives.objectives.objective import Objective, ObjectiveDoor
+from token_objectives.objectives.tables import objective_tables
 from token_objectives.tables.tokenizers import as_tokenizer, list_vocab
 
 _COMPONENTS_ATTR = "token_objectives_components"
@@ -66,7 +66,7 @@ class LossComponents:
     weight: torch.Tensor
 
 
-class Objectives:
+class Objectives(ObjectiveDoor):
     """An `Objective` as a megatron-core GPTModel computes it: labels [b, s] against logits
     [s, b, V/tp] (or hidden states, for the fused head), the per-token loss [b, s] carrying its
     LossComponents.
@@ -93,26 +93,6 @@ class Objectives:
         self.objective = objective
         self.head_rows_per_chunk = head_rows_per_chunk
 
-    @property
-    def config(self) -> ObjectiveConfig:
-        return self.objective.config
-
-    @property
-    def numbers(self) -> NumberTable | None:
-        return self.objective.numbers
-
-    @property
-    def pdl_weights(self) -> torch.Tensor | None:
-        return self.objective.pdl_weights
-
-    @property
-    def vocab_size(self) -> int | None:
-        return self.objective.vocab_size
-
-    @property
-    def real_vocab_size(self) -> int | None:
-        return self.objective.real_vocab_size
-
     @classmethod
     def build(
         cls,
@@ -130,7 +110,7 @@ class Objectives:
         frequencies_path: a `token-objectives count-frequencies` file (needed for PDL).
         real_vocab_size: the tokenizer's size as the trainer knows it (Megatron-LM's
             `get_tokenizer().vocab_size`); must equal `tokenizer`'s with NTL, and be at least it
-            without. The tables are made by `Objective.build`.
+            without. The tables are made by `objective_tables`, as `Objective.build` makes them.
         """
         if config.uses_numbers and tokenizer is None:
             raise ValueError(f"{config.number_options()} needs the tokenizer to find number "
@@ -140,27 +120,29 @@ class Objectives:
                 "pdl_alpha > 0 needs a token-frequency table: run `token-objectives "
                 f"count-frequencies --vocab-size {padded_vocab_size} ...` and pass its path"
             )
-        objective = Objective.build(config, tokenizer=tokenizer, frequencies=frequencies_path,
-                                    vocab_size=padded_vocab_size, number_tokens=number_tokens)
+        named = tokenizer  # as given (a path, in messages)
+        if tokenizer is not None:
+            tokenizer = as_tokenizer(tokenizer)  # loaded once: the tables and its size read it
+        numbers, weights = objective_tables(config, tokenizer, frequencies_path,
+                                            padded_vocab_size, number_tokens)
         listed = None
-        if objective.numbers is not None:
-            listed = objective.numbers.valid_vocab_size
+        if numbers is not None:
+            listed = numbers.valid_vocab_size
         elif tokenizer is not None:
-            listed = list_vocab(as_tokenizer(tokenizer)).size
+            listed = list_vocab(tokenizer).size
         if real_vocab_size is not None and listed is not None and real_vocab_size != listed:
             # Without a NumberTable the trainer's tokenizer may add ids past the file's
             # (Megatron-LM's SentencePieceTokenizer adds special tokens); a table covers them.
-            if objective.numbers is not None or real_vocab_size < listed:
+            if numbers is not None or real_vocab_size < listed:
                 raise ValueError(
                     f"the trainer's tokenizer has {real_vocab_size} ids but "
-                    f"{objective.numbers.tokenizer_identity if objective.numbers else tokenizer}"
+                    f"{numbers.tokenizer_identity if numbers else named}"
                     f" has {listed}: point --objective-tokenizer at the tokenizer the data was "
                     f"built with"
                 )
         real = listed if real_vocab_size is None else real_vocab_size
-        return cls(Objective(config, objective.numbers, objective.pdl_weights,
-                             vocab_size=padded_vocab_size,
-                             real_vocab_size=None if objective.numbers is not None else real))
+        return cls(Objective(config, numbers, weights, vocab_size=padded_vocab_size,
+                             real_vocab_size=None if numbers is not None else real))
 
     def per_token_loss(
         self, labels: torch.Tensor, logits: torch.Tensor, tp_group, weight=None,
