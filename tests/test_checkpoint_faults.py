@@ -137,17 +137,18 @@ def test_a_kill_at_any_write_point_of_the_deepspeed_loop_loses_only_the_unsaved_
     config = json.loads((REPO / "configs" / "deepspeed" / "zero2.json").read_text())
     config["bf16"] = {"enabled": False}
     config["tensorboard"]["enabled"] = False
-    config["token_objectives"].update(tokenizer=str(data.tokenizer_path),
-                                      frequencies=str(data.frequencies_path))
     (tmp_path / "zero2.json").write_text(json.dumps(config))
     out, straight = tmp_path / "killed", tmp_path / "straight"
     root = out / "checkpoints"
 
     def start(log: Path, kill_at: str | None, directory: Path = out) -> list[int]:
-        argv = ["--deepspeed_config", str(tmp_path / "zero2.json"),
-                "--model-config", str(REPO / "configs" / "deepspeed" / "tiny_llama.json"),
-                "--data-prefix", str(data.train_prefix), "--output-dir", str(directory),
-                "--seq-length", "32", "--steps", str(steps), "--save-interval", "1"]
+        values = [f"data.tokenizer={data.tokenizer_path}", f"data.train_prefix={data.train_prefix}",
+                  f"data.frequencies={data.frequencies_path}", f"output.dir={directory}",
+                  f"model.hf_config={REPO / 'configs' / 'deepspeed' / 'tiny_llama.json'}",
+                  "model.seq_length=32", f"train.steps={steps}", "train.save_interval=1"]
+        argv = ["--config", str(REPO / "configs" / "deepspeed" / "tiny.yaml"),
+                "--deepspeed_config", str(tmp_path / "zero2.json"),
+                *(item for value in values for item in ("--set", value))]
         return launcher.start(DEEPSPEED, argv, log, kill_at=kill_at)
 
     def newest() -> int:

@@ -73,19 +73,21 @@ def _megatron_probe(out: Path, prefix: str, tokenizer: str, frequencies: str) ->
     (out / f"counts_rank{dist.get_rank()}.json").write_text(json.dumps(counts))
 
 
-def _deepspeed_probe(out: Path, prefix: str, config: str) -> None:
+def _deepspeed_probe(out: Path, prefix: str, tokenizer: str, frequencies: str,
+                     config: str) -> None:
     """Two steps of the DeepSpeed loop; rank 0 writes each step's global loss denominator."""
     import torch.distributed as dist
 
     from token_objectives.training import deepspeed as deepspeed_training
+    from token_objectives.training.config import load_config
 
     denominators: list[float] = []
     _record_calls(deepspeed_training.Trainer, "global_denominator", denominators, float)
-    args = deepspeed_training.TrainArgs(
-        model_config=str(REPO / "configs" / "deepspeed" / "tiny_llama.json"), data_prefix=prefix,
-        ds_config=json.loads(Path(config).read_text()), output_dir=str(out), steps=STEPS,
-        seed=SEED, seq_length=DEEPSPEED_SEQ)
-    deepspeed_training.run(args, printer=None)
+    overrides = [f"data.train_prefix={prefix}", f"data.tokenizer={tokenizer}",
+                 f"data.frequencies={frequencies}", f"output.dir={out}", f"train.steps={STEPS}",
+                 f"train.seed={SEED}", f"model.seq_length={DEEPSPEED_SEQ}"]
+    deepspeed_training.run(load_config(REPO / "configs" / "deepspeed" / "tiny.yaml", overrides),
+                           json.loads(Path(config).read_text()), printer=None)
     if dist.get_rank() == 0:
         (out / "denominators.json").write_text(json.dumps(denominators))
 
@@ -471,12 +473,11 @@ def test_deepspeed_loop_counts_only_the_sidecar_ones(built, data, process_group,
     config["bf16"] = {"enabled": False}
     config["tensorboard"]["enabled"] = False
     config["gradient_accumulation_steps"] = 2
-    config["token_objectives"]["tokenizer"] = str(data.tokenizer_path)
-    config["token_objectives"]["frequencies"] = str(data.frequencies_path)
     config_path = tmp_path / "zero2.json"
     config_path.write_text(json.dumps(config))
     out = tmp_path / "deepspeed"
-    _torchrun("deepspeed", str(out), str(built), str(config_path))
+    _torchrun("deepspeed", str(out), str(built), str(data.tokenizer_path),
+              str(data.frequencies_path), str(config_path))
     ones, numbers = _expected_per_step(built, DEEPSPEED_SEQ, tmp_path / "cache",
                                        data.tokenizer_path)
     assert json.loads((out / "denominators.json").read_text()) == ones

@@ -4,7 +4,9 @@ One step on a fixed global batch of 8 samples gives the same loss and gradients 
 model (no DeepSpeed, one process, full logits), under ZeRO-1/2/3 with 2 DP ranks and under AutoTP=2
 with a vocab-parallel lm_head. Under AutoTP the objectives see logits [b, s, V/2] and make exactly
 2 all-reduces and no all-gather. A run stopped by SIGUSR1 saves, exits cleanly and resumes to the
-same losses as a straight run. Bad "token_objectives" sections are errors that name the key.
+same losses as a straight run. Bad "token_objectives" sections are errors that name the key. The
+loop reads the YAML run config (configs/deepspeed/tiny.yaml here) and the ds_config; the same
+run config drives the Megatron loop.
 
 Run as a script (`torchrun ... tests/test_deepspeed.py probe OUT CONFIG...`), this file is the
 probe the tests launch: one step per ds_config, gradients saved before `engine.step`.
@@ -32,6 +34,7 @@ pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "deepspeed"
 TINY = CONFIGS / "tiny_llama.json"
+RUN_CONFIG = CONFIGS / "tiny.yaml"
 SEQ_LENGTH = 32
 GLOBAL_BATCH = 8  # samples per step in every layout: mbs 2 x gas x dp
 SEED = 1234
@@ -91,13 +94,32 @@ def _reference(trainer, path: Path) -> None:
     torch.save({"loss": loss.item(), "grads": grads}, path)
 
 
+def run_settings(data) -> list[str]:
+    """`--set` values: the shipped tiny run config on the test data."""
+    return [f"data.tokenizer={data.tokenizer_path}", f"data.train_prefix={data.train_prefix}",
+            f"data.frequencies={data.frequencies_path}", f"model.seq_length={SEQ_LENGTH}",
+            f"train.seed={SEED}"]
+
+
+def probe_env(data) -> dict:
+    return dict(WORKER_ENV, PROBE_RUN=json.dumps(run_settings(data)))
+
+
+def probe_config(out: Path, *overrides: str):
+    """In a probe: the tiny run config with the test's settings (PROBE_RUN) and `overrides`."""
+    from token_objectives.training.config import load_config
+
+    return load_config(RUN_CONFIG, [*json.loads(os.environ["PROBE_RUN"]), f"output.dir={out}",
+                                    *overrides])
+
+
 def _one_step(config_path: Path, out: Path, name: str, reference: str | None,
-              model_config: Path) -> None:
+              overrides: list[str]) -> None:
     import deepspeed
     import torch.distributed as dist
 
     from token_objectives.training import deepspeed as deepspeed_training
-    from token_objectives.training.deepspeed import TrainArgs, Trainer
+    from token_objectives.training.deepspeed import Trainer
 
     ds_config = json.loads(config_path.read_text())
     built = {}
@@ -110,10 +132,7 @@ def _one_step(config_path: Path, out: Path, name: str, reference: str | None,
         return model
 
     deepspeed_training.build_model = recording_build
-    trainer = Trainer(TrainArgs(model_config=str(model_config),
-                                data_prefix=os.environ["PROBE_DATA"], ds_config=ds_config,
-                                output_dir=str(out / name), steps=1, seed=SEED,
-                                seq_length=SEQ_LENGTH))
+    trainer = Trainer(probe_config(out / name, "train.steps=1", *overrides), ds_config)
     assert trainer.global_batch == GLOBAL_BATCH, trainer.global_batch
     if reference is not None and dist.get_rank() == 0:
         _reference(trainer, out / reference)
@@ -150,16 +169,13 @@ def nonfinite_probe(argv: list[str]) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from token_objectives.training.deepspeed import TrainArgs, Trainer
+    from token_objectives.training.deepspeed import Trainer
 
     out = Path(argv[0])
     for config in argv[1:]:
         name = Path(config).stem
-        trainer = Trainer(TrainArgs(model_config=str(TINY),
-                                    data_prefix=os.environ["PROBE_DATA"],
-                                    ds_config=json.loads(Path(config).read_text()),
-                                    output_dir=str(out / name), steps=1, seed=SEED,
-                                    seq_length=SEQ_LENGTH))
+        trainer = Trainer(probe_config(out / name, "train.steps=1"),
+                          json.loads(Path(config).read_text()))
         parameters = list(trainer.engine.module.parameters())
         if dist.get_rank() == dist.get_world_size() - 1:
             parameters[0].register_hook(lambda grad: grad + float("inf"))
@@ -213,9 +229,7 @@ def nan_loss_probe(argv: list[str]) -> None:
     ds.Trainer = Probe
     error = None
     try:
-        ds.run(ds.TrainArgs(model_config=str(TINY), data_prefix=os.environ["PROBE_DATA"],
-                            ds_config=json.loads(config.read_text()), output_dir=str(out),
-                            steps=3, seed=SEED, seq_length=SEQ_LENGTH), printer=None)
+        ds.run(probe_config(out, "train.steps=3"), json.loads(config.read_text()), printer=None)
     except FloatingPointError as raised:
         error = str(raised)
     trainer = seen["trainer"]
@@ -253,10 +267,8 @@ def fp16_skip_probe(argv: list[str]) -> None:
     ds.Trainer = Probe
     error = None
     try:
-        ds.run(ds.TrainArgs(model_config=str(TINY), data_prefix=os.environ["PROBE_DATA"],
-                            ds_config=json.loads(config.read_text()), output_dir=str(out),
-                            steps=10, seed=SEED, seq_length=SEQ_LENGTH,
-                            max_skipped_steps=limit), printer=None)
+        ds.run(probe_config(out, "train.steps=10", f"train.max_skipped_steps={limit}"),
+               json.loads(config.read_text()), printer=None)
     except FloatingPointError as raised:
         error = str(raised)
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(
@@ -265,33 +277,31 @@ def fp16_skip_probe(argv: list[str]) -> None:
 
 
 def probe(argv: list[str]) -> None:
-    """`probe OUT NAME=CONFIG[@MODEL_CONFIG]...`: one step per config (the model config is TINY
-    unless given); the first run of each model config also writes its reference,
-    reference.pt for TINY, reference_<model stem>.pt for another."""
+    """`probe OUT NAME=CONFIG[@SECTION.KEY=VALUE]...`: one step per ds_config, with run-config
+    overrides (the model is TINY unless model.hf_config is given); the first run of each model
+    also writes its reference, reference.pt for TINY, reference_<model stem>.pt for another."""
     out = Path(argv[0])
     seen = set()
     for item in argv[1:]:
         name, _, config = item.partition("=")
-        config, _, model = config.partition("@")
-        model_config = Path(model) if model else TINY
+        config, *overrides = config.split("@")
+        model = next((Path(o.partition("=")[2]) for o in overrides
+                      if o.startswith("model.hf_config=")), TINY)
         reference = None
-        if model_config not in seen:
-            seen.add(model_config)
-            reference = ("reference.pt" if model_config == TINY
-                         else f"reference_{model_config.stem}.pt")
-        _one_step(Path(config), out, name, reference, model_config)
+        if model not in seen:
+            seen.add(model)
+            reference = "reference.pt" if model == TINY else f"reference_{model.stem}.pt"
+        _one_step(Path(config), out, name, reference, overrides)
 
 
 # ----------------------------------------------------------------------------------- the tests
 
 
 def ds_config(data, directory: Path, name: str, **overrides) -> Path:
-    """configs/deepspeed/<name>.json in fp32, pointed at the test data, with overrides."""
+    """configs/deepspeed/<name>.json in fp32, with overrides (the data is the run config's)."""
     config = json.loads((CONFIGS / f"{name}.json").read_text())
     config["bf16"] = {"enabled": False}
     config["tensorboard"]["enabled"] = False
-    config["token_objectives"]["tokenizer"] = str(data.tokenizer_path)
-    config["token_objectives"]["frequencies"] = str(data.frequencies_path)
     config.update(overrides)
     path = directory / f"{name}.json"
     path.write_text(json.dumps(config))
@@ -308,8 +318,8 @@ def data(tmp_path_factory):
 def _probe(data, out: Path, runs: dict[str, Path]) -> None:
     command = torchrun_command(Path(__file__), "probe", str(out),
                         *(f"{name}={path}" for name, path in runs.items()))
-    env = dict(WORKER_ENV, PROBE_DATA=str(data.train_prefix))
-    check(subprocess.run(command, capture_output=True, text=True, env=env, timeout=600))
+    check(subprocess.run(command, capture_output=True, text=True, env=probe_env(data),
+                         timeout=600))
 
 
 @pytest.fixture(scope="module")
@@ -321,21 +331,14 @@ def one_step(data, tmp_path_factory):
     runs["zero2_fused"] = fused_head(runs["zero2"])
     _probe(data, out, runs)
     autotp = ds_config(data, out, "autotp2", gradient_accumulation_steps=4)
-    odd, odd_config = _odd_vocab_model(out), _without_pdl(autotp, "autotp2_odd")
+    odd = f"{autotp}@model.hf_config={_odd_vocab_model(out)}{WITHOUT_PDL}"
     _probe(data, out, {"autotp2": autotp, "autotp2_fused": fused_head(autotp),
-                       "autotp2_odd": f"{odd_config}@{odd}",
-                       "autotp2_odd_fused": f"{fused_head(odd_config)}@{odd}"})
+                       "autotp2_odd": odd, "autotp2_odd_fused": fused_head(odd)})
     return out
 
 
-def _without_pdl(config: Path, name: str) -> Path:
-    """The frequency table counts the tokenizer's 512 ids, not a 515-id model's."""
-    values = json.loads(config.read_text())
-    values["token_objectives"]["pdl_alpha"] = 0.0
-    del values["token_objectives"]["frequencies"]
-    path = config.with_name(f"{name}.json")
-    path.write_text(json.dumps(values))
-    return path
+# The frequency table counts the tokenizer's 512 ids, not a 515-id model's.
+WITHOUT_PDL = "@objectives.pdl_alpha=0@data.frequencies=null"
 
 
 # The tokenizer's 512 ids padded to 515: AutoTP=2 shards the lm_head into 258 and 257 rows.
@@ -350,13 +353,9 @@ def _odd_vocab_model(directory: Path) -> Path:
     return path
 
 
-def fused_head(config: Path) -> Path:
-    """The same ds_config with "fused_lm_head": true in its token_objectives section."""
-    values = json.loads(config.read_text())
-    values["token_objectives"]["fused_lm_head"] = True
-    path = config.with_name(f"{config.stem}_fused.json")
-    path.write_text(json.dumps(values))
-    return path
+def fused_head(run: Path | str) -> str:
+    """A probe run (ds_config[@override...]) with model.fused_lm_head: true."""
+    return f"{run}@model.fused_lm_head=true"
 
 
 def _full_gradient(shards: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
@@ -411,10 +410,12 @@ def test_autotp_logits_stay_sharded_and_two_all_reduces(one_step):
 
 
 def _train(data, config: Path, out: Path, *args: str) -> list[str]:
+    """The launcher on the tiny run config and `config`, then `args` (--set, --ds-set)."""
+    values = [*run_settings(data), f"output.dir={out}"]
     return torchrun_command(
-        REPO / "launch" / "pretrain_deepspeed.py", "--deepspeed_config", str(config),
-        "--model-config", str(TINY), "--data-prefix", str(data.train_prefix),
-        "--output-dir", str(out), "--seq-length", str(SEQ_LENGTH), "--seed", str(SEED), *args)
+        REPO / "launch" / "pretrain_deepspeed.py", "--config", str(RUN_CONFIG),
+        "--deepspeed_config", str(config), *(item for value in values for item in ("--set", value)),
+        *args)
 
 
 def _latest(out: Path) -> str:
@@ -429,7 +430,7 @@ def test_sigusr1_saves_exits_and_resume_equals_a_straight_run(data, tmp_path):
 
     config = ds_config(data, tmp_path, "zero2")
     sliced, straight = tmp_path / "sliced", tmp_path / "straight"
-    launcher = subprocess.Popen(_train(data, config, sliced, "--steps", "500"),
+    launcher = subprocess.Popen(_train(data, config, sliced, "--set", "train.steps=500"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=WORKER_ENV)
     try:
@@ -453,10 +454,10 @@ def test_sigusr1_saves_exits_and_resume_equals_a_straight_run(data, tmp_path):
         handle.write(f'{{"step": {stopped + 1}, "lm lo')  # a line torn by a kill
 
     total = stopped + 2
-    check(subprocess.run(_train(data, config, straight, "--steps", str(total),
-                                 "--save-interval", "2"),
+    check(subprocess.run(_train(data, config, straight, "--set", f"train.steps={total}",
+                                 "--set", "train.save_interval=2"),
                           capture_output=True, text=True, env=WORKER_ENV, timeout=600))
-    check(subprocess.run(_train(data, config, sliced, "--steps", str(total)),
+    check(subprocess.run(_train(data, config, sliced, "--set", f"train.steps={total}"),
                           capture_output=True, text=True, env=WORKER_ENV, timeout=600))
     a, b = read_metrics(straight), read_metrics(sliced)
     assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, total + 1))
@@ -478,8 +479,8 @@ def test_a_full_disk_during_a_save_keeps_the_previous_tag(data, tmp_path):
     config = ds_config(data, tmp_path, "zero2")
     root = tmp_path / "run" / "checkpoints"
     with small_tmpfs(root, "2500k"):
-        done = subprocess.run(_train(data, config, tmp_path / "run", "--steps", "2",
-                                     "--save-interval", "1"),
+        done = subprocess.run(_train(data, config, tmp_path / "run", "--set", "train.steps=2",
+                                     "--set", "train.save_interval=1"),
                               capture_output=True, text=True, env=WORKER_ENV, timeout=240)
         assert done.returncode != 0
         message = re.search(r"checkpoint save to (\S+) failed: no space left on device "
@@ -495,13 +496,13 @@ def test_a_full_disk_during_a_save_keeps_the_previous_tag(data, tmp_path):
 
 def test_a_truncated_shard_falls_back_and_a_missing_tag_is_named(data, tmp_path):
     """Tags global_step2 and global_step4, then the largest file of global_step4 cut in half
-    (real bytes on disk): --on-corrupt-checkpoint stop exits non-zero naming the file and the
+    (real bytes on disk): train.on_corrupt_checkpoint=stop exits non-zero naming the file and the
     earlier tags; the default reports it, resumes from global_step2 and trains as the straight
     run did. A `latest` naming a tag that does not exist is an error listing the tags."""
     config = ds_config(data, tmp_path, "zero2")
     out = tmp_path / "run"
     root = out / "checkpoints"
-    run = ("--steps", "4", "--save-interval", "2")
+    run = ("--set", "train.steps=4", "--set", "train.save_interval=2")
     check(subprocess.run(_train(data, config, out, *run), capture_output=True, text=True,
                          env=WORKER_ENV, timeout=600))
     straight = read_metrics(out)
@@ -510,7 +511,8 @@ def test_a_truncated_shard_falls_back_and_a_missing_tag_is_named(data, tmp_path)
                 key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
 
-    stopped = subprocess.run(_train(data, config, out, *run, "--on-corrupt-checkpoint", "stop"),
+    stop = ("--set", "train.on_corrupt_checkpoint=stop")
+    stopped = subprocess.run(_train(data, config, out, *run, *stop),
                              capture_output=True, text=True, env=WORKER_ENV, timeout=600)
     assert stopped.returncode != 0
     assert f"checkpoint {root / 'global_step4'} is corrupt: {shard} has" in stopped.stderr, (
@@ -546,7 +548,7 @@ def test_a_non_finite_gradient_stops_the_step_before_the_update(data, tmp_path):
     check(subprocess.run(torchrun_command(Path(__file__), "nonfinite-probe", str(tmp_path),
                                           *map(str, configs)),
                          capture_output=True, text=True, timeout=600,
-                         env=dict(WORKER_ENV, PROBE_DATA=str(data.train_prefix))))
+                         env=probe_env(data)))
     for name in ("zero2", "zero3"):
         for rank in (0, 1):
             got = json.loads((tmp_path / f"{name}_rank{rank}.json").read_text())
@@ -565,7 +567,7 @@ def test_a_nan_loss_stops_before_the_update(data, tmp_path, mode, component):
     check(subprocess.run(torchrun_command(Path(__file__), "nan-loss-probe", str(tmp_path),
                                           mode, str(config)),
                          capture_output=True, text=True, timeout=600,
-                         env=dict(WORKER_ENV, PROBE_DATA=str(data.train_prefix))))
+                         env=probe_env(data)))
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["error"] is not None and got["error"].startswith(
@@ -578,7 +580,7 @@ def test_a_nan_loss_stops_before_the_update(data, tmp_path, mode, component):
 @pytest.mark.parametrize("limit", [3, 0])
 def test_fp16_overflows_skip_and_too_many_in_a_row_stop(data, tmp_path, limit):
     """fp16 with a loss scale of 2^24: the first updates overflow and DeepSpeed's loss scaler
-    skips them, halving the scale each time. With --max-skipped-steps 3 the run stops at the
+    skips them, halving the scale each time. With train.max_skipped_steps=3 the run stops at the
     third skip in a row, naming the flag; with 0 it trains on once the scale fits, an overflow
     being the scaler's business (before, the first one stopped the run as a NaN gradient)."""
     config = ds_config(data, tmp_path, "zero2", fp16={"enabled": True,
@@ -588,7 +590,7 @@ def test_fp16_overflows_skip_and_too_many_in_a_row_stop(data, tmp_path, limit):
     check(subprocess.run(torchrun_command(Path(__file__), "fp16-skip-probe", str(tmp_path),
                                           str(config), str(limit)),
                          capture_output=True, text=True, timeout=600,
-                         env=dict(WORKER_ENV, PROBE_DATA=str(data.train_prefix))))
+                         env=probe_env(data)))
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         skipped = got["applied"].index(True) if True in got["applied"] else len(got["applied"])
@@ -596,7 +598,7 @@ def test_fp16_overflows_skip_and_too_many_in_a_row_stop(data, tmp_path, limit):
             assert got["applied"] == [False] * 3, got
             assert got["error"] is not None and got["error"].startswith(
                 "step 3: the optimizer skipped the update 3 steps in a row "
-                "(--max-skipped-steps = 3)"), got
+                "(train.max_skipped_steps = 3)"), got
             assert got["scale"] == [2.0 ** 23, 2.0 ** 22, 2.0 ** 21], got
         else:
             assert got["error"] is None and got["step"] == 10, got
@@ -607,14 +609,16 @@ def test_fp16_overflows_skip_and_too_many_in_a_row_stop(data, tmp_path, limit):
 def test_the_3b_configs_schedule_decay_and_checkpoint_layers(data, tmp_path):
     """configs/deepspeed/3b_zero2.json (bf16 off for the CPU, the tiny Llama, 1 process): the lr
     rises linearly over the warm-up and then decays along the cosine, never under its floor;
-    --gradient-checkpointing recomputes the decoder layers and gives the same losses."""
+    model.recompute=full recomputes the decoder layers and gives the same losses."""
     config = ds_config(data, tmp_path, "3b_zero2", train_micro_batch_size_per_gpu=2,
                        gradient_accumulation_steps=2)
     overrides = ["--ds-set", "scheduler.params.total_num_steps=6",
-                 "--ds-set", "scheduler.params.warmup_num_steps=3"]
+                 "--ds-set", "scheduler.params.warmup_num_steps=3",
+                 "--set", "train.warmup_steps=3"]  # the run config agrees with the ds_config
     runs = {}
-    for name, extra in (("plain", []), ("checkpointed", ["--gradient-checkpointing"])):
-        command = _train(data, config, tmp_path / name, "--steps", "6", *overrides, *extra)
+    for name, extra in (("plain", []), ("checkpointed", ["--set", "model.recompute=full"])):
+        command = _train(data, config, tmp_path / name, "--set", "train.steps=6", *overrides,
+                         *extra)
         command[command.index("--nproc-per-node=2")] = "--nproc-per-node=1"
         check(subprocess.run(command, capture_output=True, text=True, env=WORKER_ENV,
                              timeout=600))
@@ -628,6 +632,32 @@ def test_the_3b_configs_schedule_decay_and_checkpoint_layers(data, tmp_path):
     assert 1 <= top <= 3 and all(x < y for x, y in pairwise(lrs[:top + 1])), lrs
     assert all(x > y for x, y in pairwise(lrs[top:])), lrs  # the cosine decay
     assert max(lrs) <= peak and min(lrs[top:]) >= 0.1 * peak * (1 - 1e-6), lrs
+
+
+def test_one_run_config_drives_both_loops(data, tmp_path):
+    """configs/deepspeed/tiny.yaml, with the same settings, trains 2 steps in the Megatron loop
+    (its GPT from the model section; model.hf_config named as unread) and in the DeepSpeed loop
+    (the Llama of model.hf_config, ZeRO-2): the same steps logged in <output.dir>/metrics.jsonl
+    and a checkpoint of step 2 in <output.dir>/checkpoints."""
+    from token_objectives.training.checkpointing import latest_complete_step
+
+    settings = ("--set", "train.steps=2", "--set", "train.save_interval=1")
+    megatron = tmp_path / "megatron"
+    values = [*run_settings(data), f"output.dir={megatron}", "train.steps=2",
+              "train.save_interval=1"]
+    done = check(subprocess.run(torchrun_command(
+        REPO / "launch" / "pretrain_megatron.py", "--config", str(RUN_CONFIG),
+        *(item for value in values for item in ("--set", value))),
+        capture_output=True, text=True, env=dict(WORKER_ENV, PYTHONWARNINGS="always::UserWarning"),
+        timeout=600))
+    assert "model.hf_config = " in done.stderr and "not read by the Megatron loop" in done.stderr
+    deepspeed = tmp_path / "deepspeed"
+    check(subprocess.run(_train(data, ds_config(data, tmp_path, "zero2"), deepspeed, *settings),
+                         capture_output=True, text=True, env=WORKER_ENV, timeout=600))
+    for out in (megatron, deepspeed):
+        assert [row["step"] for row in read_metrics(out)] == [1, 2], out
+    assert latest_complete_step(megatron / "checkpoints") == 2
+    assert _latest(deepspeed) == "global_step2"
 
 
 def test_weight_decay_spares_the_norms():
@@ -665,30 +695,30 @@ def test_full_logits_are_not_mistaken_for_a_shard_without_tables():
 
 
 def test_fused_head_under_zero3_is_refused_with_the_fix():
-    from token_objectives.integrations.deepspeed.section import TokenObjectivesConfig
+    from token_objectives.training.config import ModelConfig
     from token_objectives.training.deepspeed import uses_fused_head
 
-    section = TokenObjectivesConfig(ntl=None, fused_lm_head=True)
-    assert uses_fused_head(section, {"zero_optimization": {"stage": 2}})
+    model = ModelConfig(fused_lm_head=True)
+    assert uses_fused_head(model, {"zero_optimization": {"stage": 2}})
     with pytest.raises(ValueError, match="use stage 1 or 2"):
-        uses_fused_head(section, {"zero_optimization": {"stage": 3}})
-    assert not uses_fused_head(TokenObjectivesConfig(ntl=None),
-                               {"zero_optimization": {"stage": 3}})
+        uses_fused_head(model, {"zero_optimization": {"stage": 3}})
+    assert not uses_fused_head(ModelConfig(), {"zero_optimization": {"stage": 3}})
 
 
 def test_unknown_key_is_named():
     from token_objectives.integrations.deepspeed.section import read_section
 
-    with pytest.raises(ValueError, match=r'token_objectives"\]: ntl_wieght: Extra inputs'):
+    with pytest.raises(ValueError, match=r'token_objectives"\]: unknown key\(s\) \[.ntl_wieght.\] '
+                                         r"in config section 'token_objectives'; valid keys"):
         read_section(_section(ntl="was", ntl_wieght=0.3))
 
 
 def test_wrong_type_is_named():
     from token_objectives.integrations.deepspeed.section import read_section
 
-    with pytest.raises(ValueError, match=r"ntl_weight: Input should be a valid number"):
+    with pytest.raises(ValueError, match=r"ntl_weight: expected a number >= 0, got 'high'"):
         read_section(_section(ntl_weight="high"))
-    with pytest.raises(ValueError, match=r"pdl_alpha: Input should be a valid number"):
+    with pytest.raises(ValueError, match=r"pdl_alpha: expected a number >= 0, got \[0.2\]"):
         read_section(_section(pdl_alpha=[0.2]))
 
 
@@ -704,10 +734,11 @@ def test_section_keys_are_objective_config_fields_plus_its_own():
     from token_objectives.integrations.deepspeed.section import TokenObjectivesConfig
 
     names = {f.name for f in fields(ObjectiveConfig)}
-    assert set(TokenObjectivesConfig.model_fields) == names | SECTION_OWN_KEYS
+    keys = {key.name: key for key in fields(TokenObjectivesConfig)}
+    assert set(keys) == names | SECTION_OWN_KEYS
     for option in fields(ObjectiveConfig):
-        key = TokenObjectivesConfig.model_fields[option.name]
-        assert key.default == option.default and key.description == option.metadata["help"]
+        key = keys[option.name]
+        assert key.default == option.default and key.metadata == option.metadata
 
 
 @pytest.mark.parametrize("key,value", [
@@ -737,7 +768,7 @@ def test_an_int_is_accepted_for_a_float_key():
 def test_range_errors_come_from_objective_config_and_name_the_key():
     from token_objectives.integrations.deepspeed.section import read_section
 
-    with pytest.raises(ValueError, match=r'\]: pdl_eps: expected a number >= 0, got -1.0'):
+    with pytest.raises(ValueError, match=r'\]: pdl_eps: expected a number >= 0, got -1$'):
         read_section(_section(pdl_eps=-1))
 
 
@@ -850,17 +881,23 @@ def test_ntl_with_a_tokenizer_without_numbers_is_named(tmp_path):
 
 
 def test_shipped_configs_are_valid():
-    """Every configs/deepspeed ds_config has a valid section (paths aside) and the AutoTP keys
-    DeepSpeed reads."""
+    """Every configs/deepspeed ds_config of the loop goes with its run config (tiny.yaml,
+    llama3.2-3b.yaml) without a key set in both, and autotp2 has the AutoTP keys DeepSpeed
+    reads."""
     from deepspeed.runtime.tensor_parallel.config import get_tensor_parallel_config
 
-    from token_objectives.integrations.deepspeed.section import read_section
+    from token_objectives.training.config import load_config
+    from token_objectives.training.deepspeed import check_run_config
 
-    for name in ("zero1", "zero2", "zero3", "autotp2"):
-        config = json.loads((CONFIGS / f"{name}.json").read_text())
-        section = dict(config["token_objectives"], tokenizer=None, frequencies=None)
-        assert read_section({"token_objectives": section}).ntl == "was"
-        assert config["bf16"]["enabled"] is True
+    paths = ["data.tokenizer=t", "data.train_prefix=p"]
+    for run, names in (("tiny", ("zero1", "zero2", "zero3", "autotp2")),
+                       ("llama3.2-3b", ("3b_zero1", "3b_zero2", "3b_zero3"))):
+        cfg = load_config(CONFIGS / f"{run}.yaml", paths)
+        assert cfg.objectives.ntl == "was" and cfg.model.hf_config
+        for name in names:
+            config = json.loads((CONFIGS / f"{name}.json").read_text())
+            assert check_run_config(cfg, config) == [], name
+            assert config["bf16"]["enabled"] is True
     autotp = get_tensor_parallel_config(json.loads((CONFIGS / "autotp2.json").read_text()))
     assert autotp.autotp_size == 2 and autotp.vocab_parallel_lm_head is True
 
@@ -892,8 +929,8 @@ if __name__ == "__main__" and sys.argv[1:2] == ["fp16-skip-probe"]:
 
 def test_a_resume_follows_the_ds_config_or_refuses_naming_each_changed_key(data, tmp_path):
     """--ds-set optimizer.params.lr on a resume: refused with the key and both options, applied
-    with --resume-schedule override; another frequency file is refused naming
-    --resume-objectives (the Megatron loop's test covers "checkpoint" and the objectives'
+    with train.resume_schedule=override; another frequency file is refused naming
+    train.resume_objectives (the Megatron loop's test covers "checkpoint" and the objectives'
     override)."""
     config = ds_config(data, tmp_path, "zero1")
     out = tmp_path / "run"
@@ -902,16 +939,16 @@ def test_a_resume_follows_the_ds_config_or_refuses_naming_each_changed_key(data,
         return subprocess.run(_train(data, config, out, *args), capture_output=True, text=True,
                               env=WORKER_ENV, timeout=600)
 
-    check(run("--steps", "2"))
+    check(run("--set", "train.steps=2"))
     lrs = lambda: {m["step"]: m["lr"] for m in read_metrics(out)}  # noqa: E731
     assert lrs() == {1: 1e-3, 2: 1e-3}
     lower = ("--ds-set", "optimizer.params.lr=5e-4")
-    refused = run("--steps", "3", *lower)
+    refused = run("--set", "train.steps=3", *lower)
     assert refused.returncode != 0 and max(lrs()) == 2
     assert "optimizer.params.lr: 0.001 in the checkpoint, 0.0005 now" in refused.stderr
-    assert "--resume-schedule override" in refused.stderr
-    assert "--resume-schedule checkpoint" in refused.stderr
-    check(run("--steps", "3", *lower, "--resume-schedule", "override"))
+    assert "train.resume_schedule override" in refused.stderr
+    assert "train.resume_schedule checkpoint" in refused.stderr
+    check(run("--set", "train.steps=3", *lower, "--set", "train.resume_schedule=override"))
     assert lrs()[3] == pytest.approx(5e-4, rel=1e-9)
 
     from token_objectives.tables.frequencies import load_frequencies, save_frequencies
@@ -919,8 +956,8 @@ def test_a_resume_follows_the_ds_config_or_refuses_naming_each_changed_key(data,
     table = load_frequencies(data.frequencies_path)  # the same vocab, other counts
     other = tmp_path / "other.safetensors"
     save_frequencies(other, table.counts + 1, tokenizer_identity=table.tokenizer_identity)
-    frequencies = ("--ds-set", f"token_objectives.frequencies={other}", *lower)
-    changed = run("--steps", "4", *frequencies)
+    frequencies = ("--set", f"data.frequencies={other}", *lower)
+    changed = run("--set", "train.steps=4", *frequencies)
     assert changed.returncode != 0 and max(lrs()) == 3
     assert "frequencies (sha256)" in changed.stderr
-    assert "--resume-objectives override" in changed.stderr
+    assert "train.resume_objectives override" in changed.stderr

@@ -1,7 +1,8 @@
 """The run config's values are checked where they are read: a size that is not a positive
 integer, a negative interval, a NaN or an out-of-range rate is a ValueError naming the
-`section.key` (or, for the DeepSpeed loop, the flag) and what it accepts, before any worker
-starts; no process group needed."""
+`section.key` and what it accepts, before any worker starts; no process group needed. Both loops
+read this run config; for the DeepSpeed loop each setting has one owner, the run config or the
+ds_config, and a key set in both is refused naming both."""
 
 from __future__ import annotations
 
@@ -99,20 +100,91 @@ def test_the_defaults_and_the_shipped_tiny_config_still_load():
     assert math.isfinite(load_config(None, ["train.min_lr=0"]).train.min_lr)
 
 
-@pytest.mark.parametrize(("field", "value", "says"), [
-    ("seq_length", 0, "--seq-length must be a positive integer, got 0"),
-    ("steps", 0, "--steps must be a positive integer, got 0"),
-    ("save_interval", -1, "--save-interval must be an integer >= 0, got -1"),
-    ("max_skipped_steps", -1, "--max-skipped-steps must be an integer >= 0, got -1"),
-    ("steps", 1e3, "--steps must be a positive integer, got 1000.0"),
-])
-def test_deepspeed_train_args_name_the_flag(field, value, says):
-    from token_objectives.training.deepspeed import TrainArgs
+DS_RUN = ["model.hf_config=configs/deepspeed/tiny_llama.json", "data.tokenizer=t.model",
+          "data.train_prefix=p", "train.warmup_steps=0"]
+DS_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
+             "bf16": {"enabled": True}, "tensorboard": {"enabled": True},
+             "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95],
+                                                       "weight_decay": 0.0}}}
 
-    TrainArgs(model_config="m.json", data_prefix="d", ds_config={}, output_dir="o")
+
+@pytest.mark.parametrize(("override", "ds_key", "ds_value"), [
+    ("train.lr=3e-4", "optimizer.params.lr", "0.001"),
+    ("train.weight_decay=0.1", "optimizer.params.weight_decay", "0.0"),
+    ("train.adam_beta2=0.999", "optimizer.params.betas[1]", "0.95"),
+    ("train.clip_grad=0.5", "gradient_clipping", "1.0"),
+    ("train.warmup_steps=5", "scheduler.params.warmup_num_steps", "0"),
+    ("train.lr_decay_style=linear", "scheduler.type", "'constant'"),
+    ("parallel.micro_batch_size=8", "train_micro_batch_size_per_gpu", "2"),
+    ("parallel.tensor=2", "tensor_parallel.autotp_size", "1"),
+    ("output.tensorboard=false", "tensorboard.enabled", "True"),
+])
+def test_a_key_set_in_both_files_is_refused_naming_both(override, ds_key, ds_value):
+    """The DeepSpeed loop: the ds_config owns what DeepSpeed's engine reads; the run config's
+    key that says the same is refused when it disagrees, and taken when it agrees."""
+    from token_objectives.training.deepspeed import check_run_config
+
+    key, _, value = override.partition("=")
+    cfg = load_config(None, [*DS_RUN, override, "train.steps=100"])
+    with pytest.raises(ValueError, match=re.escape(f"{key} = ") + r".* in the run config, "
+                       + re.escape(f"{ds_key} = {ds_value} in the ds_config")) as refused:
+        check_run_config(cfg, DS_CONFIG)
+    assert "takes these from the ds_config: set them there (or with --ds-set)" in str(refused.value)
+    agreeing = {"train_micro_batch_size_per_gpu": 8, "tensorboard": {"enabled": False},
+                "gradient_clipping": 0.5}
+    if ds_key in agreeing:  # the same value in both files: nothing is ignored
+        check_run_config(cfg, {**DS_CONFIG, ds_key.split(".")[0]: agreeing[ds_key]})
+
+
+def test_the_global_batch_is_the_ds_configs():
+    from token_objectives.training.deepspeed import check_global_batch
+
+    check_global_batch(load_config(None, ["parallel.global_batch_size=8"]), 8)
+    check_global_batch(load_config(None), 16)
+    with pytest.raises(ValueError, match=r"^parallel\.global_batch_size = 8 in the run config, "
+                       r"but the ds_config gives 16 samples per step"):
+        check_global_batch(load_config(None, ["parallel.global_batch_size=8"]), 16)
+
+
+def test_a_token_objectives_section_is_refused_saying_where_each_key_goes():
+    """Our loop's objectives are the run config's; the section stays for users' own loops."""
+    from token_objectives.training.deepspeed import check_run_config
+
+    section = {"ntl": "was", "tokenizer": "t.model", "fused_lm_head": True,
+               "scheduled_sampling": {"enabled": True}}
+    with pytest.raises(ValueError, match='has a "token_objectives" section, which this loop '
+                       "does not read") as refused:
+        check_run_config(load_config(None, DS_RUN), {**DS_CONFIG, "token_objectives": section})
+    assert ("ntl -> objectives.ntl, tokenizer -> data.tokenizer, fused_lm_head -> "
+            "model.fused_lm_head, scheduled_sampling -> the scheduled_sampling section"
+            in str(refused.value))
+
+
+def test_keys_the_deepspeed_loop_does_not_read_are_named():
+    from token_objectives.training.deepspeed import check_run_config
+
+    cfg = load_config(None, [*DS_RUN, "model.num_layers=28", "parallel.pipeline=2",
+                             "train.keep_checkpoints=3"])
+    assert check_run_config(cfg, DS_CONFIG) == [
+        "model.num_layers = 28 is not read by the DeepSpeed loop: the model's shape is "
+        "model.hf_config's",
+        "parallel.pipeline = 2 is not read by the DeepSpeed loop: ZeRO and AutoTP are the "
+        "ds_config's",
+        "train.keep_checkpoints = 3 is not read by the DeepSpeed loop: every tag is kept"]
+    assert check_run_config(load_config(None, DS_RUN), DS_CONFIG) == []
+
+
+@pytest.mark.parametrize(("drop", "add", "says"), [
+    ("model.hf_config", None, "model.hf_config is not set"),
+    ("data.train_prefix", None, "data.train_prefix is not set"),
+    (None, "model.recompute=selective", "model.recompute: selective is the Megatron loop's"),
+])
+def test_the_deepspeed_loop_names_what_it_needs(drop, add, says):
+    from token_objectives.training.deepspeed import check_run_config
+
+    settings = [s for s in DS_RUN if not s.startswith(f"{drop}=")] + ([add] if add else [])
     with pytest.raises(ValueError, match="^" + re.escape(says)):
-        TrainArgs(model_config="m.json", data_prefix="d", ds_config={}, output_dir="o",
-                  **{field: value})
+        check_run_config(load_config(None, settings), DS_CONFIG)
 
 
 @pytest.mark.parametrize(("override", "says"), [

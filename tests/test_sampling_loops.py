@@ -227,32 +227,43 @@ def test_megatron_p1_inputs_are_the_model_predictions(data, tmp_path):
 # --------------------------------------------------------------------------------- DeepSpeed
 
 
-def _ds_config(data, directory: Path, name: str, sampling: dict | None, **overrides) -> Path:
+DS_RUN_CONFIG = REPO / "configs" / "deepspeed" / "tiny.yaml"
+
+
+def _ds_config(data, directory: Path, name: str, **overrides) -> Path:
     config = json.loads((REPO / "configs" / "deepspeed" / f"{name}.json").read_text())
     config["bf16"] = {"enabled": False}
     config["tensorboard"]["enabled"] = False
-    section = config["token_objectives"]
-    section.update(tokenizer=str(data.tokenizer_path), frequencies=str(data.frequencies_path))
-    section.pop("scheduled_sampling", None)
-    if sampling is not None:
-        section["scheduled_sampling"] = sampling
     config.update(overrides)
     path = directory / f"{name}-{len(list(directory.glob('*.json')))}.json"
     path.write_text(json.dumps(config))
     return path
 
 
-def deepspeed_probe(out: Path, configs: list[str]) -> None:
-    """Two steps per ds_config in this process; per-step rows and the final weights saved."""
+def _ds_settings(data) -> list[str]:
+    """The DeepSpeed loop's tiny run config on the test data, short sequences."""
+    return [f"data.tokenizer={data.tokenizer_path}", f"data.train_prefix={data.train_prefix}",
+            f"data.frequencies={data.frequencies_path}", f"model.seq_length={DS_SEQ_LENGTH}",
+            "train.steps=2"]
+
+
+def _sampling(**values) -> list[str]:
+    return [f"scheduled_sampling.{key}={json.dumps(value)}" for key, value in values.items()]
+
+
+def deepspeed_probe(out: Path, runs: list[str]) -> None:
+    """Two steps per ds_config[@SECTION.KEY=VALUE...] in this process (the run config is
+    DS_RUN_CONFIG with PROBE_RUN's settings); per-step rows and the final weights saved."""
     import torch.distributed as dist
 
-    from token_objectives.training.deepspeed import TrainArgs, Trainer
+    from token_objectives.training.config import load_config
+    from token_objectives.training.deepspeed import Trainer
 
-    for index, config in enumerate(configs):
-        trainer = Trainer(TrainArgs(
-            model_config=str(REPO / "configs" / "deepspeed" / "tiny_llama.json"),
-            data_prefix=os.environ["PROBE_DATA"], ds_config=json.loads(Path(config).read_text()),
-            output_dir=str(out / f"run{index}"), steps=2, seq_length=DS_SEQ_LENGTH))
+    for index, run in enumerate(runs):
+        config, *overrides = run.split("@")
+        cfg = load_config(DS_RUN_CONFIG, [*json.loads(os.environ["PROBE_RUN"]),
+                                          f"output.dir={out / f'run{index}'}", *overrides])
+        trainer = Trainer(cfg, json.loads(Path(config).read_text()))
         rows = [trainer.train_step().row for _ in range(2)]  # plain dicts for torch.load
         weights = {name: p.detach().clone() for name, p in trainer.engine.module.named_parameters()}
         torch.save({"rows": rows, "weights": weights},
@@ -262,11 +273,10 @@ def deepspeed_probe(out: Path, configs: list[str]) -> None:
 
 
 def test_deepspeed_p0_is_plain_training_bit_for_bit(data, tmp_path):
-    configs = [_ds_config(data, tmp_path, "zero2", None),
-               _ds_config(data, tmp_path, "zero2", {"enabled": True, "max_p": 0.0})]
-    command = torchrun_command(Path(__file__), "deepspeed-probe", str(tmp_path),
-                               *map(str, configs))
-    run_checked(command, env=dict(WORKER_ENV, PROBE_DATA=str(data.train_prefix)))
+    config = _ds_config(data, tmp_path, "zero2")
+    runs = [str(config), "@".join([str(config), *_sampling(enabled=True, max_p=0.0)])]
+    command = torchrun_command(Path(__file__), "deepspeed-probe", str(tmp_path), *runs)
+    run_checked(command, env=dict(WORKER_ENV, PROBE_RUN=json.dumps(_ds_settings(data))))
     for rank in (0, 1):
         plain = torch.load(tmp_path / f"run0_rank{rank}.pt")
         p0 = torch.load(tmp_path / f"run1_rank{rank}.pt")
@@ -279,15 +289,14 @@ def test_deepspeed_p0_is_plain_training_bit_for_bit(data, tmp_path):
 
 
 def test_deepspeed_autotp_sampling_runs_and_logs(data, tmp_path):
-    config = _ds_config(data, tmp_path, "autotp2",
-                        {"enabled": True, "max_p": 1.0, "mode": "sample", "temperature": 0.8},
-                        gradient_accumulation_steps=4,
+    config = _ds_config(data, tmp_path, "autotp2", gradient_accumulation_steps=4,
                         tensorboard={"enabled": True, "output_path": "", "job_name": "ss"})
+    settings = [*_ds_settings(data), f"output.dir={tmp_path / 'out'}",
+                *_sampling(enabled=True, max_p=1.0, mode="sample", temperature=0.8)]
     run_checked(torchrun_command(
-        REPO / "launch" / "pretrain_deepspeed.py", "--deepspeed_config", str(config),
-        "--model-config", str(REPO / "configs" / "deepspeed" / "tiny_llama.json"),
-        "--data-prefix", str(data.train_prefix), "--output-dir", str(tmp_path / "out"),
-        "--seq-length", str(DS_SEQ_LENGTH), "--steps", "2"))
+        REPO / "launch" / "pretrain_deepspeed.py", "--config", str(DS_RUN_CONFIG),
+        "--deepspeed_config", str(config),
+        *(item for value in settings for item in ("--set", value))))
     rows = metrics(tmp_path / "out")
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:

@@ -223,10 +223,11 @@ def test_gpu_scripts_dry_run_under_slurm(cluster, script, program, tmp_path):
     if script == "megatron_3b":
         assert "--config configs/llama3.2-3b.yaml --set parallel.tensor=2" in launch
     else:
-        assert "--model-config configs/deepspeed/llama3.2-3b.json" in launch
+        assert "--config configs/deepspeed/llama3.2-3b.yaml" in launch
+        assert "--set model.hf_config=configs/deepspeed/llama3.2-3b.json" in launch
         assert "3b_zero1.json" in launch and "tensor_parallel.autotp_size=2" in launch
         assert "scheduler.params.total_num_steps=100000" in launch
-        assert "--gradient-checkpointing" in launch
+        assert "--set model.recompute=full" in launch
         # 256 sequences = micro-batch 1 x DP 4 x accumulation 64
         assert "gradient_accumulation_steps=64" in launch
 

@@ -1,12 +1,18 @@
 """Pretraining a Hugging Face Llama under DeepSpeed (ZeRO-1/2/3, AutoTP) with the objectives.
 
-`run(args)` is the loop `launch/pretrain_deepspeed.py` starts under torchrun or the `deepspeed`
-launcher. The model is `LlamaForCausalLM` from a local config JSON (nothing is downloaded); the
-data is megatron-core's GPTDataset over .bin/.idx; the loss is the ds_config's
-"token_objectives" section (`deepspeed.from_ds_config`) on `engine(input_ids).logits`, never
-HF's built-in loss. Under AutoTP with `vocab_parallel_lm_head` the logits stay [b, s, V/tp].
-With the section's `fused_lm_head` the decoder's hidden states and the lm_head weight go to
-`Objective.fused` instead, and no logits are made (ZeRO-1/2, with or without AutoTP).
+`run(cfg, ds_config)` is the loop `launch/pretrain_deepspeed.py` starts under torchrun or the
+`deepspeed` launcher. Two files configure it, each setting in one of them (`check_run_config`):
+the YAML run config the Megatron loop reads too (training.config: steps, intervals, seed, data,
+output, objectives, scheduled sampling, model.hf_config, model.seq_length, model.recompute,
+model.fused_lm_head) and the ds_config, which keeps what DeepSpeed's engine reads (ZeRO, batch
+sizes, optimizer and scheduler, gradient clipping, bf16/fp16, AutoTP, monitors).
+
+The model is `LlamaForCausalLM` from model.hf_config, a local JSON (nothing is downloaded); the
+data is megatron-core's GPTDataset over .bin/.idx; the loss is the run config's objectives (an
+`Objective` under AutoTP's layout) on `engine(input_ids).logits`, never HF's built-in loss.
+Under AutoTP with `vocab_parallel_lm_head` the logits stay [b, s, V/tp]. With
+model.fused_lm_head the decoder's hidden states and the lm_head weight go to `Objective.fused`
+instead, and no logits are made (ZeRO-1/2, with or without AutoTP).
 The optimizer is torch's AdamW from the ds_config's "optimizer" params, passed as DeepSpeed's
 client optimizer (nothing JIT-built; see deepspeed_cpu for the other CPU workarounds).
 
@@ -18,10 +24,10 @@ where N is the GLOBAL count of counted tokens of the step (all micro-batches, al
 sum of PDL weights with pdl_normalization="weighted_mean"). DeepSpeed divides by gas in
 `engine.backward` and averages gradients over DP, so the gradient is that of sum(loss) / N.
 
-Batch-scheduled sampling (`"scheduled_sampling"` inside the "token_objectives" section, see
-docs/sampling.md): when p > 0, each micro-batch first runs through `engine(...)` under
-torch.no_grad() in eval mode; its logits ([b, s, V/tp] under AutoTP with a vocab-parallel
-lm_head) become ids without a vocab gather, and the training pass runs on the mixed inputs.
+Batch-scheduled sampling (the run config's `scheduled_sampling` section, docs/sampling.md): when
+p > 0, each micro-batch first runs through `engine(...)` under torch.no_grad() in eval mode; its
+logits ([b, s, V/tp] under AutoTP with a vocab-parallel lm_head) become ids without a vocab
+gather, and the training pass runs on the mixed inputs.
 """
 
 from __future__ import annotations
@@ -34,9 +40,10 @@ import os
 import re
 import shutil
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -46,18 +53,20 @@ import torch.distributed as dist
 from token_objectives.integrations.deepspeed import cpu as deepspeed_cpu
 from token_objectives.integrations.deepspeed.checkpoint_writes import deferred_write_errors
 from token_objectives.integrations.deepspeed.section import (
+    SECTION,
     DeepSpeedObjectives,
-    from_ds_config,
     log_components,
-    read_section,
     tensor_parallel_group,
     vocab_parallel_head_shard,
 )
+from token_objectives.objectives.config import ObjectiveConfig
 from token_objectives.objectives.loss import ObjectiveOutput
+from token_objectives.objectives.objective import Objective
 from token_objectives.scheduled_sampling.mix import ScheduledSampler, sample_indices
 from token_objectives.tables.tokenizers import tokenizer_identity
 from token_objectives.training import checkpointing, run_stamp
 from token_objectives.training.checkpointing import write_atomically
+from token_objectives.training.config import RunConfig
 from token_objectives.training.gpt_data import (
     MegatronTokenizer,
     Repeated,
@@ -82,36 +91,6 @@ METRICS = "metrics.jsonl"
 VOCAB_MULTIPLE = 64  # the model vocab is the tokenizer's, padded to a multiple of this
 _OPTIMIZER_KEYS = {"lr", "betas", "eps", "weight_decay"}
 
-
-@dataclass
-class TrainArgs:
-    """What one run needs (the CLI's flags). ds_config: the parsed ds_config dict."""
-
-    model_config: str
-    data_prefix: str
-    ds_config: dict
-    output_dir: str
-    steps: int = 100
-    save_interval: int = 0
-    seed: int = 1234
-    seq_length: int = 128
-    max_skipped_steps: int = 10  # stop after N updates in a row DeepSpeed skipped; 0: never
-    on_corrupt_checkpoint: str = "fallback"  # "fallback" (to the previous tag) | "stop"
-    gradient_checkpointing: bool = False  # recompute each decoder layer in backward
-    # A resume with another optimizer schedule / other objectives than the checkpoint's:
-    # run_stamp.RESUME_SCHEDULE ("refuse", "override", "checkpoint") / RESUME_OBJECTIVES.
-    resume_schedule: str = "refuse"
-    resume_objectives: str = "refuse"
-
-    def __post_init__(self) -> None:
-        for flag, name, least in (("--steps", "steps", 1), ("--seq-length", "seq_length", 1),
-                                  ("--save-interval", "save_interval", 0),
-                                  ("--max-skipped-steps", "max_skipped_steps", 0),
-                                  ("--seed", "seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                what = "a positive integer" if least == 1 else f"an integer >= {least}"
-                raise ValueError(f"{flag} must be {what}, got {value!r}")
 
 format_row = format_step
 
@@ -216,16 +195,16 @@ def zero_stage(ds_config: Mapping[str, Any] | None) -> int:
     return int(zero.get("stage", 0)) if isinstance(zero, Mapping) else 0
 
 
-def uses_fused_head(section, ds_config: Mapping[str, Any]) -> bool:
-    """Whether the "token_objectives" section asks for the fused LM head, which needs the
-    lm_head weight (or its AutoTP shard) whole on each rank."""
-    if section.fused_lm_head and zero_stage(ds_config) == 3:
+def uses_fused_head(model, ds_config: Mapping[str, Any]) -> bool:
+    """Whether model.fused_lm_head (the run config's model section) asks for the fused LM head,
+    which needs the lm_head weight (or its AutoTP shard) whole on each rank."""
+    if model.fused_lm_head and zero_stage(ds_config) == 3:
         raise ValueError(
-            'ds_config["token_objectives"].fused_lm_head needs the whole lm_head weight on each '
-            "rank, which ZeRO stage 3 partitions: use stage 1 or 2 (with AutoTP for a "
-            "vocab-parallel head), or set fused_lm_head to false"
+            "model.fused_lm_head needs the whole lm_head weight on each rank, which ZeRO stage 3 "
+            "partitions: use stage 1 or 2 (with AutoTP for a vocab-parallel head), or set "
+            "model.fused_lm_head: false"
         )
-    return section.fused_lm_head
+    return model.fused_lm_head
 
 
 def with_output_paths(ds_config: dict, output_dir: str | Path) -> dict:
@@ -236,6 +215,137 @@ def with_output_paths(ds_config: dict, output_dir: str | Path) -> dict:
         if isinstance(section, dict) and section.get("enabled") and not section.get("output_path"):
             section["output_path"] = str(Path(output_dir) / folder)
     return config
+
+
+# ----------------------------------------------------------------------------------- run config
+
+# Run-config keys the DeepSpeed loop does not read, and why (a value away from the default is
+# named in a warning).
+_NOT_READ = {
+    **{f"model.{key}": "the model's shape is model.hf_config's" for key in (
+        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+        "normalization", "norm_epsilon", "swiglu", "rotary_base", "tie_embeddings",
+        "init_method_std", "vocab_size", "make_vocab_size_divisible_by", "layer_spec")},
+    **{f"parallel.{key}": "ZeRO and AutoTP are the ds_config's" for key in (
+        "pipeline", "use_distributed_optimizer", "overlap_grad_reduce", "overlap_param_gather",
+        "sequence_parallel")},
+    "train.keep_checkpoints": "every tag is kept",
+    **{key: "no greedy evaluation in this loop (run `token-objectives evaluate`)" for key in (
+        "train.eval_interval", "train.eval_batch_size", "train.eval_max_new_tokens",
+        "data.eval_data")},
+}
+# The ds_config's "token_objectives" keys and where the run config holds them.
+_SECTION_HOMES = {"tokenizer": "data.tokenizer", "frequencies": "data.frequencies",
+                  "number_tokens": "data.number_tokens", "fused_lm_head": "model.fused_lm_head",
+                  "scheduled_sampling": "the scheduled_sampling section",
+                  **{f.name: f"objectives.{f.name}" for f in fields(ObjectiveConfig)}}
+_DECAY_STYLES = {None: "constant", "WarmupLR": "constant", "WarmupDecayLR": "linear",
+                 "WarmupCosineLR": "cosine"}
+
+
+def _engine_values(ds_config: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
+    """Run-config key -> (the ds_config key that owns it here, its value there, with
+    DeepSpeed's and split_optimizer's defaults). The global batch is checked once the engine
+    has it (Trainer)."""
+    params = (ds_config.get("optimizer") or {}).get("params") or {}
+    lr = params.get("lr", 1e-3)
+    betas = list(params.get("betas", (0.9, 0.95))) + [None, None]
+    scheduler = ds_config.get("scheduler") or {}
+    kind, schedule = scheduler.get("type"), scheduler.get("params") or {}
+    min_lr = {None: lr, "WarmupLR": lr, "WarmupDecayLR": 0.0,
+              "WarmupCosineLR": lr * schedule.get("cos_min_ratio", 1e-4)}.get(kind)
+    bf16, fp16 = ((ds_config.get(name) or {}).get("enabled") for name in ("bf16", "fp16"))
+    values = {
+        "train.lr": ("optimizer.params.lr", lr),
+        "train.adam_beta1": ("optimizer.params.betas[0]", betas[0]),
+        "train.adam_beta2": ("optimizer.params.betas[1]", betas[1]),
+        "train.weight_decay": ("optimizer.params.weight_decay", params.get("weight_decay", 0.01)),
+        "train.clip_grad": ("gradient_clipping", ds_config.get("gradient_clipping", 0.0)),
+        "train.warmup_steps": ("scheduler.params.warmup_num_steps",
+                               schedule.get("warmup_num_steps", 1000) if kind else 0),
+        "train.min_lr": ("scheduler (its floor: optimizer.params.lr x cos_min_ratio)", min_lr),
+        "train.lr_decay_style": ("scheduler.type", _DECAY_STYLES.get(kind, kind)),
+        "parallel.tensor": ("tensor_parallel.autotp_size",
+                            (ds_config.get("tensor_parallel") or {}).get("autotp_size", 1)),
+        "model.dtype": ("bf16.enabled / fp16.enabled",
+                        "bf16" if bf16 else "fp16" if fp16 else "fp32"),
+        "output.tensorboard": ("tensorboard.enabled",
+                               bool((ds_config.get("tensorboard") or {}).get("enabled"))),
+    }
+    micro = ds_config.get("train_micro_batch_size_per_gpu")
+    if isinstance(micro, int):
+        values["parallel.micro_batch_size"] = ("train_micro_batch_size_per_gpu", micro)
+    return values
+
+
+def _set_values(cfg: RunConfig) -> dict[str, Any]:
+    """`section.key` -> value for every run-config key set away from its default."""
+    found = {}
+    for name in ("model", "parallel", "train", "data", "output"):
+        section = getattr(cfg, name)
+        found.update({f"{name}.{f.name}": getattr(section, f.name) for f in fields(section)
+                      if getattr(section, f.name) != f.default})
+    return found
+
+
+def _agrees(ours: Any, theirs: Any) -> bool:
+    if isinstance(ours, float) and isinstance(theirs, (int, float)):
+        return math.isclose(ours, theirs, rel_tol=1e-9)
+    return ours == theirs
+
+
+def check_run_config(cfg: RunConfig, ds_config: Mapping[str, Any]) -> list[str]:
+    """Refuse a setting both files make; return a note per run-config key this loop does not
+    read (set away from its default).
+
+    Each setting has one owner. The ds_config owns what DeepSpeed's engine reads: a run-config
+    key that could say the same (train.lr, train.adam_beta1/2, train.weight_decay,
+    train.clip_grad, train.warmup_steps, train.min_lr, train.lr_decay_style, parallel.tensor,
+    parallel.micro_batch_size, model.dtype, output.tensorboard) must keep its default or agree.
+    The run config owns the objectives: a ds_config "token_objectives" section is refused (it
+    stays the door for a user's own loop, `section.from_ds_config`).
+    """
+    if ds_config.get(SECTION) is not None:
+        section = ds_config[SECTION]
+        moves = [f"{key} -> {_SECTION_HOMES.get(key, 'no such key')}"
+                 for key in (section if isinstance(section, Mapping) else {})]
+        raise ValueError(
+            f'the ds_config has a "{SECTION}" section, which this loop does not read: its '
+            f"objectives are the run config's (objectives, scheduled_sampling, data.tokenizer, "
+            f"data.frequencies, data.number_tokens, model.fused_lm_head). Move each key "
+            f"({', '.join(moves) or 'none'}) into the run config and delete the section")
+    if cfg.model.hf_config is None:
+        raise ValueError("model.hf_config is not set: the DeepSpeed loop's model is a local "
+                         "LlamaConfig JSON (e.g. configs/deepspeed/tiny_llama.json)")
+    if cfg.model.recompute_mode == "selective":
+        raise ValueError("model.recompute: selective is the Megatron loop's; the DeepSpeed loop "
+                         "recomputes whole decoder layers: set model.recompute: full or none")
+    for key in ("data.train_prefix", "data.tokenizer"):
+        if getattr(cfg.data, key.split(".")[1]) is None:
+            raise ValueError(f"{key} is not set: the DeepSpeed loop needs it")
+    set_here = _set_values(cfg)
+    clashes = [f"{key} = {set_here[key]!r} in the run config, {owner} = {value!r} in the "
+               f"ds_config" for key, (owner, value) in _engine_values(ds_config).items()
+               if key in set_here and not _agrees(set_here[key], value)]
+    if clashes:
+        raise ValueError(
+            f"{'; '.join(clashes)}. The DeepSpeed loop takes these from the ds_config: set "
+            f"them there (or with --ds-set) and leave the run-config keys out, or make both "
+            f"equal")
+    return [f"{key} = {set_here[key]!r} is not read by the DeepSpeed loop: {why}"
+            for key, why in _NOT_READ.items() if key in set_here]
+
+
+def check_global_batch(cfg: RunConfig, global_batch: int) -> None:
+    """parallel.global_batch_size, when set, must be the engine's (from the ds_config)."""
+    wanted = cfg.parallel.global_batch_size
+    if wanted is not None and wanted != global_batch:
+        raise ValueError(
+            f"parallel.global_batch_size = {wanted} in the run config, but the ds_config gives "
+            f"{global_batch} samples per step (train_micro_batch_size_per_gpu x "
+            f"gradient_accumulation_steps x data-parallel size): the DeepSpeed loop takes the "
+            f"batch sizes from the ds_config; set them there and leave "
+            f"parallel.global_batch_size out, or make both equal")
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -392,56 +502,58 @@ class Trainer:
     """The engine, objectives and data of one run (every rank builds one); `loop.run_loop`
     runs it."""
 
-    def __init__(self, args: TrainArgs) -> None:
+    def __init__(self, cfg: RunConfig, ds_config: dict) -> None:
+        """cfg: the YAML run config (training.config.load_config); ds_config: the parsed
+        ds_config dict (load_ds_config)."""
         import deepspeed
 
-        self.args = args
+        self.cfg, self.ds_config = cfg, ds_config
+        unread = check_run_config(cfg, ds_config)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         deepspeed_cpu.init_distributed()
-        section = read_section(args.ds_config)
-        if section is None:
-            raise ValueError('the ds_config has no "token_objectives" section')
-        if section.tokenizer is None:
-            raise ValueError('ds_config["token_objectives"].tokenizer is needed (the data\'s '
-                             "end-of-document id and the number tokens)")
-        self.tokenizer = MegatronTokenizer(section.tokenizer)
-        model_config = llama_config(args.model_config, self.tokenizer.vocab_size)
+        if dist.get_rank() == 0:
+            for note in unread:
+                warnings.warn(note, stacklevel=2)
+        seed, data = cfg.train.seed, cfg.data
+        self.tokenizer = MegatronTokenizer(data.tokenizer)
+        model_config = llama_config(cfg.model.hf_config, self.tokenizer.vocab_size)
         self.vocab_size = model_config.vocab_size
-        self.objectives = from_ds_config(args.ds_config, vocab_size=self.vocab_size,
-                                         real_vocab_size=self.tokenizer.vocab_size)
-        sampling = section.sampling_config()
+        self.objectives = DeepSpeedObjectives(Objective.build(
+            cfg.objectives, tokenizer=data.tokenizer, frequencies=data.frequencies,
+            vocab_size=self.vocab_size, real_vocab_size=self.tokenizer.vocab_size,
+            number_tokens=data.number_tokens))
         self.sampler = None
-        if sampling.enabled:
-            self.sampler = ScheduledSampler(sampling, args.seed, self.tokenizer.eod,
+        if cfg.scheduled_sampling.enabled:
+            self.sampler = ScheduledSampler(cfg.scheduled_sampling, seed, self.tokenizer.eod,
                                             real_vocab=self.tokenizer.vocab_size,
                                             pad_id=self.tokenizer.pad)
 
-        self.fused_head = uses_fused_head(section, args.ds_config)
-        optimizer, ds_config = split_optimizer(args.ds_config)
-        ds_config = with_output_paths(ds_config, args.output_dir)
-        model = build_model(model_config, args.seed, ds_config)
-        if args.gradient_checkpointing:  # torch.utils.checkpoint per decoder layer
+        self.fused_head = uses_fused_head(cfg.model, ds_config)
+        optimizer, engine_config = split_optimizer(ds_config)
+        engine_config = with_output_paths(engine_config, cfg.output.dir)
+        model = build_model(model_config, seed, engine_config)
+        if cfg.model.recompute_mode == "full":  # torch.utils.checkpoint per decoder layer
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                    config=ds_config)
+                                                    config=engine_config)
         self.head_shard = vocab_parallel_head_shard(self.engine.module)
         self.objectives.use_head_shard(self.head_shard)
         self.dp_rank, self.dp_size = data_parallel()
         self.gas = self.engine.gradient_accumulation_steps()
         self.micro_batch_size = self.engine.train_micro_batch_size_per_gpu()
         self.global_batch = self.micro_batch_size * self.gas * self.dp_size
-        out = Path(args.output_dir)
+        check_global_batch(cfg, self.global_batch)
+        out = Path(cfg.output.dir)
         self.checkpoint_dir = out / CHECKPOINTS
-        self.dataset = Repeated(gpt_dataset(args.data_prefix, args.seq_length, args.seed,
+        self.dataset = Repeated(gpt_dataset(data.train_prefix, cfg.model.seq_length, seed,
                                             self.tokenizer, None, out / "data_cache"))
         self.stamp = run_stamp.deepspeed_stamp(
-            model_config, args.ds_config.get("optimizer", {}), args.ds_config.get("scheduler"),
-            self.global_batch, section, tokenizer_identity(self.tokenizer._tokenizer),
-            section.objective_config())
+            model_config, ds_config.get("optimizer", {}), ds_config.get("scheduler"),
+            self.global_batch, cfg, tokenizer_identity(self.tokenizer._tokenizer))
         self.step = 0
-        self.skipped = SkippedSteps(args.max_skipped_steps, "--max-skipped-steps")
+        self.skipped = SkippedSteps(cfg.train.max_skipped_steps, "train.max_skipped_steps")
         logging = dist.get_rank() == 0
         monitor = getattr(self.engine, "monitor", None)
         sink = None
@@ -533,7 +645,7 @@ class Trainer:
     def train_step(self) -> StepRecord:
         """One optimizer step over the global batch. Raises FloatingPointError before
         engine.step() when a loss component is inf or NaN, or (without fp16) a gradient is (the
-        update is not applied), and after args.max_skipped_steps updates in a row that DeepSpeed
+        update is not applied), and after train.max_skipped_steps updates in a row that DeepSpeed
         skipped (its fp16 loss scaler's overflows, which lower the scale and are not fatal)."""
         start = time.perf_counter()
         batches = self.step_batches(self.step)
@@ -557,7 +669,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         return StepRecord(self.step, values, self.engine.get_lr()[0],
                           float(grad_norm) if grad_norm is not None else None,
-                          self.global_batch * self.args.seq_length / elapsed, sampling)
+                          self.global_batch * self.cfg.model.seq_length / elapsed, sampling)
 
     def close(self) -> None:
         self.metrics.close()
@@ -634,7 +746,7 @@ class Trainer:
         """Load the tag `latest` names, if any, once its files match its manifest; returns its
         step. A corrupt tag is reported and skipped for the previous one (on_corrupt_checkpoint
         "fallback": `latest` is rewritten to it) or stops the run ("stop")."""
-        policy = self.args.on_corrupt_checkpoint
+        policy = self.cfg.train.on_corrupt_checkpoint
         checkpointing.check_policy(policy)
         tag = self._latest_tag()
         if tag is None:
@@ -649,7 +761,7 @@ class Trainer:
             checkpointing.handle_corrupt(
                 self.checkpoint_dir / tag, problem, policy,
                 None if fallback is None else self.checkpoint_dir / fallback,
-                f"{self._earlier_tags_fix(tag)}, or pass --on-corrupt-checkpoint fallback")
+                f"{self._earlier_tags_fix(tag)}, or set train.on_corrupt_checkpoint=fallback")
             if dist.get_rank() == 0:
                 if fallback is None:
                     (self.checkpoint_dir / "latest").unlink()
@@ -659,13 +771,14 @@ class Trainer:
             if fallback is None:
                 return None
             tag = fallback
+        train = self.cfg.train
         found = run_stamp.check_resume(self.checkpoint_dir / tag, self.stamp,
-                                       self.args.resume_schedule, self.args.resume_objectives,
-                                       "--resume-schedule", "--resume-objectives")
+                                       train.resume_schedule, train.resume_objectives,
+                                       "train.resume_schedule", "train.resume_objectives")
         override = found is not None and bool(found.schedule) and \
-            self.args.resume_schedule == "override"
+            train.resume_schedule == "override"
         if found is not None:
-            self.stamp = found.effective(self.stamp, self.args.resume_schedule)
+            self.stamp = found.effective(self.stamp, train.resume_schedule)
         try:
             path, state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag,
                                                       load_lr_scheduler_states=not override)
@@ -684,7 +797,7 @@ class Trainer:
     def _override_schedule(self) -> None:
         """The ds_config's optimizer params and scheduler from the resumed step on: the loaded
         optimizer state came back with the checkpoint's lr, betas, eps and weight decay."""
-        params = dict(self.args.ds_config.get("optimizer", {}).get("params", {}))
+        params = dict(self.ds_config.get("optimizer", {}).get("params", {}))
         for group in self.engine.optimizer.param_groups:
             for key in ("lr", "eps"):
                 if key in params:
@@ -698,8 +811,11 @@ class Trainer:
             scheduler.step(self.step - 1)
 
 
-def run(args: TrainArgs, printer=print) -> RunResult:
-    """Train to args.steps, resuming from `latest`; saves every save_interval steps, at the end,
-    and on SIGUSR1 / SIGTERM (then returns with stopped_by_signal)."""
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    return run_loop(lambda: Trainer(args), args.steps, args.save_interval, printer=printer)
+def run(cfg: RunConfig, ds_config: dict, printer=print) -> RunResult:
+    """Train to train.steps, resuming from `latest`; saves every train.save_interval steps, at
+    every train.exit_interval (then returns), at the end, and on SIGUSR1 / SIGTERM (then
+    returns with stopped_by_signal). ds_config: the parsed ds_config (load_ds_config)."""
+    Path(cfg.output.dir).mkdir(parents=True, exist_ok=True)
+    train = cfg.train
+    return run_loop(lambda: Trainer(cfg, ds_config), train.steps, train.save_interval,
+                    train.log_interval, None, train.exit_interval, printer)

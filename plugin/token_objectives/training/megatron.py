@@ -25,6 +25,7 @@ import math
 import os
 import re
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -281,6 +282,10 @@ class Trainer:
 
         self.cfg = cfg
         init_distributed()
+        if cfg.model.hf_config is not None and dist.get_rank() == 0:
+            warnings.warn(f"model.hf_config = {cfg.model.hf_config!r} is not read by the Megatron "
+                          f"loop: its GPT is the model section's shape (model.num_layers, ...); "
+                          f"hf_config is the DeepSpeed loop's model", stacklevel=2)
         if cpu_patches.needed():
             cpu_patches.apply()
         parallel_state.destroy_model_parallel()

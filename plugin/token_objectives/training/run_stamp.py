@@ -85,11 +85,11 @@ def megatron_stamp(cfg, padded_vocab: int, global_batch: int, tokenizer_identity
 
 
 def deepspeed_stamp(model_config, optimizer: Mapping[str, Any], scheduler: Any,
-                    global_batch: int, section, tokenizer_identity: str | None,
-                    objective_config) -> dict:
+                    global_batch: int, cfg, tokenizer_identity: str | None) -> dict:
     """The stamp of a DeepSpeed-loop run: the HF model config's shape, ds_config's optimizer
-    params and scheduler section (whose total_num_steps is the schedule's length: --steps
-    alone may grow on a resume), and the "token_objectives" section."""
+    params and scheduler section (whose total_num_steps is the schedule's length: train.steps
+    alone may grow on a resume), and the run config's (training.config.RunConfig) objectives
+    as megatron_stamp has them."""
     shape = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
              "num_key_value_heads", "vocab_size", "tie_word_embeddings")
     params = dict(optimizer.get("params", {}))
@@ -100,9 +100,8 @@ def deepspeed_stamp(model_config, optimizer: Mapping[str, Any], scheduler: Any,
                for k, v in sorted(params.items())},
             "scheduler": scheduler, "global batch (samples)": global_batch,
         },
-        "objectives": objectives_section(objective_config, section.number_tokens,
-                                         tokenizer_identity, section.frequencies,
-                                         prefix="token_objectives."),
+        "objectives": objectives_section(cfg.objectives, cfg.data.number_tokens,
+                                         tokenizer_identity, cfg.data.frequencies),
         "layout": {},
     }
 
@@ -124,7 +123,11 @@ def read_stamp(directory: str | Path) -> dict | None:
     path = Path(directory) / STAMP_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    stamp = json.loads(path.read_text(encoding="utf-8"))
+    # DeepSpeed-loop stamps from when the objectives were a ds_config section: the same values.
+    stamp["objectives"] = {key.replace("token_objectives.", "objectives.", 1): value
+                           for key, value in stamp.get("objectives", {}).items()}
+    return stamp
 
 
 @dataclass(frozen=True)
