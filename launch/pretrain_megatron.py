@@ -12,12 +12,6 @@ from __future__ import annotations
 import argparse
 import warnings
 
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
-
-from token_objectives.training.config import load_config  # noqa: E402
-from token_objectives.training.loop import finish_distributed  # noqa: E402
-from token_objectives.training.megatron import run  # noqa: E402
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -26,6 +20,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="override one config value")
     args = parser.parse_args(argv)
+    # Imported here, not at the top: the checkpoint writer's helper process (spawned, so it
+    # re-reads this file) then starts without torch and megatron-core.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
+    from token_objectives.training.config import load_config
+    from token_objectives.training.loop import finish_distributed
+    from token_objectives.training.megatron import run
+
     result = run(load_config(args.config, args.overrides))
     finish_distributed()
     return 0 if result.last_step > 0 or result.stopped_by_signal else 1

@@ -14,22 +14,32 @@ Subpackages by role (each one's docstring says what it may import):
 
 from __future__ import annotations
 
-from token_objectives.objectives import (
-    Objective,
-    ObjectiveConfig,
-    ObjectiveOutput,
-    fused_linear_objective_loss,
-    objective_loss,
-)
-from token_objectives.tables.numbers import NumberTable
+import importlib
+
 from token_objectives.version import __version__
 
-__all__ = [
-    "NumberTable",
-    "Objective",
-    "ObjectiveConfig",
-    "ObjectiveOutput",
-    "__version__",
-    "fused_linear_objective_loss",
-    "objective_loss",
-]
+# The public names, imported on first use: `import token_objectives.<module>` (the CLI, a
+# checkpoint writer's spawned helper process) loads neither torch nor the objectives unless it
+# needs them.
+_PUBLIC = {
+    "NumberTable": "token_objectives.tables.numbers",
+    "Objective": "token_objectives.objectives.objective",
+    "ObjectiveConfig": "token_objectives.objectives.config",
+    "ObjectiveOutput": "token_objectives.objectives.loss",
+    "fused_linear_objective_loss": "token_objectives.objectives.objective",
+    "objective_loss": "token_objectives.objectives.objective",
+}
+
+__all__ = [*sorted(_PUBLIC), "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'token_objectives' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
