@@ -1,5 +1,5 @@
-"""Shared fixtures: locally built tokenizers, one pool of gloo worker processes per session and a
-one-process gloo group per module."""
+"""Shared fixtures: locally built tokenizers, the quickstart's data and one pool of gloo worker
+processes per session, and a one-process gloo group per module."""
 
 import importlib.util
 
@@ -20,6 +20,16 @@ def pool4():
     pool = WorkerPool(4)
     yield pool
     pool.close()
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """The quickstart's data, built once a session (300 documents: the tokenizer, whose digits
+    are number tokens and </s> = 2, the train/valid .bin/.idx and the frequency file). Runs
+    only read it: megatron-core's index cache goes under each run's output directory."""
+    from token_objectives.quickstart.build_data import build_quickstart_data
+
+    return build_quickstart_data(tmp_path_factory.mktemp("quickstart_data"), num_documents=300)
 
 
 @pytest.fixture(scope="module")

@@ -50,13 +50,6 @@ PRELOAD = [
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from token_objectives.quickstart.build_data import build_quickstart_data
-
-    return build_quickstart_data(tmp_path_factory.mktemp("data"), num_documents=300)
-
-
-@pytest.fixture(scope="module")
 def launcher():
     pytest.importorskip("deepspeed")
     pytest.importorskip("transformers")

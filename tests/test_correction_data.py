@@ -96,14 +96,6 @@ def _deepspeed_probe(out: Path, prefix: str, tokenizer: str, frequencies: str,
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """The quickstart's tokenizer (digits are number tokens, </s> = 2) and PDL counts."""
-    from token_objectives.quickstart.build_data import build_quickstart_data
-
-    return build_quickstart_data(tmp_path_factory.mktemp("quickstart"), num_documents=300)
-
-
-@pytest.fixture(scope="module")
 def questions() -> list[dict]:
     """32 prompts of different lengths (so batches need left padding) and their answers."""
     rng = random.Random(0)

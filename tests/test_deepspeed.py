@@ -308,13 +308,6 @@ def ds_config(data, directory: Path, name: str, **overrides) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from token_objectives.quickstart.build_data import build_quickstart_data
-
-    return build_quickstart_data(tmp_path_factory.mktemp("data"), num_documents=300)
-
-
 def _probe(data, out: Path, runs: dict[str, Path]) -> None:
     command = torchrun_command(Path(__file__), "probe", str(out),
                         *(f"{name}={path}" for name, path in runs.items()))

@@ -195,13 +195,10 @@ def test_evaluate_a_local_hf_model_end_to_end(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def megatron_run(tmp_path_factory):
+def megatron_run(data, tmp_path_factory):
     """2 steps at TP = 2 with sequence parallelism and train.eval_interval = 2 on five problems
     (evaluate then reads the checkpoint at TP = 1 without it)."""
-    from token_objectives.quickstart.build_data import build_quickstart_data
-
     root = tmp_path_factory.mktemp("megatron_eval")
-    data = build_quickstart_data(root / "data", num_documents=300)
     problems = root / "eval.jsonl"
     problems.write_text(PROBLEMS_JSONL)
     settings = [f"data.tokenizer={data.tokenizer_path}", f"data.train_prefix={data.train_prefix}",
@@ -296,7 +293,8 @@ def test_eval_settings_are_checked():
     with pytest.raises(ValueError, match=r"not supported with parallel\.pipeline > 1"):
         load_config(None, ["train.eval_interval=5", "data.eval_data=x.jsonl",
                            "parallel.pipeline=2"])
-    with pytest.raises(ValueError, match=r"train\.eval_max_new_tokens must be a positive"):
+    with pytest.raises(ValueError,
+                       match=r"train\.eval_max_new_tokens: expected an int >= 1, got 0"):
         load_config(None, ["train.eval_max_new_tokens=0"])
     with pytest.raises(ValueError, match="eval_intervals"):
         load_config(None, ["train.eval_intervals=5"])

@@ -55,7 +55,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torchrun_helpers import REPO, TINY_MEGATRON, WORKER_ENV, torchrun_command  # noqa: E402
 from torchrun_helpers import read_metrics as metrics  # noqa: E402
 
-from token_objectives.quickstart.build_data import build_quickstart_data  # noqa: E402
 from token_objectives.training.checkpointing import step_dir  # noqa: E402
 
 ENTRY_POINT = REPO / "tests" / "megatron_lm" / "pretrain_gpt.py"
@@ -136,9 +135,8 @@ def checkpoint(directory: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("megatron_lm")
-    data = build_quickstart_data(root / "data", num_documents=300)
     run_ours(data, root / "ours")
     straight, straight_log = run_megatron_lm(
         data, root / "straight", "--save", str(root / "straight" / "checkpoints"),

@@ -22,7 +22,6 @@ from torchrun_helpers import REPO, WORKER_ENV, check, free_port, small_tmpfs, to
 from torchrun_helpers import TINY_MEGATRON as TINY
 from torchrun_helpers import read_metrics as metrics
 
-from token_objectives.quickstart.build_data import build_quickstart_data
 from token_objectives.training import checkpointing
 from token_objectives.training.checkpointing import (
     COMPLETE_MARKER,
@@ -30,11 +29,6 @@ from token_objectives.training.checkpointing import (
     latest_complete_step,
     step_dir,
 )
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return build_quickstart_data(tmp_path_factory.mktemp("data"), num_documents=300)
 
 
 def _command(data, out: Path, nproc: int, overrides) -> list[str]:

@@ -70,13 +70,6 @@ def tensorboard_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
             for tag in events.Tags()["scalars"]}
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from token_objectives.quickstart.build_data import build_quickstart_data
-
-    return build_quickstart_data(tmp_path_factory.mktemp("data"), num_documents=300)
-
-
 # ---------------------------------------------------------------------------------- Megatron
 
 

@@ -37,7 +37,6 @@ from slurm_jobs import (
     wait_for_steps,
 )
 
-from token_objectives.quickstart.build_data import build_quickstart_data
 from token_objectives.training.checkpointing import latest_complete_step
 
 GPU_SCRIPTS = ("megatron_3b", "deepspeed_3b")
@@ -51,11 +50,6 @@ def cluster(tmp_path_factory):
         pytest.skip(str(why))
     yield started
     started.stop()
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return build_quickstart_data(tmp_path_factory.mktemp("data"), num_documents=300)
 
 
 def _node(cluster: Cluster) -> dict[str, str]:

@@ -44,7 +44,6 @@ from slurm_jobs import (
     wait_for_steps,
 )
 
-from token_objectives.quickstart.build_data import build_quickstart_data
 from token_objectives.training.checkpointing import latest_complete_step, manifest_problem
 
 STEPS = 20
@@ -69,11 +68,6 @@ def hosts(munge, tmp_path_factory):
         pytest.skip(f"no two-host SLURM here: {why}")
     yield cluster
     cluster.stop()
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return build_quickstart_data(tmp_path_factory.mktemp("data"), num_documents=300)
 
 
 def two_host_env(data, workers: int, *settings: str) -> dict[str, str]:
