@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Installs the package with its test extra (CPU torch, megatron-core 0.16.1) and megatron-core
-# 0.19.2 in a folder beside it, then runs lint, the whole suite under megatron-core 0.16, and
-# every tests/test_megatron_*.py again under 0.19.2 (first on PYTHONPATH). One run after the
-# other: the SLURM tests wait on real schedulers with time limits, which a second run beside
-# them on 2 cores pushed past (measured). Arguments go to the whole-suite run. Exits non-zero
-# when either run fails.
+# 0.19.2 in a folder beside it, then runs lint and the tests in two streams side by side (most
+# tests start processes, whose start-up leaves a core idle part of the time):
+#   A: every tests/test_megatron_*.py under megatron-core 0.19.2, then the SLURM and Triton
+#      files under 0.16;
+#   B: every other file under 0.16 (the Megatron files included).
+# So the Megatron tests run under both versions and every other test once. Arguments go to both
+# 0.16 runs. Each run's summary is printed at the end (its whole log when one fails); the exit
+# status is non-zero when any run fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet "torch==2.13.0" -e ".[test]"
@@ -25,10 +28,43 @@ fi
 python3 -m ruff check plugin tests launch
 NEWER="${PWD}/${MCORE19}/site${PYTHONPATH:+:${PYTHONPATH}}"
 version='from megatron.core import package_info as p; print("megatron-core", p.__shortversion__)'
+OLD_VERSION=$(python3 -W ignore -c "${version}")
+NEW_VERSION=$(PYTHONPATH="${NEWER}" python3 -W ignore -c "${version}")
+export OMP_NUM_THREADS=1
+LATER_A=(tests/test_slurm.py tests/test_slurm_multinode.py tests/test_triton_kernel.py)
+LOGS=build/test-logs
+rm -rf "${LOGS}"
+mkdir -p "${LOGS}"
+pytest_run() {  # pytest_run LOG BASETEMP ARGS...: one pytest run, its output to LOGS/LOG.log
+    local log=$1 basetemp=$2
+    shift 2
+    python3 -m pytest -q -p no:cacheprovider --basetemp="${basetemp}" "$@" \
+        >"${LOGS}/${log}.log" 2>&1
+}
+stream_a() {
+    local status=0
+    PYTHONPATH="${NEWER}" pytest_run a-megatron "build/pytest-a-0.19" tests/test_megatron_*.py \
+        || status=$?
+    pytest_run a-slurm-triton "build/pytest-a" "${LATER_A[@]}" "$@" || status=$?
+    return "${status}"
+}
+echo "== stream A: tests/test_megatron_*.py under ${NEW_VERSION}, then" \
+    "${LATER_A[*]} under ${OLD_VERSION}"
+echo "== stream B: every other file under ${OLD_VERSION}"
+stream_a "$@" &
+a=$!
+pytest_run b "build/pytest-b" "${LATER_A[@]/#/--ignore=}" "$@" &
+b=$!
 status=0
-echo "== the whole suite under $(python3 -W ignore -c "${version}")"
-python3 -m pytest -q "$@" || status=$?
-echo "== tests/test_megatron_*.py under $(PYTHONPATH="${NEWER}" python3 -W ignore -c "${version}")"
-PYTHONPATH="${NEWER}" python3 -m pytest -q -p no:cacheprovider --basetemp="${MCORE19}/pytest" \
-    tests/test_megatron_*.py || status=$?
+wait "${a}" || status=$?
+wait "${b}" || status=$?
+for log in a-megatron a-slurm-triton b; do
+    case "${log}" in
+        a-megatron) what="tests/test_megatron_*.py under ${NEW_VERSION}" ;;
+        a-slurm-triton) what="${LATER_A[*]} under ${OLD_VERSION}" ;;
+        *) what="every other file under ${OLD_VERSION}" ;;
+    esac
+    echo "== ${what} (${LOGS}/${log}.log)"
+    if [ "${status}" -eq 0 ]; then tail -n 1 "${LOGS}/${log}.log"; else cat "${LOGS}/${log}.log"; fi
+done
 exit "${status}"
