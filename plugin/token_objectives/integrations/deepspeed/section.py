@@ -44,6 +44,7 @@ from token_objectives.objectives.config import NUMBER_TOKENS, ObjectiveConfig
 from token_objectives.objectives.loss import ObjectiveOutput
 from token_objectives.objectives.objective import Objective
 from token_objectives.objectives.options import option
+from token_objectives.objectives.tables import objective_tables
 from token_objectives.scheduled_sampling.schedule import ScheduledSamplingConfig
 from token_objectives.tables.numbers import NumberTable
 
@@ -178,9 +179,11 @@ def numbers_from_section(section: TokenObjectivesConfig, vocab_size: int) -> Num
             else f"gaussian_sigma = {section.gaussian_sigma}")
     if section.tokenizer is None:
         raise ValueError(f'ds_config["{SECTION}"].{asks} needs "tokenizer"')
+    # The tables' one builder, asked for the number table alone (PDL's table needs a file).
+    numbers_only = dataclasses.replace(section.objective_config(), pdl_alpha=0.0)
     try:
-        return NumberTable.from_tokenizer(section.tokenizer, vocab_size=vocab_size,
-                                          number_tokens=section.number_tokens)
+        return objective_tables(numbers_only, section.tokenizer, None, vocab_size,
+                                section.number_tokens)[0]
     except ValueError as error:
         raise ValueError(
             f'ds_config["{SECTION}"].{asks} with tokenizer '
