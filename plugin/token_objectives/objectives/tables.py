@@ -7,10 +7,10 @@ import os
 
 import torch
 
-from token_objectives.objectives.config import ObjectiveConfig
+from token_objectives.objectives.config import NUMBER_TOKENS, ObjectiveConfig
 from token_objectives.objectives.pdl import pdl_weights_for
 from token_objectives.tables.frequencies import load_frequencies
-from token_objectives.tables.numbers import NUMBER_TOKEN_MODES, NumberTable
+from token_objectives.tables.numbers import NumberTable
 from token_objectives.tables.tokenizers import TokenizerLike, as_tokenizer, tokenizer_identity
 
 
@@ -31,9 +31,7 @@ def objective_tables(
         counts. vocab_size: the model's padded vocab V (default: the tokenizer's size).
     number_tokens: one of tables.numbers.NUMBER_TOKEN_MODES (NUMBER_TOKENS_HELP).
     """
-    if number_tokens not in NUMBER_TOKEN_MODES:
-        raise ValueError(f"number_tokens must be one of {NUMBER_TOKEN_MODES}, got "
-                         f"{number_tokens!r}")
+    number_tokens = NUMBER_TOKENS.checked(number_tokens)
     if not config.uses_numbers:
         numbers = None
     elif numbers is not None:

@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise InputError(f"--text {path}: cannot read it as UTF-8 text ({error})") from None
         digits = sum(ch.isascii() and ch.isdigit() for line in lines for ch in line)
         print(f"digits of {path} that NTL reaches ({digits} digits):")
-        for mode in ("digit", "groups", "multi"):
+        for mode in (m for m in NUMBER_TOKEN_MODES if m != "auto"):
             chosen = "  <- this table" if mode == table.mode else ""
             print(f"  {mode:<7}{digit_share(lines, tokenizer, mode):>8.1%}{chosen}")
     return 0
