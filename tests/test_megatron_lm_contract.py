@@ -33,6 +33,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_pool import destroy_model_parallel, initialize_model_parallel
 
 from token_objectives import ObjectiveConfig
 from token_objectives.integrations.megatron import hook as tom
@@ -361,7 +362,7 @@ def hook_task(tokenizer_path: str, frequencies_path: str, argv: list[str]) -> di
     from token_objectives.integrations.megatron import cpu_patches
 
     cpu_patches.apply()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    groups_before = initialize_model_parallel(tensor_model_parallel_size=2)
     args = _parse(["--objective-tokenizer", tokenizer_path, "--pdl-frequencies",
                    frequencies_path, *argv])
     args.padded_vocab_size = PADDED_VOCAB  # set by Megatron-LM's tokenizer build
@@ -429,7 +430,7 @@ def hook_task(tokenizer_path: str, frequencies_path: str, argv: list[str]) -> di
                 else model._token_objectives_attached.pdl_weights}
     finally:
         del sys.modules["megatron.training"]
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel(groups_before)
 
 
 @pytest.fixture(scope="module")

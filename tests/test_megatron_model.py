@@ -8,6 +8,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
+from dist_pool import destroy_model_parallel, initialize_model_parallel
 from reference import reference_objective_loss
 
 from token_objectives import Objective, ObjectiveConfig
@@ -19,7 +20,6 @@ HEAD_ROWS = 4  # the fused head's chunk: [4, V/tp] logits, an eighth of the [s, 
 def fused_head_task(seed: int) -> dict:
     """TP=2 GPTModel: per-token loss and embedding gradient, with and without the fused head."""
     import torch.distributed as dist
-    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
@@ -33,7 +33,7 @@ def fused_head_task(seed: int) -> dict:
     from token_objectives.tables.numbers import NumberTable
 
     cpu_patches.apply()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    groups_before = initialize_model_parallel(tensor_model_parallel_size=2)
     try:
         torch.manual_seed(seed)
         config = TransformerConfig(
@@ -83,7 +83,7 @@ def fused_head_task(seed: int) -> dict:
         results["rank"] = dist.get_rank()
         return results
     finally:
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel(groups_before)
 
 
 def test_fused_head_skips_the_output_layer_and_matches(pool4):
@@ -128,7 +128,7 @@ def output_door_task(seed: int, sequence_parallel: bool) -> dict:
     from token_objectives.training.layer_specs import decoder_block_spec
 
     cpu_patches.apply()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
+    groups_before = initialize_model_parallel(tensor_model_parallel_size=TP)
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp_rank = dist.get_rank(tp_group)
     try:
@@ -206,7 +206,7 @@ def output_door_task(seed: int, sequence_parallel: bool) -> dict:
                 results["generation_width"] = model(tokens, position_ids, None).shape[-1]
         return results
     finally:
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel(groups_before)
 
 
 def _check_output_door(results: list[dict]) -> None:

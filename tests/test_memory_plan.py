@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dist_pool import destroy_model_parallel, initialize_model_parallel
 
 from token_objectives.cli import main
 from token_objectives.training.memory_plan import (
@@ -28,14 +29,12 @@ def measure_task() -> dict:
     """Per recompute mode, per-layer saved bytes (2-layer minus 1-layer block, forward only:
     what is saved is known once the graph is built); parameter, DDP-gradient and GPTModel
     parameter bytes. On this TP rank."""
-    from megatron.core import parallel_state
-
     from token_objectives.integrations.megatron import cpu_patches
     from token_objectives.training.config import ModelConfig, ParallelConfig, RunConfig
     from token_objectives.training.megatron import build_model
 
     cpu_patches.apply()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
+    groups_before = initialize_model_parallel(tensor_model_parallel_size=TP)
     try:
         torch.manual_seed(0)
         result = {mode: _measure_mode(mode) for mode in ("none", "selective", "full")}
@@ -46,7 +45,7 @@ def measure_task() -> dict:
         result["gpt_params"] = sum(p.nbytes for p in gpt.parameters())
         return result
     finally:
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel(groups_before)
 
 
 def _measure_mode(recompute: str) -> dict:

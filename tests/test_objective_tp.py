@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from cases import CONFIGS, Case, all_cases, make_case
-from dist_pool import counted_collectives, tp_group
+from dist_pool import (
+    counted_collectives,
+    destroy_model_parallel,
+    initialize_model_parallel,
+    tp_group,
+)
 from reference import reference_objective_loss
 
 from token_objectives import objective_loss
@@ -157,7 +162,7 @@ def megatron_parity(cases: list[Case]) -> list[dict]:
     """Megatron's vocab_parallel_cross_entropy and ours on the same [s, b, V/2] shards."""
     from megatron.core import parallel_state, tensor_parallel
 
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    groups_before = initialize_model_parallel(tensor_model_parallel_size=2)
     try:
         group = parallel_state.get_tensor_model_parallel_group()
         rank = parallel_state.get_tensor_model_parallel_rank()
@@ -176,7 +181,7 @@ def megatron_parity(cases: list[Case]) -> list[dict]:
                         "theirs_grad": theirs_in.grad, "ours_grad": ours_in.grad})
         return out
     finally:
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel(groups_before)
 
 
 def test_megatron_vocab_parallel_cross_entropy_parity(pool4):
