@@ -306,15 +306,13 @@ def test_correction_data_missing_output_directory(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ plan-memory
 
-PLAN_MEMORY = ["plan-memory", "--config", "configs/deepspeed/zero1.json", "--model-config",
-               "configs/deepspeed/llama3.2-3b.json"]
+PLAN_MEMORY = ["plan-memory", "--config", "configs/deepspeed/llama3.2-3b.yaml",
+               "--deepspeed_config", "configs/deepspeed/zero1.json"]
 
 
 @pytest.mark.parametrize(("flag", "value", "accepts"), [
     ("--gpus", "0", "a positive integer"),
     ("--gpus", "-8", "a positive integer"),
-    ("--tp", "0", "a positive integer"),
-    ("--seq-length", "-5", "a positive integer"),
     ("--gpu-memory", "nan", "a positive number of GiB"),
     ("--gpu-memory", "-80", "a positive number of GiB"),
     ("--gpu-memory", "inf", "a positive number of GiB"),
@@ -342,6 +340,65 @@ def test_plan_memory_refuses_a_ds_config_count_below_one(key, capsys, monkeypatc
     line = _one_error_line(capsys.readouterr().err, "plan-memory")
     assert f"configs/deepspeed/zero1.json: {key} is 0, plan-memory needs an integer >= 1" in line
     assert f"--ds-set {key}=N" in line
+
+
+def test_plan_memory_refuses_a_run_config_count_below_one(capsys, monkeypatch):
+    """The DeepSpeed plan's sequence length is the run config's, checked as the loop loads it."""
+    from torchrun_helpers import REPO
+
+    monkeypatch.chdir(REPO)
+    assert main([*PLAN_MEMORY, "--set", "model.seq_length=-5"]) == 2
+    assert "model.seq_length" in _one_error_line(capsys.readouterr().err, "plan-memory")
+
+
+@pytest.mark.parametrize(("flag", "value", "replacement"), [
+    ("--model-config", "configs/deepspeed/llama3.2-3b.json", "--set model.hf_config=PATH"),
+    ("--seq-length", "4096", "--set model.seq_length=N"),
+    ("--recompute", "full", "--set model.recompute=full|none"),
+    ("--tp", "2", "--ds-set tensor_parallel.autotp_size=N"),
+])
+def test_plan_memory_names_what_replaces_a_dropped_flag(flag, value, replacement, capsys,
+                                                        monkeypatch):
+    """The DeepSpeed mode reads the loop's two files; its old flags would plan another run."""
+    from torchrun_helpers import REPO
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*PLAN_MEMORY, flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"plan-memory: error: {flag} is no longer read: " in err and replacement in err
+    assert "Traceback" not in err
+
+
+def test_plan_memory_refuses_a_ds_config_as_the_run_config(capsys, monkeypatch):
+    from torchrun_helpers import REPO
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan-memory", "--config", "configs/deepspeed/zero1.json"])
+    assert exit_info.value.code == 2
+    assert ("--config configs/deepspeed/zero1.json is a ds_config: pass it as "
+            "--deepspeed_config" in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(("setting", "says"), [
+    (["--set", "parallel.tensor=4", "--ds-set", "tensor_parallel.autotp_size=2"],
+     "parallel.tensor = 4 in the run config, tensor_parallel.autotp_size = 2 in the ds_config"),
+    (["--set", "model.recompute=selective"], "model.recompute: selective is the Megatron loop's"),
+    (["--set", "model.fused_lm_head=true", "--ds-set", "zero_optimization.stage=3"],
+     "model.fused_lm_head needs the whole lm_head weight on each rank"),
+    (["--ds-set", 'token_objectives={"fused_lm_head": true}'],
+     'the ds_config has a "token_objectives" section'),
+])
+def test_plan_memory_refuses_what_the_deepspeed_loop_refuses(setting, says, capsys,
+                                                             monkeypatch):
+    """check_run_config and uses_fused_head, the loop's own checks, with their messages."""
+    from torchrun_helpers import REPO
+
+    monkeypatch.chdir(REPO)
+    assert main([*PLAN_MEMORY, *setting]) == 2
+    assert says in _one_error_line(capsys.readouterr().err, "plan-memory")
 
 
 # ------------------------------------------------------------------------------ file modes

@@ -128,13 +128,44 @@ def test_plan_memory_fails_a_layout_without_headroom(capsys):
     assert "less than 10% of 80 GiB free" in captured.err and "recompute" in captured.err
 
 
+DS_3B = ["--config", "configs/deepspeed/llama3.2-3b.yaml", "--deepspeed_config"]
+
+
 @pytest.mark.parametrize("argv", [
     ["--config", "configs/llama3.2-3b.yaml"],
-    ["--config", "configs/deepspeed/zero1.json", "--model-config",
-     "configs/deepspeed/llama3.2-3b.json", "--tp", "2",
-     "--ds-set", "train_micro_batch_size_per_gpu=1"],
+    [*DS_3B, "configs/deepspeed/zero1.json", "--set", "model.recompute=none",
+     "--ds-set", "tensor_parallel.autotp_size=2", "--ds-set", "train_micro_batch_size_per_gpu=1"],
 ])
 def test_shipped_3b_configs_leave_headroom(argv, capsys):
     assert main(["plan-memory", *argv]) == 0
     total = capsys.readouterr().out.strip().splitlines()[-1].split()[3]
     assert float(total) <= 72.0
+
+
+@pytest.mark.parametrize(("ds_config", "tp", "total"), [
+    ("3b_zero1.json", 2, "15.7"), ("3b_zero2.json", 2, "11.2"), ("3b_zero3.json", 1, "10.1")])
+def test_deepspeed_3b_plans_read_the_loops_two_files(ds_config, tp, total, capsys):
+    """The DeepSpeed 3B run as slurm/deepspeed_3b.sbatch assembles it: seq 4096 and full
+    recompute from the run config, ZeRO, micro-batch 1 and bf16 from the ds_config, AutoTP as
+    the sbatch sets it (the figures the README quotes)."""
+    assert main(["plan-memory", *DS_3B, f"configs/deepspeed/{ds_config}",
+                 "--ds-set", f"tensor_parallel.autotp_size={tp}"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert f"AutoTP {tp} x DP {8 // tp}" in lines[0]
+    assert "micro-batch 1 x seq 4096" in lines[0] and "recompute full" in lines[0]
+    assert lines[-1] == f"total per GPU: {total} GiB of 80 GiB"
+
+
+def test_deepspeed_plan_reads_the_fused_head_from_the_run_config(capsys):
+    """model.fused_lm_head: true in the run config (the loop's only switch for it) drops the
+    [s, b, V/t] logits and their gradient for the fused head's chunk."""
+    argv = ["plan-memory", *DS_3B, "configs/deepspeed/3b_zero1.json",
+            "--ds-set", "tensor_parallel.autotp_size=2"]
+    assert main(argv) == 0
+    unfused = capsys.readouterr().out
+    assert main([*argv, "--set", "model.fused_lm_head=true"]) == 0
+    fused = capsys.readouterr().out
+    assert "fused head off" in unfused and "logits [s, b, V/t]" in unfused
+    assert "fused head on" in fused and "logits [s, b, V/t]" not in fused
+    assert "fused head chunk" in fused
+    assert fused.splitlines()[-1] == "total per GPU: 14.8 GiB of 80 GiB"

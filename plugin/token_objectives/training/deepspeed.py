@@ -294,9 +294,11 @@ def _agrees(ours: Any, theirs: Any) -> bool:
     return ours == theirs
 
 
-def check_run_config(cfg: RunConfig, ds_config: Mapping[str, Any]) -> list[str]:
+def check_run_config(cfg: RunConfig, ds_config: Mapping[str, Any], *,
+                     needs_data: bool = True) -> list[str]:
     """Refuse a setting both files make; return a note per run-config key this loop does not
-    read (set away from its default).
+    read (set away from its default). needs_data=False (`plan-memory`, which reads no data)
+    skips the check that data.train_prefix and data.tokenizer are set.
 
     Each setting has one owner. The ds_config owns what DeepSpeed's engine reads: a run-config
     key that could say the same (train.lr, train.adam_beta1/2, train.weight_decay,
@@ -320,7 +322,7 @@ def check_run_config(cfg: RunConfig, ds_config: Mapping[str, Any]) -> list[str]:
     if cfg.model.recompute_mode == "selective":
         raise ValueError("model.recompute: selective is the Megatron loop's; the DeepSpeed loop "
                          "recomputes whole decoder layers: set model.recompute: full or none")
-    for key in ("data.train_prefix", "data.tokenizer"):
+    for key in ("data.train_prefix", "data.tokenizer") if needs_data else ():
         if getattr(cfg.data, key.split(".")[1]) is None:
             raise ValueError(f"{key} is not set: the DeepSpeed loop needs it")
     set_here = _set_values(cfg)

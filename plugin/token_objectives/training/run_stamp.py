@@ -48,10 +48,10 @@ def file_identity(path: str | Path | None) -> str | None:
 
 
 def objectives_section(config, number_tokens: str, tokenizer_identity: str | None,
-                       frequencies: str | Path | None, prefix: str = "objectives.") -> dict:
+                       frequencies: str | Path | None) -> dict:
     """The objectives section: every ObjectiveConfig field, the number-token mode, and the
     identities of the tokenizer and the frequency file the tables came from."""
-    section = {f"{prefix}{key}": value for key, value in asdict(config).items()}
+    section = {f"objectives.{key}": value for key, value in asdict(config).items()}
     section["number_tokens"] = number_tokens
     section["tokenizer (identity)"] = tokenizer_identity
     section["frequencies (sha256)"] = file_identity(frequencies)
