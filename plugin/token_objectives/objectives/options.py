@@ -244,4 +244,31 @@ def from_mapping(kind: type, values: Any, section: str, *, text: bool = False,
 def read_flag(declared: Option, text: str) -> Any:
     """The value of a command-line flag: `none` is None (off), a number may be written as
     text; checked as `declared` says (ValueError `expected <accepts>, got <value!r>`)."""
-    return declared.checked(None if text == "none" else text, "", text=True)
+    return declared.checked(None if text == NONE else text, "", text=True)
+
+
+# On a command line the word `none` is None: the option is off (`--ntl none`: CE only).
+NONE = "none"
+
+
+def flag_type(declared: Option):
+    """argparse's `type` for a flag: the text read and checked by the option's declaration,
+    `none` read as None; a bad value is argparse's error `argument --flag: expected <accepts>,
+    got <value!r>`."""
+    import argparse
+
+    def read(text: str) -> Any:
+        try:
+            return read_flag(declared, text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    read.__name__ = declared.name  # argparse names a type by it
+    return read
+
+
+def flag_metavar(declared: Option) -> str | None:
+    """argparse's `metavar` for a flag with choices: {a,b,...} (and none where it can be off)."""
+    if not declared.choices or float in declared.kinds:
+        return None
+    return "{" + ",".join([*declared.choices, *([NONE] if declared.optional else [])]) + "}"

@@ -414,31 +414,6 @@ _FLAGS = {
 }
 # Fixed under Megatron: it divides by an integer token count and has no ignore_index.
 _NOT_FLAGS = ("pdl_normalization", "ignore_index")
-# On the command line the word `none` is None: the option is off (`--ntl none`: CE only).
-NONE = "none"
-
-
-def _flag_reader(declared: options.Option):
-    """argparse's `type` for a flag: the text read and checked by the option's declaration,
-    `none` read as None; a bad value is argparse's error `argument --flag: expected <accepts>,
-    got <value!r>`."""
-
-    def read(text: str) -> Any:
-        try:
-            return options.read_flag(declared, text)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    read.__name__ = declared.name  # argparse names a type by it
-    return read
-
-
-def _metavar(declared: options.Option) -> str | None:
-    if not declared.choices or float in declared.kinds:
-        return None
-    return "{" + ",".join([*declared.choices, *([NONE] if declared.optional else [])]) + "}"
-
-
 def _dest(field: dataclasses.Field, flag: str) -> str:
     dest = flag.lstrip("-").replace("-", "_")
     # A store_false flag (--ntl-no-reweigh) holds the field's own sense (ntl_reweigh).
@@ -482,7 +457,7 @@ def add_objective_args(
             continue
         help_text = f"{declared.help}; {declared.accepts}"
         if declared.optional:
-            help_text += f"; '{NONE}' for None" + (
+            help_text += f"; '{options.NONE}' for None" + (
                 ": CE only, no digit tokens needed" if field.name == "ntl" else " (off)")
         help_text = help_text.replace("%", "%%")  # argparse formats help with %
         if bool in declared.kinds and field.default:
@@ -493,11 +468,11 @@ def add_objective_args(
         elif bool in declared.kinds:
             group.add_argument(flag, action="store_true", dest=_dest(field, flag), help=help_text)
         else:
-            group.add_argument(flag, type=_flag_reader(declared), default=field.default,
-                               metavar=_metavar(declared),
+            group.add_argument(flag, type=options.flag_type(declared), default=field.default,
+                               metavar=options.flag_metavar(declared),
                                help=f"{help_text} (default {field.default})")
-    group.add_argument("--number-tokens", type=_flag_reader(NUMBER_TOKENS),
-                       default=NUMBER_TOKENS.default, metavar=_metavar(NUMBER_TOKENS),
+    group.add_argument("--number-tokens", type=options.flag_type(NUMBER_TOKENS),
+                       default=NUMBER_TOKENS.default, metavar=options.flag_metavar(NUMBER_TOKENS),
                        help=NUMBER_TOKENS.help)
     group.add_argument("--pdl-frequencies", type=str, default=None,
                        help="token-frequency file from `token-objectives count-frequencies`")
@@ -523,7 +498,7 @@ def objective_config_from_args(args: argparse.Namespace) -> ObjectiveConfig:
     values, flags = {}, {}
     for field, flag, declared in _config_options():
         value = getattr(args, _dest(field, flag), field.default)
-        if value == NONE and declared.optional:
+        if value == options.NONE and declared.optional:
             value = None
         if field.name == "label_smoothing":
             value = value or 0.0  # a parser's own --label-smoothing may default to None
