@@ -2,8 +2,8 @@
 # Installs the package with its test extra (CPU torch, megatron-core 0.16.1) and megatron-core
 # 0.19.2 in a folder beside it, then runs lint and the tests in two streams side by side (most
 # tests start processes, whose start-up leaves a core idle part of the time):
-#   A: every tests/test_megatron_*.py under megatron-core 0.19.2, then the SLURM and Triton
-#      files under 0.16;
+#   A: every tests/test_megatron_*.py under megatron-core 0.19.2, then the SLURM, Triton,
+#      checkpoint-fault and evaluate files under 0.16 (the split balances the measured times);
 #   B: every other file under 0.16 (the Megatron files included).
 # So the Megatron tests run under both versions and every other test once. Arguments go to both
 # 0.16 runs. Each run's summary is printed at the end (its whole log when one fails); the exit
@@ -31,7 +31,8 @@ version='from megatron.core import package_info as p; print("megatron-core", p._
 OLD_VERSION=$(python3 -W ignore -c "${version}")
 NEW_VERSION=$(PYTHONPATH="${NEWER}" python3 -W ignore -c "${version}")
 export OMP_NUM_THREADS=1
-LATER_A=(tests/test_slurm.py tests/test_slurm_multinode.py tests/test_triton_kernel.py)
+LATER_A=(tests/test_slurm.py tests/test_slurm_multinode.py tests/test_triton_kernel.py
+         tests/test_checkpoint_faults.py tests/test_evaluate.py)
 LOGS=build/test-logs
 rm -rf "${LOGS}"
 mkdir -p "${LOGS}"
@@ -45,7 +46,7 @@ stream_a() {
     local status=0
     PYTHONPATH="${NEWER}" pytest_run a-megatron "build/pytest-a-0.19" tests/test_megatron_*.py \
         || status=$?
-    pytest_run a-slurm-triton "build/pytest-a" "${LATER_A[@]}" "$@" || status=$?
+    pytest_run a-later "build/pytest-a" "${LATER_A[@]}" "$@" || status=$?
     return "${status}"
 }
 echo "== stream A: tests/test_megatron_*.py under ${NEW_VERSION}, then" \
@@ -58,10 +59,10 @@ b=$!
 status=0
 wait "${a}" || status=$?
 wait "${b}" || status=$?
-for log in a-megatron a-slurm-triton b; do
+for log in a-megatron a-later b; do
     case "${log}" in
         a-megatron) what="tests/test_megatron_*.py under ${NEW_VERSION}" ;;
-        a-slurm-triton) what="${LATER_A[*]} under ${OLD_VERSION}" ;;
+        a-later) what="${LATER_A[*]} under ${OLD_VERSION}" ;;
         *) what="every other file under ${OLD_VERSION}" ;;
     esac
     echo "== ${what} (${LOGS}/${log}.log)"
