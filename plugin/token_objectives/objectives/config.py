@@ -49,7 +49,7 @@ class ObjectiveConfig:
       divided by that same sum of weights: the whole per-token loss is, not the CE alone. With a
       normalised table that sum is about the token count, so NTL and z-loss keep about their
       scale; without it they scale by 1 / (mean weight). Only the DeepSpeed loop implements it
-      (deepspeed_training.counted_denominator); Megatron's loss_func divides by a token count.
+      (training.deepspeed.counted_denominator); Megatron's loss_func divides by a token count.
 
     gaussian_sigma > 0 (the NTL authors' GaussianLabelSmoother, tum-ai/number-token-loss): for a
     number target of value u, q_j = g_j / sum_N g with g_j = exp(-(v_j - u)**2 / (2 sigma**2))

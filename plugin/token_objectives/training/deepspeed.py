@@ -101,7 +101,7 @@ format_row = format_step
 def set_key(config: dict, assignment: str) -> None:
     """Apply one `a.b.c=VALUE` override in place; VALUE is JSON (`false`, `2`, `"x"`) or a string.
 
-    e.g. `bf16.enabled=false`, `token_objectives.tokenizer=data/quickstart/tokenizer.model`.
+    e.g. `bf16.enabled=false`, `scheduler.params.warmup_num_steps=100`.
     """
     key, sep, text = assignment.partition("=")
     if not sep or not key:

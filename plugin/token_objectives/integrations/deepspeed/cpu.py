@@ -12,7 +12,7 @@ is plain `deepspeed.init_distributed()`.
    installed, and gloo is what torch ships and the tests use.
 3. No JIT-built optimizer. DeepSpeed's own Adam/AdamW (FusedAdam, DeepSpeedCPUAdam) are C++/CUDA
    ops built on first use. The training loop therefore always passes torch's `AdamW` as the client
-   optimizer (`deepspeed_training.split_optimizer`, one code path on CPU and GPU); ZeRO-1/2/3 and
+   optimizer (`training.deepspeed.split_optimizer`, one code path on CPU and GPU); ZeRO-1/2/3 and
    AutoTP wrap it as they would their own.
 """
 

@@ -17,7 +17,7 @@ number and 1 is not a bool (an int is a number: JSON writes 1.0 as 1). `from_ds_
 returns `objectives(logits, labels)`; under AutoTP with a vocab-parallel lm_head the logits stay
 sharded [..., V/tp] and the vocab-parallel loss runs on the shard (two all-reduces, no gather).
 The optional "scheduled_sampling" object holds the keys of the Megatron YAML section of the same
-name (`sampling_schedule.ScheduledSamplingConfig`), checked the same way.
+name (`scheduled_sampling.schedule.ScheduledSamplingConfig`), checked the same way.
 """
 
 from __future__ import annotations
