@@ -58,6 +58,10 @@ from token_objectives.training.config import config_from_dict, load_config
      "data.number_tokens: expected one of 'auto', 'digit', 'groups', 'multi', got 'all'"),
     ("train.on_corrupt_checkpoint=ignore",
      "train.on_corrupt_checkpoint: expected one of 'fallback', 'stop', got 'ignore'"),
+    ("train.lr_decay_style=WSD", "train.lr_decay_style: expected one of 'constant', 'linear', "
+     "'cosine', 'inverse-square-root', got 'WSD'"),
+    ("model.normalization=rms",
+     "model.normalization: expected one of 'RMSNorm', 'LayerNorm', got 'rms'"),
 ])
 def test_a_bad_value_names_its_key_and_what_it_accepts(override, says):
     with pytest.raises(ValueError, match="^" + re.escape(says)):

@@ -41,7 +41,7 @@ class ModelConfig:
     num_attention_heads: int = option(4, low=1)
     num_query_groups: int | None = option(None, low=1)  # GQA; None: a KV head per query head
     seq_length: int = option(128, low=1)
-    normalization: str = "RMSNorm"
+    normalization: str = option("RMSNorm", choices=("RMSNorm", "LayerNorm"))
     norm_epsilon: float = option(1e-5, low=0, open="low")
     swiglu: bool = True
     rotary_base: float = option(10000.0, low=0, open="low")
@@ -109,7 +109,9 @@ class TrainConfig:
     lr: float = option(1e-3, low=0, open="low")
     min_lr: float = option(1e-4, low=0)
     warmup_steps: int = option(10, low=0)
-    lr_decay_style: str = "cosine"
+    # megatron-core's OptimizerParamScheduler styles (WSD needs settings this schema lacks).
+    lr_decay_style: str = option("cosine", choices=("constant", "linear", "cosine",
+                                                    "inverse-square-root"))
     weight_decay: float = option(0.01, low=0)
     adam_beta1: float = option(0.9, low=0, high=1, open="high")
     adam_beta2: float = option(0.95, low=0, high=1, open="high")
