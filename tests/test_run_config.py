@@ -210,3 +210,110 @@ def test_ds_set_optimizer_params_are_checked_by_name(override, says, tmp_path):
     path.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}))
     with pytest.raises(ValueError, match=re.escape(says)):
         split_optimizer(load_ds_config(path, [override]))
+
+
+def test_a_key_written_at_its_default_value_is_still_checked(tmp_path):
+    """`output.tensorboard: true` and `train.clip_grad: 1.0` written in the YAML (as
+    configs/llama3.2-3b.yaml does) are settings, though both are the defaults: a ds_config
+    without a tensorboard section / gradient_clipping refuses them; left out, they are the
+    ds_config's."""
+    from token_objectives.training.deepspeed import check_run_config
+
+    bare = {key: value for key, value in DS_CONFIG.items()
+            if key not in ("tensorboard", "gradient_clipping")}
+    check_run_config(load_config(None, DS_RUN), bare)
+    run = tmp_path / "run.yaml"
+    for yaml_text, says in (
+            ("output:\n  tensorboard: true\n",
+             "output.tensorboard = True in the run config, tensorboard.enabled = False in the "
+             "ds_config"),
+            ("train:\n  clip_grad: 1.0\n",
+             "train.clip_grad = 1.0 in the run config, gradient_clipping = 0.0 in the "
+             "ds_config")):
+        run.write_text(yaml_text)
+        with pytest.raises(ValueError, match=re.escape(says)):
+            check_run_config(load_config(run, DS_RUN), bare)
+        check_run_config(load_config(run, DS_RUN), DS_CONFIG)  # the same in both: taken
+    with pytest.raises(ValueError, match=re.escape("output.tensorboard = True in the run config")):
+        check_run_config(load_config(None, [*DS_RUN, "output.tensorboard=true"]), bare)
+
+
+def test_train_steps_must_be_the_decaying_schedules_length():
+    """--set train.steps=500 with a 100000-step WarmupCosineLR / WarmupDecayLR was a schedule
+    that never decays: refused naming both keys and the --ds-set that fixes it; a resume
+    (train.steps may grow past the checkpoint's schedule, train.resume_schedule rules) and a
+    constant WarmupLR are not checked."""
+    from token_objectives.training.deepspeed import check_run_config
+
+    for kind in ("WarmupCosineLR", "WarmupDecayLR"):
+        config = {**DS_CONFIG, "scheduler": {"type": kind, "params": {
+            "total_num_steps": 100000, "warmup_num_steps": 0, "warmup_max_lr": 1e-3}}}
+        with pytest.raises(ValueError, match=re.escape(
+                "train.steps = 500 in the run config, scheduler.params.total_num_steps = 100000 "
+                f"in the ds_config: the {kind} schedule would not end with the run. Make both "
+                "equal (e.g. --ds-set scheduler.params.total_num_steps=500)")):
+            check_run_config(load_config(None, [*DS_RUN, "train.steps=500"]), config)
+        with pytest.raises(ValueError, match=r"^train\.steps = 100 in the run config"):
+            check_run_config(load_config(None, DS_RUN), config)  # train.steps left out: 100
+        check_run_config(load_config(None, [*DS_RUN, "train.steps=500"]), config, resuming=True)
+        check_run_config(load_config(None, [*DS_RUN, "train.steps=100000"]), config)
+    check_run_config(load_config(None, [*DS_RUN, "train.steps=500"]), {
+        **DS_CONFIG, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 0}}})
+
+
+def test_warmup_schedulers_peak_and_floor_are_their_own():
+    """WarmupLR / WarmupDecayLR warm up to scheduler.params.warmup_max_lr, not
+    optimizer.params.lr, and WarmupDecayLR decays to warmup_min_lr: train.lr / train.min_lr are
+    compared with those."""
+    from token_objectives.training.deepspeed import check_run_config
+
+    decay = {**DS_CONFIG, "scheduler": {"type": "WarmupDecayLR", "params": {
+        "total_num_steps": 100, "warmup_num_steps": 0, "warmup_max_lr": 3e-4,
+        "warmup_min_lr": 3e-5}}}
+    linear = [*DS_RUN, "train.lr_decay_style=linear"]
+    check_run_config(load_config(None, [*linear, "train.lr=3e-4", "train.min_lr=3e-5"]), decay)
+    with pytest.raises(ValueError, match=re.escape(
+            "train.lr = 0.001 in the run config, scheduler.params.warmup_max_lr = 0.0003 in the "
+            "ds_config")):
+        check_run_config(load_config(None, [*linear, "train.lr=1e-3"]), decay)
+    with pytest.raises(ValueError, match=re.escape(
+            "train.min_lr = 1e-05 in the run config, scheduler.params.warmup_min_lr = 3e-05 in "
+            "the ds_config")):
+        check_run_config(load_config(None, [*linear, "train.lr=3e-4", "train.min_lr=1e-5"]),
+                         decay)
+    constant = [*DS_RUN, "train.lr_decay_style=constant"]
+    warmup = {**DS_CONFIG, "scheduler": {"type": "WarmupLR", "params": {
+        "warmup_num_steps": 0, "warmup_max_lr": 2e-4}}}
+    check_run_config(load_config(None, [*constant, "train.lr=2e-4"]), warmup)
+    with pytest.raises(ValueError, match=re.escape(
+            "train.lr = 0.001 in the run config, scheduler.params.warmup_max_lr = 0.0002")):
+        check_run_config(load_config(None, [*constant, "train.lr=1e-3"]), warmup)
+    # WarmupLR without warmup_max_lr warms up to the optimizer's lr (DeepSpeed's default)
+    del warmup["scheduler"]["params"]["warmup_max_lr"]
+    check_run_config(load_config(None, [*constant, "train.lr=1e-3"]), warmup)
+
+
+def test_an_old_deepspeed_stamp_of_token_objectives_keys_resumes(tmp_path):
+    """DeepSpeed-loop checkpoints from when the objectives were a ds_config section stamp them
+    as `token_objectives.*`: read_stamp reads them as `objectives.*`, so the same objectives
+    resume without a change (and a changed one is still named)."""
+    import json
+
+    from token_objectives.training.run_stamp import check_resume, objectives_section
+
+    cfg = load_config(None, [*DS_RUN, "objectives.ntl=was", "objectives.ntl_weight=0.3"])
+    objectives = objectives_section(cfg.objectives, cfg.data.number_tokens, "sp:abc", None)
+    old = {key.replace("objectives.", "token_objectives.", 1): value
+           for key, value in objectives.items()}
+    assert any(key.startswith("token_objectives.") for key in old)
+    stamp = {"model": {"model.hidden_size": 64}, "schedule": {"train.lr": 1e-3},
+             "objectives": objectives, "layout": {}}
+    (tmp_path / "run.json").write_text(json.dumps({**stamp, "objectives": old}))
+    found = check_resume(tmp_path, stamp, "refuse", "refuse", "train.resume_schedule",
+                         "train.resume_objectives")
+    assert found is not None and found.objectives == [] and found.schedule == []
+    changed = {**stamp, "objectives": {**objectives, "objectives.ntl_weight": 0.5}}
+    with pytest.raises(ValueError, match=re.escape(
+            "objectives.ntl_weight: 0.3 in the checkpoint, 0.5 now")):
+        check_resume(tmp_path, changed, "refuse", "refuse", "train.resume_schedule",
+                     "train.resume_objectives")

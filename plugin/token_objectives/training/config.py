@@ -181,6 +181,9 @@ class RunConfig:
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     scheduled_sampling: ScheduledSamplingConfig = field(default_factory=ScheduledSamplingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    # The `section.key` names the YAML file or a --set gave (config_from_dict), whatever their
+    # values; None for a RunConfig built in code (then a key away from its default counts).
+    given: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.train.eval_interval:
@@ -214,8 +217,10 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
     unknown = sorted(set(raw) - set(_SECTION_TYPES))
     if unknown:
         raise ValueError(f"unknown config section(s) {unknown}; valid: {sorted(_SECTION_TYPES)}")
+    given = frozenset(f"{name}.{key}" for name, values in raw.items()
+                      if isinstance(values, Mapping) for key in values)
     return RunConfig(**{name: _section(name, {} if raw.get(name) is None else raw[name])
-                        for name in _SECTION_TYPES})
+                        for name in _SECTION_TYPES}, given=given)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

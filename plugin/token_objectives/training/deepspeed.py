@@ -252,18 +252,30 @@ def _engine_values(ds_config: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
     betas = list(params.get("betas", (0.9, 0.95))) + [None, None]
     scheduler = ds_config.get("scheduler") or {}
     kind, schedule = scheduler.get("type"), scheduler.get("params") or {}
-    min_lr = {None: lr, "WarmupLR": lr, "WarmupDecayLR": 0.0,
-              "WarmupCosineLR": lr * schedule.get("cos_min_ratio", 1e-4)}.get(kind)
+    lr_key, min_lr_key = "optimizer.params.lr", "scheduler (its floor: optimizer.params.lr x " \
+        "cos_min_ratio)"
+    min_lr = {None: lr, "WarmupCosineLR": lr * schedule.get("cos_min_ratio", 1e-4)}.get(kind)
+    if kind in ("WarmupLR", "WarmupDecayLR"):
+        # These two warm up to warmup_max_lr (WarmupLR: the optimizer's lr when absent) and
+        # ignore optimizer.params.lr; WarmupDecayLR decays to warmup_min_lr, WarmupLR stays at
+        # its peak.
+        lr_key = "scheduler.params.warmup_max_lr"
+        lr = schedule.get("warmup_max_lr", lr if kind == "WarmupLR" else 1e-3)
+        if kind == "WarmupLR":
+            min_lr_key, min_lr = "scheduler.params.warmup_max_lr (WarmupLR holds its peak)", lr
+        else:
+            min_lr_key, min_lr = "scheduler.params.warmup_min_lr", schedule.get("warmup_min_lr",
+                                                                                 0.0)
     bf16, fp16 = ((ds_config.get(name) or {}).get("enabled") for name in ("bf16", "fp16"))
     values = {
-        "train.lr": ("optimizer.params.lr", lr),
+        "train.lr": (lr_key, lr),
         "train.adam_beta1": ("optimizer.params.betas[0]", betas[0]),
         "train.adam_beta2": ("optimizer.params.betas[1]", betas[1]),
         "train.weight_decay": ("optimizer.params.weight_decay", params.get("weight_decay", 0.01)),
         "train.clip_grad": ("gradient_clipping", ds_config.get("gradient_clipping", 0.0)),
         "train.warmup_steps": ("scheduler.params.warmup_num_steps",
                                schedule.get("warmup_num_steps", 1000) if kind else 0),
-        "train.min_lr": ("scheduler (its floor: optimizer.params.lr x cos_min_ratio)", min_lr),
+        "train.min_lr": (min_lr_key, min_lr),
         "train.lr_decay_style": ("scheduler.type", _DECAY_STYLES.get(kind, kind)),
         "parallel.tensor": ("tensor_parallel.autotp_size",
                             (ds_config.get("tensor_parallel") or {}).get("autotp_size", 1)),
@@ -278,13 +290,18 @@ def _engine_values(ds_config: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
     return values
 
 
-def _set_values(cfg: RunConfig) -> dict[str, Any]:
-    """`section.key` -> value for every run-config key set away from its default."""
+def _set_values(cfg: RunConfig, *, away_from_default: bool = False) -> dict[str, Any]:
+    """`section.key` -> value for every run-config key the YAML file or a --set gave
+    (cfg.given), whatever its value: `train.clip_grad: 1.0` written out is a setting even
+    though 1.0 is the default. A RunConfig built in code (given None), or away_from_default:
+    the keys set away from their defaults."""
     found = {}
     for name in ("model", "parallel", "train", "data", "output"):
         section = getattr(cfg, name)
         found.update({f"{name}.{f.name}": getattr(section, f.name) for f in fields(section)
-                      if getattr(section, f.name) != f.default})
+                      if (f"{name}.{f.name}" in cfg.given
+                          if cfg.given is not None and not away_from_default
+                          else getattr(section, f.name) != f.default)})
     return found
 
 
@@ -294,16 +311,35 @@ def _agrees(ours: Any, theirs: Any) -> bool:
     return ours == theirs
 
 
+def check_schedule_length(cfg: RunConfig, ds_config: Mapping[str, Any]) -> None:
+    """A decaying ds_config scheduler (WarmupDecayLR, WarmupCosineLR) has its own length,
+    scheduler.params.total_num_steps: it must be train.steps, the run's, or the schedule ends
+    before the run or is cut off at train.steps."""
+    scheduler = ds_config.get("scheduler") or {}
+    total = (scheduler.get("params") or {}).get("total_num_steps")
+    if scheduler.get("type") in ("WarmupDecayLR", "WarmupCosineLR") and \
+            isinstance(total, int) and total != cfg.train.steps:
+        raise ValueError(
+            f"train.steps = {cfg.train.steps} in the run config, scheduler.params."
+            f"total_num_steps = {total} in the ds_config: the {scheduler['type']} schedule "
+            f"would not end with the run. Make both equal (e.g. --ds-set "
+            f"scheduler.params.total_num_steps={cfg.train.steps})")
+
+
 def check_run_config(cfg: RunConfig, ds_config: Mapping[str, Any], *,
-                     needs_data: bool = True) -> list[str]:
+                     needs_data: bool = True, resuming: bool = False) -> list[str]:
     """Refuse a setting both files make; return a note per run-config key this loop does not
     read (set away from its default). needs_data=False (`plan-memory`, which reads no data)
-    skips the check that data.train_prefix and data.tokenizer are set.
+    skips the check that data.train_prefix and data.tokenizer are set. resuming: the output
+    folder has a checkpoint to resume, whose stamp holds its schedule (total_num_steps
+    included): train.steps may then grow past it, and a changed schedule follows
+    train.resume_schedule, so check_schedule_length is not applied.
 
     Each setting has one owner. The ds_config owns what DeepSpeed's engine reads: a run-config
     key that could say the same (train.lr, train.adam_beta1/2, train.weight_decay,
     train.clip_grad, train.warmup_steps, train.min_lr, train.lr_decay_style, parallel.tensor,
-    parallel.micro_batch_size, model.dtype, output.tensorboard) must keep its default or agree.
+    parallel.micro_batch_size, model.dtype, output.tensorboard) given in the YAML file or with
+    --set, even at its default value, must agree; one left out is the ds_config's.
     The run config owns the objectives: a ds_config "token_objectives" section is refused (it
     stays the door for a user's own loop, `section.from_ds_config`).
     """
@@ -325,6 +361,8 @@ def check_run_config(cfg: RunConfig, ds_config: Mapping[str, Any], *,
     for key in ("data.train_prefix", "data.tokenizer") if needs_data else ():
         if getattr(cfg.data, key.split(".")[1]) is None:
             raise ValueError(f"{key} is not set: the DeepSpeed loop needs it")
+    if not resuming:
+        check_schedule_length(cfg, ds_config)
     set_here = _set_values(cfg)
     clashes = [f"{key} = {set_here[key]!r} in the run config, {owner} = {value!r} in the "
                f"ds_config" for key, (owner, value) in _engine_values(ds_config).items()
@@ -334,8 +372,9 @@ def check_run_config(cfg: RunConfig, ds_config: Mapping[str, Any], *,
             f"{'; '.join(clashes)}. The DeepSpeed loop takes these from the ds_config: set "
             f"them there (or with --ds-set) and leave the run-config keys out, or make both "
             f"equal")
-    return [f"{key} = {set_here[key]!r} is not read by the DeepSpeed loop: {why}"
-            for key, why in _NOT_READ.items() if key in set_here]
+    away = _set_values(cfg, away_from_default=True)
+    return [f"{key} = {away[key]!r} is not read by the DeepSpeed loop: {why}"
+            for key, why in _NOT_READ.items() if key in away]
 
 
 def check_global_batch(cfg: RunConfig, global_batch: int) -> None:
@@ -510,7 +549,8 @@ class Trainer:
         import deepspeed
 
         self.cfg, self.ds_config = cfg, ds_config
-        unread = check_run_config(cfg, ds_config)
+        unread = check_run_config(
+            cfg, ds_config, resuming=(Path(cfg.output.dir) / CHECKPOINTS / "latest").is_file())
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         deepspeed_cpu.init_distributed()
