@@ -382,6 +382,21 @@ def test_plan_memory_refuses_a_ds_config_as_the_run_config(capsys, monkeypatch):
             "--deepspeed_config" in capsys.readouterr().err)
 
 
+def test_plan_memory_refuses_spec_with_a_ds_config(capsys, monkeypatch):
+    """--spec is the Megatron loop's layer spec: with --deepspeed_config it was ignored."""
+    from torchrun_helpers import REPO
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*PLAN_MEMORY, "--spec", "local"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert ("plan-memory: error: --spec local picks the Megatron loop's layer spec, which the "
+            "DeepSpeed loop does not have" in err and "leave --spec out with --deepspeed_config"
+            in err)
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize(("setting", "says"), [
     (["--set", "parallel.tensor=4", "--ds-set", "tensor_parallel.autotp_size=2"],
      "parallel.tensor = 4 in the run config, tensor_parallel.autotp_size = 2 in the ds_config"),

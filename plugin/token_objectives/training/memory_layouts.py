@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """A replaced flag, a ds_config as --config or --ds-set without one: a usage error."""
+    """A replaced flag, a ds_config as --config, --ds-set without one or --spec with one: a
+    usage error."""
     for flag, replacement in REPLACED_FLAGS.items():
         if getattr(args, "replaced_" + flag[2:].replace("-", "_")) is not None:
             parser.error(f"{flag} is no longer read: {replacement}, as the DeepSpeed loop "
@@ -80,6 +81,10 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
                      f"configs/deepspeed/llama3.2-3b.yaml)")
     if args.ds_overrides and not args.deepspeed_config:
         parser.error("--ds-set overrides a ds_config: pass it as --deepspeed_config")
+    if args.spec and args.deepspeed_config:
+        parser.error(f"--spec {args.spec} picks the Megatron loop's layer spec, which the "
+                     f"DeepSpeed loop does not have (its Llama attention is the Hugging Face "
+                     f"model's): leave --spec out with --deepspeed_config")
 
 
 def _count(text: str) -> int:
