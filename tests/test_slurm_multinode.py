@@ -126,7 +126,9 @@ def test_tp2_across_two_hosts_loses_a_node_and_resumes(hosts, data, one_node, tm
     job = submit(hosts, "tiny_cpu", tmp_path, sbatch=("--nodes=2",),
                  **two_host_env(data, 1, "parallel.tensor=2", "train.save_interval=4"))
     directory = run_dir(tmp_path, "tiny-cpu", job)
-    wait_for_steps(directory, 8, timeout=120)
+    # Between two saves (every 4 steps): waiting for step 8, a save step, let the save at 8
+    # finish before the loss when the workers ran fast (measured: metrics 1-8, step 8 saved).
+    wait_for_steps(directory, 6, timeout=120)
     # node2 is lost: its worker first, then its slurmd (and its torchrun agent, slurmstepd).
     assert hosts.lose("node2", "launch/pretrain_megatron.py"), "no worker on node2"
     # slurmctld marks node2 DOWN once it stops answering (SlurmdTimeout) and, the scripts being
@@ -147,7 +149,8 @@ def test_tp2_across_two_hosts_loses_a_node_and_resumes(hosts, data, one_node, tm
             assert manifest_problem(entry) is None, entry
     last = latest_complete_step(root)
     assert last is not None and 4 <= last < STEPS, last
-    assert max(metric_steps(directory)) > last  # steps after the checkpoint are done again
+    # No step of the checkpoint is lost; the steps after it (usually some) are done again.
+    assert max(metric_steps(directory)) >= last
 
     # The node comes back: the requeued job starts again on both and resumes.
     hosts.start_slurmd("node2")
