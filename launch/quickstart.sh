@@ -4,7 +4,8 @@
 # Extra arguments go to the training script, e.g. --set train.steps=50.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install --quiet "torch==2.13.0" -e ".[megatron]"
+bash scripts/ensure_torch.sh
+python3 -m pip install --quiet -e ".[megatron]"
 python3 -m token_objectives.quickstart.build_data --output-dir data/quickstart
 run_dir="runs/quickstart-$(date +%Y%m%d-%H%M%S)"
 torchrun --nproc-per-node 2 --master-port "${MASTER_PORT:-29517}" launch/pretrain_megatron.py \

