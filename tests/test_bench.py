@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import shlex
+
+import pytest
 import torch
 from cases import CONFIGS, make_case
+from doc_blocks import doc_block
 
 from token_objectives import fused_linear_objective_loss, objective_loss
-from token_objectives.bench.grid import main as bench_main
+from token_objectives.bench.grid_cli import main as bench_main
 from token_objectives.bench.methods import saved_for_backward
 
 
@@ -59,6 +63,35 @@ def test_bench_prints_every_method_with_ratios(capsys):
         for row in rows:  # GB/s as a share of the stated peak (not for the head methods)
             if row[4] not in ("head_unfused", "head_fused"):
                 assert row[12] == f"{100 * float(row[11]) / 50:.0f}%", row
+
+
+def _block_argv(name: str, cut: dict[str, str]) -> list[str]:
+    """A docs/performance.md command's arguments, its sizes cut for the test."""
+    text = doc_block(name).text.replace("\\\n", " ")
+    for old, new in cut.items():
+        assert old in text, f"{name} no longer holds {old!r}"
+        text = text.replace(old, new)
+    words = shlex.split(text)
+    start = words.index("token-objectives")
+    return words[start + 2:]
+
+
+@pytest.mark.parametrize("name, cut", [
+    ("bench-grid", {"--tokens 4096 16384": "--tokens 64", "--vocab 32768 131072": "--vocab 256",
+                    "--tp 2 1": "--tp 1", "--repeats 5": "--repeats 1"}),
+    ("bench-one-thread", {"--tokens 4096 16384": "--tokens 64", "--vocab 32768": "--vocab 256",
+                          "--tp 1 2": "--tp 1", "--repeats 5": "--repeats 1"}),
+])
+def test_the_docs_bench_commands_run_small(name, cut, capsys):
+    """docs/performance.md's two `bench` runs with the sizes cut and at TP = 1 (TP = 2 runs in
+    the test above); every method they name gets a row."""
+    argv = _block_argv(name, cut)
+    assert bench_main(argv) == 0
+    methods = argv[argv.index("--methods") + 1:]
+    out = capsys.readouterr().out
+    table = out.split("TP      T")[-1].splitlines()[1:]
+    rows = [line.split() for line in table if line.split()[:3] == ["1", "64", "256"]]
+    assert [row[4] for row in rows] == methods
 
 
 def test_peak_bandwidth_is_known_for_gpus_only():

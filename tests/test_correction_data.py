@@ -457,7 +457,9 @@ def test_megatron_loop_counts_only_the_sidecar_ones(built, data, process_group, 
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     for row, n, k in zip(rows, ones, numbers, strict=True):
-        assert row["number tokens"] == pytest.approx(k / n, rel=1e-6)
+        # Counts of the step, and the share they make.
+        assert (row["counted tokens"], row["number tokens"]) == (n, k)
+        assert row["number token share"] == pytest.approx(k / n, rel=1e-6)
 
 
 def test_deepspeed_loop_counts_only_the_sidecar_ones(built, data, process_group, tmp_path):
@@ -476,7 +478,9 @@ def test_deepspeed_loop_counts_only_the_sidecar_ones(built, data, process_group,
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     for row, n, k in zip(rows, ones, numbers, strict=True):
-        assert row["number tokens"] == pytest.approx(k / n, rel=1e-6)
+        # Counts of the step, and the share they make.
+        assert (row["counted tokens"], row["number tokens"]) == (n, k)
+        assert row["number token share"] == pytest.approx(k / n, rel=1e-6)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 
 import pytest
 import torch
+from doc_blocks import doc_block
 from ensemble_fixtures import (
     BigramLM,
     byte_level_tokenizer,
@@ -514,9 +516,16 @@ def test_cli_writes_one_jsonl_line_per_prompt(tmp_path, saved_models, capsys):
         "\n".join(json.dumps({"id": i, "prompt": p}) for i, p in enumerate(PROMPTS)) + "\n"
     )
     output = tmp_path / "out.jsonl"
-    argv = ["ensemble", "--model", saved_models[0], "--model", saved_models[1]]
-    argv += ["--weights", "0.5", "0.5", "--threshold", "0.5", "--prompts", str(prompts)]
-    argv += ["--output", str(output), "--max-new-tokens", "16"]
+    # docs/ensemble.md's command, on the test's models, prompts and lengths.
+    command = doc_block("ensemble-cli").text.replace("\\\n", " ")
+    substitutions = {"./llama-ish": saved_models[0], "./gpt2-ish": saved_models[1],
+                     "--weights 0.6 0.4": "--weights 0.5 0.5", "prompts.txt": str(prompts),
+                     "out.jsonl": str(output), "--max-new-tokens 64": "--max-new-tokens 16"}
+    for old, new in substitutions.items():
+        assert old in command, old
+        command = command.replace(old, new)
+    program, *argv = shlex.split(command)
+    assert program == "token-objectives"
     assert main(argv) == 0
     assert "forward passes per model" in capsys.readouterr().out
     lines = [json.loads(line) for line in output.read_text().splitlines()]
@@ -535,6 +544,17 @@ def test_cli_writes_one_jsonl_line_per_prompt(tmp_path, saved_models, capsys):
         assert line["gated_fraction"] == pytest.approx(line["gated_steps"] / line["steps"])
         assert line["forward_passes"] == [16, 16 - line["gated_steps"]]
         assert line["models"] == saved_models
+
+
+def test_the_docs_python_example_is_the_ensemble(sp_tok, bpe_tok, sp_model, bpe_model):
+    """docs/ensemble.md's Python block, run on the two tiny models."""
+    names = {"tok_a": sp_tok, "tok_b": bpe_tok, "model_a": sp_model, "model_b": bpe_model}
+    exec(doc_block("ensemble-python").text, names)
+    expected = GaCEnsemble([sp_model, bpe_model], [sp_tok, bpe_tok], EnsembleConfig(
+        weights=(0.6, 0.4), threshold=0.5, max_new_tokens=64)).generate("The train to")
+    assert names["out"].text == expected.text
+    assert names["out"].forward_passes == expected.forward_passes
+    assert len(names["union"].token_bytes) > max(len(sp_tok), len(bpe_tok))
 
 
 def test_cli_plain_prompts_and_errors_that_name_the_fix(tmp_path, saved_models, capsys):

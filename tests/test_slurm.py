@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
+from doc_blocks import doc_block
 from slurm_cluster import FAKE_GPUS, Cluster, Unavailable, ensure_cluster
 from slurm_jobs import (
     REPO,
@@ -81,7 +84,10 @@ def test_scripts_parse(script):
 def test_tiny_cpu_preempted_requeues_resumes_and_completes(cluster, data, tmp_path):
     """USR1 mid-run: the workers save, the job requeues, resumes and runs to completion."""
     total = 60
-    job = submit(cluster, "tiny_cpu", tmp_path, "--set", f"train.steps={total}",
+    # The README's command: `sbatch slurm/tiny_cpu.sbatch`, with the test's settings after it.
+    sbatch, script = shlex.split(doc_block("slurm-submit").text)
+    assert sbatch == "sbatch" and script.startswith("slurm/") and script.endswith(".sbatch")
+    job = submit(cluster, Path(script).stem, tmp_path, "--set", f"train.steps={total}",
                  "--set", "train.save_interval=0", **tiny_env(data))
     directory = run_dir(tmp_path, "tiny-cpu", job)
     saved = preempt_and_resume(cluster, job, directory, total)

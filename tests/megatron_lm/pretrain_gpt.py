@@ -6,7 +6,8 @@
         --ntl was --objective-tokenizer TOKENIZER ...  (Megatron-LM's GPT flags)
 
 The rest is a plain GPT pretraining script for Megatron-LM 0.19 (data, batch, forward and loss,
-written here, short); the flags are Megatron-LM's own plus those of `hook.add_objective_args`.
+written here, short); the flags are Megatron-LM's own plus those of the objectives'
+`add_objective_args` (integrations/megatron/hook.py).
 Megatron and torch are imported where they are used: the process that Megatron's checkpoint
 writer spawns runs this file's top level again, and should start fast.
 
@@ -173,14 +174,18 @@ if __name__ == "__main__":
     )
     from megatron.training.arguments import parse_and_validate_args
 
-    from token_objectives.integrations.megatron import hook
+    has_nvidia_modelopt, add_modelopt_args = False, None  # test only (pretrain_gpt.py's import)
+    # The lines docs/megatron-lm.md and the README tell users to add, as they are there.
+    from token_objectives.integrations.megatron import hook as token_objectives_megatron
 
     args = parse_and_validate_args(
-        extra_args_provider=hook.chain_args_provider(),  # token objectives (1/3): their flags
+        extra_args_provider=token_objectives_megatron.chain_args_provider(   # 1: the flags
+            add_modelopt_args if has_nvidia_modelopt else None),
+        args_defaults={'tokenizer_type': 'GPT2BPETokenizer'},
     )
-    loss_func = hook.wrap_loss_func(loss_func)  # token objectives (2/3): their report entries
+    loss_func = token_objectives_megatron.wrap_loss_func(loss_func)         # 2: the report
     model_cfg = gpt_config_from_args(args)
     model_cfg.pre_wrap_hooks.append(same_init_as_our_loop)  # test only
-    model_cfg.pre_wrap_hooks.append(hook.attach_to_model_chunks)  # token objectives (3/3)
+    model_cfg.pre_wrap_hooks.append(token_objectives_megatron.attach_to_model_chunks)  # 3: the loss
     pretrain(pretrain_cfg_container_from_args(args, model_cfg), datasets_provider,
              ModelType.encoder_or_decoder, forward_step)
