@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from doc_blocks import ROOT, all_blocks, doc_block, markdown_files
-from torchrun_helpers import WORKER_ENV, read_metrics
+from torchrun_helpers import WORKER_ENV, free_port, read_metrics
 
 CODE_LANGUAGES = {"python", "bash", "yaml", "json"}
 README_LIMIT = 400  # lines
@@ -127,8 +127,12 @@ def run_block(language: str, text: str, cwd: Path, env: dict | None = None,
               timeout: int = 300) -> subprocess.CompletedProcess:
     command = (["bash", "-euo", "pipefail", "-c", text] if language == "bash"
                else [sys.executable, "-c", text])
-    done = subprocess.run(command, cwd=cwd, env=env or WORKER_ENV, capture_output=True,
-                          text=True, timeout=timeout)
+    # torchrun as written takes port 29500 (quickstart.sh 29517): a free one each, since other
+    # test files run at the same time.
+    port = str(free_port())
+    env = dict(env or WORKER_ENV, PET_MASTER_PORT=port, MASTER_PORT=port)
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
     assert done.returncode == 0, (
         f"exit {done.returncode}\n--- stdout\n{done.stdout[-4000:]}\n"
         f"--- stderr\n{done.stderr[-4000:]}")
