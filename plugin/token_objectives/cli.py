@@ -1,7 +1,8 @@
 """`token-objectives` command line: count-frequencies, inspect-vocab, build-correction-data,
 ensemble, evaluate, check-kernels, plan-memory, bench, bench-hf.
 
-`token-objectives COMMAND --help` lists a command's options."""
+`token-objectives COMMAND --help` lists a command's options; `token-objectives --version` prints
+the package's version."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import sys
 from collections.abc import Sequence
 
 from token_objectives.tables.errors import InputError
+from token_objectives.version import __version__
 
 PROG = "token-objectives"
 
 # Every subcommand is declared here one way: its name -> (the module whose `main(argv) -> int`
 # parses the rest of the command line and runs it, the line `token-objectives --help` shows).
-# The module is imported only when its command runs.
+# The module is imported only when its command runs, and imports torch (or transformers,
+# megatron-core, triton) only after its parse, so that `--help` is immediate.
 COMMANDS: dict[str, tuple[str, str]] = {
     "count-frequencies": (
         "token_objectives.tables.count_frequencies",
@@ -27,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "list the number tokens of a tokenizer",
     ),
     "build-correction-data": (
-        "token_objectives.correction.build_data",
+        "token_objectives.correction.cli",
         "reference-answer correction data: the model's greedy answers + reference answers",
     ),
     "ensemble": (
@@ -50,11 +53,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "per-GPU memory estimate of a training config",
     ),
     "bench": (
-        "token_objectives.bench.grid",
+        "token_objectives.bench.grid_cli",
         "benchmark the objectives",
     ),
     "bench-hf": (
-        "token_objectives.bench.hf",
+        "token_objectives.bench.hf_cli",
         "one transformers.Trainer step: HF's loss vs ours, on the logits and fused",
     ),
 }
@@ -64,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     """The command name alone; each command's module parses its own options."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         commands.add_parser(name, help=help_text, add_help=False)

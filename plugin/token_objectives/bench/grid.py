@@ -1,12 +1,6 @@
-"""`token-objectives bench`: CE+NTL+PDL against Megatron's CE, a naive version and ntloss.
-
-Over a grid of T (tokens), V (vocab) and TP sizes, each of TP processes holds a [T, V/tp] logits
-shard (or hidden states [T, h] and an output-layer shard [V/tp, h]) and runs every method of
-bench_methods forward + backward, in one run: median time, bytes saved for backward (CPU and
-GPU), saved tensors as large as the logits, and peak memory (GPU). Ratios are against
-Megatron's CE on the same logits, and for the fused LM head against the unfused head.
-Configurations whose tensors would not fit in --max-gb are reported as skipped. Not a test.
-"""
+"""`token-objectives bench`'s measuring: CE+NTL+PDL against Megatron's CE, a naive version and
+ntloss, over a grid of T, V and TP. What it measures and prints: grid_cli.DESCRIPTION (the
+command's --help); its flags: grid_cli."""
 
 from __future__ import annotations
 
@@ -20,12 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from token_objectives import NumberTable
-from token_objectives.bench.methods import (
-    HEAD_METHODS,
-    LOGIT_METHODS,
-    Problem,
-    measure,
-)
+from token_objectives.bench import HEAD_METHODS, LOGIT_METHODS
+from token_objectives.bench.methods import Problem, measure
+from token_objectives.tables.errors import InputError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # HBM bandwidth of the GPU, GB/s, from the vendors' data sheets (matched on the device name).
@@ -233,44 +224,16 @@ def _table_line(key: tuple, row: dict, ref: dict | None, peak_gbs: float | None 
             f"{bandwidth}{share}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="token-objectives bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536],
-                        help="T, tokens per batch (a grid)")
-    parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 131072],
-                        help="V, the full vocab (a grid)")
-    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2],
-                        help="tensor-parallel sizes (processes; GPUs on CUDA)")
-    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES),
-                        help="default: fp32 on CPU, bf16 on CUDA")
-    parser.add_argument("--methods", nargs="+", default=list(LOGIT_METHODS + HEAD_METHODS),
-                        choices=list(LOGIT_METHODS + HEAD_METHODS))
-    parser.add_argument("--hidden", type=int, default=256, help="h for the head methods")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                        help="torch threads per rank")
-    parser.add_argument("--max-gb", type=float, help="memory for all ranks together "
-                        "(default: 60%% of RAM on CPU, 90%% of a GPU's memory per rank)")
-    parser.add_argument("--peak-gbs", type=float,
-                        help="the GPU's HBM bandwidth in GB/s (default: from its name)")
-    parser.add_argument("--memory-only", action="store_true",
-                        help="head methods only, saved bytes only (no timing)")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """The grid of `args` (grid_cli's flags, parsed): print the report; returns 0. Raises
+    InputError when --tp asks for more GPUs than there are."""
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtypes = args.dtypes or (["bf16"] if args.device == "cuda" else ["fp32"])
     if args.memory_only:
         args.repeats = 0
-    for tp in args.tp:
-        for vocab in args.vocab:
-            if vocab % tp:
-                parser.error(f"--vocab {vocab} is not divisible by --tp {tp}")
     if args.device == "cuda" and max(args.tp) > torch.cuda.device_count():
-        parser.error(f"--tp {max(args.tp)} needs as many GPUs; {torch.cuda.device_count()} here")
+        raise InputError(f"--tp {max(args.tp)} needs as many GPUs; {torch.cuda.device_count()} "
+                         f"here")
     if args.max_gb is None:
         args.max_gb = _default_budget_gb(args.device)
     if args.peak_gbs is None:
@@ -321,7 +284,3 @@ def _collect(results, procs) -> list[dict]:
             if dead:
                 raise RuntimeError(
                     f"a bench rank exited with code {dead[0].exitcode}; see above") from empty
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

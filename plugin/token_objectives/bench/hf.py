@@ -1,14 +1,6 @@
-"""`token-objectives bench-hf`: one `transformers.Trainer` step (forward + backward of
-`Trainer.training_step`) of a LlamaForCausalLM, three ways:
-
-  hf          the model's own loss (HF's ForCausalLMLoss: CE alone, on the [b, s, V] logits)
-  ours        ObjectiveLoss as compute_loss_func (CE + NTL-WAS + PDL on the logits)
-  ours_fused  ObjectiveLoss(fused=True): the same from the hidden states, no logits
-
-Median time over --repeats steps after one warm-up, and the bytes autograd saves for backward
-beyond the parameters (bench.methods.saved_for_backward; `big`: saved tensors of at least half
-the logits), plus peak memory on CUDA. Ratios are against `hf`. Not a test.
-"""
+"""`token-objectives bench-hf`'s measuring: one `transformers.Trainer` step of a
+LlamaForCausalLM with HF's loss and ours. What it measures and prints: hf_cli.DESCRIPTION
+(the command's --help); its flags: hf_cli."""
 
 from __future__ import annotations
 
@@ -20,8 +12,6 @@ import torch
 
 from token_objectives.bench.grid import synthetic_tables
 from token_objectives.bench.methods import CONFIG, saved_for_backward
-
-METHODS = ("hf", "ours", "ours_fused")
 
 
 def _trainer(method: str, model, numbers, weights, device: str):
@@ -111,25 +101,10 @@ def report(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="token-objectives bench-hf", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vocab", type=int, default=32768)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), help="default: bf16 on CUDA")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """The methods of `args` (hf_cli's flags, parsed): print the report; returns 0."""
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     rows = [measure(method, args) for method in args.methods]
     print(report(rows, args))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -25,9 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from token_objectives import NumberTable, Objective, ObjectiveConfig
+from token_objectives.bench import HEAD_METHODS
 
-LOGIT_METHODS = ("megatron", "megatron_fused", "naive", "unchunked", "ours", "ours_gaussian")
-HEAD_METHODS = ("head_unfused", "head_fused")
 CONFIG = ObjectiveConfig(ntl="was", ntl_weight=0.3, pdl_alpha=0.5)
 GAUSSIAN_CONFIG = dataclasses.replace(CONFIG, gaussian_sigma=1.0)
 

@@ -16,7 +16,6 @@ on a local model directory (`generation.hf.greedy_answers`).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
@@ -28,13 +27,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from token_objectives.correction import DEFAULT_MARKER, ON_BAD_LINE
 from token_objectives.generation.hf import greedy_answers, load_causal_lm, stop_ids
 from token_objectives.tables.errors import InputError
 from token_objectives.tables.indexed_dataset import loss_mask_prefix
 from token_objectives.tables.jsonl import json_object_line
 from token_objectives.tables.output_files import (
     DEFAULT_MODE,
-    add_mode_argument,
     check_output_path,
     set_mode,
 )
@@ -51,17 +50,12 @@ __all__ = [
     "BadLine",
     "CorrectionData",
     "Example",
-    "add_arguments",
     "bad_lines_error",
     "build_correction_data",
     "correction_document",
-    "main",
     "read_examples",
-    "run_from_args",
 ]
 
-DEFAULT_MARKER = "\nCorrection:\n"
-ON_BAD_LINE = ("error", "skip")
 # Examples generated and written per round: bounds memory, keeps length-sorted batches useful.
 _BATCHES_PER_CHUNK = 32
 _LISTED_IN_ERRORS = 20
@@ -336,56 +330,3 @@ def _check_prompts(examples: list[Example], tokenizer, chunk_size: int, max_new_
                     f"--max-new-tokens {max_new_tokens} exceeds the model's {max_positions} "
                     f"positions; lower --max-new-tokens or shorten the prompt"
                 )
-
-
-# -------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `build-correction-data` flags."""
-    parser.add_argument("--input", required=True, help='JSONL file: {"prompt": ..., '
-                        '"answer": ...} per line')
-    parser.add_argument("--model", required=True,
-                        help="local Hugging Face causal-LM directory that answers the prompts")
-    parser.add_argument("--output-prefix", required=True,
-                        help="writes PREFIX.bin/.idx and PREFIX_loss_mask.bin/.idx")
-    parser.add_argument("--tokenizer", help="the training run's tokenizer (default: --model)")
-    parser.add_argument("--marker", default=DEFAULT_MARKER,
-                        help="text between the own answer and the reference (default: %(default)r)")
-    parser.add_argument("--max-new-tokens", type=int, default=256,
-                        help="length limit of the own answer (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=16,
-                        help="prompts per generate call (default: %(default)s)")
-    parser.add_argument("--on-bad-line", choices=ON_BAD_LINE, default="error",
-                        help="error (default): stop and list the bad lines; skip: leave them "
-                             "out and list them")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="dtype of the generating model (default: %(default)s)")
-    parser.add_argument("--device", help="device of the generating model (default: cuda if "
-                                         "available, else cpu)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_mode_argument(parser)
-    return parser
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """`token-objectives build-correction-data`: build, print a summary; returns 0."""
-    data = build_correction_data(
-        args.input, args.model, args.output_prefix, tokenizer_path=args.tokenizer,
-        marker=args.marker, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        on_bad_line=args.on_bad_line, dtype=args.dtype, device=args.device,
-        progress=not args.no_progress, mode=args.mode,
-    )
-    print(f"wrote {data.num_documents} documents, {data.num_tokens} tokens "
-          f"({data.num_loss_tokens} in the loss) -> {data.prefix}.bin/.idx + "
-          f"{data.mask_prefix}.bin/.idx; skipped {len(data.skipped)} bad line(s)")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`token-objectives build-correction-data ARGS`: parse ARGS, then `run_from_args`."""
-    parser = argparse.ArgumentParser(
-        prog="token-objectives build-correction-data",
-        description="reference-answer correction data: the model's greedy answers + reference "
-        "answers")
-    return run_from_args(add_arguments(parser).parse_args(argv))

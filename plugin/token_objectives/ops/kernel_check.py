@@ -7,7 +7,8 @@ The loop's cost is a static count: the SASS instructions of the loop body (from 
 the loop's backward branch to that branch) divided by the columns one thread handles per
 iteration (BLOCK / (32 * num_warps)). It says nothing measured about time on a GPU.
 
-No communication; imports triton, the standard library and `triton_kernels` only.
+No communication; imports triton, the standard library and `triton_kernels` only, in the
+functions that compile, so that `check-kernels --help` loads neither triton nor torch.
 
     token-objectives check-kernels --arch sm_90 --dtype bf16
 """
@@ -23,15 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-from token_objectives.ops import triton_kernels
-
 ARCHS = ("sm_80", "sm_90", "sm_100")
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
-KERNELS = {"forward": triton_kernels._partials_kernel, "backward": triton_kernels._gradient_kernel}
+# The kernels' names in triton_kernels.
+KERNELS = {"forward": "_partials_kernel", "backward": "_gradient_kernel"}
 # The padded width the check compiles for (a multiple of 16, as Megatron pads the vocab) and the
 # real width inside it (GPT-2's 50257: not a multiple of 16, so Triton gets no hint for it).
 PADDED_WIDTH, REAL_WIDTH = 50304, 50257
@@ -83,6 +79,8 @@ class Report:
 def variants(dtypes: tuple[str, ...] = tuple(DTYPES)) -> list[Variant]:
     """Every distinct constexpr combination the dispatch can launch on a wide (>= MAX_BLOCK)
     shard, per kernel and logits dtype."""
+    from token_objectives.ops import triton_kernels
+
     combos = []
     for numbers, wasserstein, mean_logit, squash, gaussian, grouped in itertools.product(
             (False, True), repeat=6):
@@ -106,7 +104,13 @@ def compile_variant(variant: Variant, arch: str, *, hint_real_width: bool = Fals
     """triton.compile of `variant` for `arch` (no GPU needed); returns the CompiledKernel, whose
     .asm holds "ptx" and "cubin". hint_real_width: compile as if the real width were a multiple
     of 16 too (for comparing against the usual case, where it is not)."""
-    fn = KERNELS[variant.kernel]
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from token_objectives.ops import triton_kernels
+
+    fn = getattr(triton_kernels, KERNELS[variant.kernel])
     flags = dict(variant.flags)
     num_warps = flags.pop("num_warps")
     signature, attrs = {}, {}
@@ -138,6 +142,8 @@ def compile_variant(variant: Variant, arch: str, *, hint_real_width: bool = Fals
 
 
 def _tool(name: str) -> str:
+    import triton
+
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Count and write the file, print a summary; returns 0. Raises InputError on a bad input."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    # After the parse: --help and a usage error load no numpy or tokenizers.
     from token_objectives.tables.frequencies import (
         count_indexed_dataset,
         count_text_files,
@@ -55,8 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from token_objectives.tables.tokenizers import list_vocab, load_tokenizer, tokenizer_identity
 
-    parser = _parser()
-    args = parser.parse_args(argv)
     if args.text and not args.tokenizer:
         parser.error("count-frequencies --text needs --tokenizer")
     # Before the counting, which can take hours: a path that cannot be written fails now.

@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Sequence
 
 from token_objectives.tables.errors import InputError
-from token_objectives.tables.numbers import NUMBER_TOKEN_MODES, NUMBER_TOKENS_HELP
+from token_objectives.tables.number_modes import NUMBER_TOKEN_MODES, NUMBER_TOKENS_HELP
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,10 +25,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the table (and the digit shares); returns 0. Raises InputError on a bad input."""
+    args = _parser().parse_args(argv)
+    # After the parse: --help and a usage error load no torch.
     from token_objectives.tables.numbers import NumberTable, digit_share
     from token_objectives.tables.tokenizers import as_tokenizer
 
-    args = _parser().parse_args(argv)
     tokenizer = as_tokenizer(args.tokenizer)
     table = NumberTable.from_tokenizer(tokenizer, vocab_size=args.vocab_size,
                                        number_tokens=args.number_tokens)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from token_objectives.tables.errors import InputError
+from token_objectives.tables.number_modes import NUMBER_TOKEN_MODES, NUMBER_TOKENS_HELP
 from token_objectives.tables.tokenizers import (
     TokenizerLike,
     as_tokenizer,
@@ -20,6 +21,7 @@ from token_objectives.tables.tokenizers import (
 )
 
 __all__ = [
+    "NUMBER_TOKENS_HELP",
     "NUMBER_TOKEN_MODES",
     "NumberTable",
     "digit_share",
@@ -38,16 +40,6 @@ _PATTERNS = {
     "groups": re.compile(r"[0-9]+"),
     "multi": re.compile(r"[0-9]+(?:\.[0-9]+)?"),
 }
-# "auto" resolves to "digit" or "groups" from the vocabulary (resolve_number_tokens).
-NUMBER_TOKEN_MODES = ("auto", "digit", "groups", "multi")
-# The one help text of the option on every surface (ds_config, YAML, flags, HF, CLI).
-NUMBER_TOKENS_HELP = (
-    "which tokens are number tokens for NTL and the Gaussian target: 'auto' (digit when the "
-    "vocabulary's number tokens are all single digits, else groups), 'digit' (one digit), "
-    "'groups' (runs of digits such as Llama-3's 1-3 digit tokens; a target is compared with the "
-    "tokens of its own digit count) or 'multi' (integers and decimals, all compared by value, "
-    "as ntloss's digit_level=False)"
-)
 _MODE_WORDS = {
     "digit": "digit-level",
     "groups": "digit groups, each compared within its digit count",

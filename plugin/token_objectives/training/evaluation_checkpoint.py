@@ -3,7 +3,8 @@ process at TP = PP = 1, as an `evaluation.generate.MegatronGenerator`.
 
 `main` is the `evaluate` command: evaluation.run's, given `load_megatron_checkpoint` for
 --checkpoint. It lives here, not in evaluation/, because reading the checkpoint needs the loop's
-model builder and evaluation/ never imports training/."""
+model builder and evaluation/ never imports training/. torch and megatron-core are imported in
+the functions that use them, so that `evaluate --help` loads neither."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from token_objectives.evaluation.generate import MegatronGenerator
 from token_objectives.tables.errors import InputError
+
+if TYPE_CHECKING:
+    from token_objectives.evaluation.generate import MegatronGenerator
 
 __all__ = ["load_megatron_checkpoint", "main", "resolve_checkpoint", "single_process_group"]
 
@@ -62,8 +64,10 @@ def load_megatron_checkpoint(checkpoint: str | os.PathLike, config_path: str | o
     """The GPTModel of a Megatron-loop dist checkpoint, in one process at TP = PP = 1, whatever
     TP/PP it was saved at (dist checkpoints are layout-independent; the vocab is padded for the
     run config's parallel.tensor, as the run padded it). Only the model is read."""
+    import torch
     from megatron.core import parallel_state
 
+    from token_objectives.evaluation.generate import MegatronGenerator
     from token_objectives.integrations.megatron import cpu_patches
     from token_objectives.training import checkpointing, run_stamp
     from token_objectives.training.config import load_config, padded_vocab_size
