@@ -12,7 +12,8 @@ The data is the quickstart's (token_objectives.quickstart: the generated number-
 its sentencepiece tokenizer, digits split), built under --output-dir/data without megatron-core;
 the PDL counts come from `count_text_files`, as `token-objectives count-frequencies --text`.
 The model's vocab is the tokenizer's padded to a multiple of 64: the tables cover the padding.
-Trainer writes the loss and its components (lm_loss, ce, ntl, number_tokens, pdl_weight) to
+Trainer writes the loss and its components (lm_loss, ce_part, ntl_part, ce, ntl,
+counted_tokens, number_tokens: a count, number_token_share, pdl_weight; docs/metrics.md) to
 --output-dir/runs/ (TensorBoard). Nothing is downloaded.
 """
 

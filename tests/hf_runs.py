@@ -192,7 +192,9 @@ def hand_reference(model, tokenizer, config) -> tuple[float, dict[str, torch.Ten
     loss.backward()
     means = {"lm_loss": loss.item(), "ce": (out.ce.sum() / tokens).item(),
              "ntl": (out.ntl.sum() / out.ntl_positions.sum()).item(),
-             "number_tokens": (out.ntl_positions.sum() / tokens).item()}
+             "counted_tokens": tokens.item(),  # counts: the one step's
+             "number_tokens": out.ntl_positions.sum().item(),
+             "number_token_share": (out.ntl_positions.sum() / tokens).item()}
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, means
 
 

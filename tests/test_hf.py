@@ -39,7 +39,7 @@ from token_objectives.integrations.hf import (  # noqa: E402
 )
 
 CONFIG = ObjectiveConfig(**hf_runs.OPTIONS)
-COMPONENTS = ("lm_loss", "ce", "ntl", "number_tokens")
+COMPONENTS = ("lm_loss", "ce", "ntl", "counted_tokens", "number_tokens", "number_token_share")
 
 
 @pytest.fixture(scope="module")

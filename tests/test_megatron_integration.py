@@ -49,8 +49,16 @@ def test_loss_func_returns_sums_and_counts():
     torch.testing.assert_close(report["lm loss"], torch.stack([(loss * mask).sum(), mask.sum()]))
     torch.testing.assert_close(report["ntl"],
                                torch.stack([(parts.ntl * mask).sum(), numbers]))
-    torch.testing.assert_close(report["number tokens"], torch.stack([numbers, mask.sum()]))
+    # A count is reported as [count * R, 1] (R = 1 here): it sums to the step's count.
+    torch.testing.assert_close(report["number tokens"], torch.stack([numbers, torch.tensor(1.)]))
+    torch.testing.assert_close(report["counted tokens"], torch.tensor([7.0, 1.0]))
+    torch.testing.assert_close(report["number token share"], torch.stack([numbers, mask.sum()]))
     torch.testing.assert_close(report["pdl weight"], torch.stack([1.5 * mask.sum(), mask.sum()]))
+    # Over a step of 4 reports each count is scaled by 4, so their pairs sum to [4 n, 4].
+    _, _, of_four = loss_func(mask, loss, reports_per_step=4)
+    torch.testing.assert_close(of_four["number tokens"], torch.stack([4 * numbers,
+                                                                      torch.tensor(1.)]))
+    assert of_four["number token share"].tolist() == report["number token share"].tolist()
     # The components add up: lm loss = ce part + 0.3 * ntl part.
     ce_part, ntl_part = report["ce part"], report["ntl part"]
     torch.testing.assert_close(report["lm loss"][0], ce_part[0] + 0.3 * ntl_part[0])

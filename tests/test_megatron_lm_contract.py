@@ -38,6 +38,7 @@ from dist_pool import destroy_model_parallel, initialize_model_parallel
 from token_objectives import ObjectiveConfig
 from token_objectives.integrations.megatron import hook as tom
 from token_objectives.integrations.megatron.hook import LossComponents
+from token_objectives.objectives.components import COMPONENT_NAMES
 
 SPIKY_LOSS_FACTOR = 10  # pretrain_gpt.py
 
@@ -165,7 +166,9 @@ def _truth(batches) -> dict[str, float]:
     return {"lm loss": float(total["loss"] / total["tokens"]),
             "ce": float(total["ce"] / total["tokens"]),
             "ntl": float(total["ntl"] / total["numbers"]),
-            "number tokens": float(total["numbers"] / total["tokens"]),
+            "counted tokens": float(total["tokens"]),
+            "number tokens": float(total["numbers"]),
+            "number token share": float(total["numbers"] / total["tokens"]),
             "pdl weight": float(total["weight"] / total["tokens"])}
 
 
@@ -181,22 +184,28 @@ def _logged(loss_fn, ranks) -> dict[str, float]:
 
 @pytest.mark.parametrize("which", ["wrap_loss_func", "loss_func"])
 def test_logged_ntl_is_per_number_token_over_micro_batches_and_dp(which):
-    loss_fn = tom.wrap_loss_func(megatron_lm_loss_func) if which == "wrap_loss_func" \
-        else tom.loss_func
+    reports = sum(len(rank) for rank in RANKS)  # micro-batches x DP ranks
+    loss_fn = tom.wrap_loss_func(megatron_lm_loss_func, reports_per_step=lambda: reports) \
+        if which == "wrap_loss_func" else partial(tom.loss_func, reports_per_step=reports)
     ranks = [[_micro_batch(seed, numbers) for seed, numbers in rank] for rank in RANKS]
     logged = _logged(loss_fn, ranks)
     truth = _truth([batch for rank in ranks for batch in rank])
     for name, value in truth.items():
         assert logged[name] == pytest.approx(value, rel=1e-5), name
+    # The counts are the step's, exactly, not a mean per micro-batch.
+    assert logged["number tokens"] == truth["number tokens"] > 1
+    assert logged["counted tokens"] == truth["counted tokens"]
     assert logged["ce part"] + 0.3 * logged["ntl part"] == pytest.approx(logged["lm loss"],
                                                                         rel=1e-5)
 
 
 def test_a_step_without_number_tokens_logs_ntl_0():
     ranks = [[_micro_batch(seed, False) for seed in (7, 8)] for _ in range(2)]
-    logged = _logged(tom.wrap_loss_func(megatron_lm_loss_func), ranks)
+    logged = _logged(tom.wrap_loss_func(megatron_lm_loss_func, reports_per_step=lambda: 4),
+                     ranks)
     # training.py divides unguarded: the wrapped report must not make it 0 / 0.
     assert logged["ntl"] == 0.0 and logged["number tokens"] == 0.0
+    assert logged["number token share"] == 0.0
     assert logged["lm loss"] == pytest.approx(_truth([b for r in ranks for b in r])["lm loss"],
                                               rel=1e-5)
     # Our own loss_func reports the bare [0, 0]; our loop guards the division.
@@ -210,15 +219,17 @@ def test_a_step_without_number_tokens_logs_ntl_0():
 
 def test_wrap_loss_func_keeps_megatron_lm_loss_func():
     loss, mask = _micro_batch(1, True)
-    wrapped = tom.wrap_loss_func(megatron_lm_loss_func)
+    wrapped = tom.wrap_loss_func(megatron_lm_loss_func, reports_per_step=lambda: 1)
     assert tom.wrap_loss_func(wrapped) is wrapped
     assert wrapped.__wrapped__ is megatron_lm_loss_func
     total, tokens, report = wrapped(mask, loss, model=None)
     own_total, own_tokens, own_report = megatron_lm_loss_func(mask, loss, model=None)
     assert torch.equal(total, own_total) and torch.equal(tokens, own_tokens)
     assert torch.equal(report["lm loss"], own_report["lm loss"])
-    assert set(report) == {"lm loss", "ce part", "ntl part", "ce", "ntl", "number tokens",
-                           "pdl weight"}
+    assert tuple(report) == COMPONENT_NAMES
+    # Outside Megatron-LM the default reads a calculator nobody set up: the error says so.
+    with pytest.raises(RuntimeError, match="reports_per_step="):
+        tom.wrap_loss_func(megatron_lm_loss_func)(mask, loss, model=None)
     # The rerun state machine's fatal NaN check runs on the combined loss (on a CPU-only
     # machine its error path fails looking up the CUDA device, after rejecting the loss).
     bad = loss.clone()
@@ -235,7 +246,7 @@ def test_per_token_loss_is_what_makes_the_gradient_exact():
     count: the gradient weighs tokens of small micro-batches more. The hook refuses it."""
     batches = [_micro_batch(seed, True) for seed in (1, 2)]
     batches[1][1][1:] = 0  # a micro-batch with fewer tokens
-    wrapped = tom.wrap_loss_func(megatron_lm_loss_func)
+    wrapped = tom.wrap_loss_func(megatron_lm_loss_func, reports_per_step=lambda: 2)
     outputs = [(loss.clone(), partial(wrapped, mask, model=None)) for loss, mask in batches]
     summed, _ = run_micro_batches(outputs, transformer_config(per_token=True))
     outputs = [(loss.clone(), partial(wrapped, mask, model=None)) for loss, mask in batches]
@@ -354,6 +365,7 @@ def hook_task(tokenizer_path: str, frequencies_path: str, argv: list[str]) -> di
     """Megatron-LM's get_args/get_tokenizer globals, then the wrapped model_provider,
     forward_step, loss_func and train_step's reduction over 2 micro-batches and the DP group."""
     import torch.distributed as dist
+    from megatron.core import num_microbatches_calculator as calculator
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -363,6 +375,9 @@ def hook_task(tokenizer_path: str, frequencies_path: str, argv: list[str]) -> di
 
     cpu_patches.apply()
     groups_before = initialize_model_parallel(tensor_model_parallel_size=2)
+    # What Megatron-LM's initialize_megatron sets up: 2 micro-batches of 2 on each of 2 DP
+    # ranks, which wrap_loss_func's counts read.
+    calculator.init_num_microbatches_calculator(0, None, 8, 2, 2)
     args = _parse(["--objective-tokenizer", tokenizer_path, "--pdl-frequencies",
                    frequencies_path, *argv])
     args.padded_vocab_size = PADDED_VOCAB  # set by Megatron-LM's tokenizer build
@@ -430,6 +445,7 @@ def hook_task(tokenizer_path: str, frequencies_path: str, argv: list[str]) -> di
                 else model._token_objectives_attached.pdl_weights}
     finally:
         del sys.modules["megatron.training"]
+        calculator.destroy_num_microbatches_calculator()
         destroy_model_parallel(groups_before)
 
 
@@ -475,3 +491,4 @@ def test_ce_and_pdl_through_the_hook_leave_the_padding_out(pool4, gpt2_style_tok
         assert logged["lm loss"] == pytest.approx(float(sums[0] / sums[2]), rel=1e-4)
         assert logged["ce"] == pytest.approx(float(sums[1] / sums[2]), rel=1e-4)
         assert logged["ntl"] == 0.0 and logged["number tokens"] == 0.0
+        assert logged["counted tokens"] == sums[2]  # the step's count over DP, exactly

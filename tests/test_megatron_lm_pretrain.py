@@ -55,12 +55,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torchrun_helpers import REPO, TINY_MEGATRON, WORKER_ENV, torchrun_command  # noqa: E402
 from torchrun_helpers import read_metrics as metrics  # noqa: E402
 
+from token_objectives.objectives.components import COMPONENT_NAMES  # noqa: E402
 from token_objectives.training.checkpointing import step_dir  # noqa: E402
 
 ENTRY_POINT = REPO / "tests" / "megatron_lm" / "pretrain_gpt.py"
 STEPS = 8  # the schedule; iteration 8 is the NaN one
 LAST = STEPS - 1  # the last completed iteration
-REPORT_NAMES = ["lm loss", "ce part", "ntl part", "ce", "ntl", "number tokens", "pdl weight"]
+REPORT_NAMES = list(COMPONENT_NAMES)  # "lm loss" (Megatron-LM's own) and our components
 
 
 def megatron_lm_flags(data) -> list[str]:
@@ -168,7 +169,11 @@ def test_the_components_are_in_megatron_tensorboard(runs):
         values = {name: megatron[name][step] for name in REPORT_NAMES}
         assert values["lm loss"] == pytest.approx(values["ce part"] + 0.3 * values["ntl part"],
                                                   rel=1e-5)
-        assert 0 < values["number tokens"] < 1 and values["ntl"] > 0, values
+        assert 0 < values["number token share"] < 1 and values["ntl"] > 0, values
+        # A count is the iteration's count (TensorBoard's float32 holds it whole).
+        assert values["number tokens"] == int(values["number tokens"]) > 0, values
+        assert values["number token share"] == pytest.approx(
+            values["number tokens"] / values["counted tokens"], rel=1e-6)
 
 
 def test_megatron_log_lines_average_the_first_two_iterations(runs):

@@ -133,7 +133,11 @@ def test_weights_move_and_components_add_up(baseline, data, tmp_path):
     rows = metrics(baseline)
     for row in rows:
         assert row["lm loss"] == pytest.approx(row["ce part"] + 0.3 * row["ntl part"], rel=1e-5)
-        assert 0 < row["number tokens"] < 1 and row["ntl"] > 0
+        assert 0 < row["number token share"] < 1 and row["ntl"] > 0
+        # The counts are the step's, whole numbers (docs/metrics.md).
+        assert row["number tokens"] == int(row["number tokens"]) > 0
+        assert row["number token share"] == pytest.approx(
+            row["number tokens"] / row["counted tokens"], rel=1e-12)
     # The second step sees the first update: a different loss on different data, finite.
     assert all(torch.isfinite(torch.tensor(r["lm loss"])) for r in rows)
 

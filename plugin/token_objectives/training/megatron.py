@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from token_objectives.integrations.megatron import cpu_patches, versions, writer_queue
 from token_objectives.integrations.megatron.hook import Objectives, attach_objectives, loss_func
+from token_objectives.objectives.components import COMPONENT_NAMES
 from token_objectives.scheduled_sampling.mix import ScheduledSampler, sample_indices
 from token_objectives.tables.tokenizers import tokenizer_identity
 from token_objectives.training import checkpointing, run_stamp
@@ -212,13 +213,14 @@ def layout_independent_init(model, cfg: RunConfig) -> None:
             param.copy_(full.to(param.dtype))
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, reports_per_step: int = 1):
+    """reports_per_step: the micro-batches x DP ranks of a step, for loss_func's counts."""
     batch = next(data_iterator)
     if torch.cuda.is_available():
         batch = {key: value.cuda(non_blocking=True) for key, value in batch.items()}
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                    loss_mask=batch["loss_mask"])
-    return output, partial(loss_func, batch["loss_mask"])
+    return output, partial(loss_func, batch["loss_mask"], reports_per_step=reports_per_step)
 
 
 def _reduce_reports(reports: list[dict]) -> dict[str, float]:
@@ -258,8 +260,7 @@ def _broadcast_from_last_stage(values: dict[str, float], names: list[str]) -> di
     return dict(zip(names, vector.tolist(), strict=True))
 
 
-REPORT_NAMES = ["lm loss", "ce part", "ntl part", "ce", "ntl", "number tokens",
-                "pdl weight"]
+REPORT_NAMES = list(COMPONENT_NAMES)  # loss_func's report: "lm loss" and the components
 
 
 def tensorboard_scalars(log: StepRecord) -> list[tuple[str, float]]:
@@ -604,7 +605,7 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def _forward_step(self, data_iterator, model):
         """forward_step, with each micro-batch's loss report kept for `_checked_values`."""
-        output, loss = forward_step(data_iterator, model)
+        output, loss = forward_step(data_iterator, model, self.num_micro * self.dp_size)
 
         def recorded(output_tensor):
             result = loss(output_tensor)

@@ -15,6 +15,28 @@ from typing import Any, Protocol
 Scalar = tuple[str, float]  # (tag, value)
 
 
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl, each as `current_row` reads it; a torn last line is
+    skipped."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(current_row(json.loads(line)))
+        except ValueError:
+            continue
+    return rows
+
+
+def current_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics.jsonl row under today's names (objectives.components): a row written before
+    "number tokens" became a count held the share under that name, and no "number token
+    share"; it is moved there (the count is unknown)."""
+    if "number tokens" in row and "number token share" not in row:
+        row = dict(row)
+        row["number token share"] = row.pop("number tokens")
+    return row
+
+
 class StepRecord(Protocol):
     """What the writer reads of a step's record (training.loop.StepRecord)."""
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+from token_objectives.training.metrics import read_rows
+
+# The loss components (objectives.components; docs/metrics.md), in the order printed.
 COMPONENTS = ("lm loss", "ce", "ce part", "ntl part", "ntl")
 
 
 def summarize(path: str | Path, window: int = 10) -> str:
     """Mean of the first and of the last `window` steps, per component."""
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    rows = read_rows(path)
     if not rows:
         raise ValueError(f"{path} holds no logged steps")
     window = max(1, min(window, len(rows) // 2 or 1))

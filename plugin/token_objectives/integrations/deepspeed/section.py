@@ -39,7 +39,7 @@ from token_objectives.integrations.autotp import (  # noqa: F401 (public names h
     vocab_parallel_head_shard,
 )
 from token_objectives.objectives import options
-from token_objectives.objectives.components import component_means
+from token_objectives.objectives.components import component_values
 from token_objectives.objectives.config import NUMBER_TOKENS, ObjectiveConfig
 from token_objectives.objectives.loss import ObjectiveOutput
 from token_objectives.objectives.objective import Objective
@@ -193,11 +193,14 @@ def numbers_from_section(section: TokenObjectivesConfig, vocab_size: int) -> Num
 
 def log_components(engine, output: ObjectiveOutput, step: int,
                    config: ObjectiveConfig | None = None) -> dict[str, float]:
-    """Per-component means over the global batch (reduced over DP), written to DeepSpeed's
-    monitor (its "tensorboard" / "csv_monitor" sections). Returns them.
+    """The components (objectives.components) of `output`, reduced over DeepSpeed's DP group,
+    written to DeepSpeed's monitor (its "tensorboard" / "csv_monitor" sections) as
+    "Train/<name>" by global rank 0. Returns them.
 
-    "lm loss" is what is trained: the loss sum over the counted tokens, or over the sum of
-    their PDL weights with config.pdl_normalization="weighted_mean"."""
+    output: the step's whole output on this rank (every micro-batch of the step: the counts
+    "counted tokens" and "number tokens" are those of what it holds, over DP). config: the
+    objective's; without it "ce part" and "ntl part" are left out and "lm loss" is per counted
+    token. One all-reduce (SUM, fp64 [6]) when torch.distributed is initialized."""
     totals = output.totals().detach().to(torch.float64)
     group = None
     try:
@@ -208,8 +211,9 @@ def log_components(engine, output: ObjectiveOutput, step: int,
         group = None
     if dist.is_initialized():
         dist.all_reduce(totals, group=group)
-    values = component_means(totals, config)
+    values = component_values(totals, config)
     monitor = getattr(engine, "monitor", None)
-    if monitor is not None and getattr(monitor, "enabled", False) and dist.get_rank() == 0:
+    writes = not dist.is_initialized() or dist.get_rank() == 0
+    if monitor is not None and getattr(monitor, "enabled", False) and writes:
         monitor.write_events([(f"Train/{name}", value, step) for name, value in values.items()])
     return values

@@ -302,21 +302,30 @@ def detach_objectives(model):
     return model
 
 
-def component_report(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> dict:
-    """The objectives' entries of a loss_func report: name -> fp32 [2] (sum, count).
+def component_report(loss_mask: torch.Tensor, output_tensor: torch.Tensor,
+                     reports_per_step: int = 1) -> dict:
+    """The objectives' entries of a loss_func report: name -> fp32 [2] (sum, count), so that
+    the pairs summed over a step's reports give each component of objectives.components as
+    sum / count.
 
     loss_mask [b, s], output_tensor: the model's per-token loss [b, s]. Counted tokens are
-    `loss_mask != 0`; sums are weighted by the mask. Empty when the tensor carries no
+    `loss_mask != 0`; the loss sums are weighted by the mask. Empty when the tensor carries no
     LossComponents. A micro-batch without number tokens gives "ntl" = [0, 0], so the pairs'
     sum over micro-batches and DP ranks is exact.
+    reports_per_step: R, how many reports make one optimizer step (micro-batches x DP x CP
+    ranks). A count ("counted tokens", "number tokens") is reported as [count * R, 1]: summed
+    over the step's R reports it is [R * total, R], whose ratio is the step's total, exactly
+    while R * total < 2**24 (integers in fp32).
     """
     parts = components_of(output_tensor)
     if parts is None:
         return {}
     mask = loss_mask.reshape(-1).float()
-    tokens = (mask != 0).sum(dtype=torch.float32)
-    numbers = (parts.is_number.reshape(-1) & (mask != 0)).sum(dtype=torch.float32)
+    counted = mask != 0
+    tokens = counted.sum(dtype=torch.float32)
+    numbers = (parts.is_number.reshape(-1) & counted).sum(dtype=torch.float32)
     ntl_sum = (parts.ntl.reshape(-1) * mask).sum()
+    one = torch.ones((), dtype=torch.float32, device=mask.device)
 
     def masked(x: torch.Tensor) -> torch.Tensor:
         return (x.reshape(-1).float() * mask).sum()
@@ -326,21 +335,25 @@ def component_report(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> di
         "ntl part": torch.stack([ntl_sum, tokens]),
         "ce": torch.stack([masked(parts.ce), tokens]),
         "ntl": torch.stack([ntl_sum, numbers]),
-        "number tokens": torch.stack([numbers, tokens]),
-        "pdl weight": torch.stack([masked(parts.weight), tokens]),
+        "counted tokens": torch.stack([tokens * reports_per_step, one]),
+        "number tokens": torch.stack([numbers * reports_per_step, one]),
+        "number token share": torch.stack([numbers, tokens]),
+        "pdl weight": torch.stack([(parts.weight.reshape(-1).float() * counted).sum(), tokens]),
     }
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None):
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None, *,
+              reports_per_step: int = 1):
     """Megatron's loss_func contract with per-token normalisation, for loops without Megatron-LM.
 
-    loss_mask [b, s], output_tensor: the model's per-token loss [b, s].
+    loss_mask [b, s], output_tensor: the model's per-token loss [b, s]. reports_per_step: the
+    loss_func calls whose reports make one optimizer step (micro-batches x DP ranks), for the
+    counts (`component_report`).
     Returns (loss sum, token count (int), report); each report value is a [sum, count] pair that
-    the training loop all-reduces over DP and logs as sum / count:
-      "lm loss" = "ce part" + ntl_weight * "ntl part" (both per counted token), "ce" (plain
-      cross-entropy), "ntl" (per number token), "number tokens" (fraction), "pdl weight"
-      (mean); "ce part" is the PDL-weighted cross-entropy. A loop that divides must guard
-      a count of 0 (a step without number tokens has "ntl" = [0, 0]).
+    the training loop sums over the step's micro-batches and DP ranks and logs as sum / count:
+    "lm loss" and the components of objectives.components (docs/metrics.md), "lm loss" =
+    "ce part" + ntl_weight * "ntl part". A loop that divides must guard a count of 0 (a step
+    without number tokens has "ntl" = [0, 0]).
     With Megatron-LM's pretrain_gpt.py use `wrap_loss_func(loss_func)` instead, which keeps its
     NaN/Inf/spiky-loss checks.
     """
@@ -349,8 +362,28 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, model=None):
     tokens = (mask != 0).sum(dtype=torch.float32)
     loss_sum = (losses * mask).sum()
     report = {"lm loss": torch.stack([loss_sum.detach(), tokens])}
-    report.update(component_report(loss_mask, output_tensor))
+    report.update(component_report(loss_mask, output_tensor, reports_per_step))
     return loss_sum, tokens.to(torch.int), report
+
+
+def megatron_reports_per_step() -> int:
+    """Megatron-LM's loss reports per iteration: megatron-core's current number of
+    micro-batches (batch-size ramp-up included) x the data-parallel ranks with context
+    parallelism, the group train_step all-reduces the report over."""
+    from megatron.core import num_microbatches_calculator, parallel_state
+
+    try:
+        micro_batches = num_microbatches_calculator.get_num_microbatches()
+    except AttributeError:  # no calculator: megatron-core's global is None
+        micro_batches = None
+    ranks = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+    if not micro_batches or not ranks:
+        raise RuntimeError(
+            "wrap_loss_func's counts read megatron-core's number of micro-batches and the "
+            "data-parallel size, which Megatron-LM's initialize_megatron sets up; outside "
+            "Megatron-LM pass wrap_loss_func(loss_func, reports_per_step=) a function returning "
+            "the loss_func calls of one step (micro-batches x DP x CP ranks)")
+    return micro_batches * ranks
 
 
 _WRAPPED_ATTR = "_token_objectives_loss_func"
@@ -361,15 +394,19 @@ _WRAPPED_ATTR = "_token_objectives_loss_func"
 _COUNT_FLOOR = 2.0**-100
 
 
-def wrap_loss_func(original):
+def wrap_loss_func(original, reports_per_step=megatron_reports_per_step):
     """Megatron-LM: `original` (pretrain_gpt.py's loss_func) plus the objectives' report entries.
 
     The returned function has the original's signature, `(loss_mask, output_tensor, model=None)`
     in core_v0.16.1, and returns what the original returns, (loss, num_tokens, report), or the
     legacy (loss, report), with `component_report`'s pairs added to the report ("ntl"'s count
-    floored at 2**-100, so a step without number tokens logs 0, not NaN). The original
-    still computes the loss from the combined per-token loss, so its rerun-state-machine NaN,
-    Inf and spiky-loss checks and its ModelOpt branch run on what is trained. Idempotent.
+    floored at 2**-100, so a step without number tokens logs 0, not NaN). Megatron-LM writes
+    each under its name to TensorBoard and its log line. The original still computes the loss
+    from the combined per-token loss, so its rerun-state-machine NaN, Inf and spiky-loss checks
+    and its ModelOpt branch run on what is trained. Idempotent.
+    reports_per_step: called at each call for the reports one iteration sums (the counts'
+    scale); default `megatron_reports_per_step`. Megatron-LM's evaluation sums its pairs over
+    its eval iterations, so there a count is the mean per eval iteration.
     """
     if getattr(original, _WRAPPED_ATTR, False):
         return original
@@ -384,7 +421,10 @@ def wrap_loss_func(original):
                 f"report) or (loss, report); got {type(outputs).__name__}"
             )
         report = dict(outputs[-1])
-        for name, pair in component_report(loss_mask, output_tensor).items():
+        if components_of(output_tensor) is None:
+            return outputs
+        entries = component_report(loss_mask, output_tensor, reports_per_step())
+        for name, pair in entries.items():
             if name == "ntl":
                 pair = torch.stack([pair[0], pair[1] + _COUNT_FLOOR])
             report.setdefault(name, pair)
