@@ -244,6 +244,52 @@ def test_a_bug_keeps_its_traceback(prefix, tmp_path, monkeypatch):
               "1000", "--no-progress", "--data-prefix", prefix])
 
 
+# ------------------------------------------------------------------------ warnings: one line
+
+
+def _tokenizer_lacking_digits(tmp_path: Path) -> Path:
+    """A tokenizer.json whose only number token is "3": NTL can never predict 0-2 or 4-9."""
+    from tokenizer_fixtures import word_level_tokenizer
+
+    path = tmp_path / "tokenizer.json"
+    word_level_tokenizer(["3", "x"]).save(str(path))
+    return path
+
+
+def test_a_warning_is_one_line_through_the_console_script(tmp_path):
+    """A real process, the warnings shown as Python's defaults show them: the package's warning
+    is the one line `token-objectives COMMAND: warning: ...`, without the source line Python
+    prints under a warning."""
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONWARNINGS"}
+    result = subprocess.run(
+        [sys.executable, "-m", "token_objectives.cli", "inspect-vocab",
+         str(_tokenizer_lacking_digits(tmp_path))],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.endswith("\n") and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("token-objectives inspect-vocab: warning: digit-level number "
+                                    "tokens of "), result.stderr
+    assert "lack the digits [0, 1, 2, 4, 5, 6, 7, 8, 9]" in result.stderr
+    assert "Warning:" not in result.stderr and ".py:" not in result.stderr
+
+
+def test_a_library_user_still_gets_a_python_warning(tmp_path, capsys):
+    """Only the CLI's main prints the one line, and only while it runs: afterwards the same
+    warning is a Python warning again."""
+    import warnings
+
+    from token_objectives.tables.errors import TokenObjectivesWarning
+    from token_objectives.tables.numbers import NumberTable
+
+    shown_before = warnings.showwarning
+    path = _tokenizer_lacking_digits(tmp_path)
+    assert main(["inspect-vocab", str(path)]) == 0
+    assert "inspect-vocab: warning: digit-level" in capsys.readouterr().err
+    assert warnings.showwarning is shown_before
+    with pytest.warns(TokenObjectivesWarning, match="lack the digits"):
+        NumberTable.from_tokenizer(path)
+
+
 # -------------------------------------------------------------------------- ensemble inputs
 
 

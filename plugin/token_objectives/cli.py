@@ -7,11 +7,13 @@ the package's version."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
-from token_objectives.tables.errors import InputError
+from token_objectives.tables.errors import InputError, TokenObjectivesWarning
 from token_objectives.version import __version__
 
 PROG = "token-objectives"
@@ -79,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = _parser().parse_args(argv[:1]).command
     try:
-        result = importlib.import_module(COMMANDS[command][0]).main(argv[1:])
+        with _warnings_as_lines(command):
+            result = importlib.import_module(COMMANDS[command][0]).main(argv[1:])
     # Only bad inputs become one line; any other exception is a bug and keeps its traceback.
     except (InputError, OSError) as error:
         return _report(command, error)
@@ -88,6 +91,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return _report(command, error)
     return 0 if result is None else int(result)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(command: str) -> Iterator[None]:
+    """While `command` runs, each TokenObjectivesWarning is one line on stderr, without Python's
+    source line; any other warning shows as Python shows it. The filters still decide which
+    warnings show (once per place, or none under PYTHONWARNINGS=ignore)."""
+    with warnings.catch_warnings():
+        python_show = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, TokenObjectivesWarning):
+                python_show(message, category, filename, lineno, file, line)
+                return
+            text = " ".join(str(message).split())
+            print(f"{PROG} {command}: warning: {text}", file=sys.stderr if file is None else file)
+
+        warnings.showwarning = show
+        yield
 
 
 def _report(command: str, error: Exception) -> int:

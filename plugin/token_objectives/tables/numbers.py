@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from token_objectives.tables.errors import InputError
+from token_objectives.tables.errors import InputError, TokenObjectivesWarning
 from token_objectives.tables.number_modes import NUMBER_TOKEN_MODES, NUMBER_TOKENS_HELP
 from token_objectives.tables.tokenizers import (
     TokenizerLike,
@@ -372,6 +372,7 @@ def _warn_left_out(table: NumberTable, left_out: int, asked: str) -> None:
         f"CE alone, and NTL's softmax over number tokens ignores them. {fix}; "
         f"`token-objectives inspect-vocab --text FILE` shows the share of a text's digits "
         f"each mode reaches",
+        TokenObjectivesWarning,
         stacklevel=3,
     )
 
@@ -383,5 +384,6 @@ def _warn_missing_digits(table: NumberTable) -> None:
         warnings.warn(
             f"digit-level number tokens of {table.tokenizer_identity} lack the digits {missing}; "
             "NTL can never predict them. Train/extend the tokenizer so 0-9 are single tokens.",
+            TokenObjectivesWarning,
             stacklevel=3,
         )

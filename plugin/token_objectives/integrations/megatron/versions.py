@@ -21,6 +21,8 @@ import functools
 import inspect
 import warnings
 
+from token_objectives.tables.errors import TokenObjectivesWarning
+
 SUPPORTED = ((0, 16), (0, 19))
 
 
@@ -35,6 +37,7 @@ def core_version() -> tuple[int, int, int]:
             f"megatron-core {'.'.join(map(str, version))} is not one token_objectives is tested "
             f"with ({', '.join(f'{a}.{b}.x' for a, b in SUPPORTED)}): the objectives look its "
             f"features up, but check a short run against a supported release",
+            TokenObjectivesWarning,
             stacklevel=2,
         )
     return version
