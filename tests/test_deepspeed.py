@@ -768,15 +768,15 @@ def test_range_errors_come_from_objective_config_and_name_the_key():
 def test_pdl_options_reach_the_weights(tmp_path):
     import numpy as np
 
-    from token_objectives.integrations.deepspeed.section import from_ds_config
+    from token_objectives.integrations.deepspeed import objective_from_ds_config
     from token_objectives.tables.frequencies import pdl_weights, save_frequencies
 
     counts = np.array([0, 7, 1, 0, 30, 2], dtype=np.int64)
     path = tmp_path / "freqs.safetensors"
     save_frequencies(path, counts, tokenizer_identity="test")
-    objectives = from_ds_config(_section(ntl=None, pdl_alpha=0.5, pdl_eps=2.0, pdl_unseen=0.0,
-                                         pdl_normalize_table=False, frequencies=str(path)),
-                                numbers=None)
+    objectives = objective_from_ds_config(_section(
+        ntl=None, pdl_alpha=0.5, pdl_eps=2.0, pdl_unseen=0.0, pdl_normalize_table=False,
+        frequencies=str(path)))
     expected = pdl_weights(counts, 0.5, eps=2.0, unseen_weight=0.0, normalize=False)
     torch.testing.assert_close(objectives.pdl_weights, expected, rtol=0, atol=0)
     assert objectives.pdl_weights[0] == 0 and objectives.pdl_weights[1] == 9.0 ** -0.5

@@ -472,7 +472,7 @@ def _two_vocabularies_of_one_size(tmp_path: Path) -> tuple[Path, Path]:
 def test_every_door_refuses_a_frequency_file_of_another_tokenizer(tmp_path):
     """The Megatron loop refused it; the ds_config section and the HF helper took it and
     weighted every id by another token's count."""
-    from token_objectives.integrations.deepspeed.section import from_ds_config
+    from token_objectives.integrations.deepspeed import objective_from_ds_config
     from token_objectives.integrations.hf.loss import objective_loss_from_options
 
     ours, theirs = _two_vocabularies_of_one_size(tmp_path)
@@ -481,7 +481,7 @@ def test_every_door_refuses_a_frequency_file_of_another_tokenizer(tmp_path):
         Tokenizer.from_file(str(theirs))))
     section = {"token_objectives": {"ntl": None, "pdl_alpha": 0.5, "tokenizer": str(ours),
                                     "frequencies": str(counts)}}
-    for build in (lambda: from_ds_config(section, None, vocab_size=50),
+    for build in (lambda: objective_from_ds_config(section, vocab_size=50),
                   lambda: objective_loss_from_options({"ntl": None, "pdl_alpha": 0.5},
                                                       str(ours), str(counts), vocab_size=50)):
         with pytest.raises(ValueError, match=r"was counted with tokenizer .*not "
@@ -490,7 +490,7 @@ def test_every_door_refuses_a_frequency_file_of_another_tokenizer(tmp_path):
     # The same file, counted with our tokenizer, is taken.
     save_frequencies(counts, np.arange(50) + 1, tokenizer_identity=tokenizer_identity(
         Tokenizer.from_file(str(ours))))
-    from_ds_config(section, None, vocab_size=50)
+    objective_from_ds_config(section, vocab_size=50)
 
 
 def test_count_frequencies_refuses_a_tokenizer_that_cannot_have_made_the_data(tmp_path, capsys):

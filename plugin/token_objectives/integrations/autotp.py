@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from token_objectives.integrations.causal_lm import mean_loss, shift_labels
 from token_objectives.objectives.loss import ObjectiveOutput
 from token_objectives.objectives.objective import Objective, ObjectiveDoor
 
@@ -47,6 +48,9 @@ class AutoTPObjectives(ObjectiveDoor):
     objective's vocab size. labels: [...] global ids. `use_head_shard(start, width)` states the
     shard (the trainer reads it from the model with `vocab_parallel_head_shard`); without it a
     shard is taken to be the even one, and the objective's layout check refuses uneven shards.
+
+    A causal LM's loss, for a loop of one's own: `output = objectives.causal_lm(logits,
+    labels)` on the unshifted labels, then `loss = objectives.mean(output)`.
     """
 
     def __init__(self, objective: Objective) -> None:
@@ -63,6 +67,29 @@ class AutoTPObjectives(ObjectiveDoor):
         group, vocab_start = self._layout(logits.shape[-1])
         return self.objective(logits, labels, tp_group=group, loss_mask=loss_mask,
                               vocab_start=vocab_start, **options)
+
+    def causal_lm(self, logits: torch.Tensor, labels: torch.Tensor,
+                  **options) -> ObjectiveOutput:
+        """Per-token objectives [b, s] of a causal LM's logits [b, s, V] (or this rank's AutoTP
+        shard [b, s, w]) against its unshifted labels [b, s] (the input ids, ignore_index where
+        a token is no target): position t is scored against labels[:, t + 1], the last position
+        against nothing (shift_labels, as HF's causal-LM loss). No collective beyond the
+        objective's own (two all-reduces over AutoTP's group on a shard).
+        options: Objective's rows_per_chunk and kernel."""
+        if labels.dim() < 2 or logits.shape[:-1] != labels.shape:
+            raise ValueError(
+                f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: a "
+                f"causal LM's loss takes its [b, s, V] logits and the unshifted [b, s] labels"
+            )
+        return self(logits, shift_labels(labels, self.objective.config.ignore_index),
+                    **options)
+
+    def mean(self, output: ObjectiveOutput,
+             denominator: torch.Tensor | float | None = None) -> torch.Tensor:
+        """The scalar to backpropagate for `output`: its loss sum over its counted tokens (over
+        the sum of their PDL weights with pdl_normalization="weighted_mean"), or over
+        `denominator` when given (causal_lm.mean_loss). No collective."""
+        return mean_loss(output, self.objective.config, denominator)
 
     def fused(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
               loss_mask: torch.Tensor | None = None, **options) -> ObjectiveOutput:

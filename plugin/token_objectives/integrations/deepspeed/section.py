@@ -13,9 +13,13 @@ DeepSpeed ignores unknown top-level sections, so ours is validated here, by the 
 config surface (objectives.options): an unknown key lists the valid ones, a bad value reads
 `invalid ds_config["token_objectives"]: key: expected <accepts>, got <value!r>`, and `null` turns
 an optional option off (`"ntl": null` is CE only). JSON is read as written: "0.5" is not a
-number and 1 is not a bool (an int is a number: JSON writes 1.0 as 1). `from_ds_config`
-returns `objectives(logits, labels)`; under AutoTP with a vocab-parallel lm_head the logits stay
-sharded [..., V/tp] and the vocab-parallel loss runs on the shard (two all-reduces, no gather).
+number and 1 is not a bool (an int is a number: JSON writes 1.0 as 1).
+
+`objective_from_ds_config` is the door for a training loop of one's own
+(docs/deepspeed-own-loop.md): it returns the objectives, whose `causal_lm(logits, labels)` and
+`mean(output)` give a micro-batch's loss from the unshifted labels; under AutoTP with a
+vocab-parallel lm_head the logits stay sharded [..., V/tp] and the vocab-parallel loss runs on
+the shard (two all-reduces, no gather).
 The optional "scheduled_sampling" object holds the keys of the Megatron YAML section of the same
 name (`scheduled_sampling.schedule.ScheduledSamplingConfig`), checked the same way.
 """
@@ -47,6 +51,7 @@ from token_objectives.objectives.options import option
 from token_objectives.objectives.tables import objective_tables
 from token_objectives.scheduled_sampling.schedule import ScheduledSamplingConfig
 from token_objectives.tables.numbers import NumberTable
+from token_objectives.tables.tokenizers import TokenizerLike
 
 SECTION = "token_objectives"
 
@@ -128,66 +133,103 @@ def read_section(ds_config: Mapping[str, Any] | str | Path) -> TokenObjectivesCo
 DeepSpeedObjectives = AutoTPObjectives
 
 
-def from_ds_config(
+def objective_from_ds_config(
     ds_config: Mapping[str, Any] | str | Path,
-    numbers: NumberTable | None = None,
-    pdl_weights: torch.Tensor | None = None,
+    tokenizer: TokenizerLike | None = None,
+    *,
     vocab_size: int | None = None,
     real_vocab_size: int | None = None,
+    numbers: NumberTable | None = None,
 ) -> DeepSpeedObjectives:
-    """Validate the "token_objectives" section and return the loss callable (an Objective
-    under AutoTP's layout), its tables made now: a missing one fails here, not at the first
-    call.
+    """The objectives of a ds_config's "token_objectives" section, for a training loop of
+    one's own: the section checked, its tables made now (a missing one fails here, naming the
+    key and the fix, not at the first call).
 
-    numbers: the number table over the model's (padded) vocab; None: made from the section's
-    "tokenizer" when the section needs one (NTL or the Gaussian target).
-    vocab_size: the model's padded vocab, which tells full logits from an AutoTP shard when
-    there is no table to tell it (ntl null, no PDL); default: the tables' size.
-    real_vocab_size: the tokenizer's size, so that without a table the padding columns still
-    leave the softmax (a table states its own).
-    pdl_weights: [V] weights; when None and the section has pdl_alpha > 0, they are built from
-    the section's `frequencies` file (checked against the vocab and the tokenizer's identity).
+        objectives = objective_from_ds_config("ds_config.json", vocab_size=V)
+        output = objectives.causal_lm(logits, labels)  # [b, s, V or V/tp], unshifted [b, s]
+        engine.backward(objectives.mean(output))       # sum / counted tokens
+
+    ds_config: the dict or a JSON path. tokenizer: a local path or a tokenizer object, for the
+        number tokens (NTL, gaussian_sigma) and the identity the frequency file must have been
+        counted with; default the section's "tokenizer" (giving both, different, is refused).
+    vocab_size: the model's padded vocab V, which tells full logits from an AutoTP shard and
+        must be the frequency file's length (default: the tokenizer's size).
+    real_vocab_size: the tokenizer's size when there is no number table to state it, so the
+        padding columns still leave the softmax. numbers: a NumberTable made already.
+    Returns the DeepSpeedObjectives (its Objective is `.objective`).
     """
     section = read_section(ds_config)
     if section is None:
-        raise ValueError(f'the ds_config has no "{SECTION}" section')
+        raise ValueError(
+            f'the ds_config has no "{SECTION}" section: add one, e.g. "{SECTION}": '
+            f'{{"ntl": "was", "tokenizer": "tokenizer.model"}} ({{"ntl": null}}: cross-entropy '
+            f"only)"
+        )
+    tokenizer = _one_tokenizer(section, tokenizer)
     config = section.objective_config()
-    if pdl_weights is not None:
-        objective = Objective(config, numbers, pdl_weights, vocab_size=vocab_size,
-                              real_vocab_size=real_vocab_size)
-        return DeepSpeedObjectives(objective)
     if config.pdl_alpha > 0 and section.frequencies is None:
         raise ValueError(
-            f'ds_config["{SECTION}"].pdl_alpha > 0 needs "frequencies": the output of '
-            "`token-objectives count-frequencies`"
+            f'ds_config["{SECTION}"].pdl_alpha = {config.pdl_alpha} needs "frequencies": the '
+            "output of `token-objectives count-frequencies --tokenizer <tokenizer> "
+            '--vocab-size <model vocab>`; or set "pdl_alpha": 0'
         )
     if numbers is None and config.uses_numbers:
-        numbers = numbers_from_section(section, vocab_size)
-    objective = Objective.build(config, tokenizer=section.tokenizer, numbers=numbers,
-                                frequencies=section.frequencies, vocab_size=vocab_size,
-                                real_vocab_size=real_vocab_size,
-                                number_tokens=section.number_tokens)
+        numbers = numbers_from_section(section, vocab_size, tokenizer)
+    try:
+        objective = Objective.build(config, tokenizer=tokenizer, numbers=numbers,
+                                    frequencies=section.frequencies, vocab_size=vocab_size,
+                                    real_vocab_size=real_vocab_size,
+                                    number_tokens=section.number_tokens)
+    except ValueError as error:
+        raise ValueError(f'ds_config["{SECTION}"]: {error}') from None
     return DeepSpeedObjectives(objective)
 
 
-def numbers_from_section(section: TokenObjectivesConfig, vocab_size: int) -> NumberTable | None:
-    """The NumberTable the section asks for, over `vocab_size` ids (None without NTL or the
-    Gaussian number target)."""
+# The former name (keyword-only tables now: numbers=; PDL weights come from "frequencies").
+from_ds_config = objective_from_ds_config
+
+
+def _one_tokenizer(section: TokenObjectivesConfig,
+                   tokenizer: TokenizerLike | None) -> TokenizerLike | None:
+    """The tokenizer argument or the section's "tokenizer", refused when both name one and
+    they differ."""
+    if tokenizer is None or section.tokenizer is None:
+        return section.tokenizer if tokenizer is None else tokenizer
+    if (isinstance(tokenizer, str | Path)
+            and Path(tokenizer).resolve() == Path(section.tokenizer).resolve()):
+        return tokenizer
+    raise ValueError(
+        f'the tokenizer is given twice: ds_config["{SECTION}"].tokenizer = '
+        f"{section.tokenizer!r} and tokenizer={tokenizer!r}; drop one"
+    )
+
+
+def numbers_from_section(section: TokenObjectivesConfig, vocab_size: int | None,
+                         tokenizer: TokenizerLike | None = None) -> NumberTable | None:
+    """The NumberTable the section asks for, over `vocab_size` ids (default: the tokenizer's
+    size), from `tokenizer` or the section's "tokenizer" (None without NTL or the Gaussian
+    number target)."""
     if section.ntl is None and section.gaussian_sigma == 0:
         return None
     asks = (f"ntl = {section.ntl!r}" if section.ntl is not None
             else f"gaussian_sigma = {section.gaussian_sigma}")
-    if section.tokenizer is None:
-        raise ValueError(f'ds_config["{SECTION}"].{asks} needs "tokenizer"')
+    tokenizer = section.tokenizer if tokenizer is None else tokenizer
+    if tokenizer is None:
+        off = '"ntl": null' if section.ntl is not None else '"gaussian_sigma": 0'
+        raise ValueError(
+            f'ds_config["{SECTION}"].{asks} needs "tokenizer" for its number tokens: a local '
+            f"path in the section, or objective_from_ds_config(..., tokenizer=path or "
+            f"tokenizer object); or set {off}"
+        )
     # The tables' one builder, asked for the number table alone (PDL's table needs a file).
     numbers_only = dataclasses.replace(section.objective_config(), pdl_alpha=0.0)
     try:
-        return objective_tables(numbers_only, section.tokenizer, None, vocab_size,
+        return objective_tables(numbers_only, tokenizer, None, vocab_size,
                                 section.number_tokens)[0]
     except ValueError as error:
         raise ValueError(
             f'ds_config["{SECTION}"].{asks} with tokenizer '
-            f"{section.tokenizer!r} (number_tokens {section.number_tokens!r}): {error}"
+            f"{tokenizer!r} (number_tokens {section.number_tokens!r}): {error}"
         ) from None
 
 

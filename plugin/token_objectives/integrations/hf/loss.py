@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from token_objectives.integrations.autotp import AutoTPObjectives, vocab_parallel_head_shard
+from token_objectives.integrations.causal_lm import shift_labels
 from token_objectives.objectives import options as checker
 from token_objectives.objectives.config import NUMBER_TOKENS, ObjectiveConfig
 from token_objectives.objectives.loss import ObjectiveOutput
@@ -25,13 +25,6 @@ from token_objectives.objectives.objective import Objective, ObjectiveDoor
 
 # What Trainer counts num_items_in_batch over (labels.ne(-100)), and every HF collator writes.
 HF_IGNORE_INDEX = -100
-
-
-def shift_labels(labels: torch.Tensor, ignore_index: int = HF_IGNORE_INDEX) -> torch.Tensor:
-    """[b, s] -> [b, s]: the target of position t is labels[:, t + 1]; the last position gets
-    ignore_index. As HF's ForCausalLMLoss: the labels move, so the [b, s, V] logits are used
-    whole (slicing them would copy them for the loss)."""
-    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
 
 
 def _logits_of(outputs: Any) -> torch.Tensor:
@@ -111,7 +104,7 @@ class ObjectiveLoss(ObjectiveDoor):
                 f"labels"
             )
         self._read_head_shard(logits.shape[-1])
-        output = self.core(logits, shift_labels(labels), **self.chunking)
+        output = self.core.causal_lm(logits, labels, **self.chunking)
         return self.reduce(output, num_items_in_batch)
 
     def fused_objective(self, hidden: torch.Tensor, weight: torch.Tensor,
@@ -126,15 +119,10 @@ class ObjectiveLoss(ObjectiveDoor):
         """The scalar loss of `output`: its sum / num_items_in_batch (Trainer's global count of
         targets), or / its own counted tokens when None. Under autograd (training), its totals
         are kept for the next log."""
-        total = output.loss.sum()
-        if num_items_in_batch is None:
-            denominator = output.counted.sum().clamp(min=1).to(total.dtype)
-        else:
-            denominator = torch.as_tensor(num_items_in_batch, device=total.device).to(total.dtype)
         if torch.is_grad_enabled():
             totals = output.totals().detach().to(torch.float64)
             self._pending = totals if self._pending is None else self._pending + totals
-        return total / denominator
+        return self.core.mean(output, num_items_in_batch)
 
     def take_totals(self) -> torch.Tensor | None:
         """fp64 [6]: the ObjectiveOutput.totals() summed since the last call (None if none)."""
