@@ -3,7 +3,8 @@ really keep, measured on CPU: saved-tensor bytes (unique storages, parameters ex
 1- and 2-layer blocks at s = 256, b = 1, bf16, TP = 4 on the gloo pool; parameter bytes and
 the fp32 gradient buffer of megatron-core's DDP. The expected values are the measurements
 (saved bytes counted by the bench's `saved_for_backward`). Also: the command's output, its exit
-code when the layout does not fit, and the shipped 3B configs' headroom."""
+code when the layout does not fit, the shipped 3B configs' headroom, and its suggestions, which
+never name a lever the config pulls already."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from dist_pool import destroy_model_parallel, initialize_model_parallel
 
 from token_objectives.cli import main
+from token_objectives.training.memory_advice import deepspeed_levers, megatron_levers
 from token_objectives.training.memory_plan import (
     Layout,
     Shape,
@@ -169,3 +171,91 @@ def test_deepspeed_plan_reads_the_fused_head_from_the_run_config(capsys):
     assert "fused head on" in fused and "logits [s, b, V/t]" not in fused
     assert "fused head chunk" in fused
     assert fused.splitlines()[-1] == "total per GPU: 14.8 GiB of 80 GiB"
+
+
+# ----------------------------------------------------------------------- what it suggests
+
+MEGATRON_3B = ["plan-memory", "--config", "configs/llama3.2-3b.yaml", "--gpu-memory", "10"]
+
+
+def test_plan_memory_suggests_the_distributed_optimizer_only_when_it_is_off(capsys):
+    """The shipped 3B config (distributed optimizer on, DP 4) in 10 GiB: the model part is the
+    largest, and the suggestion names the other levers, not the one that is on."""
+    assert main(MEGATRON_3B) == 1
+    on = capsys.readouterr().err
+    assert main([*MEGATRON_3B, "--set", "parallel.use_distributed_optimizer=false",
+                 "--set", "parallel.overlap_param_gather=false"]) == 1
+    off = capsys.readouterr().err
+    assert "the largest part is model" in on and "the largest part is model" in off
+    assert "use_distributed_optimizer" not in on and "parallel.tensor" in on
+    assert "parallel.use_distributed_optimizer: true" in off
+
+
+@pytest.mark.parametrize(("ds_config", "suggested"), [
+    ("3b_zero1.json", "zero_optimization.stage: 2"),
+    ("3b_zero2.json", "zero_optimization.stage: 3"),
+    ("3b_zero3.json", None)])
+def test_plan_memory_suggests_only_a_higher_zero_stage(ds_config, suggested, capsys):
+    assert main(["plan-memory", *DS_3B, f"configs/deepspeed/{ds_config}",
+                 "--gpu-memory", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "the largest part is model" in err
+    if suggested:
+        assert suggested in err
+    else:
+        assert "zero_optimization.stage" not in err and "autotp_size" in err
+
+
+def _suggested(loop: str, layout: Layout, stage: int = 0) -> str:
+    """Every lever suggested for any part of the plan, as one text."""
+    levers = megatron_levers(layout) if loop == "megatron" else deepspeed_levers(layout, stage)
+    return "; ".join(lever for section in levers.values() for lever in section)
+
+
+PULLED = dict(seq=4096, micro_batch=1, tensor=2, data=4, optimizer_shards=4, recompute="full",
+              attention="flash", sequence_parallel=True, fused_head=True)
+
+
+# (loop, the setting that pulls a lever, the lever's key in a suggestion)
+LEVERS = [
+    ("megatron", dict(optimizer_shards=1), "parallel.use_distributed_optimizer"),
+    ("megatron", dict(recompute="none"), "model.recompute"),
+    ("megatron", dict(recompute="selective"), "model.recompute: full"),
+    ("megatron", dict(attention="local"), "model.layer_spec: te"),
+    ("megatron", dict(sequence_parallel=False), "parallel.sequence_parallel"),
+    ("megatron", dict(fused_head=False), "model.fused_lm_head"),
+    ("megatron", dict(micro_batch=4), "parallel.micro_batch_size"),
+    ("deepspeed", dict(recompute="none"), "model.recompute: full"),
+    ("deepspeed", dict(fused_head=False), "model.fused_lm_head: true"),
+    ("deepspeed", dict(micro_batch=4), "train_micro_batch_size_per_gpu"),
+]
+
+
+@pytest.mark.parametrize(("loop", "unpulled", "key"), LEVERS)
+def test_a_lever_is_suggested_only_while_it_is_not_pulled(loop, unpulled, key):
+    """With every lever of the loop pulled, no suggestion names one of them; with one let go,
+    that one is suggested."""
+    pulled = Layout(**PULLED)
+    assert key not in _suggested(loop, pulled, stage=2)
+    assert key in _suggested(loop, Layout(**{**PULLED, **unpulled}), stage=2)
+
+
+def test_zero_3_and_the_fused_head_exclude_each_other_in_the_suggestions():
+    """The DeepSpeed loop refuses the fused head under ZeRO 3: each suggestion says so."""
+    fused = Layout(**PULLED)
+    assert "stage: 3 (now 2; shards over DP 4) (with model.fused_lm_head: false)" in _suggested(
+        "deepspeed", fused, stage=2)
+    unfused = Layout(**{**PULLED, "fused_head": False, "optimizer_shards": 4, "grad_shards": 4,
+                        "param_shards": 4})
+    assert "model.fused_lm_head: true (no [s, b, V/t] logits) with zero_optimization.stage 1 or " \
+           "2" in _suggested("deepspeed", unfused, stage=3)
+    assert "zero_optimization.stage:" not in _suggested("deepspeed", unfused, stage=3)
+
+
+def test_one_gpu_of_data_parallelism_leaves_nothing_to_shard():
+    """At DP 1 neither sharding nor a higher model-parallel size is possible on the job's GPUs."""
+    alone = Layout(seq=4096, micro_batch=1, tensor=8, data=1)
+    for loop in ("megatron", "deepspeed"):
+        text = _suggested(loop, alone)
+        assert "use_distributed_optimizer" not in text and "zero_optimization" not in text
+        assert "parallel.tensor" not in text and "autotp_size" not in text

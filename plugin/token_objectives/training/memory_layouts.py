@@ -11,14 +11,8 @@ import sys
 from collections.abc import Sequence
 
 from token_objectives.tables.errors import InputError
-from token_objectives.training.memory_plan import (
-    FP32,
-    Layout,
-    Shape,
-    advice,
-    format_plan,
-    plan,
-)
+from token_objectives.training.memory_advice import advice
+from token_objectives.training.memory_plan import FP32, Layout, Shape, format_plan, plan
 
 HEADROOM = 0.10
 
@@ -149,11 +143,11 @@ def megatron_layout(path: str, overrides: Sequence[str], gpus: int,
 
 def deepspeed_layout(path: str, ds_path: str, overrides: Sequence[str],
                      ds_overrides: Sequence[str], gpus: int
-                     ) -> tuple[Shape, Layout, str, list[str]]:
-    """(shape, layout, header, notes) of the DeepSpeed loop's run config + ds_config on `gpus`
-    GPUs, read as the loop reads them: the model (model.hf_config), sequence length, recompute
-    and fused head from the run config; ZeRO stage, micro-batch, AutoTP size and dtype from the
-    ds_config. A setting both make and disagree on is refused as the loop refuses it
+                     ) -> tuple[Shape, Layout, str, list[str], int]:
+    """(shape, layout, header, notes, ZeRO stage) of the DeepSpeed loop's run config + ds_config
+    on `gpus` GPUs, read as the loop reads them: the model (model.hf_config), sequence length,
+    recompute and fused head from the run config; ZeRO stage, micro-batch, AutoTP size and dtype
+    from the ds_config. A setting both make and disagree on is refused as the loop refuses it
     (`check_run_config`); notes: the run-config keys the loop does not read."""
     from token_objectives.training.config import load_config
     from token_objectives.training.deepspeed import (
@@ -209,7 +203,7 @@ def deepspeed_layout(path: str, ds_path: str, overrides: Sequence[str],
               f"{tp} x DP {data}; ZeRO {stage}; micro-batch {layout.micro_batch} x seq "
               f"{layout.seq}; sdpa (flash) attention; recompute {recompute}; fused head "
               f"{'on' if layout.fused_head else 'off'}")
-    return shape, layout, header, notes
+    return shape, layout, header, notes, stage
 
 
 def _ds_count(path: str, key: str, value) -> int:
@@ -238,17 +232,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _plan_memory(args: argparse.Namespace) -> int:
     if args.deepspeed_config:
-        shape, layout, header, notes = deepspeed_layout(
+        shape, layout, header, notes, stage = deepspeed_layout(
             args.config, args.deepspeed_config, args.overrides, args.ds_overrides, args.gpus)
         for note in notes:
             print(f"plan-memory: note: {note}", file=sys.stderr)
+        loop = "deepspeed"
     else:
         shape, layout, header = megatron_layout(args.config, args.overrides, args.gpus, args.spec)
+        loop, stage = "megatron", 0
     result = plan(shape, layout)
     print(format_plan(result, args.gpu_memory, header))
     budget = args.gpu_memory * (1 << 30)
     if result.total > (1 - HEADROOM) * budget:
         print(f"plan-memory: leaves less than {HEADROOM:.0%} of {args.gpu_memory:g} GiB free; "
-              f"{advice(result, layout)}", file=sys.stderr)
+              f"{advice(result, layout, loop, stage)}", file=sys.stderr)
         return 1
     return 0

@@ -203,19 +203,3 @@ def format_plan(result: Plan, gpu_gib: float, header: str) -> str:
         lines.append(f"{section:<12} {name:<44} {value / GIB:8.2f}")
     lines.append(f"total per GPU: {result.total / GIB:.1f} GiB of {gpu_gib:g} GiB")
     return "\n".join(lines)
-
-
-def advice(result: Plan, layout: Layout) -> str:
-    """What to change when the plan leaves too little free: the largest components' levers."""
-    by_section: dict[str, int] = {}
-    for section, _, value in result.rows:
-        by_section[section] = by_section.get(section, 0) + value
-    largest = max(by_section, key=by_section.__getitem__)
-    levers = {
-        "model": "shard the optimizer state (the distributed optimizer / a higher ZeRO stage) "
-                 "or raise the tensor-parallel size",
-        "activations": "recompute (selective, then full), a smaller micro-batch, flash attention "
-                       "(the TE spec) or a higher tensor-parallel size",
-        "loss": "the fused LM head, a smaller micro-batch or a higher tensor-parallel size",
-    }
-    return f"the largest part is {largest} ({by_section[largest] / GIB:.1f} GiB): {levers[largest]}"
