@@ -13,12 +13,18 @@ import torch
 from dist_pool import destroy_model_parallel, initialize_model_parallel
 
 from token_objectives.cli import main
-from token_objectives.training.memory_advice import deepspeed_levers, megatron_levers
+from token_objectives.training.memory_advice import (
+    LAST_RESORT,
+    advice,
+    deepspeed_levers,
+    megatron_levers,
+)
 from token_objectives.training.memory_plan import (
     Layout,
     Shape,
     activation_terms,
     layer_parameters,
+    plan,
     stage_parameters,
 )
 
@@ -259,3 +265,13 @@ def test_one_gpu_of_data_parallelism_leaves_nothing_to_shard():
         text = _suggested(loop, alone)
         assert "use_distributed_optimizer" not in text and "zero_optimization" not in text
         assert "parallel.tensor" not in text and "autotp_size" not in text
+
+
+def test_with_every_lever_pulled_the_advice_says_so():
+    """Full recompute, flash attention, micro-batch 1 and the fused head at DP 1: the largest
+    part (the model) has no lever left in the config."""
+    shape = Shape(layers=28, hidden=3072, ffn=8192, heads=24, groups=8, vocab=128256)
+    layout = Layout(seq=4096, micro_batch=1, tensor=8, data=1, recompute="full",
+                    attention="flash", sequence_parallel=True, fused_head=True)
+    line = advice(plan(shape, layout), layout, "megatron")
+    assert line.startswith("the largest part is model") and line.endswith(LAST_RESORT)
