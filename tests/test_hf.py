@@ -12,12 +12,14 @@ logits stay sharded).
 
 from __future__ import annotations
 
-import sys
+import shlex
+import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from doc_blocks import doc_block
 from torchrun_helpers import REPO, WORKER_ENV, run_checked, torchrun_command
 
 pytest.importorskip("transformers")
@@ -258,8 +260,14 @@ def test_options_and_tables_from_a_tokenizer_path_and_a_frequencies_file(tokeniz
 def test_bench_hf_prints_the_three_methods(capsys):
     from token_objectives.cli import main
 
-    assert main(["bench-hf", "--vocab", "512", "--hidden", "32", "--seq", "32", "--batch", "2",
-                 "--repeats", "1"]) == 0
+    # docs/performance.md's command, the model and batch cut.
+    command = doc_block("bench-hf").text
+    full = "--vocab 32768 --hidden 256 --batch 4 --seq 256 --repeats 3"
+    assert full in command
+    words = shlex.split(command.replace(full, "--vocab 512 --hidden 32 --batch 2 --seq 32"
+                                                " --repeats 1"))
+    assert words[:3] == ["OMP_NUM_THREADS=1", "token-objectives", "bench-hf"]
+    assert main(words[2:]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
             if line.split()[:1] and line.split()[0] in ("hf", "ours", "ours_fused")}
     assert list(rows) == ["hf", "ours", "ours_fused"]
@@ -281,11 +289,17 @@ def test_evaluate_gives_the_same_loss(tokenizer, expected, tmp_path, fused):
     assert objectives.take_totals() is None  # evaluation keeps nothing for the training logs
 
 
-def test_the_example_trains_on_the_quickstart_corpus(tmp_path):
-    """launch/train_hf.py, one fused step: the data, the tables over the padded vocab, the logs."""
+def test_the_docs_example_trains_on_the_quickstart_corpus(tmp_path):
+    """docs/huggingface.md's command (launch/train_hf.py, fused), one step on a small corpus:
+    the data, the tables over the padded vocab, the logs."""
+    text = doc_block("hf-example").text
+    assert text.count("--steps 20") == 1
+    text = text.replace("--steps 20", "--steps 1 --documents 100 --vocab 384 --seq-length 32")
+    (tmp_path / "launch").symlink_to(REPO / "launch")
+    (tmp_path / "configs").symlink_to(REPO / "configs")
     env = dict(WORKER_ENV, PYTHONPATH=f"{REPO / 'plugin'}:{WORKER_ENV.get('PYTHONPATH', '')}")
-    done = run_checked([sys.executable, str(REPO / "launch" / "train_hf.py"), "--output-dir",
-                        str(tmp_path), "--steps", "1", "--documents", "100", "--vocab", "384",
-                        "--seq-length", "32", "--fused"], env=env)
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", text], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
     assert "'ntl':" in done.stdout + done.stderr
-    assert list(tmp_path.rglob("events.out.tfevents.*"))
+    assert list((tmp_path / "runs" / "hf_tiny").rglob("events.out.tfevents.*"))

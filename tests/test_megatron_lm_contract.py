@@ -34,6 +34,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dist_pool import destroy_model_parallel, initialize_model_parallel
+from doc_blocks import doc_block
 
 from token_objectives import ObjectiveConfig
 from token_objectives.integrations.megatron import hook as tom
@@ -402,7 +403,10 @@ def hook_task(tokenizer_path: str, frequencies_path: str, argv: list[str]) -> di
                             post_process=post_process, share_embeddings_and_output_weights=True,
                             position_embedding_type="rope")
 
-        model = tom.wrap_model_provider(model_provider)(pre_process=True, post_process=True)
+        # docs/megatron-lm.md's 0.16 lines, run on this module's model_provider and loss_func.
+        pretrain_gpt = {"model_provider": model_provider, "loss_func": megatron_lm_loss_func}
+        exec(doc_block("megatron-lm-0-16").text, pretrain_gpt)
+        model = pretrain_gpt["model_provider"](pre_process=True, post_process=True)
         with torch.no_grad():
             # Every hidden state gets a constant 10 in channel 0, and the padded rows a 10
             # there: padded logits are ~100, far above the real ones.
@@ -414,7 +418,7 @@ def hook_task(tokenizer_path: str, frequencies_path: str, argv: list[str]) -> di
             shard[ids >= REAL_VOCAB, 0] = 10.0
         dp_rank = parallel_state.get_data_parallel_rank()
         gen = torch.Generator().manual_seed(100 + dp_rank)
-        loss_fn = tom.wrap_loss_func(megatron_lm_loss_func)
+        loss_fn = pretrain_gpt["loss_func"]
         outputs, batches = [], []
         for _ in range(2):
             batch = {"tokens": torch.randint(0, REAL_VOCAB, (2, 16), generator=gen),

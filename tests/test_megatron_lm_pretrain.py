@@ -39,6 +39,7 @@ point lets megatron.training 0.19 import under Python 3.11 (typing.override) and
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import typing
 from pathlib import Path
@@ -51,6 +52,7 @@ if not hasattr(typing, "override"):  # megatron.training 0.19 imports it (Python
 import megatron.training  # noqa: E402,F401  (megatron-core 0.19 only: no skip on 0.16)
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from doc_blocks import doc_block  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from torchrun_helpers import REPO, TINY_MEGATRON, WORKER_ENV, torchrun_command  # noqa: E402
 from torchrun_helpers import read_metrics as metrics  # noqa: E402
@@ -64,43 +66,22 @@ LAST = STEPS - 1  # the last completed iteration
 REPORT_NAMES = list(COMPONENT_NAMES)  # "lm loss" (Megatron-LM's own) and our components
 
 
-def megatron_lm_flags(data) -> list[str]:
-    """configs/tiny.yaml with TINY_MEGATRON at TP = 2, in Megatron-LM's flags."""
-    return [
-        "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "1",
-        # the model
-        "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
-        "--num-attention-heads", "4", "--group-query-attention", "--num-query-groups", "2",
-        "--seq-length", "64", "--max-position-embeddings", "64",
-        "--normalization", "RMSNorm", "--norm-epsilon", "1e-5", "--swiglu",
-        "--disable-bias-linear", "--position-embedding-type", "rope", "--rotary-base", "10000",
-        "--init-method-std", "0.02", "--make-vocab-size-divisible-by", "128",
-        "--hidden-dropout", "0", "--attention-dropout", "0",
-        # the optimizer and schedule
-        "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(STEPS),
-        "--lr", "1e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine",
-        "--lr-warmup-iters", "0", "--weight-decay", "0.01", "--adam-beta1", "0.9",
-        "--adam-beta2", "0.95", "--adam-eps", "1e-8", "--clip-grad", "1.0", "--seed", "1234",
-        # the data
-        "--tokenizer-type", "GPTSentencePieceTokenizer",
-        "--tokenizer-model", str(data.tokenizer_path), "--data-path", str(data.train_prefix),
-        "--split", "100,0,0", "--num-workers", "0", "--eval-iters", "0",
-        "--eval-interval", "1000", "--log-interval", "1", "--ckpt-format", "torch_dist",
-        # the objectives (tiny.yaml's)
-        "--calculate-per-token-loss", "--ntl", "was", "--ntl-weight", "0.3",
-        "--pdl-alpha", "0.2", "--pdl-frequencies", str(data.frequencies_path),
-        "--objective-tokenizer", str(data.tokenizer_path),
-        # no CUDA kernels, no NCCL
-        "--transformer-impl", "local", "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion",
-        "--no-bias-dropout-fusion", "--no-persist-layer-norm", "--no-gradient-accumulation-fusion",
-        "--no-rope-fusion", "--use-cpu-initialization", "--distributed-backend", "gloo",
-    ]
+def megatron_lm_flags(data, out: Path) -> list[str]:
+    """docs/megatron-lm.md's full command line (configs/tiny.yaml with TINY_MEGATRON at TP = 2
+    in Megatron-LM's flags), its DATA/ the test's quickstart data and OUT/ the run's folder."""
+    text = doc_block("megatron-lm-command").text.replace("\\\n", " ")
+    assert text.count("DATA/") == 4 and text.count("OUT/") == 2, text
+    words = shlex.split(text.replace("DATA/", f"{data.tokenizer_path.parent}/").replace(
+        "OUT/", f"{out}/"))
+    launch = ["CUDA_DEVICE_MAX_CONNECTIONS=1", "torchrun", "--nproc-per-node", "2",
+              "pretrain_gpt.py"]
+    assert words[:len(launch)] == launch
+    return [*words[len(launch):], "--num-workers", "0"]
 
 
 def run_megatron_lm(data, out: Path, *flags: str, nan_at: int = 0):
     env = dict(WORKER_ENV, CUDA_DEVICE_MAX_CONNECTIONS="1", PRETRAIN_GPT_NAN_AT=str(nan_at))
-    command = torchrun_command(ENTRY_POINT, *megatron_lm_flags(data), "--tensorboard-dir",
-                               str(out / "tensorboard"), "--data-cache-path",
+    command = torchrun_command(ENTRY_POINT, *megatron_lm_flags(data, out), "--data-cache-path",
                                str(out / "data_cache"), *flags)
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     return done, done.stdout + done.stderr
@@ -139,9 +120,8 @@ def checkpoint(directory: Path) -> dict[str, torch.Tensor]:
 def runs(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("megatron_lm")
     run_ours(data, root / "ours")
-    straight, straight_log = run_megatron_lm(
-        data, root / "straight", "--save", str(root / "straight" / "checkpoints"),
-        "--save-interval", "3", nan_at=STEPS)
+    # The docs' command saves to OUT/checkpoints every 3 iterations.
+    straight, straight_log = run_megatron_lm(data, root / "straight", nan_at=STEPS)
     resumed, resumed_log = run_megatron_lm(
         data, root / "resumed", "--load", str(root / "straight" / "checkpoints"),
         "--ckpt-step", "3", "--exit-interval", str(LAST))
