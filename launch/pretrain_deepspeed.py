@@ -14,18 +14,13 @@ overrides one (dotted key, JSON value). A setting made in both files is an error
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import warnings
-
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
-
-from token_objectives.training.config import load_config  # noqa: E402
-from token_objectives.training.deepspeed import load_ds_config, run  # noqa: E402
-from token_objectives.training.loop import finish_distributed  # noqa: E402
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    import deepspeed
-
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
@@ -36,11 +31,32 @@ def main(argv: list[str] | None = None) -> int:
                         "bf16.enabled=false")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1,
                         help="set by the deepspeed launcher")
+    import deepspeed
+
     args = deepspeed.add_config_arguments(parser).parse_args(argv)
     if not args.deepspeed_config:
         parser.error("--deepspeed_config is required (see configs/deepspeed/)")
-    result = run(load_config(args.config, args.overrides),
-                 load_ds_config(args.deepspeed_config, args.ds_overrides))
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
+    from token_objectives.training.config import load_config
+    from token_objectives.training.deepspeed import (
+        CHECKPOINTS,
+        check_run_config,
+        load_ds_config,
+        run,
+    )
+
+    try:  # a bad config or two files that disagree: one line, before the process group
+        config = load_config(args.config, args.overrides)
+        ds_config = load_ds_config(args.deepspeed_config, args.ds_overrides)
+        resuming = (Path(config.output.dir) / CHECKPOINTS / "latest").is_file()
+        check_run_config(config, ds_config, resuming=resuming)
+    except (ValueError, OSError) as error:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    from token_objectives.training.loop import finish_distributed
+
+    result = run(config, ds_config)
     finish_distributed()
     return 0 if result.last_step > 0 or result.stopped_by_signal else 1
 

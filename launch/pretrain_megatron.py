@@ -10,6 +10,8 @@ Every setting lives in the YAML config; `--set section.key=value` overrides one.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import warnings
 
 
@@ -24,10 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     # re-reads this file) then starts without torch and megatron-core.
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex")
     from token_objectives.training.config import load_config
+
+    try:  # a bad config: one line naming the key, before torch and the process group
+        config = load_config(args.config, args.overrides)
+    except (ValueError, OSError) as error:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
     from token_objectives.training.loop import finish_distributed
     from token_objectives.training.megatron import run
 
-    result = run(load_config(args.config, args.overrides))
+    result = run(config)
     finish_distributed()
     return 0 if result.last_step > 0 or result.stopped_by_signal else 1
 

@@ -514,3 +514,26 @@ def test_header_layout_is_megatron_cores(prefix):
     assert struct.unpack_from("<i", raw, HEADER + 4 * 3)[0] == index.sequence_lengths[3]
     start = HEADER + 4 * SEQUENCES + 8 * 5
     assert struct.unpack_from("<q", raw, start)[0] == index.sequence_pointers[5]
+
+
+@pytest.mark.parametrize("launcher, arguments, says", [
+    ("pretrain_megatron.py", ["--config", "configs/tiny.yaml", "--set", "train.steps=0"],
+     "train.steps"),
+    ("pretrain_megatron.py", ["--config", "configs/none.yaml"], "configs/none.yaml"),
+    ("pretrain_deepspeed.py", ["--config", "configs/deepspeed/tiny.yaml", "--deepspeed_config",
+                               "configs/deepspeed/zero2.json", "--set", "train.lr=0.5"],
+     "train.lr = 0.5 in the run config, optimizer.params.lr = 0.001 in the ds_config"),
+])
+def test_a_launcher_refuses_a_bad_config_in_one_line(launcher, arguments, says):
+    """A bad run config (or a run config and a ds_config that disagree) stops the launcher
+    before any process group with one stderr line per node naming the key, exit status 2,
+    not a traceback."""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(repo / "launch" / launcher), *arguments],
+                          cwd=repo, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    ours = [line for line in done.stderr.splitlines() if line.startswith(f"{launcher}: ")]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(ours) == 1 and ours[0].startswith(f"{launcher}: error: ") and says in ours[0], (
+        done.stderr[-3000:])
+    assert "Traceback" not in done.stderr
