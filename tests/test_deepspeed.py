@@ -550,12 +550,14 @@ def test_a_non_finite_gradient_stops_the_step_before_the_update(data, tmp_path):
             assert got["moved"] == 0 and got["step"] == 0, (name, rank, got)
 
 
-@pytest.mark.parametrize(("mode", "component"), [("report", "ce"), ("grads", "lm loss")])
+@pytest.mark.parametrize(("mode", "component"), [("report", "ce"), ("grads", "ce part")])
 def test_a_nan_loss_stops_before_the_update(data, tmp_path, mode, component):
     """Step 2's cross-entropy is NaN on one rank with finite gradients, or its loss with NaN
     gradients (ZeRO-2, accumulation 2): every rank stops with the step and the component named,
     no weight moves, and metrics.jsonl ends at step 1 (before, the first went on with the
-    update applied)."""
+    update applied). A NaN loss makes 'lm loss' and its 'ce part' NaN (ce stays finite: it is
+    the objective's own, before the injection); the message names the part, lm loss among the
+    others (loop.check_losses' order)."""
     config = ds_config(data, tmp_path, "zero2", gradient_accumulation_steps=2)
     check(subprocess.run(torchrun_command(Path(__file__), "nan-loss-probe", str(tmp_path),
                                           mode, str(config)),

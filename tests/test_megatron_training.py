@@ -330,12 +330,12 @@ def nan_loss_probe(argv: list[str]) -> None:
         def backward(ctx, grad):
             return grad * float("nan")
 
-    def loss_func(loss_mask, output_tensor, model=None):
+    def loss_func(loss_mask, output_tensor, model=None, **options):
         if seen and mode == "grads":
             output_tensor = output_tensor * float("nan")
         if seen and mode == "gradient-only":
             output_tensor = NanGradient.apply(output_tensor)
-        loss, tokens, report = original(loss_mask, output_tensor, model)
+        loss, tokens, report = original(loss_mask, output_tensor, model, **options)
         if seen and mode == "report":
             nan = torch.tensor([float("nan"), 0.0], device=report["ntl"].device)
             report["ntl"] = report["ntl"] + nan
