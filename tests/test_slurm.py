@@ -148,8 +148,11 @@ def test_tiny_cpu_scancel_saves_and_ends_with_status_0(cluster, data, tmp_path):
 
 def test_deepspeed_script_signalled_at_start_requeues_and_resumes(cluster, data, tmp_path):
     """deepspeed_3b.sbatch as written, with the tiny model on CPU: ZeRO-2 over 2 workers. The
-    signal comes while the workers are still starting up."""
-    total = 600
+    signal comes while the workers are still starting up. The batch shell repeats it every 15 s
+    until the workers listen, so the first run takes some tens of steps (up to ~150 on an idle
+    machine) before it saves: 300 leaves room, and a resumed run short enough for the test's
+    180 s on a loaded one (600 did not finish there)."""
+    total = 300
     job = submit(
         cluster, "deepspeed_3b", tmp_path, "--ds-set", "bf16.enabled=false",
         sbatch=("--partition=" + _partition(cluster), "--nodes=1", "--cpus-per-task=2"),
