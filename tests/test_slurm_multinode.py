@@ -122,8 +122,8 @@ def test_dp2_across_two_hosts_preempted_resumes_like_one_node(hosts, data, one_n
     assert losses(directory) == pytest.approx(one_node, rel=2e-5)
 
 
-# Quarantined, not done: in the last three fresh-clone runs (2026-12-06; it passed in two before
-# them, before the loss was moved to step 6 and the run made longer after it) the requeued run
+# Quarantined, not done: in the last three fresh-clone runs (2026-12-06; it had passed in the
+# runs before them) the requeued run
 # trained all 20 steps and saved step 20 (COMPLETE), then node2's torchrun agent got a SIGTERM
 # from outside ("Received 15 death signal"), 39 s after the job restarted; srun's
 # --kill-on-bad-exit cancelled node1's task, which was killed after KillWait, and the job ended
