@@ -5,13 +5,20 @@ nowhere. Every other block (``python``, ``bash``, ``yaml``, ``json``) is named b
 ``<!-- block: NAME -->`` right above its fence, and some test loads it with
 ``doc_block("NAME")`` and runs it (tests/test_docs_code.py checks both rules), so a renamed
 function or flag breaks the suite instead of a reader's first try.
+
+``substituted`` cuts a block's sizes for a test (each cut must still occur in the text) and
+``run_block`` runs a bash or python block in a folder.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from torchrun_helpers import WORKER_ENV, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME_LINE = re.compile(r"^<!-- block: ([a-z0-9][a-z0-9-]*) -->$")
@@ -65,3 +72,29 @@ def doc_block(name: str) -> DocBlock:
     if name not in named:
         raise KeyError(f"no block named {name!r} in README.md or docs/; known: {sorted(named)}")
     return named[name]
+
+
+def substituted(text: str, substitutions: dict[str, str]) -> str:
+    """`text` with each key replaced by its value; a key that no longer occurs fails the test,
+    so a block edited out of its cut is noticed rather than run at full size."""
+    for old, new in substitutions.items():
+        assert old in text, f"the block no longer holds {old!r}, which its test substitutes"
+        text = text.replace(old, new)
+    return text
+
+
+def run_block(language: str, text: str, cwd: Path, env: dict | None = None,
+              timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a bash (-euo pipefail) or python block in `cwd`; it must exit 0."""
+    command = (["bash", "-euo", "pipefail", "-c", text] if language == "bash"
+               else [sys.executable, "-c", text])
+    # torchrun as written takes port 29500 (quickstart.sh 29517): a free one each, since other
+    # test files run at the same time.
+    port = str(free_port())
+    env = dict(env or WORKER_ENV, PET_MASTER_PORT=port, MASTER_PORT=port)
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, (
+        f"exit {done.returncode}\n--- stdout\n{done.stdout[-4000:]}\n"
+        f"--- stderr\n{done.stderr[-4000:]}")
+    return done

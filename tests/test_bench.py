@@ -7,7 +7,7 @@ import shlex
 import pytest
 import torch
 from cases import CONFIGS, make_case
-from doc_blocks import doc_block
+from doc_blocks import doc_block, substituted
 
 from token_objectives import fused_linear_objective_loss, objective_loss
 from token_objectives.bench.grid_cli import main as bench_main
@@ -67,11 +67,7 @@ def test_bench_prints_every_method_with_ratios(capsys):
 
 def _block_argv(name: str, cut: dict[str, str]) -> list[str]:
     """A docs/performance.md command's arguments, its sizes cut for the test."""
-    text = doc_block(name).text.replace("\\\n", " ")
-    for old, new in cut.items():
-        assert old in text, f"{name} no longer holds {old!r}"
-        text = text.replace(old, new)
-    words = shlex.split(text)
+    words = shlex.split(substituted(doc_block(name).text.replace("\\\n", " "), cut))
     start = words.index("token-objectives")
     return words[start + 2:]
 

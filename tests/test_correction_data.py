@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -24,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from doc_blocks import doc_block
-from torchrun_helpers import WORKER_ENV, read_metrics, run_checked, torchrun_command
+from doc_blocks import doc_block, run_block, substituted
+from torchrun_helpers import read_metrics, run_checked, torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_NEW_TOKENS = 10
@@ -205,13 +204,9 @@ def test_the_docs_commands_build_the_same_data(name, built, model_dir, questions
     (tmp_path / "runs" / "ds" / "hf").symlink_to(model_dir)
     (tmp_path / "data").mkdir()
     block = doc_block(name)
-    text = block.text.replace("max_new_tokens=256", f"max_new_tokens={MAX_NEW_TOKENS}").replace(
-        "--max-new-tokens 256", f"--max-new-tokens {MAX_NEW_TOKENS}")
-    assert text != block.text, "the block no longer says --max-new-tokens 256"
-    command = ["bash", "-euo", "pipefail", "-c", text] if block.language == "bash" else [
-        sys.executable, "-c", text]
-    done = subprocess.run(command, cwd=tmp_path, env=WORKER_ENV, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    cut = ({"max_new_tokens=256": f"max_new_tokens={MAX_NEW_TOKENS}"} if block.language ==
+           "python" else {"--max-new-tokens 256": f"--max-new-tokens {MAX_NEW_TOKENS}"})
+    run_block(block.language, substituted(block.text, cut), tmp_path)
     written = tmp_path / "data" / "correction"
     for ours, theirs in ((written, built), (loss_mask_prefix(written), loss_mask_prefix(built))):
         assert [d.tolist() for d in _documents(ours)] == [d.tolist() for d in _documents(theirs)]

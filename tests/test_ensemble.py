@@ -13,7 +13,7 @@ import shlex
 
 import pytest
 import torch
-from doc_blocks import doc_block
+from doc_blocks import doc_block, substituted
 from ensemble_fixtures import (
     BigramLM,
     byte_level_tokenizer,
@@ -521,10 +521,7 @@ def test_cli_writes_one_jsonl_line_per_prompt(tmp_path, saved_models, capsys):
     substitutions = {"./llama-ish": saved_models[0], "./gpt2-ish": saved_models[1],
                      "--weights 0.6 0.4": "--weights 0.5 0.5", "prompts.txt": str(prompts),
                      "out.jsonl": str(output), "--max-new-tokens 64": "--max-new-tokens 16"}
-    for old, new in substitutions.items():
-        assert old in command, old
-        command = command.replace(old, new)
-    program, *argv = shlex.split(command)
+    program, *argv = shlex.split(substituted(command, substitutions))
     assert program == "token-objectives"
     assert main(argv) == 0
     assert "forward passes per model" in capsys.readouterr().out

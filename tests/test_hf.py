@@ -13,13 +13,12 @@ logits stay sharded).
 from __future__ import annotations
 
 import shlex
-import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from doc_blocks import doc_block
+from doc_blocks import doc_block, run_block, substituted
 from torchrun_helpers import REPO, WORKER_ENV, run_checked, torchrun_command
 
 pytest.importorskip("transformers")
@@ -262,10 +261,9 @@ def test_bench_hf_prints_the_three_methods(capsys):
 
     # docs/performance.md's command, the model and batch cut.
     command = doc_block("bench-hf").text
-    full = "--vocab 32768 --hidden 256 --batch 4 --seq 256 --repeats 3"
-    assert full in command
-    words = shlex.split(command.replace(full, "--vocab 512 --hidden 32 --batch 2 --seq 32"
-                                                " --repeats 1"))
+    words = shlex.split(substituted(command, {
+        "--vocab 32768 --hidden 256 --batch 4 --seq 256 --repeats 3":
+            "--vocab 512 --hidden 32 --batch 2 --seq 32 --repeats 1"}))
     assert words[:3] == ["OMP_NUM_THREADS=1", "token-objectives", "bench-hf"]
     assert main(words[2:]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
@@ -294,12 +292,11 @@ def test_the_docs_example_trains_on_the_quickstart_corpus(tmp_path):
     the data, the tables over the padded vocab, the logs."""
     text = doc_block("hf-example").text
     assert text.count("--steps 20") == 1
-    text = text.replace("--steps 20", "--steps 1 --documents 100 --vocab 384 --seq-length 32")
+    text = substituted(text, {
+        "--steps 20": "--steps 1 --documents 100 --vocab 384 --seq-length 32"})
     (tmp_path / "launch").symlink_to(REPO / "launch")
     (tmp_path / "configs").symlink_to(REPO / "configs")
     env = dict(WORKER_ENV, PYTHONPATH=f"{REPO / 'plugin'}:{WORKER_ENV.get('PYTHONPATH', '')}")
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", text], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = run_block("bash", text, tmp_path, env=env)
     assert "'ntl':" in done.stdout + done.stderr
     assert list((tmp_path / "runs" / "hf_tiny").rglob("events.out.tfevents.*"))
