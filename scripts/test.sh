@@ -40,10 +40,12 @@ LATER_A=(tests/test_slurm.py tests/test_slurm_multinode.py tests/test_triton_ker
 LOGS=build/test-logs
 rm -rf "${LOGS}"
 mkdir -p "${LOGS}"
-pytest_run() {  # pytest_run LOG BASETEMP ARGS...: one pytest run, its output to LOGS/LOG.log
+# pytest_run LOG BASETEMP ARGS...: one pytest run, its output (the 30 slowest tests at its end)
+# to LOGS/LOG.log
+pytest_run() {
     local log=$1 basetemp=$2
     shift 2
-    python3 -m pytest -q -p no:cacheprovider --basetemp="${basetemp}" "$@" \
+    python3 -m pytest -q -p no:cacheprovider --durations=30 --basetemp="${basetemp}" "$@" \
         >"${LOGS}/${log}.log" 2>&1
 }
 stream_a() {
