@@ -1,9 +1,11 @@
-"""Start a training loop again and again, its workers SIGKILLed at a write point of a save.
+"""Start a training loop again and again without importing it again each time; its workers
+may be SIGKILLed at a write point of a save.
 
-One torchrun per start would import megatron-core or DeepSpeed again in every worker (~6 s of CPU
-each here); this server imports them once, then forks the ranks of each start as torchrun starts
-them: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set, each rank in its own
-session, the launch script run as __main__ with TOKEN_OBJECTIVES_KILL_AT set
+One torchrun per start would import torch in its agent, and torch with megatron-core or
+DeepSpeed again in every worker (~6 s of CPU each here); this server imports them once, then
+forks the ranks of each start as torchrun starts them: RANK, LOCAL_RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT set, each rank in its own session, the launch script run as
+__main__, with TOKEN_OBJECTIVES_KILL_AT set when a kill is asked for
 (`checkpointing.kill_point`). When a rank is killed the others are SIGKILLed with their process
 groups (DCP's writer processes too), as when a node dies; when one fails, after FAILED_GRACE_S.
 The metrics writer's appends are split in two around the write point "metrics.jsonl", so a kill
@@ -57,6 +59,18 @@ class Launcher:
         reply = json.loads(reply)
         assert not reply["timed_out"], f"start timed out after {START_TIMEOUT_S} s: {log}.rank*"
         return reply["exits"]
+
+    def run(self, script: Path, argv: list[str], log: Path,
+            nproc: int = 2) -> subprocess.CompletedProcess:
+        """One start, as `subprocess.run(torchrun ...)` reports it: returncode 0 when every rank
+        exited 0, else the first other exit code; stdout and stderr both hold every rank's
+        output, rank by rank."""
+        exits = self.start(script, argv, log, nproc)
+        output = "".join(path.read_text(errors="replace")
+                         for path in sorted(log.parent.glob(f"{log.name}.rank*")))
+        failed = [code for code in exits if code != 0]
+        return subprocess.CompletedProcess([str(script), *argv], failed[0] if failed else 0,
+                                           stdout=output, stderr=output)
 
     def close(self) -> None:
         """Between starts the server holds nothing to finish: it is killed, not asked to exit

@@ -1,4 +1,6 @@
-"""The megatron-core training loop, launched for real with torchrun over gloo on the CPU.
+"""The megatron-core training loop, launched for real over gloo on the CPU: each start's ranks
+forked as torchrun starts them, from a server that imported megatron-core once
+(tests/kill_launcher.py); the SIGUSR1 test goes through torchrun itself.
 
 TP / PP / DP runs are compared with a one-process run on the same data (losses per step and
 every weight of the saved checkpoint, read back without a process group); resume is compared
@@ -18,7 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchrun_helpers import REPO, WORKER_ENV, check, free_port, small_tmpfs, torchrun_command
+from kill_launcher import Launcher
+from torchrun_helpers import REPO, WORKER_ENV, check, free_port, small_tmpfs
 from torchrun_helpers import TINY_MEGATRON as TINY
 from torchrun_helpers import read_metrics as metrics
 
@@ -30,11 +33,12 @@ from token_objectives.training.checkpointing import (
     step_dir,
 )
 
+SCRIPT = REPO / "launch" / "pretrain_megatron.py"
 
-def _command(data, out: Path, nproc: int, overrides) -> list[str]:
-    command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-        f"--master-port={free_port()}", str(REPO / "launch" / "pretrain_megatron.py"),
+
+def _arguments(data, out: Path, overrides) -> list[str]:
+    """launch/pretrain_megatron.py's arguments: configs/tiny.yaml, the data, TINY, overrides."""
+    arguments = [
         "--config", str(REPO / "configs" / "tiny.yaml"),
         "--set", f"data.tokenizer={data.tokenizer_path}",
         "--set", f"data.train_prefix={data.train_prefix}",
@@ -42,16 +46,46 @@ def _command(data, out: Path, nproc: int, overrides) -> list[str]:
         "--set", f"output.dir={out}",
     ]
     for item in (*TINY, *overrides):
-        command += ["--set", item]
-    return command
+        arguments += ["--set", item]
+    return arguments
+
+
+def _command(data, out: Path, nproc: int, overrides) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+            f"--master-port={free_port()}", str(SCRIPT), *_arguments(data, out, overrides)]
+
+
+# What launch/pretrain_megatron.py imports (megatron-core's pieces lazily, in Trainer): the
+# server that forks each start's ranks imports them once.
+PRELOAD = [
+    "token_objectives.training.megatron", "token_objectives.training.config",
+    "megatron.core.dist_checkpointing", "megatron.core.distributed",
+    "megatron.core.distributed.finalize_model_grads", "megatron.core.models.gpt",
+    "megatron.core.optimizer", "megatron.core.optimizer_param_scheduler",
+    "megatron.core.pipeline_parallel", "torch.distributed.checkpoint",
+]
+_server: Launcher | None = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def forked_starts():
+    """The module's starts fork from one server (tests/kill_launcher.py) instead of one torchrun
+    each; torchrun itself runs in the SIGUSR1 test, the docs' commands and the SLURM tests."""
+    global _server
+    _server = Launcher(PRELOAD)
+    yield
+    _server.close()
+    _server = None
 
 
 def train(data, out: Path, nproc: int, *overrides: str, check: bool = True):
-    """torchrun the training script; returns the completed process."""
-    done = subprocess.run(_command(data, out, nproc, overrides), capture_output=True, text=True,
-                          env=WORKER_ENV, timeout=600)
+    """One start of launch/pretrain_megatron.py on `nproc` ranks, its output in a folder beside
+    `out`; returns it as a completed process (Launcher.run)."""
+    logs = out.parent / f"{out.name}.logs"
+    log = logs / f"start{len(list(logs.glob('start*.rank0')))}"
+    done = _server.run(SCRIPT, _arguments(data, out, overrides), log, nproc)
     if check and done.returncode != 0:
-        raise AssertionError(f"training failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+        raise AssertionError(f"training failed:\n{done.stdout[-6000:]}")
     return done
 
 
@@ -365,15 +399,19 @@ def nan_loss_probe(argv: list[str]) -> None:
         "scheduler_moved": trainer.scheduler.num_steps != seen["scheduled"]}))
 
 
+def _probe(out: Path, nproc: int, mode: str, overrides: list[str]) -> None:
+    """`nan-loss-probe` (this file as the script) on `nproc` ranks, forked by the server."""
+    check(_server.run(Path(__file__), ["nan-loss-probe", str(out), mode, *overrides],
+                      out.parent / f"{out.name}.logs" / "probe", nproc))
+
+
 def test_a_nan_gradient_under_a_finite_loss_stops_with_the_step_and_the_fix(data, tmp_path):
     """megatron-core's own check said 'iteration -1 ... found NaN in local grad norm'."""
     overrides = [*TINY, f"data.tokenizer={data.tokenizer_path}",
                  f"data.train_prefix={data.train_prefix}",
                  f"data.frequencies={data.frequencies_path}", f"output.dir={tmp_path}",
                  "parallel.tensor=1", "train.steps=3"]
-    check(subprocess.run(torchrun_command(Path(__file__), "nan-loss-probe", str(tmp_path),
-                                          "gradient-only", *overrides, nproc=1),
-                         capture_output=True, text=True, env=WORKER_ENV, timeout=600))
+    _probe(tmp_path, 1, "gradient-only", overrides)
     got = json.loads((tmp_path / "rank0.json").read_text())
     assert got["error"].startswith("step 2: a gradient is NaN or inf while the loss is finite "
                                    "(lm loss "), got
@@ -391,9 +429,7 @@ def test_a_nan_loss_stops_before_the_update(data, tmp_path, mode, component):
                  f"data.train_prefix={data.train_prefix}",
                  f"data.frequencies={data.frequencies_path}", f"output.dir={tmp_path}",
                  "parallel.tensor=2", "train.steps=3"]
-    check(subprocess.run(torchrun_command(Path(__file__), "nan-loss-probe", str(tmp_path),
-                                          mode, *overrides),
-                         capture_output=True, text=True, env=WORKER_ENV, timeout=600))
+    _probe(tmp_path, 2, mode, overrides)
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["error"] is not None and got["error"].startswith(
