@@ -42,8 +42,7 @@ class Launcher:
     def __init__(self, preload: list[str]) -> None:
         self.process = subprocess.Popen(
             [sys.executable, __file__, *preload], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, env=dict(WORKER_ENV, PYTHONUNBUFFERED="1"),  # a kill loses no line
-            cwd=Path(__file__).parent)
+            text=True, env=dict(WORKER_ENV, PYTHONUNBUFFERED="1"))  # a kill loses no line
 
     def start(self, script: Path, argv: list[str], log: Path, nproc: int = 2,
               kill_at: str | None = None) -> list[int]:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kill_launcher import Launcher
 from torchrun_helpers import WORKER_ENV, check, read_metrics, small_tmpfs, torchrun_command
 
 pytest.importorskip("deepspeed")
@@ -402,13 +403,46 @@ def test_autotp_logits_stay_sharded_and_two_all_reduces(one_step):
 # ------------------------------------------------------------------------- training and resume
 
 
-def _train(data, config: Path, out: Path, *args: str) -> list[str]:
-    """The launcher on the tiny run config and `config`, then `args` (--set, --ds-set)."""
+DEEPSPEED = REPO / "launch" / "pretrain_deepspeed.py"
+# What launch/pretrain_deepspeed.py imports: the server that forks each start's ranks imports
+# them once.
+PRELOAD = ["token_objectives.training.deepspeed", "token_objectives.training.config",
+           "deepspeed", "transformers", "transformers.models.llama.modeling_llama",
+           "torch.distributed.checkpoint"]
+_server: Launcher | None = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def forked_starts():
+    """The training starts fork from one server (tests/kill_launcher.py) instead of one
+    torchrun each; torchrun itself runs in the SIGUSR1 test and the probes."""
+    global _server
+    _server = Launcher(PRELOAD)
+    yield
+    _server.close()
+    _server = None
+
+
+def _arguments(data, config: Path, out: Path, *args: str) -> list[str]:
+    """The launcher's arguments: the tiny run config and `config`, then `args` (--set,
+    --ds-set)."""
     values = [*run_settings(data), f"output.dir={out}"]
-    return torchrun_command(
-        REPO / "launch" / "pretrain_deepspeed.py", "--config", str(RUN_CONFIG),
-        "--deepspeed_config", str(config), *(item for value in values for item in ("--set", value)),
-        *args)
+    return ["--config", str(RUN_CONFIG), "--deepspeed_config", str(config),
+            *(item for value in values for item in ("--set", value)), *args]
+
+
+def _train(data, config: Path, out: Path, *args: str) -> list[str]:
+    """The torchrun command of a start (2 workers)."""
+    return torchrun_command(DEEPSPEED, *_arguments(data, config, out, *args))
+
+
+def _start(data, config: Path, out: Path, *args: str,
+           nproc: int = 2) -> subprocess.CompletedProcess:
+    """One start on `nproc` workers, forked by the server; its output in a folder beside
+    `out`."""
+    logs = out.parent / f"{out.name}.logs"
+    log = logs / f"start{len(list(logs.glob('start*.rank0')))}"
+    return _server.run(DEEPSPEED, _arguments(data, config, out, *args), log, nproc)
 
 
 def _latest(out: Path) -> str:
@@ -447,11 +481,9 @@ def test_sigusr1_saves_exits_and_resume_equals_a_straight_run(data, tmp_path):
         handle.write(f'{{"step": {stopped + 1}, "lm lo')  # a line torn by a kill
 
     total = stopped + 2
-    check(subprocess.run(_train(data, config, straight, "--set", f"train.steps={total}",
-                                 "--set", "train.save_interval=2"),
-                          capture_output=True, text=True, env=WORKER_ENV, timeout=600))
-    check(subprocess.run(_train(data, config, sliced, "--set", f"train.steps={total}"),
-                          capture_output=True, text=True, env=WORKER_ENV, timeout=600))
+    check(_start(data, config, straight, "--set", f"train.steps={total}",
+                                 "--set", "train.save_interval=2"))
+    check(_start(data, config, sliced, "--set", f"train.steps={total}"))
     a, b = read_metrics(straight), read_metrics(sliced)
     assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, total + 1))
     for x, y in zip(a, b, strict=True):
@@ -472,9 +504,8 @@ def test_a_full_disk_during_a_save_keeps_the_previous_tag(data, tmp_path):
     config = ds_config(data, tmp_path, "zero2")
     root = tmp_path / "run" / "checkpoints"
     with small_tmpfs(root, "2500k"):
-        done = subprocess.run(_train(data, config, tmp_path / "run", "--set", "train.steps=2",
-                                     "--set", "train.save_interval=1"),
-                              capture_output=True, text=True, env=WORKER_ENV, timeout=240)
+        done = _start(data, config, tmp_path / "run", "--set", "train.steps=2",
+                                     "--set", "train.save_interval=1")
         assert done.returncode != 0
         message = re.search(r"checkpoint save to (\S+) failed: no space left on device "
                             r"\((\d+) bytes free on (\S+)\); .*the previous checkpoint (\S+) is "
@@ -496,8 +527,7 @@ def test_a_truncated_shard_falls_back_and_a_missing_tag_is_named(data, tmp_path)
     out = tmp_path / "run"
     root = out / "checkpoints"
     run = ("--set", "train.steps=4", "--set", "train.save_interval=2")
-    check(subprocess.run(_train(data, config, out, *run), capture_output=True, text=True,
-                         env=WORKER_ENV, timeout=600))
+    check(_start(data, config, out, *run))
     straight = read_metrics(out)
     assert _latest(out) == "global_step4" and (root / "global_step4" / "MANIFEST.json").is_file()
     shard = max((p for p in (root / "global_step4").iterdir() if p.is_file()),
@@ -505,15 +535,13 @@ def test_a_truncated_shard_falls_back_and_a_missing_tag_is_named(data, tmp_path)
     shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
 
     stop = ("--set", "train.on_corrupt_checkpoint=stop")
-    stopped = subprocess.run(_train(data, config, out, *run, *stop),
-                             capture_output=True, text=True, env=WORKER_ENV, timeout=600)
+    stopped = _start(data, config, out, *run, *stop)
     assert stopped.returncode != 0
     assert f"checkpoint {root / 'global_step4'} is corrupt: {shard} has" in stopped.stderr, (
         stopped.stderr[-3000:])
     assert "write one of [global_step2] into" in stopped.stderr
 
-    resumed = check(subprocess.run(_train(data, config, out, *run), capture_output=True,
-                                   text=True, env=WORKER_ENV, timeout=600))
+    resumed = check(_start(data, config, out, *run))
     assert f"checkpoint {root / 'global_step4'} is corrupt" in resumed.stderr
     assert (f"resuming from the previous complete checkpoint {root / 'global_step2'}"
             in resumed.stderr), resumed.stderr[-3000:]
@@ -524,8 +552,7 @@ def test_a_truncated_shard_falls_back_and_a_missing_tag_is_named(data, tmp_path)
     assert _latest(out) == "global_step4" and (root / "global_step4.corrupt").is_dir()
 
     (root / "latest").write_text("global_step9")
-    missing = subprocess.run(_train(data, config, out, *run), capture_output=True, text=True,
-                             env=WORKER_ENV, timeout=600)
+    missing = _start(data, config, out, *run)
     assert missing.returncode != 0
     assert (f"{root}: `latest` names tag 'global_step9', which does not exist; use an earlier "
             f"tag: write one of [global_step2, global_step4] into {root / 'latest'}"
@@ -612,11 +639,8 @@ def test_the_3b_configs_schedule_decay_and_checkpoint_layers(data, tmp_path):
                  "--set", "train.warmup_steps=3"]  # the run config agrees with the ds_config
     runs = {}
     for name, extra in (("plain", []), ("checkpointed", ["--set", "model.recompute=full"])):
-        command = _train(data, config, tmp_path / name, "--set", "train.steps=6", *overrides,
-                         *extra)
-        command[command.index("--nproc-per-node=2")] = "--nproc-per-node=1"
-        check(subprocess.run(command, capture_output=True, text=True, env=WORKER_ENV,
-                             timeout=600))
+        check(_start(data, config, tmp_path / name, "--set", "train.steps=6", *overrides,
+                     *extra, nproc=1))
         runs[name] = read_metrics(tmp_path / name)
     for a, b in zip(runs["plain"], runs["checkpointed"], strict=True):
         assert a["lm loss"] == pytest.approx(b["lm loss"], rel=1e-6), (a, b)
@@ -647,8 +671,7 @@ def test_one_run_config_drives_both_loops(data, tmp_path):
         timeout=600))
     assert "model.hf_config = " in done.stderr and "not read by the Megatron loop" in done.stderr
     deepspeed = tmp_path / "deepspeed"
-    check(subprocess.run(_train(data, ds_config(data, tmp_path, "zero2"), deepspeed, *settings),
-                         capture_output=True, text=True, env=WORKER_ENV, timeout=600))
+    check(_start(data, ds_config(data, tmp_path, "zero2"), deepspeed, *settings))
     for out in (megatron, deepspeed):
         assert [row["step"] for row in read_metrics(out)] == [1, 2], out
     assert latest_complete_step(megatron / "checkpoints") == 2
@@ -931,8 +954,7 @@ def test_a_resume_follows_the_ds_config_or_refuses_naming_each_changed_key(data,
     out = tmp_path / "run"
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(_train(data, config, out, *args), capture_output=True, text=True,
-                              env=WORKER_ENV, timeout=600)
+        return _start(data, config, out, *args)
 
     check(run("--set", "train.steps=2"))
     lrs = lambda: {m["step"]: m["lr"] for m in read_metrics(out)}  # noqa: E731
