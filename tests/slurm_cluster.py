@@ -319,6 +319,15 @@ class TwoHosts(Cluster):
                     pass
         return sent
 
+    def slurmd_running(self, node: str) -> bool:
+        """Whether `node`'s slurmd (the one start_slurmd started) is alive."""
+        assert self.conf is not None
+        try:
+            pid = int((self.conf.parent / f"slurmd-{node}.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return False
+        return _alive(pid)
+
     def lose(self, node: str, workers: str) -> list[int]:
         """The node is lost at once: all of its processes are stopped (so none reports anything
         to the other node or to slurmctld), its workers (command lines with `workers`) killed,

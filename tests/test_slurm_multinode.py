@@ -122,21 +122,51 @@ def test_dp2_across_two_hosts_preempted_resumes_like_one_node(hosts, data, one_n
     assert losses(directory) == pytest.approx(one_node, rel=2e-5)
 
 
-# Quarantined, not done: in the last three fresh-clone runs (2026-12-06; it had passed in the
+def test_gpu_script_on_two_hosts(hosts, tmp_path):
+    """megatron_3b.sbatch with its node count as written: slurmctld places 2 x 8 (declared)
+    GPUs, and a DRY_RUN job prints on both hosts the launch env.sh built."""
+    fits = ("--partition=debug", "--cpus-per-task=2")
+    script = str(SLURM / "megatron_3b.sbatch")
+    done = hosts.run("sbatch", "--test-only", *fits, script, check=False, cwd=REPO)
+    assert done.returncode == 0 and "to start at" in done.stderr, done.stderr
+    assert "node[1-2]" in done.stderr, done.stderr
+    job = submit(hosts, "megatron_3b", tmp_path, sbatch=fits, DRY_RUN="1",
+                 TOKENIZER="/data/tokenizer.json", DATA_PREFIX="/data/corpus_text_document",
+                 FREQUENCIES="/data/frequencies.safetensors")
+    wait_for(hosts, job, finished, 60, "the dry run")
+    log = read_log(run_dir(tmp_path, "megatron-3b", job))
+    launches = [line for line in log.splitlines() if line.startswith("DRY_RUN ")]
+    assert len(launches) == 2, log
+    for launch in launches:
+        assert "--max-restarts=0 --nnodes=2 --nproc-per-node=8 " in launch
+        assert f"--rdzv-endpoint=node1:{20000 + int(job) % 40000} " in launch
+    assert "world 16 = 2 nodes x 8 GPUs: TP=2 PP=1 DP=8" in log
+
+
+# Quarantined, not done: in the last four fresh-clone runs (2026-12-06; it had passed in the
 # runs before them) the requeued run
 # trained all 20 steps and saved step 20 (COMPLETE), then node2's torchrun agent got a SIGTERM
 # from outside ("Received 15 death signal"), 39 s after the job restarted; srun's
 # --kill-on-bad-exit cancelled node1's task, which was killed after KillWait, and the job ended
 # FAILED 143. Suspected: slurmctld's delayed termination of the job's lost incarnation (same
 # job id) reaching node2 once it is back. Until the sender is found, a failure here reports as
-# XFAIL and a pass as XPASS, so the run shows which.
+# XFAIL and a pass as XPASS, so the run shows which. It runs last in the file and cancels its
+# job whatever happens: a failed run once left the hosts busy for the next test.
 @pytest.mark.xfail(strict=False, reason="the requeued run on two hosts is sometimes SIGTERMed "
                    "after its last step (SLURM's termination of the lost incarnation, "
                    "suspected); see the comment above the test")
 def test_tp2_across_two_hosts_loses_a_node_and_resumes(hosts, data, one_node, tmp_path):
     job = submit(hosts, "tiny_cpu", tmp_path, sbatch=("--nodes=2",),
                  **two_host_env(data, 1, "parallel.tensor=2", "train.save_interval=4"))
-    directory = run_dir(tmp_path, "tiny-cpu", job)
+    try:
+        _lose_node_and_resume(hosts, job, run_dir(tmp_path, "tiny-cpu", job), one_node)
+    finally:  # an xfail leaves no job holding the hosts, and node2's slurmd up
+        hosts.run("scancel", str(job), check=False)
+        if not hosts.slurmd_running("node2"):
+            hosts.start_slurmd("node2")
+
+
+def _lose_node_and_resume(hosts, job: str, directory: Path, one_node: list[float]) -> None:
     # Between two saves (every 4 steps): waiting for step 8, a save step, let the save at 8
     # finish before the loss when the workers ran fast (measured: metrics 1-8, step 8 saved).
     wait_for_steps(directory, 6, timeout=120)
@@ -174,24 +204,3 @@ def test_tp2_across_two_hosts_loses_a_node_and_resumes(hosts, data, one_node, tm
     assert tensorboard_steps(directory / "tensorboard", "loss/lm loss") == \
         list(range(1, STEPS + 1))
     assert losses(directory) == pytest.approx(one_node, rel=2e-5)
-
-
-def test_gpu_script_on_two_hosts(hosts, tmp_path):
-    """megatron_3b.sbatch with its node count as written: slurmctld places 2 x 8 (declared)
-    GPUs, and a DRY_RUN job prints on both hosts the launch env.sh built."""
-    fits = ("--partition=debug", "--cpus-per-task=2")
-    script = str(SLURM / "megatron_3b.sbatch")
-    done = hosts.run("sbatch", "--test-only", *fits, script, check=False, cwd=REPO)
-    assert done.returncode == 0 and "to start at" in done.stderr, done.stderr
-    assert "node[1-2]" in done.stderr, done.stderr
-    job = submit(hosts, "megatron_3b", tmp_path, sbatch=fits, DRY_RUN="1",
-                 TOKENIZER="/data/tokenizer.json", DATA_PREFIX="/data/corpus_text_document",
-                 FREQUENCIES="/data/frequencies.safetensors")
-    wait_for(hosts, job, finished, 60, "the dry run")
-    log = read_log(run_dir(tmp_path, "megatron-3b", job))
-    launches = [line for line in log.splitlines() if line.startswith("DRY_RUN ")]
-    assert len(launches) == 2, log
-    for launch in launches:
-        assert "--max-restarts=0 --nnodes=2 --nproc-per-node=8 " in launch
-        assert f"--rdzv-endpoint=node1:{20000 + int(job) % 40000} " in launch
-    assert "world 16 = 2 nodes x 8 GPUs: TP=2 PP=1 DP=8" in log
