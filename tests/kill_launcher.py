@@ -33,6 +33,18 @@ from pathlib import Path
 from torchrun_helpers import WORKER_ENV, free_port
 
 START_TIMEOUT_S = 180
+# What launch/pretrain_megatron.py imports (megatron-core's pieces lazily, in Trainer).
+MEGATRON_PRELOAD = [
+    "token_objectives.training.megatron", "token_objectives.training.config",
+    "megatron.core.dist_checkpointing", "megatron.core.distributed",
+    "megatron.core.distributed.finalize_model_grads", "megatron.core.models.gpt",
+    "megatron.core.optimizer", "megatron.core.optimizer_param_scheduler",
+    "megatron.core.pipeline_parallel", "torch.distributed.checkpoint",
+]
+# What launch/pretrain_deepspeed.py imports.
+DEEPSPEED_PRELOAD = ["token_objectives.training.deepspeed", "token_objectives.training.config",
+                     "deepspeed", "transformers", "transformers.models.llama.modeling_llama",
+                     "torch.distributed.checkpoint"]
 FAILED_GRACE_S = 10  # after a rank failed (not killed), for the others to exit by themselves
 
 
@@ -78,6 +90,12 @@ class Launcher:
         self.process.wait()
         self.process.stdin.close()
         self.process.stdout.close()
+
+
+def next_log(out: Path) -> Path:
+    """A new log name for a start writing to `out`, in the folder `out`.logs beside it."""
+    logs = out.parent / f"{out.name}.logs"
+    return logs / f"start{len(list(logs.glob('start*.rank0')))}"
 
 
 class _TornAppend:

@@ -22,7 +22,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from kill_launcher import Launcher
+from kill_launcher import DEEPSPEED_PRELOAD, MEGATRON_PRELOAD, Launcher
 from torchrun_helpers import REPO, TINY_MEGATRON, small_tmpfs
 from torchrun_helpers import read_metrics as metrics
 
@@ -37,16 +37,8 @@ MEGATRON_POINTS = ["shards", "MANIFEST.json", "COMPLETE", "metrics.jsonl"]
 DEEPSPEED_POINTS = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                     "zero_pp_rank_1_mp_rank_00_optim_states.pt", "MANIFEST.json", "latest",
                     "metrics.jsonl"]
-# What the loops import when they start (megatron-core's pieces lazily, in Trainer).
-PRELOAD = [
-    "token_objectives.training.megatron", "token_objectives.training.config",
-    "megatron.core.dist_checkpointing", "megatron.core.distributed",
-    "megatron.core.distributed.finalize_model_grads", "megatron.core.models.gpt",
-    "megatron.core.optimizer", "megatron.core.optimizer_param_scheduler",
-    "megatron.core.pipeline_parallel", "torch.distributed.checkpoint",
-    "token_objectives.training.deepspeed", "deepspeed", "transformers",
-    "transformers.models.llama.modeling_llama",
-]
+# What the loops import when they start.
+PRELOAD = list(dict.fromkeys([*MEGATRON_PRELOAD, *DEEPSPEED_PRELOAD]))
 
 
 @pytest.fixture(scope="module")

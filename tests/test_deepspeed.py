@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kill_launcher import Launcher
+from kill_launcher import DEEPSPEED_PRELOAD, Launcher, next_log
 from torchrun_helpers import WORKER_ENV, check, read_metrics, small_tmpfs, torchrun_command
 
 pytest.importorskip("deepspeed")
@@ -404,11 +404,6 @@ def test_autotp_logits_stay_sharded_and_two_all_reduces(one_step):
 
 
 DEEPSPEED = REPO / "launch" / "pretrain_deepspeed.py"
-# What launch/pretrain_deepspeed.py imports: the server that forks each start's ranks imports
-# them once.
-PRELOAD = ["token_objectives.training.deepspeed", "token_objectives.training.config",
-           "deepspeed", "transformers", "transformers.models.llama.modeling_llama",
-           "torch.distributed.checkpoint"]
 _server: Launcher | None = None
 
 
@@ -417,7 +412,7 @@ def forked_starts():
     """The training starts fork from one server (tests/kill_launcher.py) instead of one
     torchrun each; torchrun itself runs in the SIGUSR1 test and the probes."""
     global _server
-    _server = Launcher(PRELOAD)
+    _server = Launcher(DEEPSPEED_PRELOAD)
     yield
     _server.close()
     _server = None
@@ -440,9 +435,7 @@ def _start(data, config: Path, out: Path, *args: str,
            nproc: int = 2) -> subprocess.CompletedProcess:
     """One start on `nproc` workers, forked by the server; its output in a folder beside
     `out`."""
-    logs = out.parent / f"{out.name}.logs"
-    log = logs / f"start{len(list(logs.glob('start*.rank0')))}"
-    return _server.run(DEEPSPEED, _arguments(data, config, out, *args), log, nproc)
+    return _server.run(DEEPSPEED, _arguments(data, config, out, *args), next_log(out), nproc)
 
 
 def _latest(out: Path) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kill_launcher import Launcher
+from kill_launcher import MEGATRON_PRELOAD, Launcher, next_log
 from torchrun_helpers import REPO, WORKER_ENV, check, free_port, small_tmpfs
 from torchrun_helpers import TINY_MEGATRON as TINY
 from torchrun_helpers import read_metrics as metrics
@@ -55,15 +55,6 @@ def _command(data, out: Path, nproc: int, overrides) -> list[str]:
             f"--master-port={free_port()}", str(SCRIPT), *_arguments(data, out, overrides)]
 
 
-# What launch/pretrain_megatron.py imports (megatron-core's pieces lazily, in Trainer): the
-# server that forks each start's ranks imports them once.
-PRELOAD = [
-    "token_objectives.training.megatron", "token_objectives.training.config",
-    "megatron.core.dist_checkpointing", "megatron.core.distributed",
-    "megatron.core.distributed.finalize_model_grads", "megatron.core.models.gpt",
-    "megatron.core.optimizer", "megatron.core.optimizer_param_scheduler",
-    "megatron.core.pipeline_parallel", "torch.distributed.checkpoint",
-]
 _server: Launcher | None = None
 
 
@@ -72,7 +63,7 @@ def forked_starts():
     """The module's starts fork from one server (tests/kill_launcher.py) instead of one torchrun
     each; torchrun itself runs in the SIGUSR1 test, the docs' commands and the SLURM tests."""
     global _server
-    _server = Launcher(PRELOAD)
+    _server = Launcher(MEGATRON_PRELOAD)
     yield
     _server.close()
     _server = None
@@ -81,9 +72,7 @@ def forked_starts():
 def train(data, out: Path, nproc: int, *overrides: str, check: bool = True):
     """One start of launch/pretrain_megatron.py on `nproc` ranks, its output in a folder beside
     `out`; returns it as a completed process (Launcher.run)."""
-    logs = out.parent / f"{out.name}.logs"
-    log = logs / f"start{len(list(logs.glob('start*.rank0')))}"
-    done = _server.run(SCRIPT, _arguments(data, out, overrides), log, nproc)
+    done = _server.run(SCRIPT, _arguments(data, out, overrides), next_log(out), nproc)
     if check and done.returncode != 0:
         raise AssertionError(f"training failed:\n{done.stdout[-6000:]}")
     return done

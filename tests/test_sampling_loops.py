@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchrun_helpers import REPO, WORKER_ENV, run_checked, torchrun_command
+from kill_launcher import MEGATRON_PRELOAD, Launcher, next_log
+from torchrun_helpers import REPO, WORKER_ENV, check, run_checked, torchrun_command
 from torchrun_helpers import TINY_MEGATRON as TINY
 from torchrun_helpers import read_metrics as metrics
 
@@ -42,10 +43,24 @@ def _megatron_overrides(data, out: Path, overrides) -> list[str]:
     return args
 
 
+_server: Launcher | None = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def forked_starts():
+    """The Megatron loop's starts fork from one server that imported megatron-core once
+    (tests/kill_launcher.py) instead of one torchrun each; the probes keep torchrun."""
+    global _server
+    _server = Launcher(MEGATRON_PRELOAD)
+    yield
+    _server.close()
+    _server = None
+
+
 def train_megatron(data, out: Path, nproc: int, *overrides: str) -> None:
-    run_checked(torchrun_command(REPO / "launch" / "pretrain_megatron.py", "--config",
-                                 str(REPO / "configs" / "tiny.yaml"),
-                                 *_megatron_overrides(data, out, overrides), nproc=nproc))
+    check(_server.run(REPO / "launch" / "pretrain_megatron.py",
+                      ["--config", str(REPO / "configs" / "tiny.yaml"),
+                       *_megatron_overrides(data, out, overrides)], next_log(out), nproc))
 
 
 def megatron_weights(out: Path, step: int) -> dict[str, torch.Tensor]:
