@@ -30,6 +30,9 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 def _ignore_job_signals() -> None:
     for signum in JOB_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    # Held back since the fork (see keep_writer_queue_through_signals); ignored now, so any
+    # that arrived are dropped.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)
     # Deaf to the job's signals, it must not outlive the worker (a SIGKILLed worker runs no
     # finalizer): Linux ends it with its parent.
     if sys.platform.startswith("linux"):
@@ -46,5 +49,12 @@ def keep_writer_queue_through_signals() -> None:
     if _manager is not None and filesystem_async._results_queue is not None:
         return
     _manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    _manager.start(initializer=_ignore_job_signals)
+    # The first save is often the emergency one: a job signal landing while the Manager starts
+    # killed it before _ignore_job_signals ran (seen under SLURM). Held back in this thread
+    # meanwhile, the spawned process inherits the mask; this process gets them afterwards.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+    try:
+        _manager.start(initializer=_ignore_job_signals)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     filesystem_async._results_queue = _manager.Queue()
