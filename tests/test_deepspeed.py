@@ -475,7 +475,7 @@ def test_sigusr1_saves_exits_and_resume_equals_a_straight_run(data, tmp_path):
 
     total = stopped + 2
     check(_start(data, config, straight, "--set", f"train.steps={total}",
-                                 "--set", "train.save_interval=2"))
+                 "--set", "train.save_interval=2"))
     check(_start(data, config, sliced, "--set", f"train.steps={total}"))
     a, b = read_metrics(straight), read_metrics(sliced)
     assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, total + 1))
@@ -498,7 +498,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_tag(data, tmp_path):
     root = tmp_path / "run" / "checkpoints"
     with small_tmpfs(root, "2500k"):
         done = _start(data, config, tmp_path / "run", "--set", "train.steps=2",
-                                     "--set", "train.save_interval=1")
+                      "--set", "train.save_interval=1")
         assert done.returncode != 0
         message = re.search(r"checkpoint save to (\S+) failed: no space left on device "
                             r"\((\d+) bytes free on (\S+)\); .*the previous checkpoint (\S+) is "
